@@ -1,1 +1,13 @@
+//! runner-warden: a node agent that prewarms Ambient Code runner images into containerd with their pull
+//! secrets, keeps them pinned against kubelet's image GC, and reports what it finds.
+//!
+//! Layout: pure logic (`reference`, `credentials`, `config`, the backoff and classification functions) is
+//! separate from the adapters that touch the node (`runtime`) and from reporting (`report`); `prewarm`
+//! ties them together.
 
+pub mod config;
+pub mod credentials;
+pub mod prewarm;
+pub mod reference;
+pub mod report;
+pub mod runtime;

@@ -1,1 +1,428 @@
-fn main(){}
+//! The `runner-warden` binary: command-line parsing and wiring. Everything else lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use runner_warden::config::{
+    DesiredImage, Overrides, PrewarmSettings, Settings, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+};
+use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer};
+use runner_warden::reference::ImageRef;
+use runner_warden::report::findings::FindingSink;
+use runner_warden::report::metrics::Metrics;
+use runner_warden::report::server::{self, Health};
+use runner_warden::runtime::Runtime;
+
+/// How long shutdown may take before the process exits anyway (kubelet's grace is longer; we practise
+/// what we check).
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+const CONFIG_POLL: Duration = Duration::from_secs(5);
+const RUNTIME_PROBE: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(
+    name = "runner-warden",
+    version,
+    about = "Node agent for Ambient Code runner images: prewarms them into containerd with their pull secrets and keeps them pinned against kubelet's image GC.",
+    long_about = None
+)]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, env = "RUNNER_WARDEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter: a level (error, warn, info, debug) or tracing directives such as runner_warden=debug.
+    #[arg(long, global = true, env = "RUNNER_WARDEN_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: prewarm and pin every image in the config file, serve /metrics, /healthz and
+    /// /readyz, write findings as JSON lines. The file is re-read when it changes (or on SIGHUP).
+    Run(RunArgs),
+    /// Prewarm one image now (pull through CRI with its secret, then pin), for operators and scripts.
+    /// Exit status: 0 present, 1 pull failed, 2 bad arguments.
+    Pull(PullArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Standalone configuration file (TOML); see deploy/standalone.example.toml.
+    #[arg(long, env = "RUNNER_WARDEN_CONFIG")]
+    config: PathBuf,
+    /// containerd socket (overrides containerd.socket).
+    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET")]
+    containerd_socket: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz (overrides report.metrics_address).
+    #[arg(long, env = "RUNNER_WARDEN_METRICS_ADDRESS")]
+    metrics_address: Option<String>,
+    /// Where findings go: "-" for standard output or a file to append to (overrides report.findings).
+    #[arg(long, env = "RUNNER_WARDEN_FINDINGS")]
+    findings: Option<String>,
+    /// Pulls at once (overrides prewarm.concurrency).
+    #[arg(long, env = "RUNNER_WARDEN_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Validate the configuration, print the result and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    /// Image reference, e.g. quay.io/org/runner:v1 (normalised like the platform does).
+    image: String,
+    /// Pull secret: a .dockerconfigjson or .dockercfg file.
+    #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
+    secret: Option<PathBuf>,
+    /// containerd socket.
+    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
+    containerd_socket: PathBuf,
+    /// containerd namespace (kubelet's is k8s.io).
+    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Do not pin the image against kubelet's image GC.
+    #[arg(long)]
+    no_pin: bool,
+    /// Pull even when the image is present (re-resolves a tag).
+    #[arg(long)]
+    force: bool,
+    /// Cancel and retry a pull whose downloaded bytes do not grow for this long.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+    /// Attempts for failures a retry can fix (network, stalled); auth and not-found fail at once.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    attempts: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runner-warden: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Pull(args) => pull(args).await,
+        }
+    });
+    // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("runner-warden: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        containerd_socket: args.containerd_socket.clone(),
+        metrics_address: args.metrics_address.clone(),
+        findings: args.findings.clone(),
+        concurrency: args.concurrency,
+    };
+    let settings = match Settings::load(&args.config, &overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("runner-warden: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if args.check_config {
+        println!(
+            "{}: valid; {} image(s), containerd {} (namespace {}), metrics on {}",
+            args.config.display(),
+            settings.images.len(),
+            settings.containerd_socket.display(),
+            settings.namespace,
+            settings.metrics_address
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let findings = FindingSink::open(&settings.findings, metrics.clone())
+        .with_context(|| format!("cannot open findings output {}", settings.findings))?;
+    let listener = server::bind(settings.metrics_address).await.with_context(|| {
+        format!(
+            "cannot listen on {} for /metrics (is another agent running? set report.metrics_address)",
+            settings.metrics_address
+        )
+    })?;
+    let runtime = Runtime::new(&settings.containerd_socket, &settings.namespace);
+    match runtime.version().await {
+        Ok(v) => {
+            info!(socket = %settings.containerd_socket.display(), version = %v, namespace = %settings.namespace, "connected to containerd");
+            health.runtime_ok.store(true, Ordering::Relaxed);
+            metrics.runtime_up.set(1);
+        }
+        Err(e) => warn!("{e}; will keep trying"),
+    }
+    info!(
+        images = settings.images.len(),
+        concurrency = settings.prewarm.concurrency,
+        metrics = %settings.metrics_address,
+        "runner-warden {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let stop = CancellationToken::new();
+    let (desired_tx, desired_rx) = watch::channel(settings.images.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server::serve(listener, metrics.clone(), health.clone(), stop.clone()).map_unit());
+    tasks.spawn(watch_config(
+        args.config.clone(),
+        overrides,
+        settings.clone(),
+        desired_tx,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(probe_runtime(runtime.clone(), health.clone(), metrics.clone(), stop.clone()));
+    let prewarmer = Prewarmer::new(
+        runtime,
+        settings.prewarm.clone(),
+        metrics,
+        Some(findings),
+        health,
+    );
+    tasks.spawn(prewarmer.run(desired_rx, stop.clone()));
+
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+        _ = tasks.join_next() => warn!("a component stopped unexpectedly; shutting down"),
+    }
+    stop.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("components did not stop within {SHUTDOWN_DEADLINE:?}; exiting anyway");
+    }
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+trait MapUnit {
+    fn map_unit(self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl<F, E> MapUnit for F
+where
+    F: std::future::Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    async fn map_unit(self) {
+        if let Err(e) = self.await {
+            error!("metrics server failed: {e}");
+        }
+    }
+}
+
+/// Re-reads the config file when its content changes or on SIGHUP. A broken edit is reported and the
+/// running configuration kept.
+async fn watch_config(
+    path: PathBuf,
+    overrides: Overrides,
+    mut current: Settings,
+    desired: watch::Sender<Vec<DesiredImage>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("cannot install the SIGHUP handler ({e}); the config file is still polled");
+            None
+        }
+    };
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CONFIG_POLL) => {}
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                info!("SIGHUP: re-reading {}", path.display());
+                last_text = None;
+            }
+        }
+        let text = std::fs::read_to_string(&path).ok();
+        if text.is_some() && text == last_text {
+            continue;
+        }
+        last_text = text;
+        match Settings::load(&path, &overrides) {
+            Ok(next) => {
+                metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                if next.images != current.images {
+                    info!(images = next.images.len(), "configuration reloaded; desired images changed");
+                    desired.send_replace(next.images.clone());
+                }
+                if !same_except_images(&current, &next) {
+                    warn!("configuration reloaded, but settings other than [[images]] apply only after a restart");
+                }
+                current = next;
+            }
+            Err(e) => {
+                metrics.config_reloads_total.with_label_values(&["failed"]).inc();
+                error!("{e}\nkeeping the running configuration");
+            }
+        }
+    }
+}
+
+fn same_except_images(a: &Settings, b: &Settings) -> bool {
+    a.containerd_socket == b.containerd_socket
+        && a.namespace == b.namespace
+        && a.metrics_address == b.metrics_address
+        && a.findings == b.findings
+        && a.prewarm == b.prewarm
+}
+
+async fn probe_runtime(
+    runtime: Runtime,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut was_ok = health.runtime_ok.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RUNTIME_PROBE) => {}
+        }
+        let result = runtime.version().await;
+        let ok = result.is_ok();
+        health.runtime_ok.store(ok, Ordering::Relaxed);
+        metrics.runtime_up.set(ok as i64);
+        match (&result, was_ok) {
+            (Err(e), true) => error!("lost containerd: {e}"),
+            (Ok(v), false) => info!(version = %v, "containerd reachable"),
+            _ => {}
+        }
+        was_ok = ok;
+    }
+}
+
+async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let image = match ImageRef::parse(&args.image) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("runner-warden: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(s) = &args.secret {
+        if !Path::new(s).is_file() {
+            eprintln!(
+                "runner-warden: pull secret {} does not exist or is not a file",
+                s.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let settings = PrewarmSettings {
+        concurrency: 1,
+        stall_timeout: args.stall_timeout,
+        pin: !args.no_pin,
+        ..PrewarmSettings::default()
+    };
+    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    let prewarmer = Prewarmer::new(
+        runtime,
+        settings.clone(),
+        Arc::new(Metrics::new()),
+        None,
+        Arc::new(Health::default()),
+    );
+    let desired = DesiredImage {
+        image: image.clone(),
+        pull_secret: args.secret.clone(),
+        project: None,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match prewarmer.attempt(&desired, args.force).await {
+            Ok(outcome) => {
+                let pinned = settings.pin && prewarmer.pin(&image).await;
+                let pin_text = match (settings.pin, pinned) {
+                    (false, _) => "not pinned (--no-pin)",
+                    (true, true) => "pinned",
+                    (true, false) => "NOT pinned: the runtime ignores pins (containerd < 1.7)",
+                };
+                match outcome {
+                    Outcome::Present { image_id } => {
+                        println!("present {image} {image_id} (already present; {pin_text})")
+                    }
+                    Outcome::Pulled { image_id, seconds } => {
+                        println!("pulled {image} {image_id} in {seconds:.1}s ({pin_text})")
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(f) if f.class.needs_intervention() || attempt >= args.attempts => {
+                eprintln!(
+                    "runner-warden: pull failed [{}] after {attempt} attempt(s): {} — {}",
+                    f.class,
+                    f.message,
+                    f.class.advice()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Err(f) => {
+                let delay = backoff_delay(settings.backoff_initial, settings.backoff_max, attempt, 1.0);
+                warn!(class = f.class.as_str(), attempt, "pull failed: {}; retrying in {delay:?}", f.message);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Standalone configuration: a TOML file into one validated `Settings`, every problem reported at once.
+//!
+//! See `deploy/standalone.example.toml` for a documented example.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::reference::ImageRef;
+
+pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9477";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// One image the node should hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredImage {
+    pub image: ImageRef,
+    /// A `.dockerconfigjson` or `.dockercfg` file, read at every pull so rotated secrets apply.
+    pub pull_secret: Option<PathBuf>,
+    /// The project (namespace) that wants the image, named in findings.
+    pub project: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrewarmSettings {
+    pub concurrency: usize,
+    pub stall_timeout: Duration,
+    pub resolve_interval: Duration,
+    pub pin: bool,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub failure_finding_after: u32,
+}
+
+impl Default for PrewarmSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            stall_timeout: Duration::from_secs(120),
+            resolve_interval: Duration::from_secs(600),
+            pin: true,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            failure_finding_after: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub containerd_socket: PathBuf,
+    pub namespace: String,
+    pub metrics_address: SocketAddr,
+    /// `-` for standard output, else a file appended to.
+    pub findings: String,
+    pub prewarm: PrewarmSettings,
+    pub images: Vec<DesiredImage>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    containerd: RawContainerd,
+    #[serde(default)]
+    prewarm: RawPrewarm,
+    #[serde(default)]
+    report: RawReport,
+    #[serde(default)]
+    images: Vec<RawImage>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawContainerd {
+    socket: Option<PathBuf>,
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPrewarm {
+    concurrency: Option<i64>,
+    stall_timeout: Option<String>,
+    resolve_interval: Option<String>,
+    pin: Option<bool>,
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+    failure_finding_after: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    metrics_address: Option<String>,
+    findings: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    image: String,
+    pull_secret: Option<PathBuf>,
+    project: Option<String>,
+}
+
+/// Command-line overrides; each wins over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub containerd_socket: Option<PathBuf>,
+    pub metrics_address: Option<String>,
+    pub findings: Option<String>,
+    pub concurrency: Option<usize>,
+}
+
+impl Settings {
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base, overrides).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses and validates; relative secret paths resolve against `base` (the file's directory).
+    pub fn parse(text: &str, base: &Path, o: &Overrides) -> Result<Self, Vec<String>> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])?;
+        let mut problems = Vec::new();
+        let d = PrewarmSettings::default();
+
+        let mut duration = |field: &str, v: Option<String>, default: Duration| match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(format!("prewarm.{field}: must be greater than zero"));
+                    default
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "prewarm.{field}: {s:?} is not a duration ({e}); write e.g. \"30s\", \"2m\", \"1h\""
+                    ));
+                    default
+                }
+            },
+        };
+        let stall_timeout = duration("stall_timeout", raw.prewarm.stall_timeout, d.stall_timeout);
+        let resolve_interval =
+            duration("resolve_interval", raw.prewarm.resolve_interval, d.resolve_interval);
+        let backoff_initial =
+            duration("backoff_initial", raw.prewarm.backoff_initial, d.backoff_initial);
+        let backoff_max = duration("backoff_max", raw.prewarm.backoff_max, d.backoff_max);
+        if backoff_initial > backoff_max {
+            problems.push("prewarm.backoff_initial: must not exceed prewarm.backoff_max".into());
+        }
+
+        let concurrency = match (o.concurrency, raw.prewarm.concurrency) {
+            (Some(c), _) if c > 0 => c,
+            (None, None) => d.concurrency,
+            (None, Some(c)) if (1..=64).contains(&c) => c as usize,
+            (Some(c), _) => {
+                problems.push(format!("--concurrency: {c} is out of range; use 1 to 64"));
+                d.concurrency
+            }
+            (None, Some(c)) => {
+                problems.push(format!("prewarm.concurrency: {c} is out of range; use 1 to 64"));
+                d.concurrency
+            }
+        };
+        let failure_finding_after = match raw.prewarm.failure_finding_after {
+            None => d.failure_finding_after,
+            Some(n) if (1..=1000).contains(&n) => n as u32,
+            Some(n) => {
+                problems.push(format!(
+                    "prewarm.failure_finding_after: {n} is out of range; use 1 to 1000"
+                ));
+                d.failure_finding_after
+            }
+        };
+
+        let metrics_raw = o
+            .metrics_address
+            .clone()
+            .or(raw.report.metrics_address)
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
+        let metrics_address = metrics_raw.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "report.metrics_address: {metrics_raw:?} is not host:port (e.g. \"127.0.0.1:9477\")"
+            ));
+            DEFAULT_METRICS_ADDRESS.parse().expect("default parses")
+        });
+
+        let containerd_socket = o
+            .containerd_socket
+            .clone()
+            .or(raw.containerd.socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        if containerd_socket.as_os_str().is_empty() {
+            problems.push("containerd.socket: must not be empty".into());
+        }
+        let namespace = raw
+            .containerd
+            .namespace
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        if namespace.is_empty() {
+            problems.push("containerd.namespace: must not be empty (kubelet uses \"k8s.io\")".into());
+        }
+
+        let mut images = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, img) in raw.images.into_iter().enumerate() {
+            match ImageRef::parse(&img.image) {
+                Ok(image) => {
+                    if !seen.insert(image.clone()) {
+                        problems.push(format!(
+                            "images[{i}].image: {image} is listed twice; keep one entry"
+                        ));
+                        continue;
+                    }
+                    if img.pull_secret.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                        problems.push(format!("images[{i}].pull_secret: must not be empty"));
+                    }
+                    let pull_secret = img.pull_secret.map(|p| base.join(p));
+                    images.push(DesiredImage {
+                        image,
+                        pull_secret,
+                        project: img.project.filter(|p| !p.is_empty()),
+                    });
+                }
+                Err(e) => problems.push(format!("images[{i}].image: {e}")),
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Settings {
+            containerd_socket,
+            namespace,
+            metrics_address,
+            findings: o
+                .findings
+                .clone()
+                .or(raw.report.findings)
+                .unwrap_or_else(|| "-".into()),
+            prewarm: PrewarmSettings {
+                concurrency,
+                stall_timeout,
+                resolve_interval,
+                pin: raw.prewarm.pin.unwrap_or(d.pin),
+                backoff_initial,
+                backoff_max,
+                failure_finding_after,
+            },
+            images,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, Vec<String>> {
+        Settings::parse(text, Path::new("/etc/rw"), &Overrides::default())
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../deploy/standalone.example.toml");
+        let s = parse(text).unwrap();
+        assert!(!s.images.is_empty());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = parse("").unwrap();
+        assert_eq!(s.containerd_socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(s.namespace, "k8s.io");
+        assert_eq!(s.prewarm, PrewarmSettings::default());
+        assert_eq!(s.findings, "-");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [prewarm]
+            concurrency = 0
+            stall_timeout = "soon"
+            backoff_initial = "10m"
+            backoff_max = "1m"
+            [report]
+            metrics_address = "nowhere"
+            [[images]]
+            image = "quay.io/A/b"
+            [[images]]
+            image = "quay.io/a/b:v1"
+            [[images]]
+            image = "quay.io/a/b:v1"
+        "#;
+        let problems = parse(text).unwrap_err();
+        let all = problems.join("\n");
+        for want in [
+            "prewarm.concurrency",
+            "prewarm.stall_timeout",
+            "prewarm.backoff_initial",
+            "report.metrics_address",
+            "images[0].image",
+            "images[2].image",
+        ] {
+            assert!(all.contains(want), "missing {want} in:\n{all}");
+        }
+        assert_eq!(problems.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let problems = parse("[prewarm]\nconcurency = 2\n").unwrap_err();
+        assert!(problems[0].contains("concurency"), "{problems:?}");
+    }
+
+    #[test]
+    fn secret_paths_resolve_against_the_config_directory() {
+        let s = parse("[[images]]\nimage = \"a.io/b:c\"\npull_secret = \"s.json\"\nproject = \"team\"\n").unwrap();
+        assert_eq!(s.images[0].pull_secret.as_deref(), Some(Path::new("/etc/rw/s.json")));
+        assert_eq!(s.images[0].project.as_deref(), Some("team"));
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides {
+            containerd_socket: Some("/tmp/c.sock".into()),
+            metrics_address: Some("127.0.0.1:1".into()),
+            findings: Some("/tmp/f.jsonl".into()),
+            concurrency: Some(5),
+        };
+        let s = Settings::parse("[prewarm]\nconcurrency = 1\n", Path::new("/"), &o).unwrap();
+        assert_eq!(s.containerd_socket, PathBuf::from("/tmp/c.sock"));
+        assert_eq!(s.metrics_address.port(), 1);
+        assert_eq!(s.findings, "/tmp/f.jsonl");
+        assert_eq!(s.prewarm.concurrency, 5);
+    }
+}

@@ -1,0 +1,419 @@
+//! Pull-secret parsing and kubelet-style credential matching.
+//!
+//! Formats: `.dockerconfigjson` (`{"auths": {key: entry}}`) and the legacy `.dockercfg` (`{key: entry}`);
+//! an entry has `auth` (base64 `user:password`) or `username`/`password`, and optionally `identitytoken`
+//! or `registrytoken`.
+//!
+//! Matching follows kubelet's `pkg/credentialprovider/keyring.go`: a key matches an image when the hosts
+//! have the same number of dot-separated labels and each label matches as a glob (`*`, `?`), the ports are
+//! equal, and the key's path is a string prefix of the image's path. Keys are tried most specific first
+//! (kubelet's reverse lexical order), every match in turn. `https://index.docker.io/v1/` and `docker.io`
+//! keys apply to Docker Hub images only.
+//!
+//! Nothing here ever prints a secret: `Credential` has a redacting `Debug`, no `Display`, and parse errors
+//! carry positions, never the offending text.
+
+use std::fmt;
+
+use base64::Engine;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialsError {
+    /// Position only: serde_json's own message may quote the secret's text.
+    #[error("not valid JSON ({category} at line {line}, column {column}); a pull secret must be a .dockerconfigjson or .dockercfg document")]
+    Json {
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
+    #[error("entry {key:?}: {problem}")]
+    Entry { key: String, problem: &'static str },
+    #[error("no registry entries: expected {{\"auths\": {{\"<registry>\": {{\"auth\": \"<base64 user:password>\"}}}}}}")]
+    Empty,
+}
+
+/// One registry login taken from a pull secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// The key it came from (registry host and optional path); not secret.
+    pub key: String,
+    pub username: String,
+    pub password: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("key", &self.key)
+            .field("username", &"<redacted>")
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
+}
+
+/// A parsed pull secret: credentials with the keys they apply to.
+#[derive(Clone, Debug, Default)]
+pub struct Keyring {
+    entries: Vec<(Pattern, Credential)>,
+}
+
+impl Keyring {
+    /// Parses a `.dockerconfigjson` or a legacy `.dockercfg` document.
+    pub fn parse(bytes: &[u8]) -> Result<Self, CredentialsError> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
+        let map = match value {
+            serde_json::Value::Object(mut top) => match top.remove("auths") {
+                Some(serde_json::Value::Object(auths)) => auths,
+                Some(_) => {
+                    return Err(CredentialsError::Entry {
+                        key: "auths".into(),
+                        problem: "must be an object mapping registry to credentials",
+                    })
+                }
+                None => top, // legacy .dockercfg: the registries are the top level
+            },
+            _ => {
+                return Err(CredentialsError::Entry {
+                    key: "(document)".into(),
+                    problem: "must be a JSON object",
+                })
+            }
+        };
+        let mut entries = Vec::new();
+        for (key, raw) in map {
+            let raw: RawEntry = serde_json::from_value(raw).map_err(|_| CredentialsError::Entry {
+                key: key.clone(),
+                problem: "must be an object with auth or username/password strings",
+            })?;
+            let cred = credential_from(&key, raw)?;
+            let pattern = Pattern::parse(&key).ok_or_else(|| CredentialsError::Entry {
+                key: key.clone(),
+                problem: "is not a registry host with an optional path",
+            })?;
+            entries.push((pattern, cred));
+        }
+        if entries.is_empty() {
+            return Err(CredentialsError::Empty);
+        }
+        // Most specific first: kubelet sorts its index in reverse lexical order.
+        entries.sort_by(|a, b| b.0.sort_key.cmp(&a.0.sort_key));
+        Ok(Self { entries })
+    }
+
+    /// Every credential whose key matches `image_name` (`registry/repository`), most specific first.
+    pub fn lookup(&self, image_name: &str) -> Vec<&Credential> {
+        let Some(target) = Pattern::parse(image_name) else {
+            return Vec::new();
+        };
+        self.entries
+            .iter()
+            .filter(|(p, _)| p.matches(&target))
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The keys (registry patterns) this keyring holds, for messages; never the credentials.
+    pub fn keys(&self) -> Vec<&str> {
+        self.entries.iter().map(|(_, c)| c.key.as_str()).collect()
+    }
+}
+
+fn json_error(e: serde_json::Error) -> CredentialsError {
+    use serde_json::error::Category;
+    CredentialsError::Json {
+        category: match e.classify() {
+            Category::Io => "read error",
+            Category::Syntax => "syntax error",
+            Category::Data => "unexpected value",
+            Category::Eof => "unexpected end",
+        },
+        line: e.line(),
+        column: e.column(),
+    }
+}
+
+fn credential_from(key: &str, raw: RawEntry) -> Result<Credential, CredentialsError> {
+    let mut username = raw.username.unwrap_or_default();
+    let mut password = raw.password.unwrap_or_default();
+    if let Some(auth) = raw.auth.filter(|a| !a.is_empty()) {
+        // kubelet: a non-empty `auth` wins over username/password.
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|_| CredentialsError::Entry {
+                key: key.to_string(),
+                problem: "auth is not valid base64 of user:password",
+            })?;
+        let decoded = String::from_utf8(decoded).map_err(|_| CredentialsError::Entry {
+            key: key.to_string(),
+            problem: "auth does not decode to UTF-8 text",
+        })?;
+        let (u, p) = decoded.split_once(':').ok_or(CredentialsError::Entry {
+            key: key.to_string(),
+            problem: "auth must decode to user:password (no colon found)",
+        })?;
+        username = u.to_string();
+        password = p.to_string();
+    }
+    let identity_token = raw.identitytoken.unwrap_or_default();
+    let registry_token = raw.registrytoken.unwrap_or_default();
+    if username.is_empty() && identity_token.is_empty() && registry_token.is_empty() {
+        return Err(CredentialsError::Entry {
+            key: key.to_string(),
+            problem: "has no auth, username, identitytoken or registrytoken",
+        });
+    }
+    Ok(Credential {
+        key: key.to_string(),
+        username,
+        password,
+        identity_token,
+        registry_token,
+    })
+}
+
+/// A key or image name split the way kubelet's `URLsMatch` compares them.
+#[derive(Clone, Debug)]
+struct Pattern {
+    labels: Vec<String>,
+    port: Option<String>,
+    path: String,
+    sort_key: String,
+}
+
+const HUB_ALIASES: [&str; 3] = ["index.docker.io", "docker.io", "registry-1.docker.io"];
+
+impl Pattern {
+    fn parse(raw: &str) -> Option<Self> {
+        let s = raw.trim();
+        let s = s
+            .strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+            .unwrap_or(s);
+        let (hostport, path) = match s.find('/') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        };
+        if hostport.is_empty() {
+            return None;
+        }
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
+                (h, Some(p.to_string()))
+            }
+            Some(_) => return None,
+            None => (hostport, None),
+        };
+        let mut host = host.to_ascii_lowercase();
+        let mut path = path.to_string();
+        if HUB_ALIASES.contains(&host.as_str()) && port.is_none() {
+            // Docker Hub keys: `https://index.docker.io/v1/` names the API version, not a repository.
+            host = "docker.io".into();
+            if path == "/v1/" || path == "/v1" || path == "/" {
+                path.clear();
+            }
+        }
+        let sort_key = format!(
+            "{host}{}{path}",
+            port.as_deref().map(|p| format!(":{p}")).unwrap_or_default()
+        );
+        Some(Self {
+            labels: host.split('.').map(str::to_string).collect(),
+            port,
+            path,
+            sort_key,
+        })
+    }
+
+    /// `self` is the key (may hold globs); `target` the image.
+    fn matches(&self, target: &Pattern) -> bool {
+        self.labels.len() == target.labels.len()
+            && self
+                .labels
+                .iter()
+                .zip(&target.labels)
+                .all(|(g, t)| glob_match(g.as_bytes(), t.as_bytes()))
+            && self.port == target.port
+            && target.path.starts_with(&self.path)
+    }
+}
+
+/// `*` and `?` within one host label, like Go's `filepath.Match` on a label.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
+        }
+        (Some(b'?'), Some(_)) => glob_match(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn keyring(keys: &[&str]) -> Keyring {
+        let auths: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.to_string(), serde_json::json!({"auth": b64(&format!("user-{k}:pw"))})))
+            .collect();
+        Keyring::parse(serde_json::json!({ "auths": auths }).to_string().as_bytes()).unwrap()
+    }
+
+    fn matched(keys: &[&str], image: &str) -> Vec<String> {
+        keyring(keys)
+            .lookup(image)
+            .into_iter()
+            .map(|c| c.key.clone())
+            .collect()
+    }
+
+    /// The examples from the Kubernetes documentation ("Interpretation of config.json").
+    #[test]
+    fn kubernetes_documentation_examples() {
+        let table: &[(&str, &str, bool)] = &[
+            ("*.kubernetes.io", "kubernetes.io/img", false),
+            ("*.kubernetes.io", "abc.kubernetes.io/img", true),
+            ("*.*.kubernetes.io", "abc.kubernetes.io/img", false),
+            ("*.*.kubernetes.io", "abc.def.kubernetes.io/img", true),
+            ("prefix.*.io", "prefix.kubernetes.io/img", true),
+            ("*-good.kubernetes.io", "prefix-good.kubernetes.io/img", true),
+            ("my-registry.io/images", "my-registry.io/images", true),
+            ("my-registry.io/images", "my-registry.io/images/my-image", true),
+            ("my-registry.io/images", "my-registry.io/images/another-image", true),
+            ("*.my-registry.io/images", "sub.my-registry.io/images/my-image", true),
+            ("*.my-registry.io/images", "a.sub.my-registry.io/images/my-image", false),
+            ("*.my-registry.io/images", "a.b.sub.my-registry.io/images/my-image", false),
+            ("my-registry.io/images", "my-registry.io/other/my-image", false),
+        ];
+        for (key, image, want) in table {
+            assert_eq!(!matched(&[key], image).is_empty(), *want, "{key} vs {image}");
+        }
+    }
+
+    #[test]
+    fn every_match_is_returned_most_specific_first() {
+        // From the docs: both `my-registry.io/images` and `my-registry.io/images/subpath` apply to
+        // `my-registry.io/images/subpath/my-image`; the longer path is tried first.
+        let got = matched(
+            &["my-registry.io/images", "my-registry.io/images/subpath", "other.io"],
+            "my-registry.io/images/subpath/my-image",
+        );
+        assert_eq!(got, ["my-registry.io/images/subpath", "my-registry.io/images"]);
+    }
+
+    #[test]
+    fn ports_must_be_equal() {
+        assert!(matched(&["my-registry.io:5000"], "my-registry.io/a").is_empty());
+        assert!(matched(&["my-registry.io"], "my-registry.io:5000/a").is_empty());
+        assert_eq!(
+            matched(&["127.0.0.1:5000"], "127.0.0.1:5000/runners/a"),
+            ["127.0.0.1:5000"]
+        );
+        assert!(matched(&["127.0.0.1:5001"], "127.0.0.1:5000/runners/a").is_empty());
+    }
+
+    #[test]
+    fn scheme_is_ignored() {
+        assert_eq!(
+            matched(&["https://quay.io"], "quay.io/ambient_code/runner"),
+            ["https://quay.io"]
+        );
+        assert_eq!(matched(&["http://quay.io/ambient_code"], "quay.io/ambient_code/runner").len(), 1);
+    }
+
+    #[test]
+    fn docker_hub_keys_apply_to_docker_hub_only() {
+        for key in ["https://index.docker.io/v1/", "docker.io", "index.docker.io"] {
+            assert_eq!(matched(&[key], "docker.io/library/busybox").len(), 1, "{key}");
+            assert!(matched(&[key], "quay.io/library/busybox").is_empty(), "{key}");
+            assert!(matched(&[key], "docker.io.evil.com/x").is_empty(), "{key}");
+        }
+    }
+
+    #[test]
+    fn parses_username_password_and_tokens() {
+        let doc = serde_json::json!({"auths": {
+            "a.io": {"username": "u", "password": "p"},
+            "b.io": {"auth": b64("user:pa:ss")},
+            "c.io": {"identitytoken": "tok"},
+            "d.io": {"registrytoken": "rt"},
+        }});
+        let k = Keyring::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(k.len(), 4);
+        let b = k.lookup("b.io/x")[0];
+        assert_eq!((b.username.as_str(), b.password.as_str()), ("user", "pa:ss"));
+        assert_eq!(k.lookup("c.io/x")[0].identity_token, "tok");
+        assert_eq!(k.lookup("d.io/x")[0].registry_token, "rt");
+    }
+
+    #[test]
+    fn parses_legacy_dockercfg() {
+        let doc = serde_json::json!({"quay.io": {"auth": b64("u:p"), "email": "x@y"}});
+        let k = Keyring::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(k.lookup("quay.io/a/b")[0].username, "u");
+    }
+
+    #[test]
+    fn errors_never_quote_secret_text() {
+        let secret = "hunter2-SECRET";
+        let docs = [
+            format!("{{\"auths\": \"{secret}\"}}"),
+            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{secret}!!\"}}}}}}"),
+            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}", b64(secret)),
+            format!("{{\"auths\": {{\"a.io\": {{\"password\": 12, \"username\": \"{secret}\"}}}}}}"),
+            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{secret}"),
+            format!("[\"{secret}\"]"),
+            format!("{secret}"),
+        ];
+        for doc in &docs {
+            let e = Keyring::parse(doc.as_bytes()).expect_err(doc);
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("hunter2"), "leaked in {text}");
+        }
+        let ok = Keyring::parse(
+            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}", b64(&format!("u:{secret}")))
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn empty_and_incomplete_entries_are_errors() {
+        assert_eq!(Keyring::parse(b"{\"auths\": {}}").unwrap_err(), CredentialsError::Empty);
+        let e = Keyring::parse(b"{\"auths\": {\"a.io\": {\"email\": \"x\"}}}").unwrap_err();
+        assert!(e.to_string().contains("a.io"), "{e}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Findings: what the agent has to tell a human, with the reason names of DESIGN.md. In standalone mode
+//! they are written as JSON lines; with a cluster the same values become Kubernetes Events.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::metrics::Metrics;
+
+pub const PREWARMED: &str = "RunnerImagePrewarmed";
+pub const PULL_FAILED: &str = "RunnerImagePullFailed";
+pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// The object a human looks at. Standalone images without a project are regarded as themselves.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Regarding {
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl Regarding {
+    /// ProjectSettings of `project` when known, else the image itself.
+    pub fn for_image(image: &str, project: Option<&str>) -> Self {
+        match project {
+            Some(ns) => Regarding {
+                kind: "ProjectSettings",
+                namespace: Some(ns.to_string()),
+                name: "projectsettings".into(),
+            },
+            None => Regarding {
+                kind: "Image",
+                namespace: None,
+                name: image.to_string(),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    pub reason: &'static str,
+    #[serde(rename = "type")]
+    pub severity: Severity,
+    pub regarding: Regarding,
+    pub image: String,
+    /// Failure class (auth, not_found, network, stalled, secret, other) where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    #[serde(flatten)]
+    finding: &'a Finding,
+}
+
+/// Where findings go. Cloneable; writes are serialised.
+#[derive(Clone)]
+pub struct FindingSink {
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl FindingSink {
+    /// `-` is standard output; anything else a file opened for append.
+    pub fn open(target: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = if target == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(target)?,
+            )
+        };
+        Ok(Self {
+            out: Arc::new(Mutex::new(out)),
+            metrics,
+        })
+    }
+
+    pub fn publish(&self, finding: &Finding) {
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            finding,
+        };
+        let mut text = serde_json::to_string(&line).expect("findings serialise");
+        text.push('\n');
+        let written = self
+            .out
+            .lock()
+            .map_err(|_| std::io::Error::other("findings writer poisoned"))
+            .and_then(|mut w| w.write_all(text.as_bytes()).and_then(|_| w.flush()));
+        match written {
+            Ok(()) => self.metrics.events_total.with_label_values(&["written"]).inc(),
+            Err(e) => {
+                self.metrics.events_total.with_label_values(&["failed"]).inc();
+                tracing::error!(reason = finding.reason, error = %e, "could not write finding");
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Every metric the agent exports, in one registry. Names come from DESIGN.md and stay stable:
+//! dashboards and alerts depend on them. Labels are bounded: image labels only name images in this node's
+//! desired set.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub const PREFIX: &str = "runner_warden";
+
+/// Pull states for `prewarm_images{state}`.
+pub const STATES: [&str; 4] = ["waiting", "pulling", "ready", "failed"];
+
+/// Pull results for `prewarm_pulls_total{result}`: `success`, `skipped`, or a failure class.
+pub const RESULTS: [&str; 8] = [
+    "success",
+    "skipped",
+    "auth",
+    "not_found",
+    "network",
+    "stalled",
+    "secret",
+    "other",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub prewarm_images: IntGaugeVec,
+    pub prewarm_pulls_total: IntCounterVec,
+    pub prewarm_pull_duration_seconds: Histogram,
+    pub prewarm_bytes_total: IntCounter,
+    pub prewarm_progress_bytes: IntGaugeVec,
+    pub pinning_honoured: IntGauge,
+    pub runtime_up: IntGauge,
+    pub config_reloads_total: IntCounterVec,
+    pub events_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+fn name(n: &str) -> String {
+    format!("{PREFIX}_{n}")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let prewarm_images = IntGaugeVec::new(
+            Opts::new(name("prewarm_images"), "Desired runner images by prewarm state."),
+            &["state"],
+        )
+        .expect("valid metric");
+        let prewarm_pulls_total = IntCounterVec::new(
+            Opts::new(
+                name("prewarm_pulls_total"),
+                "Prewarm attempts by result: success, skipped (already present) or the failure class.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let prewarm_pull_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                name("prewarm_pull_duration_seconds"),
+                "Wall time of successful pulls through CRI.",
+            )
+            .buckets(vec![
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+            ]),
+        )
+        .expect("valid metric");
+        let prewarm_bytes_total = IntCounter::new(
+            name("prewarm_bytes_total"),
+            "Bytes of image content downloaded by prewarm pulls (from containerd's ingests).",
+        )
+        .expect("valid metric");
+        let prewarm_progress_bytes = IntGaugeVec::new(
+            Opts::new(
+                name("prewarm_progress_bytes"),
+                "Bytes done and total of pulls in progress, per image (series removed when the pull ends).",
+            ),
+            &["image", "kind"],
+        )
+        .expect("valid metric");
+        let pinning_honoured = IntGauge::new(
+            name("runtime_pinning_honoured"),
+            "1 when the runtime reports pinned images as pinned through CRI, 0 when it ignores the pin label (containerd < 1.7), -1 before the first pin.",
+        )
+        .expect("valid metric");
+        let runtime_up = IntGauge::new(
+            name("runtime_up"),
+            "1 when the last call to containerd succeeded.",
+        )
+        .expect("valid metric");
+        let config_reloads_total = IntCounterVec::new(
+            Opts::new(name("config_reloads_total"), "Configuration reloads by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let events_total = IntCounterVec::new(
+            Opts::new(
+                name("events_total"),
+                "Findings written (result=written) or lost (result=failed).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(name("build_info"), "Always 1; the version label says which build runs."),
+            &["version"],
+        )
+        .expect("valid metric");
+
+        for c in [
+            Box::new(prewarm_images.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(prewarm_pulls_total.clone()),
+            Box::new(prewarm_pull_duration_seconds.clone()),
+            Box::new(prewarm_bytes_total.clone()),
+            Box::new(prewarm_progress_bytes.clone()),
+            Box::new(pinning_honoured.clone()),
+            Box::new(runtime_up.clone()),
+            Box::new(config_reloads_total.clone()),
+            Box::new(events_total.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        // Pre-create the label values so dashboards see zeros rather than gaps.
+        for s in STATES {
+            prewarm_images.with_label_values(&[s]).set(0);
+        }
+        for r in RESULTS {
+            prewarm_pulls_total.with_label_values(&[r]);
+        }
+        for r in ["written", "failed"] {
+            events_total.with_label_values(&[r]);
+        }
+        pinning_honoured.set(-1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Self {
+            registry,
+            prewarm_images,
+            prewarm_pulls_total,
+            prewarm_pull_duration_seconds,
+            prewarm_bytes_total,
+            prewarm_progress_bytes,
+            pinning_honoured,
+            runtime_up,
+            config_reloads_total,
+            events_total,
+            build_info,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design_card() {
+        let text = Metrics::new().render();
+        for n in [
+            "runner_warden_prewarm_images{state=\"ready\"} 0",
+            "runner_warden_prewarm_pulls_total{result=\"auth\"} 0",
+            "runner_warden_prewarm_pull_duration_seconds_bucket",
+            "runner_warden_prewarm_bytes_total 0",
+            "runner_warden_events_total{result=\"written\"} 0",
+            "runner_warden_build_info{version=",
+            "runner_warden_runtime_pinning_honoured -1",
+        ] {
+            assert!(text.contains(n), "missing {n} in\n{text}");
+        }
+    }
+}

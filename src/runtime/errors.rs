@@ -1,0 +1,167 @@
+//! containerd errors, and the classification of pull failures.
+//!
+//! containerd answers a registry's 401 with gRPC code Unknown and `401 Unauthorized` in the message, a
+//! missing tag with NotFound (TESTBED.md), so classification looks at the code *and* the message.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why a pull failed; the string form is the `result` metric label and appears in every log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    Auth,
+    NotFound,
+    Network,
+    Stalled,
+    /// The pull secret could not be read or parsed (nothing was pulled).
+    Secret,
+    Other,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Auth => "auth",
+            FailureClass::NotFound => "not_found",
+            FailureClass::Network => "network",
+            FailureClass::Stalled => "stalled",
+            FailureClass::Secret => "secret",
+            FailureClass::Other => "other",
+        }
+    }
+
+    /// What an operator should do about it.
+    pub fn advice(self) -> &'static str {
+        match self {
+            FailureClass::Auth => "check that the pull secret holds valid credentials for this registry",
+            FailureClass::NotFound => "check the repository and tag (or digest) exist in the registry",
+            FailureClass::Network => "check the registry is reachable from the node; the pull is retried",
+            FailureClass::Stalled => "the registry stopped sending data; the pull is retried",
+            FailureClass::Secret => "fix the pull secret file; it is read again at the next attempt",
+            FailureClass::Other => "see containerd's message; the pull is retried",
+        }
+    }
+
+    /// Failures a retry cannot fix without someone changing something.
+    pub fn needs_intervention(self) -> bool {
+        matches!(
+            self,
+            FailureClass::Auth | FailureClass::NotFound | FailureClass::Secret
+        )
+    }
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Classifies a failed CRI `PullImage`.
+pub fn classify_pull(code: tonic::Code, message: &str) -> FailureClass {
+    let m = message.to_ascii_lowercase();
+    if m.contains("401 unauthorized")
+        || m.contains("403 forbidden")
+        || m.contains("unauthorized")
+        || m.contains("authorization failed")
+        || m.contains("denied")
+        || code == tonic::Code::Unauthenticated
+        || code == tonic::Code::PermissionDenied
+    {
+        return FailureClass::Auth;
+    }
+    if code == tonic::Code::NotFound || m.contains(": not found") || m.contains("404 not found") {
+        return FailureClass::NotFound;
+    }
+    if code == tonic::Code::Unavailable
+        || code == tonic::Code::DeadlineExceeded
+        || [
+            "connection refused",
+            "connection reset",
+            "broken pipe",
+            "eof",
+            "i/o timeout",
+            "no such host",
+            "dial tcp",
+            "network is unreachable",
+            "tls handshake",
+            "502 bad gateway",
+            "503 service unavailable",
+            "504 gateway",
+        ]
+        .iter()
+        .any(|needle| m.contains(needle))
+    {
+        return FailureClass::Network;
+    }
+    FailureClass::Other
+}
+
+/// Removes every occurrence of each secret from `text` (defence in depth: containerd's messages are not
+/// ours to trust).
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(s, "<redacted>");
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("containerd {call} via {socket}: {message} (code {code:?}); is containerd running and is the socket path right?")]
+    Call {
+        call: &'static str,
+        socket: PathBuf,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("containerd {call}: {message}")]
+    Data { call: &'static str, message: String },
+}
+
+impl RuntimeError {
+    pub fn call(call: &'static str, socket: &Path, status: tonic::Status) -> Self {
+        RuntimeError::Call {
+            call,
+            socket: socket.to_path_buf(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// True when containerd could not be reached at all (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RuntimeError::Call { code: tonic::Code::Unavailable, .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn classifies_what_containerd_answers() {
+        let cases = [
+            (Code::Unknown, "failed to pull and unpack image \"127.0.0.1:5000/a:v1\": failed to resolve reference \"127.0.0.1:5000/a:v1\": pulling from host 127.0.0.1:5000 failed with status code [manifests v1]: 401 Unauthorized", FailureClass::Auth),
+            (Code::Unknown, "unexpected status from HEAD request to http://r/v2/a/manifests/v1: 403 Forbidden", FailureClass::Auth),
+            (Code::NotFound, "failed to resolve reference \"127.0.0.1:5000/a:nope\": 127.0.0.1:5000/a:nope: not found", FailureClass::NotFound),
+            (Code::Unknown, "failed to resolve reference \"r/a:v1\": failed to do request: Head \"http://127.0.0.1:5002/v2/a/manifests/v1\": dial tcp 127.0.0.1:5002: connect: connection refused", FailureClass::Network),
+            (Code::Unknown, "failed to copy: httpReadSeeker: failed open: unexpected EOF", FailureClass::Network),
+            (Code::Unavailable, "connection error", FailureClass::Network),
+            (Code::Unknown, "failed to unpack: disk quota exceeded", FailureClass::Other),
+        ];
+        for (code, msg, want) in cases {
+            assert_eq!(classify_pull(code, msg), want, "{msg}");
+        }
+    }
+
+    #[test]
+    fn redacts_secrets() {
+        assert_eq!(
+            redact("user warden pw s3cret! again s3cret!", &["s3cret!", ""]),
+            "user warden pw <redacted> again <redacted>"
+        );
+    }
+}
