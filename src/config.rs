@@ -146,7 +146,8 @@ impl Settings {
 
     /// Parses and validates; relative secret paths resolve against `base` (the file's directory).
     pub fn parse(text: &str, base: &Path, o: &Overrides) -> Result<Self, Vec<String>> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])?;
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])?;
         let mut problems = Vec::new();
         let d = PrewarmSettings::default();
 
@@ -167,10 +168,16 @@ impl Settings {
             },
         };
         let stall_timeout = duration("stall_timeout", raw.prewarm.stall_timeout, d.stall_timeout);
-        let resolve_interval =
-            duration("resolve_interval", raw.prewarm.resolve_interval, d.resolve_interval);
-        let backoff_initial =
-            duration("backoff_initial", raw.prewarm.backoff_initial, d.backoff_initial);
+        let resolve_interval = duration(
+            "resolve_interval",
+            raw.prewarm.resolve_interval,
+            d.resolve_interval,
+        );
+        let backoff_initial = duration(
+            "backoff_initial",
+            raw.prewarm.backoff_initial,
+            d.backoff_initial,
+        );
         let backoff_max = duration("backoff_max", raw.prewarm.backoff_max, d.backoff_max);
         if backoff_initial > backoff_max {
             problems.push("prewarm.backoff_initial: must not exceed prewarm.backoff_max".into());
@@ -185,7 +192,9 @@ impl Settings {
                 d.concurrency
             }
             (None, Some(c)) => {
-                problems.push(format!("prewarm.concurrency: {c} is out of range; use 1 to 64"));
+                problems.push(format!(
+                    "prewarm.concurrency: {c} is out of range; use 1 to 64"
+                ));
                 d.concurrency
             }
         };
@@ -225,7 +234,8 @@ impl Settings {
             .namespace
             .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
         if namespace.is_empty() {
-            problems.push("containerd.namespace: must not be empty (kubelet uses \"k8s.io\")".into());
+            problems
+                .push("containerd.namespace: must not be empty (kubelet uses \"k8s.io\")".into());
         }
 
         let mut images = Vec::new();
@@ -239,7 +249,11 @@ impl Settings {
                         ));
                         continue;
                     }
-                    if img.pull_secret.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                    if img
+                        .pull_secret
+                        .as_ref()
+                        .is_some_and(|p| p.as_os_str().is_empty())
+                    {
                         problems.push(format!("images[{i}].pull_secret: must not be empty"));
                     }
                     let pull_secret = img.pull_secret.map(|p| base.join(p));
@@ -343,8 +357,14 @@ mod tests {
 
     #[test]
     fn secret_paths_resolve_against_the_config_directory() {
-        let s = parse("[[images]]\nimage = \"a.io/b:c\"\npull_secret = \"s.json\"\nproject = \"team\"\n").unwrap();
-        assert_eq!(s.images[0].pull_secret.as_deref(), Some(Path::new("/etc/rw/s.json")));
+        let s = parse(
+            "[[images]]\nimage = \"a.io/b:c\"\npull_secret = \"s.json\"\nproject = \"team\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.images[0].pull_secret.as_deref(),
+            Some(Path::new("/etc/rw/s.json"))
+        );
         assert_eq!(s.images[0].project.as_deref(), Some("team"));
     }
 

@@ -98,10 +98,11 @@ impl Keyring {
         };
         let mut entries = Vec::new();
         for (key, raw) in map {
-            let raw: RawEntry = serde_json::from_value(raw).map_err(|_| CredentialsError::Entry {
-                key: key.clone(),
-                problem: "must be an object with auth or username/password strings",
-            })?;
+            let raw: RawEntry =
+                serde_json::from_value(raw).map_err(|_| CredentialsError::Entry {
+                    key: key.clone(),
+                    problem: "must be an object with auth or username/password strings",
+                })?;
             let cred = credential_from(&key, raw)?;
             let pattern = Pattern::parse(&key).ok_or_else(|| CredentialsError::Entry {
                 key: key.clone(),
@@ -286,7 +287,12 @@ mod tests {
     fn keyring(keys: &[&str]) -> Keyring {
         let auths: serde_json::Map<String, serde_json::Value> = keys
             .iter()
-            .map(|k| (k.to_string(), serde_json::json!({"auth": b64(&format!("user-{k}:pw"))})))
+            .map(|k| {
+                (
+                    k.to_string(),
+                    serde_json::json!({"auth": b64(&format!("user-{k}:pw"))}),
+                )
+            })
             .collect();
         Keyring::parse(serde_json::json!({ "auths": auths }).to_string().as_bytes()).unwrap()
     }
@@ -308,17 +314,49 @@ mod tests {
             ("*.*.kubernetes.io", "abc.kubernetes.io/img", false),
             ("*.*.kubernetes.io", "abc.def.kubernetes.io/img", true),
             ("prefix.*.io", "prefix.kubernetes.io/img", true),
-            ("*-good.kubernetes.io", "prefix-good.kubernetes.io/img", true),
+            (
+                "*-good.kubernetes.io",
+                "prefix-good.kubernetes.io/img",
+                true,
+            ),
             ("my-registry.io/images", "my-registry.io/images", true),
-            ("my-registry.io/images", "my-registry.io/images/my-image", true),
-            ("my-registry.io/images", "my-registry.io/images/another-image", true),
-            ("*.my-registry.io/images", "sub.my-registry.io/images/my-image", true),
-            ("*.my-registry.io/images", "a.sub.my-registry.io/images/my-image", false),
-            ("*.my-registry.io/images", "a.b.sub.my-registry.io/images/my-image", false),
-            ("my-registry.io/images", "my-registry.io/other/my-image", false),
+            (
+                "my-registry.io/images",
+                "my-registry.io/images/my-image",
+                true,
+            ),
+            (
+                "my-registry.io/images",
+                "my-registry.io/images/another-image",
+                true,
+            ),
+            (
+                "*.my-registry.io/images",
+                "sub.my-registry.io/images/my-image",
+                true,
+            ),
+            (
+                "*.my-registry.io/images",
+                "a.sub.my-registry.io/images/my-image",
+                false,
+            ),
+            (
+                "*.my-registry.io/images",
+                "a.b.sub.my-registry.io/images/my-image",
+                false,
+            ),
+            (
+                "my-registry.io/images",
+                "my-registry.io/other/my-image",
+                false,
+            ),
         ];
         for (key, image, want) in table {
-            assert_eq!(!matched(&[key], image).is_empty(), *want, "{key} vs {image}");
+            assert_eq!(
+                !matched(&[key], image).is_empty(),
+                *want,
+                "{key} vs {image}"
+            );
         }
     }
 
@@ -327,10 +365,17 @@ mod tests {
         // From the docs: both `my-registry.io/images` and `my-registry.io/images/subpath` apply to
         // `my-registry.io/images/subpath/my-image`; the longer path is tried first.
         let got = matched(
-            &["my-registry.io/images", "my-registry.io/images/subpath", "other.io"],
+            &[
+                "my-registry.io/images",
+                "my-registry.io/images/subpath",
+                "other.io",
+            ],
             "my-registry.io/images/subpath/my-image",
         );
-        assert_eq!(got, ["my-registry.io/images/subpath", "my-registry.io/images"]);
+        assert_eq!(
+            got,
+            ["my-registry.io/images/subpath", "my-registry.io/images"]
+        );
     }
 
     #[test]
@@ -350,14 +395,32 @@ mod tests {
             matched(&["https://quay.io"], "quay.io/ambient_code/runner"),
             ["https://quay.io"]
         );
-        assert_eq!(matched(&["http://quay.io/ambient_code"], "quay.io/ambient_code/runner").len(), 1);
+        assert_eq!(
+            matched(
+                &["http://quay.io/ambient_code"],
+                "quay.io/ambient_code/runner"
+            )
+            .len(),
+            1
+        );
     }
 
     #[test]
     fn docker_hub_keys_apply_to_docker_hub_only() {
-        for key in ["https://index.docker.io/v1/", "docker.io", "index.docker.io"] {
-            assert_eq!(matched(&[key], "docker.io/library/busybox").len(), 1, "{key}");
-            assert!(matched(&[key], "quay.io/library/busybox").is_empty(), "{key}");
+        for key in [
+            "https://index.docker.io/v1/",
+            "docker.io",
+            "index.docker.io",
+        ] {
+            assert_eq!(
+                matched(&[key], "docker.io/library/busybox").len(),
+                1,
+                "{key}"
+            );
+            assert!(
+                matched(&[key], "quay.io/library/busybox").is_empty(),
+                "{key}"
+            );
             assert!(matched(&[key], "docker.io.evil.com/x").is_empty(), "{key}");
         }
     }
@@ -373,7 +436,10 @@ mod tests {
         let k = Keyring::parse(doc.to_string().as_bytes()).unwrap();
         assert_eq!(k.len(), 4);
         let b = k.lookup("b.io/x")[0];
-        assert_eq!((b.username.as_str(), b.password.as_str()), ("user", "pa:ss"));
+        assert_eq!(
+            (b.username.as_str(), b.password.as_str()),
+            ("user", "pa:ss")
+        );
         assert_eq!(k.lookup("c.io/x")[0].identity_token, "tok");
         assert_eq!(k.lookup("d.io/x")[0].registry_token, "rt");
     }
@@ -391,11 +457,16 @@ mod tests {
         let docs = [
             format!("{{\"auths\": \"{secret}\"}}"),
             format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{secret}!!\"}}}}}}"),
-            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}", b64(secret)),
-            format!("{{\"auths\": {{\"a.io\": {{\"password\": 12, \"username\": \"{secret}\"}}}}}}"),
+            format!(
+                "{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}",
+                b64(secret)
+            ),
+            format!(
+                "{{\"auths\": {{\"a.io\": {{\"password\": 12, \"username\": \"{secret}\"}}}}}}"
+            ),
             format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{secret}"),
             format!("[\"{secret}\"]"),
-            format!("{secret}"),
+            secret.to_string(),
         ];
         for doc in &docs {
             let e = Keyring::parse(doc.as_bytes()).expect_err(doc);
@@ -403,8 +474,11 @@ mod tests {
             assert!(!text.contains("hunter2"), "leaked in {text}");
         }
         let ok = Keyring::parse(
-            format!("{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}", b64(&format!("u:{secret}")))
-                .as_bytes(),
+            format!(
+                "{{\"auths\": {{\"a.io\": {{\"auth\": \"{}\"}}}}}}",
+                b64(&format!("u:{secret}"))
+            )
+            .as_bytes(),
         )
         .unwrap();
         assert!(!format!("{ok:?}").contains("hunter2"));
@@ -412,7 +486,10 @@ mod tests {
 
     #[test]
     fn empty_and_incomplete_entries_are_errors() {
-        assert_eq!(Keyring::parse(b"{\"auths\": {}}").unwrap_err(), CredentialsError::Empty);
+        assert_eq!(
+            Keyring::parse(b"{\"auths\": {}}").unwrap_err(),
+            CredentialsError::Empty
+        );
         let e = Keyring::parse(b"{\"auths\": {\"a.io\": {\"email\": \"x\"}}}").unwrap_err();
         assert!(e.to_string().contains("a.io"), "{e}");
     }

@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use runner_warden::config::{
     DesiredImage, Overrides, PrewarmSettings, Settings, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
 };
-use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer};
+use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer, MANUAL_PIN_OWNER};
 use runner_warden::reference::ImageRef;
 use runner_warden::report::findings::FindingSink;
 use runner_warden::report::metrics::Metrics;
@@ -98,7 +98,8 @@ struct PullArgs {
     /// containerd namespace (kubelet's is k8s.io).
     #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     namespace: String,
-    /// Do not pin the image against kubelet's image GC.
+    /// Do not pin the image against kubelet's image GC. (Pins made here are marked "manual": a running
+    /// agent never removes them.)
     #[arg(long)]
     no_pin: bool,
     /// Pull even when the image is present (re-resolves a tag).
@@ -150,6 +151,7 @@ fn init_logging(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -222,7 +224,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         stop.clone(),
     ));
-    tasks.spawn(probe_runtime(runtime.clone(), health.clone(), metrics.clone(), stop.clone()));
+    tasks.spawn(probe_runtime(
+        runtime.clone(),
+        health.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
     let prewarmer = Prewarmer::new(
         runtime,
         settings.prewarm.clone(),
@@ -301,9 +308,15 @@ async fn watch_config(
         last_text = text;
         match Settings::load(&path, &overrides) {
             Ok(next) => {
-                metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                metrics
+                    .config_reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
                 if next.images != current.images {
-                    info!(images = next.images.len(), "configuration reloaded; desired images changed");
+                    info!(
+                        images = next.images.len(),
+                        "configuration reloaded; desired images changed"
+                    );
                     desired.send_replace(next.images.clone());
                 }
                 if !same_except_images(&current, &next) {
@@ -312,7 +325,10 @@ async fn watch_config(
                 current = next;
             }
             Err(e) => {
-                metrics.config_reloads_total.with_label_values(&["failed"]).inc();
+                metrics
+                    .config_reloads_total
+                    .with_label_values(&["failed"])
+                    .inc();
                 error!("{e}\nkeeping the running configuration");
             }
         }
@@ -393,7 +409,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         attempt += 1;
         match prewarmer.attempt(&desired, args.force).await {
             Ok(outcome) => {
-                let pinned = settings.pin && prewarmer.pin(&image).await;
+                let pinned = settings.pin && prewarmer.pin(&image, MANUAL_PIN_OWNER).await;
                 let pin_text = match (settings.pin, pinned) {
                     (false, _) => "not pinned (--no-pin)",
                     (true, true) => "pinned",
@@ -419,8 +435,12 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             Err(f) => {
-                let delay = backoff_delay(settings.backoff_initial, settings.backoff_max, attempt, 1.0);
-                warn!(class = f.class.as_str(), attempt, "pull failed: {}; retrying in {delay:?}", f.message);
+                let delay =
+                    backoff_delay(settings.backoff_initial, settings.backoff_max, attempt, 1.0);
+                warn!(
+                    class = f.class.as_str(),
+                    attempt, "pull failed: {}; retrying in {delay:?}", f.message
+                );
                 tokio::time::sleep(delay).await;
             }
         }

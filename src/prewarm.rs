@@ -27,6 +27,9 @@ use crate::runtime::errors::{classify_pull, redact, FailureClass};
 use crate::runtime::progress::ProgressProbe;
 use crate::runtime::Runtime;
 
+/// Owner label value of pins made by the one-shot `pull` command: the agent never removes those.
+pub const MANUAL_PIN_OWNER: &str = "manual";
+
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -34,8 +37,13 @@ const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// Already present; nothing pulled.
-    Present { image_id: String },
-    Pulled { image_id: String, seconds: f64 },
+    Present {
+        image_id: String,
+    },
+    Pulled {
+        image_id: String,
+        seconds: f64,
+    },
 }
 
 impl Outcome {
@@ -175,7 +183,9 @@ impl Prewarmer {
         let want = self.wanted.lock().expect("wanted lock");
         let examined = self.examined.lock().expect("examined lock");
         if want.iter().all(|r| examined.contains(r)) {
-            self.health.first_reconcile_done.store(true, Ordering::Relaxed);
+            self.health
+                .first_reconcile_done
+                .store(true, Ordering::Relaxed);
         }
     }
 
@@ -193,9 +203,11 @@ impl Prewarmer {
         };
         let wanted: BTreeSet<&str> = want.iter().map(|r| r.as_str()).collect();
         for (name, owner) in owned {
-            if !wanted.contains(owner.as_str()) {
+            if owner != MANUAL_PIN_OWNER && !wanted.contains(owner.as_str()) {
                 match self.runtime.unpin(&name).await {
-                    Ok(()) => info!(record = %name, was_for = %owner, "unpinned image no longer desired"),
+                    Ok(()) => {
+                        info!(record = %name, was_for = %owner, "unpinned image no longer desired")
+                    }
                     Err(e) => warn!(record = %name, error = %e, "could not unpin image"),
                 }
             }
@@ -277,7 +289,7 @@ impl Prewarmer {
             .with_label_values(&[result])
             .inc();
         let pinned = if self.settings.pin {
-            self.pin(image).await
+            self.pin(image, image.as_str()).await
         } else {
             false
         };
@@ -440,7 +452,11 @@ impl Prewarmer {
         };
         Err(Failure {
             class: FailureClass::Auth,
-            message: format!("registry {} refused {image}: {tried}; {}", image.registry(), f.message),
+            message: format!(
+                "registry {} refused {image}: {tried}; {}",
+                image.registry(),
+                f.message
+            ),
         })
     }
 
@@ -451,7 +467,20 @@ impl Prewarmer {
         cred: Option<&Credential>,
         secrets: &[&str],
     ) -> Result<String, Failure> {
-        let mut probe = ProgressProbe::new(self.runtime.clone(), image.registry(), image.repository());
+        // Progress is best effort: a pull runs (without stall detection) even if the probe cannot start.
+        let mut probe = match ProgressProbe::start(
+            self.runtime.clone(),
+            &image.registry_hostname(),
+            image.repository(),
+        )
+        .await
+        {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(image = %image, error = %e, "cannot observe pull progress; stall detection is off for this attempt");
+                None
+            }
+        };
         let pull = self.runtime.pull_image(image.as_str(), cred);
         tokio::pin!(pull);
         let mut tick = tokio::time::interval(PROGRESS_SAMPLE);
@@ -466,8 +495,8 @@ impl Prewarmer {
                     let class = classify_pull(s.code(), s.message());
                     Failure { class, message: redact(s.message(), secrets) }
                 }),
-                _ = tick.tick() => {
-                    match probe.sample().await {
+                _ = tick.tick(), if probe.is_some() => {
+                    match probe.as_mut().expect("guarded").sample().await {
                         Ok(p) => {
                             if p.done != last_done {
                                 self.metrics.prewarm_bytes_total.inc_by(p.done.saturating_sub(last_done));
@@ -504,12 +533,34 @@ impl Prewarmer {
         let g = &self.metrics.prewarm_progress_bytes;
         let _ = g.remove_label_values(&[label, "done"]);
         let _ = g.remove_label_values(&[label, "total"]);
+        // Exact accounting once the pull is done: pulls quicker than one sample were never seen running.
+        if let (Ok(_), Some(probe)) = (&result, probe.as_mut()) {
+            if let Some(manifest) = self.manifest_digest(image).await {
+                match probe.downloaded(&manifest).await {
+                    Ok(n) => self
+                        .metrics
+                        .prewarm_bytes_total
+                        .inc_by(n.saturating_sub(last_done)),
+                    Err(e) => debug!(image = %image, error = %e, "cannot count downloaded bytes"),
+                }
+            }
+        }
         result
     }
 
-    /// Pins every record of `image` (its tag and repo digests) and drops pins of content it moved away
-    /// from. Returns whether the runtime reports the image as pinned.
-    pub async fn pin(&self, image: &ImageRef) -> bool {
+    /// The manifest digest CRI recorded for `image` (from its repo digests).
+    async fn manifest_digest(&self, image: &ImageRef) -> Option<String> {
+        let status = self.runtime.image_status(image.as_str()).await.ok()??;
+        let prefix = format!("{}@", image.name());
+        status
+            .repo_digests
+            .iter()
+            .find_map(|d| d.strip_prefix(&prefix).map(str::to_string))
+    }
+
+    /// Pins every record of `image` (its tag and repo digests) on behalf of `owner` and drops that owner's
+    /// pins of content the tag moved away from. Returns whether the runtime reports the image as pinned.
+    pub async fn pin(&self, image: &ImageRef, owner: &str) -> bool {
         let status = match self.runtime.image_status(image.as_str()).await {
             Ok(Some(s)) => s,
             Ok(None) => return false,
@@ -523,27 +574,35 @@ impl Prewarmer {
             .repo_tags
             .iter()
             .chain(&status.repo_digests)
-            .filter(|r| r.strip_prefix(&name).is_some_and(|rest| rest.starts_with([':', '@'])))
+            .filter(|r| {
+                r.strip_prefix(&name)
+                    .is_some_and(|rest| rest.starts_with([':', '@']))
+            })
             .cloned()
             .collect();
         records.insert(image.as_str().to_string());
         for r in &records {
-            if let Err(e) = self.runtime.pin(r, image.as_str()).await {
+            if let Err(e) = self.runtime.pin(r, owner).await {
                 warn!(image = %image, record = %r, error = %e, "could not pin image record");
             }
         }
         // A moved tag leaves the old digest record pinned for us: release it.
         if let Ok(owned) = self.runtime.owned_pins().await {
-            for (rec, owner) in owned {
-                if owner == image.as_str() && !records.contains(&rec) {
+            for (rec, rec_owner) in owned {
+                if rec_owner == owner && rec.starts_with(&name) && !records.contains(&rec) {
                     match self.runtime.unpin(&rec).await {
-                        Ok(()) => info!(image = %image, record = %rec, "unpinned content the tag moved away from"),
-                        Err(e) => warn!(image = %image, record = %rec, error = %e, "could not unpin old record"),
+                        Ok(()) => {
+                            info!(image = %image, record = %rec, "unpinned content the tag moved away from")
+                        }
+                        Err(e) => {
+                            warn!(image = %image, record = %rec, error = %e, "could not unpin old record")
+                        }
                     }
                 }
             }
         }
-        let honoured = matches!(self.runtime.image_status(image.as_str()).await, Ok(Some(s)) if s.pinned);
+        let honoured =
+            matches!(self.runtime.image_status(image.as_str()).await, Ok(Some(s)) if s.pinned);
         self.metrics.pinning_honoured.set(honoured as i64);
         if !honoured && !self.pin_warned.swap(true, Ordering::Relaxed) {
             warn!(
@@ -566,7 +625,10 @@ impl Prewarmer {
         let states = self.states.lock().expect("states lock");
         for s in STATES {
             let n = states.values().filter(|v| v.label() == s).count();
-            self.metrics.prewarm_images.with_label_values(&[s]).set(n as i64);
+            self.metrics
+                .prewarm_images
+                .with_label_values(&[s])
+                .set(n as i64);
         }
     }
 }
@@ -611,8 +673,14 @@ mod tests {
     #[test]
     fn backoff_jitter_is_bounded_and_never_exceeds_the_cap() {
         let s = Duration::from_secs;
-        assert_eq!(backoff_delay(s(1), s(300), 3, 0.8), Duration::from_millis(3200));
-        assert_eq!(backoff_delay(s(1), s(300), 3, 5.0), Duration::from_millis(4800));
+        assert_eq!(
+            backoff_delay(s(1), s(300), 3, 0.8),
+            Duration::from_millis(3200)
+        );
+        assert_eq!(
+            backoff_delay(s(1), s(300), 3, 5.0),
+            Duration::from_millis(4800)
+        );
         assert_eq!(backoff_delay(s(1), s(300), 20, 1.2), s(300));
     }
 

@@ -41,7 +41,9 @@ impl ImageRef {
             return Err(err("leading or trailing whitespace"));
         }
         if trimmed.contains("://") {
-            return Err(err("a reference has no URL scheme; write registry/repository:tag"));
+            return Err(err(
+                "a reference has no URL scheme; write registry/repository:tag",
+            ));
         }
         let parsed = Reference::from_str(trimmed).map_err(|e| err(&e.to_string()))?;
         let digest = parsed.digest().map(str::to_string);
@@ -139,7 +141,11 @@ fn validate_digest(d: &str) -> Result<(), String> {
         "sha512" => 128,
         other => return Err(format!("unsupported digest algorithm {other:?}")),
     };
-    if hex.len() != want || !hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+    if hex.len() != want
+        || !hex
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
         return Err(format!(
             "digest must be {algo}: followed by {want} lowercase hex characters"
         ));

@@ -105,9 +105,16 @@ impl FindingSink {
             .map_err(|_| std::io::Error::other("findings writer poisoned"))
             .and_then(|mut w| w.write_all(text.as_bytes()).and_then(|_| w.flush()));
         match written {
-            Ok(()) => self.metrics.events_total.with_label_values(&["written"]).inc(),
+            Ok(()) => self
+                .metrics
+                .events_total
+                .with_label_values(&["written"])
+                .inc(),
             Err(e) => {
-                self.metrics.events_total.with_label_values(&["failed"]).inc();
+                self.metrics
+                    .events_total
+                    .with_label_values(&["failed"])
+                    .inc();
                 tracing::error!(reason = finding.reason, error = %e, "could not write finding");
             }
         }

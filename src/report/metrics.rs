@@ -3,8 +3,8 @@
 //! desired set.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub const PREFIX: &str = "runner_warden";
@@ -46,7 +46,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let prewarm_images = IntGaugeVec::new(
-            Opts::new(name("prewarm_images"), "Desired runner images by prewarm state."),
+            Opts::new(
+                name("prewarm_images"),
+                "Desired runner images by prewarm state.",
+            ),
             &["state"],
         )
         .expect("valid metric");
@@ -92,7 +95,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let config_reloads_total = IntCounterVec::new(
-            Opts::new(name("config_reloads_total"), "Configuration reloads by result."),
+            Opts::new(
+                name("config_reloads_total"),
+                "Configuration reloads by result.",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -105,7 +111,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
-            Opts::new(name("build_info"), "Always 1; the version label says which build runs."),
+            Opts::new(
+                name("build_info"),
+                "Always 1; the version label says which build runs.",
+            ),
             &["version"],
         )
         .expect("valid metric");

@@ -54,7 +54,10 @@ pub async fn serve(
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -70,6 +73,9 @@ async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {
         if !s.health.first_reconcile_done.load(Ordering::Relaxed) {
             why.push("first reconcile not done");
         }
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", why.join(", ")),
+        )
     }
 }

@@ -33,11 +33,19 @@ impl FailureClass {
     /// What an operator should do about it.
     pub fn advice(self) -> &'static str {
         match self {
-            FailureClass::Auth => "check that the pull secret holds valid credentials for this registry",
-            FailureClass::NotFound => "check the repository and tag (or digest) exist in the registry",
-            FailureClass::Network => "check the registry is reachable from the node; the pull is retried",
+            FailureClass::Auth => {
+                "check that the pull secret holds valid credentials for this registry"
+            }
+            FailureClass::NotFound => {
+                "check the repository and tag (or digest) exist in the registry"
+            }
+            FailureClass::Network => {
+                "check the registry is reachable from the node; the pull is retried"
+            }
             FailureClass::Stalled => "the registry stopped sending data; the pull is retried",
-            FailureClass::Secret => "fix the pull secret file; it is read again at the next attempt",
+            FailureClass::Secret => {
+                "fix the pull secret file; it is read again at the next attempt"
+            }
             FailureClass::Other => "see containerd's message; the pull is retried",
         }
     }
@@ -132,7 +140,13 @@ impl RuntimeError {
 
     /// True when containerd could not be reached at all (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, RuntimeError::Call { code: tonic::Code::Unavailable, .. })
+        matches!(
+            self,
+            RuntimeError::Call {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+        )
     }
 }
 

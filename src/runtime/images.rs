@@ -56,7 +56,10 @@ impl Runtime {
         }
         // Naming a label in the mask while leaving it out of the image deletes it.
         let mask = FieldMask {
-            paths: vec![format!("labels.{PIN_LABEL}"), format!("labels.{OWNER_LABEL}")],
+            paths: vec![
+                format!("labels.{PIN_LABEL}"),
+                format!("labels.{OWNER_LABEL}"),
+            ],
         };
         images
             .update(self.request(UpdateImageRequest {

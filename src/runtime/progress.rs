@@ -3,15 +3,16 @@
 //! CRI's `PullImage` says nothing until it returns, but containerd's content service shows what it is
 //! doing: active ingests (`layer-sha256:<hex>` refs with growing offsets) and committed blobs. Blobs
 //! fetched for `host/repo` carry the label `containerd.io/distribution.source.<host>=<repo>[,…]`, and an
-//! image manifest carries `containerd.io/gc.ref.content.l.<n>` labels for its layers, so a manifest of
-//! this repository touched since the pull started tells which blobs belong to this pull. Its own JSON
-//! gives every blob's size, hence the total.
+//! image manifest carries `containerd.io/gc.ref.content.l.<n>` labels for its layers; its JSON gives each
+//! blob's size. A manifest of this repository with a blob still missing or being written belongs to the
+//! pull in progress. (containerd's List answers carry no timestamps, so "touched since" cannot be used.)
+//! The blobs present when the probe started tell, after the pull, exactly how many bytes came over the
+//! wire.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
-    InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest,
+    ListContentRequest, ListStatusesRequest, ReadContentRequest,
 };
 use serde::Deserialize;
 use tokio_stream::StreamExt;
@@ -51,80 +52,148 @@ struct Manifest {
     layers: Vec<Descriptor>,
 }
 
-/// Samples the progress of one pull of `registry/repository`.
+/// Samples the progress of one pull of `registry/repository`. containerd names the source label after the
+/// registry's host without the port (label keys cannot hold `:`), so two registries on one host share it;
+/// the repository in the value and the manifest's own blob list keep pulls apart.
 pub struct ProgressProbe {
     runtime: Runtime,
-    registry: String,
+    registry_host: String,
     repository: String,
-    started: SystemTime,
-    /// manifest digest → its blobs (digest, size)
-    manifests: HashMap<String, Vec<(String, u64)>>,
-    committed: HashSet<String>,
+    /// Every blob in the store when the probe started.
+    present_at_start: HashSet<String>,
+    /// manifest digest → (its own size, its blobs (digest, size))
+    known: HashMap<String, (u64, Vec<(String, u64)>)>,
+    /// Manifests seen incomplete since the start: the ones this pull is fetching.
+    selected: HashSet<String>,
 }
 
 impl ProgressProbe {
-    pub fn new(runtime: Runtime, registry: &str, repository: &str) -> Self {
-        Self {
+    pub async fn start(
+        runtime: Runtime,
+        registry_host: &str,
+        repository: &str,
+    ) -> Result<Self, RuntimeError> {
+        let present_at_start = list_content(&runtime, vec![])
+            .await?
+            .into_iter()
+            .map(|(digest, _, _)| digest)
+            .collect();
+        Ok(Self {
             runtime,
-            registry: registry.to_string(),
+            registry_host: registry_host.to_string(),
             repository: repository.to_string(),
-            // Timestamps come from containerd's clock on the same host; a little slack covers rounding.
-            started: SystemTime::now() - Duration::from_secs(2),
-            manifests: HashMap::new(),
-            committed: HashSet::new(),
-        }
+            present_at_start,
+            known: HashMap::new(),
+            selected: HashSet::new(),
+        })
     }
 
     pub async fn sample(&mut self) -> Result<Progress, RuntimeError> {
         let rt = self.runtime.clone();
-        let source_key = format!("{SOURCE_LABEL}{}", self.registry);
-        let mut stream = rt
-            .content()
-            .list(rt.request(ListContentRequest {
-                filters: vec![format!("labels.\"{source_key}\"")],
-            }))
-            .await
-            .map_err(|s| RuntimeError::call("content.List", rt.socket(), s))?
-            .into_inner();
-        let mut fresh_manifests = Vec::new();
-        while let Some(msg) = stream.next().await {
-            let msg = msg.map_err(|s| RuntimeError::call("content.List", rt.socket(), s))?;
-            for info in msg.info {
-                let ours = info
-                    .labels
+        let source_key = format!("{SOURCE_LABEL}{}", self.registry_host);
+        let ours = list_content(&rt, vec![format!("labels.\"{source_key}\"")])
+            .await?
+            .into_iter()
+            .filter(|(_, _, labels)| {
+                labels
                     .get(&source_key)
-                    .is_some_and(|v| v.split(',').any(|r| r == self.repository));
-                if !ours {
-                    continue;
-                }
-                self.committed.insert(info.digest.clone());
-                let is_manifest = info.labels.keys().any(|k| k.starts_with(LAYER_REF_LABEL));
-                let touched = info
-                    .updated_at
-                    .as_ref()
-                    .and_then(|t| SystemTime::try_from(t.clone()).ok())
-                    .is_some_and(|t| t >= self.started);
-                if is_manifest && touched && !self.manifests.contains_key(&info.digest) {
-                    fresh_manifests.push((info.digest, info.size));
-                }
+                    .is_some_and(|v| v.split(',').any(|r| r == self.repository))
+            });
+        let mut committed = HashSet::new();
+        let mut manifests = Vec::new();
+        for (digest, size, labels) in ours {
+            if labels.keys().any(|k| k.starts_with(LAYER_REF_LABEL)) {
+                manifests.push((digest.clone(), size));
+            }
+            committed.insert(digest);
+        }
+        for (digest, size) in manifests {
+            self.learn(&digest, size).await?;
+        }
+        let ingest = self.ingests().await?;
+        // A blob committed by another repository's pull is present too; ask only about the unknown ones.
+        let all_present: HashSet<String> = if self
+            .known
+            .values()
+            .flat_map(|(_, b)| b)
+            .any(|(d, _)| !committed.contains(d) && !ingest.contains_key(d))
+        {
+            list_content(&rt, vec![])
+                .await?
+                .into_iter()
+                .map(|(d, _, _)| d)
+                .collect()
+        } else {
+            committed
+        };
+        for (m, (_, blobs)) in &self.known {
+            if blobs
+                .iter()
+                .any(|(d, _)| ingest.contains_key(d) || !all_present.contains(d))
+            {
+                self.selected.insert(m.clone());
             }
         }
-        for (digest, size) in fresh_manifests {
-            if size > MANIFEST_MAX {
-                continue;
-            }
-            let bytes = self.read_blob(&digest).await?;
-            if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
-                let blobs = m
-                    .config
-                    .into_iter()
-                    .chain(m.layers)
-                    .map(|d| (d.digest, d.size.max(0) as u64))
-                    .collect();
-                self.manifests.insert(digest, blobs);
+        let mut blobs: HashMap<&str, u64> = HashMap::new();
+        for m in &self.selected {
+            for (d, size) in &self.known[m].1 {
+                blobs.insert(d, *size);
             }
         }
+        let mut progress = Progress::default();
+        for (digest, size) in blobs {
+            progress.total += size;
+            if let Some(off) = ingest.get(digest) {
+                progress.done += (*off).min(size);
+            } else if all_present.contains(digest) {
+                progress.done += size;
+            }
+        }
+        Ok(progress)
+    }
 
+    /// Bytes fetched for `manifest` (a digest from CRI's repo digests) that were not in the store when
+    /// the probe started: what this pull downloaded.
+    pub async fn downloaded(&mut self, manifest: &str) -> Result<u64, RuntimeError> {
+        if !self.known.contains_key(manifest) {
+            self.learn(manifest, 0).await?;
+        }
+        let Some((own, blobs)) = self.known.get(manifest) else {
+            return Ok(0);
+        };
+        let mut total = if self.present_at_start.contains(manifest) {
+            0
+        } else {
+            *own
+        };
+        for (d, size) in blobs {
+            if !self.present_at_start.contains(d) {
+                total += size;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn learn(&mut self, manifest: &str, size: i64) -> Result<(), RuntimeError> {
+        if self.known.contains_key(manifest) || size > MANIFEST_MAX {
+            return Ok(());
+        }
+        let bytes = read_blob(&self.runtime, manifest).await?;
+        if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+            let blobs = m
+                .config
+                .into_iter()
+                .chain(m.layers)
+                .map(|d| (d.digest, d.size.max(0) as u64))
+                .collect();
+            self.known
+                .insert(manifest.to_string(), (bytes.len() as u64, blobs));
+        }
+        Ok(())
+    }
+
+    async fn ingests(&self) -> Result<HashMap<String, u64>, RuntimeError> {
+        let rt = &self.runtime;
         let statuses = rt
             .content()
             .list_statuses(rt.request(ListStatusesRequest { filters: vec![] }))
@@ -132,7 +201,7 @@ impl ProgressProbe {
             .map_err(|s| RuntimeError::call("content.ListStatuses", rt.socket(), s))?
             .into_inner()
             .statuses;
-        let ingest: HashMap<String, u64> = statuses
+        Ok(statuses
             .into_iter()
             .filter_map(|s| {
                 // refs look like `layer-sha256:<hex>`; `expected` holds the digest when set.
@@ -143,62 +212,45 @@ impl ProgressProbe {
                 };
                 Some((digest, s.offset.max(0) as u64))
             })
-            .collect();
-
-        let blobs: Vec<(String, u64)> = self
-            .manifests
-            .values()
-            .flatten()
-            .cloned()
-            .collect::<HashMap<_, _>>()
-            .into_iter()
-            .collect();
-        let mut progress = Progress::default();
-        for (digest, size) in blobs {
-            progress.total += size;
-            if let Some(off) = ingest.get(&digest) {
-                progress.done += (*off).min(size);
-            } else if self.committed.contains(&digest) || self.exists(&digest).await? {
-                // Shared layers committed by another repository's pull count as done too.
-                self.committed.insert(digest);
-                progress.done += size;
-            }
-        }
-        Ok(progress)
+            .collect())
     }
+}
 
-    async fn exists(&self, digest: &str) -> Result<bool, RuntimeError> {
-        let rt = &self.runtime;
-        match rt
-            .content()
-            .info(rt.request(InfoRequest {
-                digest: digest.to_string(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(RuntimeError::call("content.Info", rt.socket(), s)),
-        }
-    }
+type Labels = HashMap<String, String>;
 
-    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, RuntimeError> {
-        let rt = &self.runtime;
-        let mut stream = rt
-            .content()
-            .read(rt.request(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: 0,
-                size: 0,
-            }))
-            .await
-            .map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?;
-            out.extend_from_slice(&chunk.data);
-        }
-        Ok(out)
+async fn list_content(
+    rt: &Runtime,
+    filters: Vec<String>,
+) -> Result<Vec<(String, i64, Labels)>, RuntimeError> {
+    let mut stream = rt
+        .content()
+        .list(rt.request(ListContentRequest { filters }))
+        .await
+        .map_err(|s| RuntimeError::call("content.List", rt.socket(), s))?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        let msg = msg.map_err(|s| RuntimeError::call("content.List", rt.socket(), s))?;
+        out.extend(msg.info.into_iter().map(|i| (i.digest, i.size, i.labels)));
     }
+    Ok(out)
+}
+
+async fn read_blob(rt: &Runtime, digest: &str) -> Result<Vec<u8>, RuntimeError> {
+    let mut stream = rt
+        .content()
+        .read(rt.request(ReadContentRequest {
+            digest: digest.to_string(),
+            offset: 0,
+            size: 0,
+        }))
+        .await
+        .map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?;
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
 }

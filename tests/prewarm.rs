@@ -1,0 +1,542 @@
+//! Prewarm against the real test bed: containerd 1.7 with CRI, an htpasswd registry, real images.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+fn pull_cli(bed: &Bed, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("pull")
+        .args(args)
+        .env("RUNNER_WARDEN_CONTAINERD_SOCKET", &bed.socket)
+        .output()
+        .expect("run runner-warden pull");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn agent_prewarms_private_image_pins_it_and_serves_metrics() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let image = bed.image("runners/compliant:v1");
+    bed.remove_repo(&bed.image("runners/compliant")).await;
+    assert_eq!(bed.cri_status(&image).await, (false, false));
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let mut agent = Agent::start_in(
+        &bed,
+        dir,
+        "",
+        &format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\nproject = \"team-a\"\n",
+            secret.display()
+        ),
+    );
+    let f = agent
+        .wait_finding("RunnerImagePrewarmed", &image, S(60))
+        .await;
+    assert_eq!(f["type"], "Normal");
+    assert_eq!(f["regarding"]["kind"], "ProjectSettings");
+    assert_eq!(f["regarding"]["namespace"], "team-a");
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("pinned against kubelet image GC"),
+        "{f}"
+    );
+
+    // CRI (what kubelet sees) reports the image present and pinned.
+    assert_eq!(bed.cri_status(&image).await, (true, true));
+
+    let m = agent.metrics().await;
+    assert_eq!(
+        metric(&m, "runner_warden_prewarm_images{state=\"ready\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "runner_warden_prewarm_pulls_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "runner_warden_runtime_pinning_honoured"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "runner_warden_prewarm_pull_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert!(metric(&m, "runner_warden_prewarm_bytes_total").unwrap() > 0.0);
+    assert_eq!(agent.get("/healthz").await.unwrap().0, 200);
+    assert_eq!(agent.get("/readyz").await.unwrap().0, 200);
+
+    // Graceful: SIGTERM → exit 0 well within 5 s.
+    let (code, secs) = agent.terminate();
+    assert_eq!(code, Some(0), "{}", agent.logs());
+    assert!(secs < 5.0, "took {secs}s to stop");
+}
+
+#[tokio::test]
+async fn pull_command_skips_an_image_already_present() {
+    let bed = Bed::get();
+    let image = bed.image("runners/present:v1");
+    bed.remove_repo(&bed.image("runners/present")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let s = secret.to_str().unwrap();
+    let (code, out, err) = pull_cli(&bed, &[&image, "--secret", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("pulled {image} sha256:")), "{out}");
+    assert!(out.contains("(pinned)"), "{out}");
+    let (code, out, err) = pull_cli(&bed, &[&image, "--secret", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("present {image} sha256:")),
+        "{out}"
+    );
+    assert_eq!(bed.cri_status(&image).await, (true, true));
+}
+
+#[tokio::test]
+async fn wrong_password_is_an_auth_failure() {
+    let bed = Bed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.secret(
+        dir.path(),
+        "bad.json",
+        &bed.registry,
+        &bed.user,
+        "not-the-password",
+    );
+    let image = bed.image("runners/other:v1");
+    bed.remove_repo(&bed.image("runners/other")).await;
+    let (code, _, err) = pull_cli(&bed, &[&image, "--secret", secret.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pull failed [auth]"), "{err}");
+    assert!(err.contains("401 Unauthorized"), "{err}");
+    assert!(
+        err.contains("tried 1 credential(s) from pull secret"),
+        "{err}"
+    );
+    assert!(
+        err.contains("check that the pull secret holds valid credentials"),
+        "{err}"
+    );
+    assert!(!bed.cri_status(&image).await.0);
+}
+
+#[tokio::test]
+async fn missing_tag_is_not_found() {
+    let bed = Bed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let (code, _, err) = pull_cli(
+        &bed,
+        &[
+            &bed.image("runners/other:no-such-tag"),
+            "--secret",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("pull failed [not_found]"), "{err}");
+    assert!(err.contains("check the repository and tag"), "{err}");
+}
+
+#[tokio::test]
+async fn no_secret_means_a_clear_anonymous_failure() {
+    let bed = Bed::get();
+    let (code, _, err) = pull_cli(&bed, &[&bed.image("runners/other:v1")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pull failed [auth]"), "{err}");
+    assert!(
+        err.contains("no pull secret is configured, so it was pulled anonymously"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn secret_matching_another_registry_is_said_so() {
+    let bed = Bed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.secret(
+        dir.path(),
+        "other.json",
+        "quay.io",
+        &bed.user,
+        &bed.password,
+    );
+    let (code, _, err) = pull_cli(
+        &bed,
+        &[
+            &bed.image("runners/other:v1"),
+            "--secret",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("has no entry matching 127.0.0.1:5000 (its keys: quay.io)"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bad_reference_and_missing_secret_file_are_usage_errors() {
+    let bed = Bed::get();
+    let (code, _, err) = pull_cli(&bed, &["quay.io/Bad/Name:v1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid image reference"), "{err}");
+    let (code, _, err) = pull_cli(
+        &bed,
+        &[
+            &bed.image("runners/other:v1"),
+            "--secret",
+            "/nonexistent.json",
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.json does not exist"), "{err}");
+}
+
+#[tokio::test]
+async fn invalid_secret_is_reported_and_other_images_still_prewarm() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let good = bed.image("runners/demo-a:v1");
+    let broken = bed.image("runners/demo-b:v1");
+    bed.remove_repo(&bed.image("runners/demo-a")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    std::fs::write(
+        dir.path().join("broken.json"),
+        "{\"auths\": {\"127.0.0.1:5000\": {\"auth\": \"%%%\"}}}",
+    )
+    .unwrap();
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "failure_finding_after = 1",
+        &format!(
+            "[[images]]\nimage = \"{broken}\"\npull_secret = \"broken.json\"\nproject = \"team-b\"\n\
+             [[images]]\nimage = \"{good}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let f = agent
+        .wait_finding("RunnerImagePullSecretInvalid", &broken, S(30))
+        .await;
+    assert_eq!(f["type"], "Warning");
+    assert_eq!(f["class"], "secret");
+    let msg = f["message"].as_str().unwrap();
+    assert!(
+        msg.contains("broken.json") && msg.contains("not valid base64"),
+        "{msg}"
+    );
+    agent
+        .wait_finding("RunnerImagePrewarmed", &good, S(60))
+        .await;
+    agent
+        .wait_metric(
+            "runner_warden_prewarm_pulls_total{result=\"secret\"}",
+            S(10),
+            |v| v >= 2.0,
+        )
+        .await;
+    // Reported once per distinct problem, not on every retry.
+    let n = agent
+        .findings()
+        .iter()
+        .filter(|f| f["reason"] == "RunnerImagePullSecretInvalid")
+        .count();
+    assert_eq!(n, 1);
+    assert!(
+        agent.logs().contains("class=\"secret\""),
+        "{}",
+        agent.logs()
+    );
+}
+
+#[tokio::test]
+async fn pins_follow_the_config_file() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let a = bed.image("runners/unpin-a:v1");
+    let b = bed.image("runners/unpin-b:v1");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let entry = |i: &str| {
+        format!(
+            "[[images]]\nimage = \"{i}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        )
+    };
+    let agent = Agent::start_in(&bed, dir, "", &format!("{}{}", entry(&a), entry(&b)));
+    wait_for(S(60), "both images pinned", || async {
+        (bed.cri_status(&a).await == (true, true) && bed.cri_status(&b).await == (true, true))
+            .then_some(())
+    })
+    .await;
+
+    agent.rewrite_images(&bed, "", &entry(&a));
+    wait_for(S(20), "b unpinned", || async {
+        (bed.cri_status(&b).await == (true, false)).then_some(())
+    })
+    .await;
+    // The image stays for kubelet's GC to decide; the other one keeps its pin.
+    assert_eq!(bed.cri_status(&a).await, (true, true));
+    assert!(
+        agent.logs().contains("unpinned image no longer desired"),
+        "{}",
+        agent.logs()
+    );
+    agent
+        .wait_metric(
+            "runner_warden_config_reloads_total{result=\"success\"}",
+            S(5),
+            |v| v >= 1.0,
+        )
+        .await;
+
+    // A broken edit is reported and the running set kept.
+    std::fs::write(&agent.config, "[prewarm]\nconcurrency = \"lots\"\n").unwrap();
+    agent
+        .wait_metric(
+            "runner_warden_config_reloads_total{result=\"failed\"}",
+            S(15),
+            |v| v >= 1.0,
+        )
+        .await;
+    assert!(agent.logs().contains("keeping the running configuration"));
+    assert_eq!(bed.cri_status(&a).await, (true, true));
+}
+
+#[tokio::test]
+async fn progress_is_visible_while_a_large_image_pulls() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    // Throttled to ~40 MB/s through a proxy so the 110 MiB pull takes a few seconds.
+    let _proxy = Proxy::start(5003, 5000, 40_000_000, 0).await;
+    let image = "127.0.0.1:5003/runners/big-progress:v1";
+    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.secret(
+        dir.path(),
+        "s.json",
+        "127.0.0.1:5003",
+        &bed.user,
+        &bed.password,
+    );
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "",
+        &format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let done_series =
+        format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
+    let total_series =
+        format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"total\"}}");
+    let total = agent
+        .wait_metric(&total_series, S(30), |v| v > 100.0 * 1024.0 * 1024.0)
+        .await;
+    let first = agent.wait_metric(&done_series, S(30), |v| v > 0.0).await;
+    let later = agent.wait_metric(&done_series, S(30), |v| v > first).await;
+    assert!(later <= total);
+    agent
+        .wait_metric(
+            "runner_warden_prewarm_images{state=\"pulling\"}",
+            S(1),
+            |v| v == 1.0,
+        )
+        .await;
+    agent
+        .wait_finding("RunnerImagePrewarmed", image, S(60))
+        .await;
+    // The per-image series goes away with the pull; the byte counter stays.
+    assert_eq!(metric(&agent.metrics().await, &done_series), None);
+    assert!(
+        metric(&agent.metrics().await, "runner_warden_prewarm_bytes_total").unwrap() >= total * 0.9
+    );
+}
+
+#[tokio::test]
+async fn stalled_registry_is_detected_cancelled_and_retried() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let proxy = Proxy::start(5001, 5000, 0, 4 * 1024 * 1024).await;
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let image = "127.0.0.1:5001/runners/big-stall:v1";
+    bed.remove_repo("127.0.0.1:5001/runners/big-stall").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.secret(
+        dir.path(),
+        "s.json",
+        "127.0.0.1:5001",
+        &bed.user,
+        &bed.password,
+    );
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "stall_timeout = \"2s\"",
+        &format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    agent
+        .wait_metric(
+            "runner_warden_prewarm_pulls_total{result=\"stalled\"}",
+            S(40),
+            |v| v >= 1.0,
+        )
+        .await;
+    let logs = agent.logs();
+    assert!(logs.contains("made no progress for 2s"), "{logs}");
+    assert!(logs.contains("class=\"stalled\""), "{logs}");
+    assert!(!bed.cri_status(image).await.0);
+    // The registry recovers: the retry completes.
+    proxy
+        .stall
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    agent
+        .wait_finding("RunnerImagePrewarmed", image, S(60))
+        .await;
+    assert_eq!(bed.cri_status(image).await, (true, true));
+}
+
+#[tokio::test]
+async fn registry_stopped_mid_pull_is_retried_after_it_returns() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let mut registry = bed.start_registry(5010);
+    // Throttled so the pull is still running when the registry dies.
+    let _proxy = Proxy::start(5002, 5010, 20_000_000, 0).await;
+    let image = "127.0.0.1:5002/runners/big-restart:v1";
+    bed.remove_repo("127.0.0.1:5002/runners/big-restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.secret(
+        dir.path(),
+        "s.json",
+        "127.0.0.1:5002",
+        &bed.user,
+        &bed.password,
+    );
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "",
+        &format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let done_series =
+        format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
+    agent
+        .wait_metric(&done_series, S(30), |v| v > 10.0 * 1024.0 * 1024.0)
+        .await;
+    registry.kill();
+    agent
+        .wait_metric(
+            "runner_warden_prewarm_pulls_total{result=\"network\"}",
+            S(30),
+            |v| v >= 1.0,
+        )
+        .await;
+    assert!(!bed.cri_status(image).await.0);
+    let restarted = Instant::now();
+    let _registry = bed.start_registry(5010);
+    agent
+        .wait_finding("RunnerImagePrewarmed", image, S(60))
+        .await;
+    assert!(restarted.elapsed() < S(30));
+    assert_eq!(bed.cri_status(image).await, (true, true));
+}
+
+#[tokio::test]
+async fn passwords_never_appear_in_logs_findings_metrics_or_errors() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let ok_image = bed.image("runners/leak:v1");
+    let denied_image = bed.image("runners/other:v1");
+    bed.remove_repo(&bed.image("runners/leak")).await;
+    bed.remove_repo(&bed.image("runners/other")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = bed.good_secret(dir.path());
+    let wrong_pw = format!("wrong-{}-pw", std::process::id());
+    let bad = bed.secret(dir.path(), "bad.json", &bed.registry, &bed.user, &wrong_pw);
+    // A malformed secret that contains the password as text.
+    std::fs::write(
+        dir.path().join("garbled.json"),
+        format!("{{\"auths\": \"{}\"}}", bed.password),
+    )
+    .unwrap();
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "failure_finding_after = 1",
+        &format!(
+            "[[images]]\nimage = \"{ok_image}\"\npull_secret = \"{}\"\n\
+             [[images]]\nimage = \"{denied_image}\"\npull_secret = \"{}\"\n\
+             [[images]]\nimage = \"{}\"\npull_secret = \"garbled.json\"\n",
+            good.display(),
+            bad.display(),
+            bed.image("runners/compliant:v2"),
+        ),
+    );
+    agent
+        .wait_finding("RunnerImagePrewarmed", &ok_image, S(60))
+        .await;
+    agent
+        .wait_finding("RunnerImagePullFailed", &denied_image, S(60))
+        .await;
+    agent
+        .wait_finding(
+            "RunnerImagePullSecretInvalid",
+            &bed.image("runners/compliant:v2"),
+            S(60),
+        )
+        .await;
+    let metrics = agent.metrics().await;
+    let (_, cli_out, cli_err) = pull_cli(&bed, &[&denied_image, "--secret", bad.to_str().unwrap()]);
+    let everything = format!(
+        "{}\n{}\n{metrics}\n{cli_out}\n{cli_err}",
+        agent.logs(),
+        agent.findings_raw()
+    );
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    for secret in [
+        bed.password.clone(),
+        wrong_pw.clone(),
+        b64(&format!("{}:{}", bed.user, bed.password)),
+        b64(&format!("{}:{wrong_pw}", bed.user)),
+    ] {
+        assert!(
+            !everything.contains(&secret),
+            "a secret leaked into the output:\n{everything}"
+        );
+    }
+    // The outputs are not empty: the assertion above had something to search.
+    assert!(agent.logs().contains("pull failed") && cli_err.contains("[auth]"));
+}
