@@ -330,23 +330,7 @@ async fn progress_is_visible_while_a_large_image_pulls() {
     let _proxy = Proxy::start(5003, 5000, 40_000_000, 0).await;
     let image = "127.0.0.1:5003/runners/big-progress:v1";
     bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = bed.secret(
-        dir.path(),
-        "s.json",
-        "127.0.0.1:5003",
-        &bed.user,
-        &bed.password,
-    );
-    let agent = Agent::start_in(
-        &bed,
-        dir,
-        "",
-        &format!(
-            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
-            secret.display()
-        ),
-    );
+    let agent = Agent::with_image(&bed, "", image);
     let done_series =
         format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     let total_series =
@@ -384,23 +368,7 @@ async fn stalled_registry_is_detected_cancelled_and_retried() {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let image = "127.0.0.1:5001/runners/big-stall:v1";
     bed.remove_repo("127.0.0.1:5001/runners/big-stall").await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = bed.secret(
-        dir.path(),
-        "s.json",
-        "127.0.0.1:5001",
-        &bed.user,
-        &bed.password,
-    );
-    let agent = Agent::start_in(
-        &bed,
-        dir,
-        "stall_timeout = \"2s\"",
-        &format!(
-            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
-            secret.display()
-        ),
-    );
+    let agent = Agent::with_image(&bed, "stall_timeout = \"2s\"", image);
     agent
         .wait_metric(
             "runner_warden_prewarm_pulls_total{result=\"stalled\"}",
@@ -431,23 +399,7 @@ async fn registry_stopped_mid_pull_is_retried_after_it_returns() {
     let _proxy = Proxy::start(5002, 5010, 20_000_000, 0).await;
     let image = "127.0.0.1:5002/runners/big-restart:v1";
     bed.remove_repo("127.0.0.1:5002/runners/big-restart").await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = bed.secret(
-        dir.path(),
-        "s.json",
-        "127.0.0.1:5002",
-        &bed.user,
-        &bed.password,
-    );
-    let agent = Agent::start_in(
-        &bed,
-        dir,
-        "",
-        &format!(
-            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
-            secret.display()
-        ),
-    );
+    let agent = Agent::with_image(&bed, "", image);
     let done_series =
         format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent
@@ -539,4 +491,101 @@ async fn passwords_never_appear_in_logs_findings_metrics_or_errors() {
     }
     // The outputs are not empty: the assertion above had something to search.
     assert!(agent.logs().contains("pull failed") && cli_err.contains("[auth]"));
+}
+
+/// Points `repo_tag` in the bed's registry at the content of `source`.
+fn retag(bed: &Bed, source: &str, repo_tag: &str) {
+    let creds = format!("{}:{}", bed.user, bed.password);
+    let status = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .args(["--src-creds", &creds, "--dest-creds", &creds])
+        .arg(format!("docker://{}", bed.image(source)))
+        .arg(format!("docker://{}", bed.image(repo_tag)))
+        .status()
+        .expect("run skopeo");
+    assert!(status.success(), "skopeo copy {source} -> {repo_tag}");
+}
+
+#[tokio::test]
+async fn a_moved_tag_is_pulled_again_and_the_old_content_unpinned() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let image = bed.image("runners/moving:v1");
+    retag(&bed, "runners/compliant:v1", "runners/moving:v1");
+    bed.remove_repo(&bed.image("runners/moving")).await;
+    let agent = Agent::with_image(&bed, "resolve_interval = \"1s\"", &image);
+    let first = agent
+        .wait_finding("RunnerImagePrewarmed", &image, S(60))
+        .await;
+    let old_records = {
+        let mut c = bed.images().await;
+        let list = c
+            .list(ns(containerd_client::services::v1::ListImagesRequest {
+                filters: vec![],
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        list.into_iter()
+            .filter(|i| {
+                i.name
+                    .starts_with(&format!("{}@", bed.image("runners/moving")))
+            })
+            .map(|i| i.name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(old_records.len(), 1, "{old_records:?}");
+
+    retag(&bed, "runners/compliant:v2", "runners/moving:v1");
+    let second = agent
+        .wait(S(30), "a second RunnerImagePrewarmed", || async {
+            agent
+                .findings()
+                .into_iter()
+                .filter(|f| f["reason"] == "RunnerImagePrewarmed" && f["image"] == image.as_str())
+                .nth(1)
+        })
+        .await;
+    assert_ne!(
+        first["message"], second["message"],
+        "the image id must change"
+    );
+    assert!(
+        agent.logs().contains("tag moved; new content prewarmed"),
+        "{}",
+        agent.logs()
+    );
+    // The digest the tag moved away from is no longer pinned by us.
+    let (present, pinned) = bed.cri_status(&old_records[0]).await;
+    assert!(
+        present && !pinned,
+        "old content: present={present} pinned={pinned}"
+    );
+    assert_eq!(bed.cri_status(&image).await, (true, true));
+}
+
+#[tokio::test]
+async fn sigterm_during_a_pull_cancels_it_and_exits_quickly() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    // Slow enough (5 MB/s) that the pull is certainly running when the signal arrives.
+    let _proxy = Proxy::start(5003, 5000, 5_000_000, 0).await;
+    let image = "127.0.0.1:5003/runners/big-progress:v1";
+    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
+    let mut agent = Agent::with_image(&bed, "", image);
+    let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
+    agent.wait_metric(&done, S(30), |v| v > 0.0).await;
+    let (code, secs) = agent.terminate();
+    assert_eq!(code, Some(0), "{}", agent.logs());
+    assert!(secs < 5.0, "took {secs}s to stop during a pull");
+    assert!(
+        !bed.cri_status(image).await.0,
+        "the pull must have been cancelled"
+    );
 }

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use containerd_client::services::v1::{
-    ListContentRequest, ListStatusesRequest, ReadContentRequest,
+    InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest,
 };
 use serde::Deserialize;
 use tokio_stream::StreamExt;
@@ -111,21 +111,24 @@ impl ProgressProbe {
             self.learn(&digest, size).await?;
         }
         let ingest = self.ingests().await?;
-        // A blob committed by another repository's pull is present too; ask only about the unknown ones.
-        let all_present: HashSet<String> = if self
+        // A blob committed by another repository's pull is present too: ask about the unknown ones only
+        // (a handful per image), never list the whole store.
+        let unknown: Vec<String> = self
             .known
             .values()
             .flat_map(|(_, b)| b)
-            .any(|(d, _)| !committed.contains(d) && !ingest.contains_key(d))
-        {
-            list_content(&rt, vec![])
-                .await?
-                .into_iter()
-                .map(|(d, _, _)| d)
-                .collect()
-        } else {
-            committed
-        };
+            .map(|(d, _)| d)
+            .filter(|d| !committed.contains(*d) && !ingest.contains_key(*d))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut all_present = committed;
+        for d in unknown {
+            if blob_exists(&rt, &d).await? {
+                all_present.insert(d);
+            }
+        }
         for (m, (_, blobs)) in &self.known {
             if blobs
                 .iter()
@@ -234,6 +237,20 @@ async fn list_content(
         out.extend(msg.info.into_iter().map(|i| (i.digest, i.size, i.labels)));
     }
     Ok(out)
+}
+
+async fn blob_exists(rt: &Runtime, digest: &str) -> Result<bool, RuntimeError> {
+    match rt
+        .content()
+        .info(rt.request(InfoRequest {
+            digest: digest.to_string(),
+        }))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+        Err(s) => Err(RuntimeError::call("content.Info", rt.socket(), s)),
+    }
 }
 
 async fn read_blob(rt: &Runtime, digest: &str) -> Result<Vec<u8>, RuntimeError> {

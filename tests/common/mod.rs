@@ -194,7 +194,21 @@ pub fn ns<T>(msg: T) -> tonic::Request<T> {
 }
 
 /// Polls `f` until it yields `Some`, or panics after `limit` naming `what`.
-pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_explained(limit, what, f, String::new).await
+}
+
+/// `wait_for` whose timeout message ends with `context()` (e.g. a log tail).
+pub async fn wait_explained<T, F, Fut>(
+    limit: Duration,
+    what: &str,
+    mut f: F,
+    context: impl Fn() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -204,10 +218,9 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}{}", context());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -233,6 +246,18 @@ impl Agent {
     pub fn start(bed: &Bed, prewarm: &str, images: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(bed, dir, prewarm, images)
+    }
+
+    /// An agent with one private image and a secret for the image's registry host (e.g. a test proxy).
+    pub fn with_image(bed: &Bed, prewarm: &str, image: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let host = image.split('/').next().unwrap();
+        let secret = bed.secret(dir.path(), "secret.json", host, &bed.user, &bed.password);
+        let images = format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        );
+        Self::start_in(bed, dir, prewarm, &images)
     }
 
     pub fn start_in(bed: &Bed, dir: tempfile::TempDir, prewarm: &str, images: &str) -> Agent {
@@ -308,27 +333,18 @@ impl Agent {
     }
 
     /// Like `wait_for`, but a timeout shows the end of the agent's log.
-    pub async fn wait<T, F, Fut>(&self, limit: Duration, what: &str, mut f: F) -> T
+    pub async fn wait<T, F, Fut>(&self, limit: Duration, what: &str, f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = f().await {
-                return v;
-            }
-            if Instant::now() >= deadline {
-                let logs = self.logs();
-                let tail: Vec<&str> = logs.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                panic!(
-                    "timed out after {limit:?} waiting for {what}; agent log tail:\n{}",
-                    tail.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_explained(limit, what, f, || {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            format!("; agent log tail:\n{}", tail.join("\n"))
+        })
+        .await
     }
 
     /// Waits until a finding with `reason` about `image` exists.
