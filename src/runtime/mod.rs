@@ -2,6 +2,7 @@
 //! containerd's native images and content services from `containerd-client`. Both share one tonic channel
 //! over the unix socket. containerd quirks (error classification, namespaces, label semantics) live here.
 
+pub mod content;
 pub mod cri;
 pub mod errors;
 pub mod images;

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use containerd_client::services::v1::{
-    InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest,
+    InfoRequest, ListContentRequest, ListStatusesRequest,
 };
 use serde::Deserialize;
 use tokio_stream::StreamExt;
@@ -181,7 +181,7 @@ impl ProgressProbe {
         if self.known.contains_key(manifest) || size > MANIFEST_MAX {
             return Ok(());
         }
-        let bytes = read_blob(&self.runtime, manifest).await?;
+        let bytes = self.runtime.read_blob(manifest, MANIFEST_MAX as usize).await?;
         if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
             let blobs = m
                 .config
@@ -253,21 +253,3 @@ async fn blob_exists(rt: &Runtime, digest: &str) -> Result<bool, RuntimeError> {
     }
 }
 
-async fn read_blob(rt: &Runtime, digest: &str) -> Result<Vec<u8>, RuntimeError> {
-    let mut stream = rt
-        .content()
-        .read(rt.request(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: 0,
-            size: 0,
-        }))
-        .await
-        .map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| RuntimeError::call("content.Read", rt.socket(), s))?;
-        out.extend_from_slice(&chunk.data);
-    }
-    Ok(out)
-}

@@ -1,0 +1,251 @@
+//! The final filesystem of an image, built from its layers' tar entries in order — only the facts the
+//! contract checks need, so memory stays flat whatever the image size.
+//!
+//! Layer semantics (OCI image spec, "Representing Changes"): a later entry replaces an earlier one at the
+//! same path; `.wh.<name>` deletes `<name>` and everything below it from lower layers; `.wh..wh..opq` in
+//! a directory hides everything lower layers put in that directory.
+
+use std::collections::BTreeMap;
+
+use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, REQUIRED_PATHS};
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+pub const PASSWD: &str = "/etc/passwd";
+/// Larger passwd files are not read (and the user then cannot be mapped by name).
+pub const PASSWD_MAX: u64 = 1 << 20;
+
+/// Accumulates tracked entries; each remembers the layer that wrote it (opaque dirs only hide lower ones).
+#[derive(Default)]
+pub struct FsBuilder {
+    layer: usize,
+    required: BTreeMap<String, (usize, PathMeta)>,
+    setuid: BTreeMap<String, usize>,
+    credentials: BTreeMap<String, usize>,
+    passwd: Option<(usize, String)>,
+}
+
+/// What one tar entry means for the final filesystem.
+pub enum Change {
+    Add(String),
+    Whiteout(String),
+    Opaque(String),
+}
+
+/// Normalises a tar path (`./app/`, `app`, `/app`) to `/app`, and recognises whiteouts.
+pub fn classify(raw: &str) -> Change {
+    let trimmed = raw.trim_start_matches("./").trim_matches('/');
+    let path = if trimmed.is_empty() || trimmed == "." {
+        "/".to_string()
+    } else {
+        format!("/{trimmed}")
+    };
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", &path));
+    let dir = if dir.is_empty() { "/" } else { dir };
+    if name == OPAQUE {
+        Change::Opaque(dir.to_string())
+    } else if let Some(target) = name.strip_prefix(WHITEOUT) {
+        Change::Whiteout(join(dir, target))
+    } else {
+        Change::Add(path)
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir == "/" {
+        format!("/{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn under(path: &str, dir: &str) -> bool {
+    dir == "/" || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+impl FsBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn begin_layer(&mut self, index: usize) {
+        self.layer = index;
+    }
+
+    /// True when the caller should read this entry's content and pass it to `passwd`.
+    pub fn wants_content(path: &str, kind: Kind, size: u64) -> bool {
+        path == PASSWD && kind == Kind::File && size <= PASSWD_MAX
+    }
+
+    pub fn apply(&mut self, change: Change, meta: PathMeta) {
+        match change {
+            Change::Add(path) => self.add(path, meta),
+            Change::Whiteout(target) => self.remove(|p| p == target || under(p, &target), false),
+            Change::Opaque(dir) => self.remove(|p| under(p, &dir), true),
+        }
+    }
+
+    pub fn set_passwd(&mut self, content: String) {
+        self.passwd = Some((self.layer, content));
+    }
+
+    fn add(&mut self, path: String, meta: PathMeta) {
+        let layer = self.layer;
+        for req in REQUIRED_PATHS {
+            if path == req {
+                self.required.insert(path.clone(), (layer, meta));
+            } else if under(&path, req) && !self.required.contains_key(req) {
+                // A child implies its directory, even when the tar omits the directory's own entry.
+                self.required.insert(
+                    req.to_string(),
+                    (
+                        layer,
+                        PathMeta {
+                            kind: Kind::Dir,
+                            mode: 0o755,
+                            uid: 0,
+                            gid: 0,
+                        },
+                    ),
+                );
+            }
+        }
+        if meta.kind == Kind::File && meta.mode & 0o6000 != 0 {
+            self.setuid.insert(path.clone(), layer);
+        } else {
+            self.setuid.remove(&path);
+        }
+        if meta.kind == Kind::File && is_credential_path(&path) {
+            self.credentials.insert(path.clone(), layer);
+        } else {
+            self.credentials.remove(&path);
+        }
+        if path == PASSWD && meta.kind != Kind::File {
+            self.passwd = None;
+        }
+    }
+
+    /// Drops tracked entries matching `hit`; `lower_only` spares those written by the current layer.
+    fn remove(&mut self, hit: impl Fn(&str) -> bool, lower_only: bool) {
+        let layer = self.layer;
+        let gone = |p: &str, l: usize| hit(p) && (!lower_only || l < layer);
+        self.required.retain(|p, (l, _)| !gone(p, *l));
+        self.setuid.retain(|p, l| !gone(p, *l));
+        self.credentials.retain(|p, l| !gone(p, *l));
+        if let Some((l, _)) = &self.passwd {
+            if gone(PASSWD, *l) {
+                self.passwd = None;
+            }
+        }
+    }
+
+    /// Fills the filesystem part of `facts`.
+    pub fn finish(self, facts: &mut ImageFacts) {
+        facts.paths = self.required.into_iter().map(|(p, (_, m))| (p, m)).collect();
+        facts.setuid_files = self.setuid.into_keys().collect();
+        facts.credential_files = self.credentials.into_keys().collect();
+        facts.passwd = self.passwd.map(|(_, c)| c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(mode: u32) -> PathMeta {
+        PathMeta {
+            kind: Kind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn dir() -> PathMeta {
+        PathMeta {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn build(layers: &[&[(&str, PathMeta)]]) -> ImageFacts {
+        let mut b = FsBuilder::new();
+        for (i, entries) in layers.iter().enumerate() {
+            b.begin_layer(i);
+            for (p, m) in entries.iter() {
+                b.apply(classify(p), *m);
+            }
+        }
+        let mut f = ImageFacts::default();
+        b.finish(&mut f);
+        f
+    }
+
+    #[test]
+    fn classifies_tar_paths() {
+        assert!(matches!(classify("./app/"), Change::Add(p) if p == "/app"));
+        assert!(matches!(classify("app/x"), Change::Add(p) if p == "/app/x"));
+        assert!(matches!(classify("./"), Change::Add(p) if p == "/"));
+        assert!(matches!(classify("usr/bin/.wh.su"), Change::Whiteout(p) if p == "/usr/bin/su"));
+        assert!(matches!(classify(".wh.tmp"), Change::Whiteout(p) if p == "/tmp"));
+        assert!(matches!(classify("./opt/.wh..wh..opq"), Change::Opaque(p) if p == "/opt"));
+    }
+
+    #[test]
+    fn whiteout_removes_setuid_file_and_subtrees() {
+        let f = build(&[
+            &[("usr/bin/su", file(0o4755)), ("opt/tool/suid", file(0o2755)), ("app/ambient-runner/", dir())],
+            &[("usr/bin/.wh.su", file(0)), ("opt/.wh.tool", file(0)), ("app/.wh.ambient-runner", file(0))],
+        ]);
+        assert!(f.setuid_files.is_empty(), "{:?}", f.setuid_files);
+        assert!(f.paths.contains_key("/app"));
+        assert!(!f.paths.contains_key("/app/ambient-runner"));
+    }
+
+    #[test]
+    fn opaque_dir_hides_lower_layers_only() {
+        let f = build(&[
+            &[("app/", dir()), ("app/ambient-runner/", dir()), ("app/bin/suid", file(0o4755))],
+            &[("app/.wh..wh..opq", file(0)), ("app/new-suid", file(0o4755))],
+        ]);
+        assert_eq!(f.setuid_files.iter().collect::<Vec<_>>(), ["/app/new-suid"]);
+        assert!(!f.paths.contains_key("/app/ambient-runner"));
+    }
+
+    #[test]
+    fn later_layer_replaces_earlier() {
+        let f = build(&[
+            &[("usr/bin/tool", file(0o4755)), ("tmp/", dir())],
+            &[("usr/bin/tool", file(0o755)), ("tmp/", PathMeta { mode: 0o1777, ..dir() })],
+        ]);
+        assert!(f.setuid_files.is_empty());
+        assert_eq!(f.paths["/tmp"].mode, 0o1777);
+    }
+
+    #[test]
+    fn child_implies_directory_and_credentials_are_found() {
+        let f = build(&[&[
+            ("app/ambient-runner/main.py", file(0o644)),
+            ("root/.docker/config.json", file(0o600)),
+            ("home/u/.ssh/id_rsa", file(0o600)),
+            ("home/u/.ssh/id_rsa.pub", file(0o644)),
+        ]]);
+        assert!(f.paths.contains_key("/app") && f.paths.contains_key("/app/ambient-runner"));
+        assert_eq!(f.credential_files.len(), 2);
+    }
+
+    #[test]
+    fn passwd_follows_whiteouts() {
+        let mut b = FsBuilder::new();
+        b.begin_layer(0);
+        b.apply(classify("etc/passwd"), file(0o644));
+        b.set_passwd("root:x:0:0::/:/bin/sh\n".into());
+        b.begin_layer(1);
+        b.apply(classify("etc/.wh.passwd"), file(0));
+        let mut f = ImageFacts::default();
+        b.finish(&mut f);
+        assert_eq!(f.passwd, None);
+    }
+}

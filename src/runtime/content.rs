@@ -1,0 +1,60 @@
+//! Reading blobs from containerd's content store: whole (manifests, configs) or as a byte stream
+//! (layers, never buffered whole).
+
+use containerd_client::services::v1::ReadContentRequest;
+use tokio::io::AsyncRead;
+use tokio_stream::StreamExt;
+use tokio_util::io::StreamReader;
+
+use super::errors::RuntimeError;
+use super::Runtime;
+
+impl Runtime {
+    /// A blob as a byte stream.
+    pub async fn blob_reader(
+        &self,
+        digest: &str,
+    ) -> Result<impl AsyncRead + Send + Unpin + 'static, RuntimeError> {
+        let stream = self
+            .content()
+            .read(self.request(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(|s| RuntimeError::call("content.Read", self.socket(), s))?
+            .into_inner()
+            .map(|r| {
+                r.map(|chunk| bytes::Bytes::from(chunk.data))
+                    .map_err(|s| std::io::Error::other(format!("content.Read: {}", s.message())))
+            });
+        Ok(StreamReader::new(stream))
+    }
+
+    /// A small blob read whole; refuses blobs over `max` bytes (manifests and configs are small).
+    pub async fn read_blob(&self, digest: &str, max: usize) -> Result<Vec<u8>, RuntimeError> {
+        let mut stream = self
+            .content()
+            .read(self.request(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(|s| RuntimeError::call("content.Read", self.socket(), s))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|s| RuntimeError::call("content.Read", self.socket(), s))?;
+            out.extend_from_slice(&chunk.data);
+            if out.len() > max {
+                return Err(RuntimeError::Data {
+                    call: "content.Read",
+                    message: format!("blob {digest} is larger than {max} bytes; not a manifest or config"),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
