@@ -2,13 +2,14 @@
 //!
 //! See `deploy/standalone.example.toml` for a documented example.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::contract::{Policy, Severity, CHECKS};
 use crate::reference::ImageRef;
 
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -72,7 +73,24 @@ pub struct Settings {
     /// `-` for standard output, else a file appended to.
     pub findings: String,
     pub prewarm: PrewarmSettings,
+    pub audit: AuditSettings,
     pub images: Vec<DesiredImage>,
+}
+
+/// The static image contract audit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditSettings {
+    pub enabled: bool,
+    pub policy: Policy,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy: Policy::default(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -84,6 +102,8 @@ struct RawFile {
     prewarm: RawPrewarm,
     #[serde(default)]
     report: RawReport,
+    #[serde(default)]
+    audit: RawAudit,
     #[serde(default)]
     images: Vec<RawImage>,
 }
@@ -112,6 +132,16 @@ struct RawPrewarm {
 struct RawReport {
     metrics_address: Option<String>,
     findings: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    enabled: Option<bool>,
+    label_keys: Option<Vec<String>>,
+    expected_major: Option<u64>,
+    #[serde(default)]
+    severity: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -267,10 +297,46 @@ impl Settings {
             }
         }
 
+        let mut policy = Policy::default();
+        if let Some(keys) = raw.audit.label_keys {
+            if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
+                problems.push("audit.label_keys: list at least one non-empty label key".into());
+            } else {
+                policy.label_keys = keys;
+            }
+        }
+        if let Some(m) = raw.audit.expected_major {
+            policy.expected_major = m;
+        }
+        for (check, sev) in raw.audit.severity {
+            let sev = match sev.as_str() {
+                "violation" => Severity::Violation,
+                "warning" => Severity::Warning,
+                other => {
+                    problems.push(format!(
+                        "audit.severity.{check}: {other:?} is neither \"violation\" nor \"warning\""
+                    ));
+                    continue;
+                }
+            };
+            if !CHECKS.contains(&check.as_str()) {
+                problems.push(format!(
+                    "audit.severity: unknown check {check:?}; checks are {}",
+                    CHECKS.join(", ")
+                ));
+                continue;
+            }
+            policy.severities.insert(check, sev);
+        }
+
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(Settings {
+            audit: AuditSettings {
+                enabled: raw.audit.enabled.unwrap_or(true),
+                policy,
+            },
             containerd_socket,
             namespace,
             metrics_address,

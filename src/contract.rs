@@ -196,7 +196,11 @@ fn contract_label(facts: &ImageFacts, policy: &Policy) -> Result<String, String>
     let Some((key, value)) = label_value(facts, policy) else {
         return Err(format!(
             "no contract version label; add LABEL {}=\"{}\"",
-            policy.label_keys.first().map(String::as_str).unwrap_or(LABEL_KEYS[0]),
+            policy
+                .label_keys
+                .first()
+                .map(String::as_str)
+                .unwrap_or(LABEL_KEYS[0]),
             policy.expected_major
         ));
     };
@@ -286,7 +290,9 @@ pub fn resolve_user(facts: &ImageFacts) -> Identity {
 
 fn non_root_user(identity: &Identity) -> Result<String, String> {
     match identity {
-        Identity::Known { uid: 0, described, .. } => Err(format!(
+        Identity::Known {
+            uid: 0, described, ..
+        } => Err(format!(
             "{described} is root; add `USER 1001` (a non-zero UID) at the end of the Dockerfile"
         )),
         Identity::Known { described, .. } => Ok(described.clone()),
@@ -479,7 +485,10 @@ mod tests {
         f.labels.clear();
         let (o, d) = outcome(&f, "contract-label");
         assert_eq!(o, Outcome::Warning);
-        assert!(d.contains("add LABEL io.ambient-code.runner-contract-version=\"1\""), "{d}");
+        assert!(
+            d.contains("add LABEL io.ambient-code.runner-contract-version=\"1\""),
+            "{d}"
+        );
     }
 
     #[test]
@@ -517,7 +526,8 @@ mod tests {
         assert_eq!(o, Outcome::Violation);
         assert!(d.contains("SESSION_ID, RUNNER_TYPE"), "{d}");
         let mut p = Policy::default();
-        p.severities.insert("baked-platform-env".into(), Severity::Warning);
+        p.severities
+            .insert("baked-platform-env".into(), Severity::Warning);
         let r = audit(&f, &p);
         assert_eq!(r[2].outcome, Outcome::Warning);
 
@@ -544,7 +554,10 @@ mod tests {
         f.paths.insert("/tmp".into(), dir(0o755, 0, 0));
         f.paths.insert("/app".into(), dir(0o755, 0, 0));
         let (_, d) = outcome(&f, "required-paths");
-        assert!(d.contains("/tmp (mode 755") && d.contains("/app (mode 755"), "{d}");
+        assert!(
+            d.contains("/tmp (mode 755") && d.contains("/app (mode 755"),
+            "{d}"
+        );
 
         // Owned by the runtime user, or group-writable for group 0, both pass.
         let mut f = compliant();
@@ -558,7 +571,8 @@ mod tests {
     fn setuid_and_credentials() {
         let mut f = compliant();
         f.setuid_files.insert("/usr/bin/su".into());
-        f.credential_files.insert("/root/.docker/config.json".into());
+        f.credential_files
+            .insert("/root/.docker/config.json".into());
         assert_eq!(outcome(&f, "setuid-files").0, Outcome::Violation);
         let (o, d) = outcome(&f, "credentials-baked");
         assert_eq!(o, Outcome::Warning);

@@ -6,7 +6,9 @@
 //! ties them together.
 
 pub mod config;
+pub mod contract;
 pub mod credentials;
+pub mod inspect;
 pub mod prewarm;
 pub mod reference;
 pub mod report;

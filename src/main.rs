@@ -16,6 +16,9 @@ use tracing::{error, info, warn};
 use runner_warden::config::{
     DesiredImage, Overrides, PrewarmSettings, Settings, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
 };
+use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
+use runner_warden::inspect::image::read_facts;
+use runner_warden::inspect::Auditor;
 use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer, MANUAL_PIN_OWNER};
 use runner_warden::reference::ImageRef;
 use runner_warden::report::findings::FindingSink;
@@ -61,6 +64,39 @@ enum Command {
     /// Prewarm one image now (pull through CRI with its secret, then pin), for operators and scripts.
     /// Exit status: 0 present, 1 pull failed, 2 bad arguments.
     Pull(PullArgs),
+    /// Audit an image against the runner image contract (pulls it first when absent; nothing is
+    /// unpacked to disk). Exit status: 0 no violation, 1 violations, 2 the image could not be read.
+    CheckImage(CheckImageArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct CheckImageArgs {
+    /// Image reference, e.g. quay.io/org/runner:v1.
+    image: String,
+    /// Pull secret used when the image must be pulled first.
+    #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
+    secret: Option<PathBuf>,
+    /// containerd socket.
+    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
+    containerd_socket: PathBuf,
+    /// containerd namespace.
+    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    /// Contract major version expected in the image's label.
+    #[arg(long, default_value_t = runner_warden::contract::EXPECTED_MAJOR)]
+    expected_major: u64,
+    /// Report this check as a warning instead of a violation (repeatable), e.g. baked-platform-env.
+    #[arg(long = "warn", value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
+    warn: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +167,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Pull(args) => pull(args).await,
+            Command::CheckImage(args) => check_image(args).await,
         }
     });
     // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.
@@ -230,12 +267,20 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         stop.clone(),
     ));
+    let auditor = settings.audit.enabled.then(|| {
+        Arc::new(Auditor::new(
+            runtime.clone(),
+            settings.audit.policy.clone(),
+            metrics.clone(),
+        ))
+    });
     let prewarmer = Prewarmer::new(
         runtime,
         settings.prewarm.clone(),
         metrics,
         Some(findings),
         health,
+        auditor,
     );
     tasks.spawn(prewarmer.run(desired_rx, stop.clone()));
 
@@ -398,6 +443,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         Arc::new(Metrics::new()),
         None,
         Arc::new(Health::default()),
+        None,
     );
     let desired = DesiredImage {
         image: image.clone(),
@@ -445,4 +491,95 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+async fn check_image(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
+    let image = match ImageRef::parse(&args.image) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("runner-warden: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    // Absent images are pulled through the same path as prewarm (with the secret), never pinned.
+    let prewarmer = Prewarmer::new(
+        runtime.clone(),
+        PrewarmSettings {
+            pin: false,
+            ..PrewarmSettings::default()
+        },
+        Arc::new(Metrics::new()),
+        None,
+        Arc::new(Health::default()),
+        None,
+    );
+    let desired = DesiredImage {
+        image: image.clone(),
+        pull_secret: args.secret.clone(),
+        project: None,
+    };
+    if let Err(f) = prewarmer.attempt(&desired, false).await {
+        eprintln!(
+            "runner-warden: cannot read {image}: pull failed [{}]: {} — {}",
+            f.class,
+            f.message,
+            f.class.advice()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let (summary, facts) = match read_facts(&runtime, image.as_str()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runner-warden: cannot read {image}: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut policy = Policy {
+        expected_major: args.expected_major,
+        ..Policy::default()
+    };
+    for c in &args.warn {
+        policy.severities.insert(c.clone(), Severity::Warning);
+    }
+    let results = runner_warden::contract::audit(&facts, &policy);
+    let violations = results
+        .iter()
+        .filter(|r| r.outcome == CheckOutcome::Violation)
+        .count();
+    let warnings = results
+        .iter()
+        .filter(|r| r.outcome == CheckOutcome::Warning)
+        .count();
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "image": summary,
+                "results": results,
+                "violations": violations,
+                "warnings": warnings,
+            }))?
+        ),
+        OutputFormat::Table => {
+            println!("image     {}", summary.image);
+            println!("manifest  {}", summary.manifest);
+            println!(
+                "config    {} ({}, {} layers)",
+                summary.image_id, summary.platform, summary.layers
+            );
+            println!();
+            println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");
+            for r in &results {
+                println!("{:<20} {:<10} {}", r.check, r.outcome.to_string(), r.detail);
+            }
+            println!();
+            println!("{violations} violation(s), {warnings} warning(s)");
+        }
+    }
+    Ok(if violations > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

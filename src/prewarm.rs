@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{DesiredImage, PrewarmSettings};
+use crate::contract::Outcome as ContractOutcome;
 use crate::credentials::{Credential, Keyring};
+use crate::inspect::Auditor;
 use crate::reference::ImageRef;
 use crate::report::findings::{self, Finding, FindingSink, Regarding, Severity};
 use crate::report::metrics::{Metrics, STATES};
@@ -95,6 +97,7 @@ pub struct Prewarmer {
     metrics: Arc<Metrics>,
     findings: Option<FindingSink>,
     health: Arc<Health>,
+    auditor: Option<Arc<Auditor>>,
     slots: Arc<Semaphore>,
     states: Mutex<BTreeMap<ImageRef, State>>,
     examined: Mutex<HashSet<ImageRef>>,
@@ -109,8 +112,10 @@ impl Prewarmer {
         metrics: Arc<Metrics>,
         findings: Option<FindingSink>,
         health: Arc<Health>,
+        auditor: Option<Arc<Auditor>>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            auditor,
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             runtime,
             settings,
@@ -150,6 +155,9 @@ impl Prewarmer {
                 if !want_refs.contains(&r) {
                     info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
                     self.states.lock().expect("states lock").remove(&r);
+                    if let Some(a) = &self.auditor {
+                        a.forget(r.as_str());
+                    }
                     self.examined.lock().expect("examined lock").remove(&r);
                 }
             }
@@ -303,12 +311,15 @@ impl Prewarmer {
         }
         info!(image = %image, image_id = %id, pinned, "{how}");
         *last_id = Some(id.clone());
+        self.audit(d, &id).await;
         self.publish(Finding {
             reason: findings::PREWARMED,
             severity: Severity::Normal,
             regarding: Regarding::for_image(image.as_str(), d.project.as_deref()),
             image: image.to_string(),
             class: None,
+            check: None,
+            outcome: None,
             message: format!(
                 "Runner image {image} is present on this node ({how}; image {id}; {}).",
                 if pinned {
@@ -320,6 +331,66 @@ impl Prewarmer {
                 }
             ),
         });
+    }
+
+    /// Static contract audit of newly present content (once per image id across all images).
+    async fn audit(&self, d: &DesiredImage, image_id: &str) {
+        let Some(auditor) = &self.auditor else { return };
+        let image = d.image.as_str();
+        match auditor.audit(image, image_id).await {
+            Ok((audit, fresh)) => {
+                let result = if fresh { "ok" } else { "cached" };
+                self.metrics
+                    .image_audits_total
+                    .with_label_values(&[result])
+                    .inc();
+                let failed: Vec<_> = audit
+                    .results
+                    .iter()
+                    .filter(|r| r.outcome != ContractOutcome::Pass)
+                    .collect();
+                info!(
+                    image,
+                    violations = audit.count(ContractOutcome::Violation),
+                    warnings = audit.count(ContractOutcome::Warning),
+                    "contract audit done"
+                );
+                for r in failed {
+                    let outcome = if r.outcome == ContractOutcome::Violation {
+                        "violation"
+                    } else {
+                        "warning"
+                    };
+                    warn!(
+                        image,
+                        check = r.check,
+                        outcome,
+                        "runner image contract: {}",
+                        r.detail
+                    );
+                    self.publish(Finding {
+                        reason: findings::CONTRACT_VIOLATION,
+                        severity: Severity::Warning,
+                        regarding: Regarding::for_image(image, d.project.as_deref()),
+                        image: image.to_string(),
+                        class: None,
+                        check: Some(r.check),
+                        outcome: Some(outcome),
+                        message: format!(
+                            "Runner image {image} fails contract check {} ({outcome}): {}.",
+                            r.check, r.detail
+                        ),
+                    });
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .image_audits_total
+                    .with_label_values(&["error"])
+                    .inc();
+                warn!(image, error = %e, "contract audit could not read the image; it is retried when the image changes");
+            }
+        }
     }
 
     fn report_failure(
@@ -340,6 +411,8 @@ impl Prewarmer {
                     regarding,
                     image: d.image.to_string(),
                     class: Some(f.class.as_str()),
+                    check: None,
+                    outcome: None,
                     message: format!("{} — {}.", f.message, f.class.advice()),
                 });
             }
@@ -352,6 +425,8 @@ impl Prewarmer {
                 regarding,
                 image: d.image.to_string(),
                 class: Some(f.class.as_str()),
+                check: None,
+                outcome: None,
                 message: format!(
                     "Pulling runner image {} failed {failures} times ({}): {} — {}.",
                     d.image,

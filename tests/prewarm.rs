@@ -493,24 +493,6 @@ async fn passwords_never_appear_in_logs_findings_metrics_or_errors() {
     assert!(agent.logs().contains("pull failed") && cli_err.contains("[auth]"));
 }
 
-/// Points `repo_tag` in the bed's registry at the content of `source`.
-fn retag(bed: &Bed, source: &str, repo_tag: &str) {
-    let creds = format!("{}:{}", bed.user, bed.password);
-    let status = Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .args(["--src-creds", &creds, "--dest-creds", &creds])
-        .arg(format!("docker://{}", bed.image(source)))
-        .arg(format!("docker://{}", bed.image(repo_tag)))
-        .status()
-        .expect("run skopeo");
-    assert!(status.success(), "skopeo copy {source} -> {repo_tag}");
-}
-
 #[tokio::test]
 async fn a_moved_tag_is_pulled_again_and_the_old_content_unpinned() {
     let _g = serial().await;

@@ -141,7 +141,11 @@ impl FsBuilder {
 
     /// Fills the filesystem part of `facts`.
     pub fn finish(self, facts: &mut ImageFacts) {
-        facts.paths = self.required.into_iter().map(|(p, (_, m))| (p, m)).collect();
+        facts.paths = self
+            .required
+            .into_iter()
+            .map(|(p, (_, m))| (p, m))
+            .collect();
         facts.setuid_files = self.setuid.into_keys().collect();
         facts.credential_files = self.credentials.into_keys().collect();
         facts.passwd = self.passwd.map(|(_, c)| c);
@@ -196,8 +200,16 @@ mod tests {
     #[test]
     fn whiteout_removes_setuid_file_and_subtrees() {
         let f = build(&[
-            &[("usr/bin/su", file(0o4755)), ("opt/tool/suid", file(0o2755)), ("app/ambient-runner/", dir())],
-            &[("usr/bin/.wh.su", file(0)), ("opt/.wh.tool", file(0)), ("app/.wh.ambient-runner", file(0))],
+            &[
+                ("usr/bin/su", file(0o4755)),
+                ("opt/tool/suid", file(0o2755)),
+                ("app/ambient-runner/", dir()),
+            ],
+            &[
+                ("usr/bin/.wh.su", file(0)),
+                ("opt/.wh.tool", file(0)),
+                ("app/.wh.ambient-runner", file(0)),
+            ],
         ]);
         assert!(f.setuid_files.is_empty(), "{:?}", f.setuid_files);
         assert!(f.paths.contains_key("/app"));
@@ -207,8 +219,15 @@ mod tests {
     #[test]
     fn opaque_dir_hides_lower_layers_only() {
         let f = build(&[
-            &[("app/", dir()), ("app/ambient-runner/", dir()), ("app/bin/suid", file(0o4755))],
-            &[("app/.wh..wh..opq", file(0)), ("app/new-suid", file(0o4755))],
+            &[
+                ("app/", dir()),
+                ("app/ambient-runner/", dir()),
+                ("app/bin/suid", file(0o4755)),
+            ],
+            &[
+                ("app/.wh..wh..opq", file(0)),
+                ("app/new-suid", file(0o4755)),
+            ],
         ]);
         assert_eq!(f.setuid_files.iter().collect::<Vec<_>>(), ["/app/new-suid"]);
         assert!(!f.paths.contains_key("/app/ambient-runner"));
@@ -218,7 +237,16 @@ mod tests {
     fn later_layer_replaces_earlier() {
         let f = build(&[
             &[("usr/bin/tool", file(0o4755)), ("tmp/", dir())],
-            &[("usr/bin/tool", file(0o755)), ("tmp/", PathMeta { mode: 0o1777, ..dir() })],
+            &[
+                ("usr/bin/tool", file(0o755)),
+                (
+                    "tmp/",
+                    PathMeta {
+                        mode: 0o1777,
+                        ..dir()
+                    },
+                ),
+            ],
         ]);
         assert!(f.setuid_files.is_empty());
         assert_eq!(f.paths["/tmp"].mode, 0o1777);

@@ -12,6 +12,7 @@ use super::metrics::Metrics;
 pub const PREWARMED: &str = "RunnerImagePrewarmed";
 pub const PULL_FAILED: &str = "RunnerImagePullFailed";
 pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
+pub const CONTRACT_VIOLATION: &str = "RunnerImageContractViolation";
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 pub enum Severity {
@@ -56,6 +57,11 @@ pub struct Finding {
     /// Failure class (auth, not_found, network, stalled, secret, other) where there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<&'static str>,
+    /// Contract check id and its outcome (violation | warning) for audit findings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<&'static str>,
     pub message: String,
 }
 

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub runtime_up: IntGauge,
     pub config_reloads_total: IntCounterVec,
     pub events_total: IntCounterVec,
+    pub image_violations: IntGaugeVec,
+    pub image_audits_total: IntCounterVec,
+    pub scan_duration_seconds: Histogram,
     pub build_info: IntGaugeVec,
 }
 
@@ -110,6 +113,30 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let image_violations = IntGaugeVec::new(
+            Opts::new(
+                name("image_violations"),
+                "Desired images whose static contract audit fails the check as a violation.",
+            ),
+            &["check"],
+        )
+        .expect("valid metric");
+        let image_audits_total = IntCounterVec::new(
+            Opts::new(
+                name("image_audits_total"),
+                "Static image audits by result: ok (audited), cached (image id seen before), error (could not be read).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let scan_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                name("scan_duration_seconds"),
+                "Wall time of one audit (static image audit: reading every layer from the content store).",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 name("build_info"),
@@ -129,6 +156,9 @@ impl Metrics {
             Box::new(runtime_up.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(events_total.clone()),
+            Box::new(image_violations.clone()),
+            Box::new(image_audits_total.clone()),
+            Box::new(scan_duration_seconds.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -142,6 +172,12 @@ impl Metrics {
         }
         for r in ["written", "failed"] {
             events_total.with_label_values(&[r]);
+        }
+        for c in crate::contract::CHECKS {
+            image_violations.with_label_values(&[c]).set(0);
+        }
+        for r in ["ok", "cached", "error"] {
+            image_audits_total.with_label_values(&[r]);
         }
         pinning_honoured.set(-1);
         build_info
@@ -158,6 +194,9 @@ impl Metrics {
             runtime_up,
             config_reloads_total,
             events_total,
+            image_violations,
+            image_audits_total,
+            scan_duration_seconds,
             build_info,
         }
     }

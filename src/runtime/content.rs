@@ -1,7 +1,7 @@
 //! Reading blobs from containerd's content store: whole (manifests, configs) or as a byte stream
 //! (layers, never buffered whole).
 
-use containerd_client::services::v1::ReadContentRequest;
+use containerd_client::services::v1::{InfoRequest, ReadContentRequest};
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 use tokio_util::io::StreamReader;
@@ -32,6 +32,21 @@ impl Runtime {
         Ok(StreamReader::new(stream))
     }
 
+    /// Whether the content store holds the blob.
+    pub async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
+        match self
+            .content()
+            .info(self.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(RuntimeError::call("content.Info", self.socket(), s)),
+        }
+    }
+
     /// A small blob read whole; refuses blobs over `max` bytes (manifests and configs are small).
     pub async fn read_blob(&self, digest: &str, max: usize) -> Result<Vec<u8>, RuntimeError> {
         let mut stream = self
@@ -51,7 +66,9 @@ impl Runtime {
             if out.len() > max {
                 return Err(RuntimeError::Data {
                     call: "content.Read",
-                    message: format!("blob {digest} is larger than {max} bytes; not a manifest or config"),
+                    message: format!(
+                        "blob {digest} is larger than {max} bytes; not a manifest or config"
+                    ),
                 });
             }
         }

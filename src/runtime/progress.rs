@@ -11,9 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use containerd_client::services::v1::{
-    InfoRequest, ListContentRequest, ListStatusesRequest,
-};
+use containerd_client::services::v1::{ListContentRequest, ListStatusesRequest};
 use serde::Deserialize;
 use tokio_stream::StreamExt;
 
@@ -125,7 +123,7 @@ impl ProgressProbe {
             .collect();
         let mut all_present = committed;
         for d in unknown {
-            if blob_exists(&rt, &d).await? {
+            if rt.blob_exists(&d).await? {
                 all_present.insert(d);
             }
         }
@@ -181,7 +179,10 @@ impl ProgressProbe {
         if self.known.contains_key(manifest) || size > MANIFEST_MAX {
             return Ok(());
         }
-        let bytes = self.runtime.read_blob(manifest, MANIFEST_MAX as usize).await?;
+        let bytes = self
+            .runtime
+            .read_blob(manifest, MANIFEST_MAX as usize)
+            .await?;
         if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
             let blobs = m
                 .config
@@ -238,18 +239,3 @@ async fn list_content(
     }
     Ok(out)
 }
-
-async fn blob_exists(rt: &Runtime, digest: &str) -> Result<bool, RuntimeError> {
-    match rt
-        .content()
-        .info(rt.request(InfoRequest {
-            digest: digest.to_string(),
-        }))
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-        Err(s) => Err(RuntimeError::call("content.Info", rt.socket(), s)),
-    }
-}
-

@@ -186,6 +186,24 @@ impl Drop for Registry {
     }
 }
 
+/// Points `repo_tag` in the bed's registry at the content of `source`.
+pub fn retag(bed: &Bed, source: &str, repo_tag: &str) {
+    let creds = format!("{}:{}", bed.user, bed.password);
+    let status = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .args(["--src-creds", &creds, "--dest-creds", &creds])
+        .arg(format!("docker://{}", bed.image(source)))
+        .arg(format!("docker://{}", bed.image(repo_tag)))
+        .status()
+        .expect("run skopeo");
+    assert!(status.success(), "skopeo copy {source} -> {repo_tag}");
+}
+
 pub fn ns<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()

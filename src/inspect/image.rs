@@ -1,0 +1,242 @@
+//! Gathers `ImageFacts` for an image present in containerd: resolves an index to this node's platform,
+//! reads the manifest and config blobs, and streams every layer through the right decompressor into a tar
+//! reader — straight from the content store, never unpacked to disk, never downloaded again.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use containerd_client::services::v1::GetImageRequest;
+use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
+use tokio_util::io::SyncIoBridge;
+
+use super::layers::{classify, FsBuilder, PASSWD_MAX};
+use crate::contract::{ImageFacts, Kind, PathMeta};
+use crate::runtime::errors::RuntimeError;
+use crate::runtime::Runtime;
+
+const JSON_MAX: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("image {0} is not present in containerd")]
+    NotPresent(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("image {image}: {what}")]
+    Format { image: String, what: String },
+    #[error("image {image}: layer {index} ({digest}): {what}")]
+    Layer {
+        image: String,
+        index: usize,
+        digest: String,
+        what: String,
+    },
+}
+
+/// What was read, for reports.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImageSummary {
+    pub image: String,
+    pub manifest: String,
+    /// The config digest: CRI's image id, the key audits are cached by.
+    pub image_id: String,
+    pub platform: String,
+    pub layers: usize,
+}
+
+/// The node's platform as OCI names it.
+pub fn node_arch() -> Arch {
+    match std::env::consts::ARCH {
+        "x86_64" => Arch::Amd64,
+        "aarch64" => Arch::ARM64,
+        other => Arch::from(other),
+    }
+}
+
+pub async fn read_facts(
+    runtime: &Runtime,
+    name: &str,
+) -> Result<(ImageSummary, ImageFacts), InspectError> {
+    let fmt_err = |what: String| InspectError::Format {
+        image: name.to_string(),
+        what,
+    };
+    let record = match runtime
+        .images()
+        .get(runtime.request(GetImageRequest {
+            name: name.to_string(),
+        }))
+        .await
+    {
+        Ok(r) => r.into_inner().image,
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        Err(s) => return Err(RuntimeError::call("images.Get", runtime.socket(), s).into()),
+    };
+    let target = record
+        .and_then(|i| i.target)
+        .ok_or_else(|| InspectError::NotPresent(name.to_string()))?;
+
+    let mut manifest_digest = target.digest.clone();
+    let mut bytes = runtime.read_blob(&manifest_digest, JSON_MAX).await?;
+    let arch = node_arch();
+    if is_index(&target.media_type, &bytes) {
+        let index: ImageIndex = serde_json::from_slice(&bytes)
+            .map_err(|e| fmt_err(format!("image index is not valid JSON: {e}")))?;
+        let chosen = index
+            .manifests()
+            .iter()
+            .find(|d| {
+                d.platform()
+                    .as_ref()
+                    .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == arch)
+            })
+            .ok_or_else(|| fmt_err(format!("the index has no linux/{arch} manifest")))?;
+        manifest_digest = chosen.digest().to_string();
+        bytes = runtime.read_blob(&manifest_digest, JSON_MAX).await?;
+    }
+    let manifest: ImageManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| fmt_err(format!("manifest is not valid JSON: {e}")))?;
+    let config_digest = manifest.config().digest().to_string();
+    let config: ImageConfiguration =
+        serde_json::from_slice(&runtime.read_blob(&config_digest, JSON_MAX).await?)
+            .map_err(|e| fmt_err(format!("config is not valid JSON: {e}")))?;
+
+    let mut facts = ImageFacts::default();
+    if let Some(c) = config.config() {
+        facts.user = c.user().clone().unwrap_or_default();
+        facts.env = c.env().clone().unwrap_or_default();
+        facts.labels = c
+            .labels()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<BTreeMap<_, _>>();
+        facts.stop_signal = c.stop_signal().clone();
+    }
+
+    let mut fs = FsBuilder::new();
+    for (index, layer) in manifest.layers().iter().enumerate() {
+        let digest = layer.digest().to_string();
+        let layer_err = |what: String| InspectError::Layer {
+            image: name.to_string(),
+            index,
+            digest: digest.clone(),
+            what,
+        };
+        let compression = compression_of(layer.media_type()).ok_or_else(|| {
+            layer_err(format!(
+                "unsupported layer media type {}",
+                layer.media_type()
+            ))
+        })?;
+        if !runtime.blob_exists(&digest).await? {
+            // containerd skips fetching a layer whose unpacked snapshot already exists (the same
+            // uncompressed content came in another compression), and CRI's discard_unpacked_layers
+            // deletes blobs after unpacking: the content store then simply lacks it.
+            return Err(layer_err(
+                "its blob is not in containerd's content store (containerd unpacked identical content \
+                 from another image, or discards layers after unpacking); the static audit reads layer \
+                 blobs and cannot check this image here"
+                    .into(),
+            ));
+        }
+        let reader = SyncIoBridge::new(runtime.blob_reader(&digest).await?);
+        fs.begin_layer(index);
+        // tar and the decompressors are synchronous: run them on the blocking pool, fed by the gRPC
+        // stream through the bridge.
+        fs = tokio::task::spawn_blocking(move || walk_layer(reader, compression, fs))
+            .await
+            .map_err(|e| layer_err(format!("reader task failed: {e}")))?
+            .map_err(|e| layer_err(e.to_string()))?;
+    }
+    fs.finish(&mut facts);
+
+    let summary = ImageSummary {
+        image: name.to_string(),
+        manifest: manifest_digest,
+        image_id: config_digest,
+        platform: format!("{}/{}", config.os(), config.architecture()),
+        layers: manifest.layers().len(),
+    };
+    Ok((summary, facts))
+}
+
+fn is_index(media_type: &str, bytes: &[u8]) -> bool {
+    media_type == MediaType::ImageIndex.to_string()
+        || media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
+        // Some indexes carry no mediaType in their descriptor: look at the document.
+        || (media_type.is_empty() && serde_json::from_slice::<serde_json::Value>(bytes)
+            .is_ok_and(|v| v.get("manifests").is_some()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+pub fn compression_of(media: &MediaType) -> Option<Compression> {
+    match media {
+        MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Some(Compression::None),
+        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
+            Some(Compression::Gzip)
+        }
+        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
+            Some(Compression::Zstd)
+        }
+        MediaType::Other(m) => match m.as_str() {
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Reads one layer's tar stream into the builder.
+pub fn walk_layer<R: Read>(
+    raw: R,
+    compression: Compression,
+    mut fs: FsBuilder,
+) -> std::io::Result<FsBuilder> {
+    let raw = std::io::BufReader::with_capacity(64 * 1024, raw);
+    let reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+    };
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let header = entry.header();
+        let kind = match header.entry_type() {
+            tar::EntryType::Directory => Kind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Link => {
+                Kind::File
+            }
+            tar::EntryType::Symlink => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        let meta = PathMeta {
+            kind,
+            mode: header.mode()?,
+            uid: header.uid()?,
+            gid: header.gid()?,
+        };
+        let size = header.size()?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let change = classify(&path);
+        let wants = matches!(&change, super::layers::Change::Add(p) if FsBuilder::wants_content(p, kind, size));
+        fs.apply(change, meta);
+        if wants {
+            let mut text = String::new();
+            (&mut entry).take(PASSWD_MAX).read_to_string(&mut text)?;
+            fs.set_passwd(text);
+        }
+    }
+    Ok(fs)
+}
