@@ -435,6 +435,24 @@ mod tests {
     }
 
     #[test]
+    fn audit_section_is_validated() {
+        let s = parse("[audit]\nexpected_major = 2\n[audit.severity]\nstop-signal = \"warning\"\n")
+            .unwrap();
+        assert_eq!(s.audit.policy.expected_major, 2);
+        assert_eq!(s.audit.policy.severities["stop-signal"], Severity::Warning);
+        let problems = parse(
+            "[audit]\nlabel_keys = []\n[audit.severity]\nno-such = \"warning\"\nsetuid-files = \"fatal\"\n",
+        )
+        .unwrap_err();
+        let all = problems.join("\n");
+        assert_eq!(problems.len(), 3, "{all}");
+        assert!(
+            all.contains("unknown check \"no-such\"") && all.contains("\"fatal\" is neither"),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn overrides_win() {
         let o = Overrides {
             containerd_socket: Some("/tmp/c.sock".into()),
