@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};
+use crate::inspect::scan::ScanSettings;
 use crate::reference::ImageRef;
 
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -74,7 +76,28 @@ pub struct Settings {
     pub findings: String,
     pub prewarm: PrewarmSettings,
     pub audit: AuditSettings,
+    pub runtime_audit: RuntimeAuditSettings,
     pub images: Vec<DesiredImage>,
+}
+
+/// The runtime audit of runner processes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeAuditSettings {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub proc_connector: bool,
+    pub scan: ScanSettings,
+}
+
+impl Default for RuntimeAuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(30),
+            proc_connector: true,
+            scan: ScanSettings::default(),
+        }
+    }
 }
 
 /// The static image contract audit.
@@ -104,6 +127,8 @@ struct RawFile {
     report: RawReport,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    runtime_audit: RawRuntimeAudit,
     #[serde(default)]
     images: Vec<RawImage>,
 }
@@ -142,6 +167,19 @@ struct RawAudit {
     expected_major: Option<u64>,
     #[serde(default)]
     severity: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntimeAudit {
+    enabled: Option<bool>,
+    interval: Option<String>,
+    proc_connector: Option<bool>,
+    containers: Option<Vec<String>>,
+    all_containers: Option<bool>,
+    uid: Option<u32>,
+    uid_range: Option<String>,
+    check_bounding_set: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -297,6 +335,36 @@ impl Settings {
             }
         }
 
+        let ra = raw.runtime_audit;
+        let mut runtime_audit = RuntimeAuditSettings::default();
+        match ra.interval.map(|v| (humantime::parse_duration(&v), v)) {
+            None => {}
+            Some((Ok(d), _)) if d >= Duration::from_millis(100) => runtime_audit.interval = d,
+            Some((_, v)) => problems.push(format!(
+                "runtime_audit.interval: {v:?} is not a duration of at least 100ms (e.g. \"30s\")"
+            )),
+        }
+        if let Some(names) = ra.containers {
+            if names.is_empty() || names.iter().any(|n| n.is_empty()) {
+                problems.push("runtime_audit.containers: list at least one container name".into());
+            } else {
+                runtime_audit.scan.containers = names;
+            }
+        }
+        runtime_audit.scan.uid_policy.exact = ra.uid;
+        if let Some(r) = ra.uid_range {
+            match parse_uid_range(&r) {
+                Some(range) => runtime_audit.scan.uid_policy.range = Some(range),
+                None => problems.push(format!(
+                    "runtime_audit.uid_range: {r:?} is neither start/size (\"1000680000/10000\") nor lo-hi"
+                )),
+            }
+        }
+        runtime_audit.enabled = ra.enabled.unwrap_or(true);
+        runtime_audit.proc_connector = ra.proc_connector.unwrap_or(true);
+        runtime_audit.scan.all_containers = ra.all_containers.unwrap_or(false);
+        runtime_audit.scan.uid_policy.check_bounding = ra.check_bounding_set.unwrap_or(true);
+
         let mut policy = Policy::default();
         if let Some(keys) = raw.audit.label_keys {
             if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
@@ -333,6 +401,7 @@ impl Settings {
             return Err(problems);
         }
         Ok(Settings {
+            runtime_audit,
             audit: AuditSettings {
                 enabled: raw.audit.enabled.unwrap_or(true),
                 policy,

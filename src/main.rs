@@ -14,16 +14,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use runner_warden::config::{
-    DesiredImage, Overrides, PrewarmSettings, Settings, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+    DesiredImage, Overrides, PrewarmSettings, RuntimeAuditSettings, Settings, DEFAULT_NAMESPACE,
+    DEFAULT_SOCKET,
 };
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::inspect::image::read_facts;
-use runner_warden::inspect::Auditor;
+use runner_warden::inspect::scan::{ScanSettings, Scanner};
+use runner_warden::inspect::{process, Auditor};
 use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer, MANUAL_PIN_OWNER};
 use runner_warden::reference::ImageRef;
 use runner_warden::report::findings::FindingSink;
 use runner_warden::report::metrics::Metrics;
 use runner_warden::report::server::{self, Health};
+use runner_warden::runtime::proc_connector::{self, ProcConnector};
 use runner_warden::runtime::Runtime;
 
 /// How long shutdown may take before the process exits anyway (kubelet's grace is longer; we practise
@@ -67,6 +70,42 @@ enum Command {
     /// Audit an image against the runner image contract (pulls it first when absent; nothing is
     /// unpacked to disk). Exit status: 0 no violation, 1 violations, 2 the image could not be read.
     CheckImage(CheckImageArgs),
+    /// Audit the processes of running runner containers once (UID, capabilities, no_new_privs) and
+    /// print what is wrong. Exit status: 0 compliant, 1 violations, 2 containerd unreachable.
+    Scan(ScanArgs),
+}
+
+#[derive(clap::Args)]
+struct ScanArgs {
+    /// Audit every container, not only runners (sidecars included).
+    #[arg(long)]
+    all_containers: bool,
+    /// Runner container names (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "ambient-code-runner")]
+    containers: Vec<String>,
+    /// Only this UID is allowed.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Allowed UID range: start/size (OpenShift's sa.scc.uid-range) or lo-hi.
+    #[arg(long, value_parser = parse_range_arg)]
+    uid_range: Option<(u32, u32)>,
+    /// Do not report a non-empty capability bounding set.
+    #[arg(long)]
+    ignore_bounding_set: bool,
+    /// containerd socket.
+    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
+    containerd_socket: PathBuf,
+    /// containerd namespace.
+    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+fn parse_range_arg(s: &str) -> Result<(u32, u32), String> {
+    runner_warden::contract::process::parse_uid_range(s)
+        .ok_or_else(|| format!("{s:?} is neither start/size nor lo-hi"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -168,6 +207,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Pull(args) => pull(args).await,
             Command::CheckImage(args) => check_image(args).await,
+            Command::Scan(args) => scan(args).await,
         }
     });
     // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.
@@ -267,6 +307,20 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         stop.clone(),
     ));
+    if settings.runtime_audit.enabled {
+        let scanner = Arc::new(Scanner::new(
+            runtime.clone(),
+            settings.runtime_audit.scan.clone(),
+            metrics.clone(),
+            Some(findings.clone()),
+        ));
+        tasks.spawn(runtime_audit(
+            scanner,
+            settings.runtime_audit.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
     let auditor = settings.audit.enabled.then(|| {
         Arc::new(Auditor::new(
             runtime.clone(),
@@ -581,5 +635,145 @@ async fn check_image(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// Full scans every interval; with the proc connector, an exec/uid/gid change of a process in a watched
+/// container rescans that container at once (a process of an unknown container triggers a full scan, at
+/// most once a second).
+async fn runtime_audit(
+    scanner: Arc<Scanner>,
+    settings: RuntimeAuditSettings,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(4096);
+    let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut reader = None;
+    if settings.proc_connector {
+        match ProcConnector::open() {
+            Ok(conn) => {
+                metrics.proc_connector_up.set(1);
+                info!("process events from the kernel's proc connector drive runtime rescans");
+                reader = Some(proc_connector::spawn(conn, tx, stop_flag.clone()));
+            }
+            Err(e) => {
+                metrics.proc_connector_up.set(0);
+                warn!(
+                    "proc connector unavailable ({e}); runtime audit polls every {} instead (it needs root in the host pid and network namespaces)",
+                    humantime::format_duration(settings.interval)
+                );
+            }
+        }
+    } else {
+        metrics.proc_connector_up.set(0);
+    }
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = std::time::Instant::now() - Duration::from_secs(10);
+    let mut containerd_down = false;
+    loop {
+        let full = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => true,
+            Some(pid) = rx.recv() => {
+                let ids = scanner.container_ids();
+                match process::container_of(pid, &ids) {
+                    Some(id) => {
+                        if let Err(e) = scanner.scan_container(&id).await {
+                            warn!("runtime rescan failed: {e}");
+                        }
+                        false
+                    }
+                    // Maybe a container the last full scan did not see yet.
+                    None => last_full.elapsed() >= Duration::from_secs(1) && is_containerized(pid),
+                }
+            }
+        };
+        if full {
+            last_full = std::time::Instant::now();
+            match scanner.scan_all().await {
+                Ok(r) => {
+                    containerd_down = false;
+                    tracing::debug!(
+                        containers = r.containers,
+                        processes = r.processes,
+                        violations = r.rows.len(),
+                        "runtime audit scan"
+                    );
+                }
+                Err(e) if !containerd_down => {
+                    containerd_down = true;
+                    warn!("runtime audit scan failed: {e}; retrying every interval");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(r) = reader {
+        let _ = tokio::task::spawn_blocking(move || r.join()).await;
+    }
+}
+
+/// Cheap filter before a full scan: host processes are not in a containerd cgroup.
+fn is_containerized(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|c| c.contains("k8s.io") || c.contains("cri-containerd") || c.contains("kubepods"))
+        .unwrap_or(false)
+}
+
+async fn scan(args: ScanArgs) -> anyhow::Result<ExitCode> {
+    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    let settings = ScanSettings {
+        containers: args.containers.clone(),
+        all_containers: args.all_containers,
+        uid_policy: runner_warden::contract::process::UidPolicy {
+            exact: args.uid,
+            range: args.uid_range,
+            check_bounding: !args.ignore_bounding_set,
+        },
+    };
+    let scanner = Scanner::new(runtime, settings, Arc::new(Metrics::new()), None);
+    let result = match scanner.scan_all().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runner-warden: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+        OutputFormat::Table => {
+            println!(
+                "{} container(s), {} process(es) scanned",
+                result.containers, result.processes
+            );
+            if !result.rows.is_empty() {
+                println!();
+                println!(
+                    "{:<32} {:<22} {:>7} {:<14} {:<34} DETAIL",
+                    "NAMESPACE/POD", "CONTAINER", "PID", "COMMAND", "CHECK"
+                );
+                for r in &result.rows {
+                    println!(
+                        "{:<32} {:<22} {:>7} {:<14} {:<34} {}",
+                        format!("{}/{}", r.container.namespace, r.container.pod),
+                        r.container.name,
+                        r.pid,
+                        r.command,
+                        r.check,
+                        r.detail
+                    );
+                }
+            }
+            println!();
+            println!("{} violation(s)", result.rows.len());
+        }
+    }
+    Ok(if result.rows.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }

@@ -263,7 +263,7 @@ async fn the_agent_audits_each_new_digest_once_and_reports_findings_and_metrics(
         ),
         Some(0.0)
     );
-    assert!(metric(&m, "runner_warden_scan_duration_seconds_count").unwrap() >= 4.0);
+    assert!(metric(&m, "runner_warden_image_audit_duration_seconds_count").unwrap() >= 4.0);
     // The compliant image yields no audit finding at all.
     assert!(!agent
         .findings()

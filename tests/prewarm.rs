@@ -77,7 +77,6 @@ async fn agent_prewarms_private_image_pins_it_and_serves_metrics() {
         metric(&m, "runner_warden_prewarm_pull_duration_seconds_count"),
         Some(1.0)
     );
-    assert!(metric(&m, "runner_warden_prewarm_bytes_total").unwrap() > 0.0);
     assert_eq!(agent.get("/healthz").await.unwrap().0, 200);
     assert_eq!(agent.get("/readyz").await.unwrap().0, 200);
 

@@ -3,6 +3,8 @@
 
 pub mod image;
 pub mod layers;
+pub mod process;
+pub mod scan;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +72,7 @@ impl Auditor {
                 let started = std::time::Instant::now();
                 let (summary, facts) = read_facts(&self.runtime, image).await?;
                 self.metrics
-                    .scan_duration_seconds
+                    .image_audit_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
                 Ok::<_, InspectError>(Arc::new(Audit {
                     results: audit(&facts, &self.policy),

@@ -30,6 +30,15 @@ pub struct Regarding {
 }
 
 impl Regarding {
+    /// A runner pod.
+    pub fn pod(namespace: &str, name: &str) -> Self {
+        Regarding {
+            kind: "Pod",
+            namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+            name: name.to_string(),
+        }
+    }
+
     /// ProjectSettings of `project` when known, else the image itself.
     pub fn for_image(image: &str, project: Option<&str>) -> Self {
         match project {
@@ -53,7 +62,13 @@ pub struct Finding {
     #[serde(rename = "type")]
     pub severity: Severity,
     pub regarding: Regarding,
-    pub image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Container and process, for runtime findings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     /// Failure class (auth, not_found, network, stalled, secret, other) where there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<&'static str>,

@@ -37,7 +37,12 @@ pub struct Metrics {
     pub events_total: IntCounterVec,
     pub image_violations: IntGaugeVec,
     pub image_audits_total: IntCounterVec,
+    pub image_audit_duration_seconds: Histogram,
     pub scan_duration_seconds: Histogram,
+    pub process_violations_total: IntCounterVec,
+    pub noncompliant_containers: IntGaugeVec,
+    pub scanned_processes: IntGauge,
+    pub proc_connector_up: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -129,12 +134,50 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let image_audit_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                name("image_audit_duration_seconds"),
+                "Wall time of one static image audit (every layer read from the content store).",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
         let scan_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 name("scan_duration_seconds"),
-                "Wall time of one audit (static image audit: reading every layer from the content store).",
+                "Wall time of one runtime audit scan (containers, their processes, /proc).",
             )
-            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        let process_violations_total = IntCounterVec::new(
+            Opts::new(
+                name("process_violations_total"),
+                "Runtime violations found (once per container and check while it persists).",
+            ),
+            &["check"],
+        )
+        .expect("valid metric");
+        let noncompliant_containers = IntGaugeVec::new(
+            Opts::new(
+                name("noncompliant_containers"),
+                "Runner containers failing the check now (drops when they comply again or go away).",
+            ),
+            &["check"],
+        )
+        .expect("valid metric");
+        let scanned_processes = IntGauge::new(
+            name("scanned_processes"),
+            "Processes read in the last full runtime audit scan.",
+        )
+        .expect("valid metric");
+        let proc_connector_up = IntGauge::new(
+            name("proc_connector_up"),
+            "1 when kernel process events drive rescans; 0 when only polling (connector refused or off).",
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
@@ -158,7 +201,12 @@ impl Metrics {
             Box::new(events_total.clone()),
             Box::new(image_violations.clone()),
             Box::new(image_audits_total.clone()),
+            Box::new(image_audit_duration_seconds.clone()),
             Box::new(scan_duration_seconds.clone()),
+            Box::new(process_violations_total.clone()),
+            Box::new(noncompliant_containers.clone()),
+            Box::new(scanned_processes.clone()),
+            Box::new(proc_connector_up.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -175,6 +223,10 @@ impl Metrics {
         }
         for c in crate::contract::CHECKS {
             image_violations.with_label_values(&[c]).set(0);
+        }
+        for c in crate::contract::process::PROCESS_CHECKS {
+            process_violations_total.with_label_values(&[c]);
+            noncompliant_containers.with_label_values(&[c]).set(0);
         }
         for r in ["ok", "cached", "error"] {
             image_audits_total.with_label_values(&[r]);
@@ -196,7 +248,12 @@ impl Metrics {
             events_total,
             image_violations,
             image_audits_total,
+            image_audit_duration_seconds,
             scan_duration_seconds,
+            process_violations_total,
+            noncompliant_containers,
+            scanned_processes,
+            proc_connector_up,
             build_info,
         }
     }

@@ -2,10 +2,12 @@
 //! containerd's native images and content services from `containerd-client`. Both share one tonic channel
 //! over the unix socket. containerd quirks (error classification, namespaces, label semantics) live here.
 
+pub mod containers;
 pub mod content;
 pub mod cri;
 pub mod errors;
 pub mod images;
+pub mod proc_connector;
 pub mod progress;
 
 use std::path::{Path, PathBuf};

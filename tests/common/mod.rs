@@ -16,6 +16,8 @@ use containerd_client::services::v1::{DeleteImageRequest, ListImagesRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod pods;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_runner-warden");
 
 /// Tests that run an agent take this: an agent reconciles pins node-wide, so two at once would fight.

@@ -1,6 +1,8 @@
 //! The runner image contract as data, and the static checks as pure functions: `ImageFacts` (what an
 //! image's config and final filesystem say) → one `CheckResult` per check. No I/O here; the adapter that
-//! gathers the facts from containerd is `inspect::image`.
+//! gathers the facts from containerd is `inspect::image`. Process checks live in `process`.
+
+pub mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -1,0 +1,266 @@
+//! The runtime audit: every process of every runner container, read from /proc and judged by
+//! `contract::process`. Keeps per-container state: the first observed UIDs (the drift baseline) and the
+//! checks currently failing, so each finding is reported once per container and check while it persists
+//! and `noncompliant_containers{check}` drops when the container complies again or goes away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::process;
+use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS};
+use crate::report::findings::{Finding, FindingSink, Regarding, Severity};
+use crate::report::metrics::Metrics;
+use crate::runtime::containers::ContainerRef;
+use crate::runtime::errors::RuntimeError;
+use crate::runtime::Runtime;
+
+pub const DEFAULT_RUNNER_CONTAINERS: [&str; 1] = ["ambient-code-runner"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScanSettings {
+    /// Container names that are runners (sidecars are not).
+    pub containers: Vec<String>,
+    /// Audit every container, runner or not.
+    pub all_containers: bool,
+    pub uid_policy: UidPolicy,
+}
+
+impl Default for ScanSettings {
+    fn default() -> Self {
+        Self {
+            containers: DEFAULT_RUNNER_CONTAINERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            all_containers: false,
+            uid_policy: UidPolicy {
+                check_bounding: true,
+                ..UidPolicy::default()
+            },
+        }
+    }
+}
+
+/// One failing check of one process, now.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Row {
+    pub container: ContainerRef,
+    pub pid: u32,
+    pub command: String,
+    pub check: &'static str,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScanResult {
+    pub containers: usize,
+    pub processes: usize,
+    pub rows: Vec<Row>,
+}
+
+struct Tracked {
+    container: ContainerRef,
+    first_uids: Option<[u32; 4]>,
+    /// check → the row first reported for it
+    failing: BTreeMap<&'static str, Row>,
+}
+
+pub struct Scanner {
+    runtime: Runtime,
+    settings: ScanSettings,
+    metrics: Arc<Metrics>,
+    findings: Option<FindingSink>,
+    state: Mutex<HashMap<String, Tracked>>,
+}
+
+impl Scanner {
+    pub fn new(
+        runtime: Runtime,
+        settings: ScanSettings,
+        metrics: Arc<Metrics>,
+        findings: Option<FindingSink>,
+    ) -> Self {
+        Self {
+            runtime,
+            settings,
+            metrics,
+            findings,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn wanted(&self, c: &ContainerRef) -> bool {
+        self.settings.all_containers || self.settings.containers.iter().any(|n| n == &c.name)
+    }
+
+    /// Ids of the containers being watched (for mapping process events to containers).
+    pub fn container_ids(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .expect("scan state")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A full scan: every runner container CRI reports running.
+    pub async fn scan_all(&self) -> Result<ScanResult, RuntimeError> {
+        let started = Instant::now();
+        let containers: Vec<ContainerRef> = self
+            .runtime
+            .running_containers()
+            .await?
+            .into_iter()
+            .filter(|c| self.wanted(c))
+            .collect();
+        let mut result = ScanResult {
+            containers: containers.len(),
+            ..ScanResult::default()
+        };
+        for c in &containers {
+            let (rows, n) = self.scan_one(c).await?;
+            result.processes += n;
+            result.rows.extend(rows);
+        }
+        {
+            // Containers that are gone no longer count.
+            let mut state = self.state.lock().expect("scan state");
+            state.retain(|id, t| {
+                let alive = containers.iter().any(|c| &c.id == id);
+                if !alive && !t.failing.is_empty() {
+                    info!(pod = %t.container.pod, container = %t.container.name, "non-compliant container is gone");
+                }
+                alive
+            });
+        }
+        self.publish_gauges();
+        self.metrics.scanned_processes.set(result.processes as i64);
+        self.metrics
+            .scan_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(result)
+    }
+
+    /// Rescans one known container (after a process event).
+    pub async fn scan_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let container = {
+            let state = self.state.lock().expect("scan state");
+            state.get(id).map(|t| t.container.clone())
+        };
+        if let Some(c) = container {
+            self.scan_one(&c).await?;
+            self.publish_gauges();
+        }
+        Ok(())
+    }
+
+    async fn scan_one(&self, c: &ContainerRef) -> Result<(Vec<Row>, usize), RuntimeError> {
+        let pids = self.runtime.container_pids(&c.id).await?;
+        let mut procs = Vec::with_capacity(pids.len());
+        for pid in pids {
+            match process::read(pid) {
+                Ok(Some(p)) => procs.push(p),
+                Ok(None) => {} // exited between list and read
+                Err(e) => debug!(pid, error = %e, "unreadable /proc entry; skipped this scan"),
+            }
+        }
+        if procs.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        // The lowest pid is the container's first process: its UIDs at first sight are the baseline.
+        procs.sort_by_key(|p| p.pid);
+        let first = {
+            let mut state = self.state.lock().expect("scan state");
+            let t = state.entry(c.id.clone()).or_insert_with(|| Tracked {
+                container: c.clone(),
+                first_uids: None,
+                failing: BTreeMap::new(),
+            });
+            *t.first_uids.get_or_insert(procs[0].uids)
+        };
+        let mut rows = Vec::new();
+        for p in &procs {
+            for v in evaluate_process(p, &first, &self.settings.uid_policy) {
+                rows.push(Row {
+                    container: c.clone(),
+                    pid: p.pid,
+                    command: p.comm.clone(),
+                    check: v.reason,
+                    detail: v.detail,
+                });
+            }
+        }
+        self.update(c, &rows);
+        Ok((rows, procs.len()))
+    }
+
+    /// New failures become findings; cleared ones are logged.
+    fn update(&self, c: &ContainerRef, rows: &[Row]) {
+        let mut new = Vec::new();
+        {
+            let mut state = self.state.lock().expect("scan state");
+            let Some(t) = state.get_mut(&c.id) else {
+                return;
+            };
+            let now: BTreeMap<&'static str, &Row> =
+                rows.iter().map(|r| (r.check, r)).rev().collect();
+            t.failing.retain(|check, _| {
+                let still = now.contains_key(check);
+                if !still {
+                    info!(pod = %c.pod, container = %c.name, check, "container complies again");
+                }
+                still
+            });
+            for (check, row) in now {
+                if !t.failing.contains_key(check) {
+                    t.failing.insert(check, row.clone());
+                    new.push(row.clone());
+                }
+            }
+        }
+        for row in new {
+            self.metrics
+                .process_violations_total
+                .with_label_values(&[row.check])
+                .inc();
+            warn!(
+                namespace = %c.namespace, pod = %c.pod, container = %c.name, pid = row.pid,
+                command = %row.command, check = row.check, "runner process violation: {}", row.detail
+            );
+            if let Some(sink) = &self.findings {
+                sink.publish(&Finding {
+                    reason: row.check,
+                    severity: Severity::Warning,
+                    regarding: Regarding::pod(&c.namespace, &c.pod),
+                    image: None,
+                    container: Some(c.name.clone()),
+                    pid: Some(row.pid),
+                    class: None,
+                    check: None,
+                    outcome: None,
+                    message: format!(
+                        "Container {} (pid {}, {}): {}.",
+                        c.name, row.pid, row.command, row.detail
+                    ),
+                });
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let state = self.state.lock().expect("scan state");
+        for check in PROCESS_CHECKS {
+            let n = state
+                .values()
+                .filter(|t| t.failing.contains_key(check))
+                .count();
+            self.metrics
+                .noncompliant_containers
+                .with_label_values(&[check])
+                .set(n as i64);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The Linux process-events connector (`NETLINK_CONNECTOR`, group `CN_IDX_PROC`): the kernel reports
+//! exec, uid and gid changes of every process within milliseconds, so a runner that gains root is seen
+//! at once rather than at the next poll. It needs root in the host's pid and network namespaces; when
+//! the kernel refuses, the caller logs once and keeps polling.
+//!
+//! Wire layout (include/uapi/linux/connector.h, cn_proc.h): nlmsghdr (16 bytes), cn_msg (20 bytes), then
+//! proc_event { what u32, cpu u32, timestamp_ns u64, event_data }.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const NETLINK_CONNECTOR: libc::c_int = 11;
+const CN_IDX_PROC: u32 = 1;
+const CN_VAL_PROC: u32 = 1;
+const PROC_CN_MCAST_LISTEN: u32 = 1;
+const PROC_CN_MCAST_IGNORE: u32 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_HDRLEN: usize = 16;
+const CN_MSG_LEN: usize = 20;
+
+const PROC_EVENT_EXEC: u32 = 0x0000_0002;
+const PROC_EVENT_UID: u32 = 0x0000_0004;
+const PROC_EVENT_GID: u32 = 0x0000_0040;
+
+/// A process whose credentials may have changed (thread-group id = the process's pid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CredentialEvent {
+    pub tgid: u32,
+}
+
+pub struct ProcConnector {
+    fd: OwnedFd,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+impl ProcConnector {
+    /// Opens the socket and asks the kernel for events. Errors mean the connector is not available here
+    /// (not root, not in the host namespaces, or a kernel without it).
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the returned descriptor is owned by `fd` from here on.
+        let raw = cvt(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_CONNECTOR,
+            )
+        })?;
+        // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_nl is plain old data; zeroed is a valid value before we fill it.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_pid = 0; // let the kernel assign a port id
+        addr.nl_groups = CN_IDX_PROC;
+        // SAFETY: addr is a valid sockaddr_nl and the length matches it.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })?;
+        let conn = Self { fd };
+        conn.control(PROC_CN_MCAST_LISTEN)?;
+        // Wake up twice a second so the reader thread can notice shutdown.
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 500_000,
+        };
+        // SAFETY: setsockopt with a valid timeval and its size.
+        cvt(unsafe {
+            libc::setsockopt(
+                conn.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })?;
+        Ok(conn)
+    }
+
+    fn control(&self, op: u32) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(NLMSG_HDRLEN + CN_MSG_LEN + 4);
+        let total = (NLMSG_HDRLEN + CN_MSG_LEN + 4) as u32;
+        msg.extend_from_slice(&total.to_ne_bytes());
+        msg.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&std::process::id().to_ne_bytes());
+        msg.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+        msg.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // ack
+        msg.extend_from_slice(&4u16.to_ne_bytes()); // len of the op
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&op.to_ne_bytes());
+        // SAFETY: sends our own buffer of the stated length.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                msg.as_ptr() as *const libc::c_void,
+                msg.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Blocks up to the receive timeout; returns the credential events of one datagram (possibly none).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Vec<CredentialEvent>> {
+        // SAFETY: receives into our own buffer, bounded by its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        Ok(parse(&buf[..n as usize]))
+    }
+}
+
+impl Drop for ProcConnector {
+    fn drop(&mut self) {
+        let _ = self.control(PROC_CN_MCAST_IGNORE);
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Parses one datagram: zero or more netlink messages each carrying one proc_event.
+pub fn parse(buf: &[u8]) -> Vec<CredentialEvent> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let Some(len) = u32_at(buf, off).map(|l| l as usize) else {
+            break;
+        };
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        let ev = off + NLMSG_HDRLEN + CN_MSG_LEN;
+        if let Some(what) = u32_at(buf, ev) {
+            // event_data starts after what, cpu and timestamp_ns; process_tgid is its second u32.
+            if matches!(what, PROC_EVENT_EXEC | PROC_EVENT_UID | PROC_EVENT_GID) {
+                if let Some(tgid) = u32_at(buf, ev + 16 + 4) {
+                    out.push(CredentialEvent { tgid });
+                }
+            }
+        }
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+/// Runs the connector on its own thread until `stop`, sending each credential event's pid to `tx`.
+pub fn spawn(
+    conn: ProcConnector,
+    tx: tokio::sync::mpsc::Sender<u32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("proc-connector".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match conn.recv(&mut buf) {
+                    Ok(events) => {
+                        for e in events {
+                            // A full queue means a rescan is pending anyway: drop, never block.
+                            let _ = tx.try_send(e.tgid);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proc connector read failed; falling back to polling");
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawn proc-connector thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(what: u32, pid: u32, tgid: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        let len = (NLMSG_HDRLEN + CN_MSG_LEN + 16 + 16) as u32;
+        b.extend_from_slice(&len.to_ne_bytes());
+        b.extend_from_slice(&[0u8; 12]);
+        b.extend_from_slice(&[0u8; CN_MSG_LEN]);
+        b.extend_from_slice(&what.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&0u64.to_ne_bytes());
+        b.extend_from_slice(&pid.to_ne_bytes());
+        b.extend_from_slice(&tgid.to_ne_bytes());
+        b.extend_from_slice(&[0u8; 8]);
+        b
+    }
+
+    #[test]
+    fn parses_credential_events_and_ignores_others() {
+        let mut buf = event(PROC_EVENT_UID, 11, 10);
+        buf.extend(event(1 /* fork */, 20, 20));
+        buf.extend(event(PROC_EVENT_EXEC, 31, 30));
+        assert_eq!(
+            parse(&buf),
+            [CredentialEvent { tgid: 10 }, CredentialEvent { tgid: 30 }]
+        );
+        assert!(parse(&buf[..10]).is_empty());
+    }
+}
