@@ -522,6 +522,21 @@ mod tests {
     }
 
     #[test]
+    fn runtime_audit_section_is_validated() {
+        let s = parse("[runtime_audit]\ninterval = \"1s\"\nuid_range = \"1000680000/10000\"\ncontainers = [\"runner\"]\n").unwrap();
+        assert_eq!(s.runtime_audit.interval, Duration::from_secs(1));
+        assert_eq!(
+            s.runtime_audit.scan.uid_policy.range,
+            Some((1000680000, 1000689999))
+        );
+        assert_eq!(s.runtime_audit.scan.containers, ["runner"]);
+        let problems =
+            parse("[runtime_audit]\ninterval = \"1ms\"\nuid_range = \"x\"\ncontainers = []\n")
+                .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
     fn overrides_win() {
         let o = Overrides {
             containerd_socket: Some("/tmp/c.sock".into()),

@@ -670,12 +670,15 @@ async fn runtime_audit(
     }
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_full = std::time::Instant::now() - Duration::from_secs(10);
+    let mut last_full = tokio::time::Instant::now() - Duration::from_secs(10);
+    // A full scan asked for by an event too soon after the last one is deferred, never dropped.
+    let mut deferred: Option<tokio::time::Instant> = None;
     let mut containerd_down = false;
     loop {
         let full = tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => true,
+            _ = tokio::time::sleep_until(deferred.unwrap_or_else(tokio::time::Instant::now)), if deferred.is_some() => true,
             Some(pid) = rx.recv() => {
                 let ids = scanner.container_ids();
                 match process::container_of(pid, &ids) {
@@ -686,12 +689,22 @@ async fn runtime_audit(
                         false
                     }
                     // Maybe a container the last full scan did not see yet.
-                    None => last_full.elapsed() >= Duration::from_secs(1) && is_containerized(pid),
+                    None if is_containerized(pid) => {
+                        let due = last_full + Duration::from_secs(1);
+                        if tokio::time::Instant::now() >= due {
+                            true
+                        } else {
+                            deferred.get_or_insert(due);
+                            false
+                        }
+                    }
+                    None => false,
                 }
             }
         };
         if full {
-            last_full = std::time::Instant::now();
+            last_full = tokio::time::Instant::now();
+            deferred = None;
             match scanner.scan_all().await {
                 Ok(r) => {
                     containerd_down = false;

@@ -312,27 +312,24 @@ impl Prewarmer {
         info!(image = %image, image_id = %id, pinned, "{how}");
         *last_id = Some(id.clone());
         self.audit(d, &id).await;
-        self.publish(Finding {
-            reason: findings::PREWARMED,
-            severity: Severity::Normal,
-            regarding: Regarding::for_image(image.as_str(), d.project.as_deref()),
-            image: Some(image.to_string()),
-            container: None,
-            pid: None,
-            class: None,
-            check: None,
-            outcome: None,
-            message: format!(
-                "Runner image {image} is present on this node ({how}; image {id}; {}).",
-                if pinned {
-                    "pinned against kubelet image GC"
-                } else if self.settings.pin {
-                    "NOT pinned: the runtime does not honour pins"
-                } else {
-                    "pinning disabled"
-                }
-            ),
-        });
+        self.publish(
+            Finding::new(
+                findings::PREWARMED,
+                Severity::Normal,
+                Regarding::for_image(image.as_str(), d.project.as_deref()),
+                format!(
+                    "Runner image {image} is present on this node ({how}; image {id}; {}).",
+                    if pinned {
+                        "pinned against kubelet image GC"
+                    } else if self.settings.pin {
+                        "NOT pinned: the runtime does not honour pins"
+                    } else {
+                        "pinning disabled"
+                    }
+                ),
+            )
+            .image(image.as_str()),
+        );
     }
 
     /// Static contract audit of newly present content (once per image id across all images).
@@ -370,21 +367,19 @@ impl Prewarmer {
                         "runner image contract: {}",
                         r.detail
                     );
-                    self.publish(Finding {
-                        reason: findings::CONTRACT_VIOLATION,
-                        severity: Severity::Warning,
-                        regarding: Regarding::for_image(image, d.project.as_deref()),
-                        image: Some(image.to_string()),
-                        container: None,
-                        pid: None,
-                        class: None,
-                        check: Some(r.check),
-                        outcome: Some(outcome),
-                        message: format!(
-                            "Runner image {image} fails contract check {} ({outcome}): {}.",
-                            r.check, r.detail
-                        ),
-                    });
+                    self.publish(
+                        Finding::new(
+                            findings::CONTRACT_VIOLATION,
+                            Severity::Warning,
+                            Regarding::for_image(image, d.project.as_deref()),
+                            format!(
+                                "Runner image {image} fails contract check {} ({outcome}): {}.",
+                                r.check, r.detail
+                            ),
+                        )
+                        .image(image)
+                        .check(r.check, outcome),
+                    );
                 }
             }
             Err(e) => {
@@ -409,40 +404,36 @@ impl Prewarmer {
             // Once per distinct problem, not once per retry.
             if last_secret_error.as_deref() != Some(f.message.as_str()) {
                 *last_secret_error = Some(f.message.clone());
-                self.publish(Finding {
-                    reason: findings::PULL_SECRET_INVALID,
-                    severity: Severity::Warning,
-                    regarding,
-                    image: Some(d.image.to_string()),
-                    container: None,
-                    pid: None,
-                    class: Some(f.class.as_str()),
-                    check: None,
-                    outcome: None,
-                    message: format!("{} — {}.", f.message, f.class.advice()),
-                });
+                self.publish(
+                    Finding::new(
+                        findings::PULL_SECRET_INVALID,
+                        Severity::Warning,
+                        regarding,
+                        format!("{} — {}.", f.message, f.class.advice()),
+                    )
+                    .image(d.image.as_str())
+                    .class(f.class.as_str()),
+                );
             }
             return;
         }
         if failures == self.settings.failure_finding_after {
-            self.publish(Finding {
-                reason: findings::PULL_FAILED,
-                severity: Severity::Warning,
-                regarding,
-                image: Some(d.image.to_string()),
-                container: None,
-                pid: None,
-                class: Some(f.class.as_str()),
-                check: None,
-                outcome: None,
-                message: format!(
-                    "Pulling runner image {} failed {failures} times ({}): {} — {}.",
-                    d.image,
-                    f.class,
-                    f.message,
-                    f.class.advice()
-                ),
-            });
+            self.publish(
+                Finding::new(
+                    findings::PULL_FAILED,
+                    Severity::Warning,
+                    regarding,
+                    format!(
+                        "Pulling runner image {} failed {failures} times ({}): {} — {}.",
+                        d.image,
+                        f.class,
+                        f.message,
+                        f.class.advice()
+                    ),
+                )
+                .image(d.image.as_str())
+                .class(f.class.as_str()),
+            );
         }
     }
 

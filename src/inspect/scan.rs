@@ -160,8 +160,9 @@ impl Scanner {
     async fn scan_one(&self, c: &ContainerRef) -> Result<(Vec<Row>, usize), RuntimeError> {
         let pids = self.runtime.container_pids(&c.id).await?;
         let mut procs = Vec::with_capacity(pids.len());
+        let mut buf = String::with_capacity(2048);
         for pid in pids {
-            match process::read(pid) {
+            match process::read_with(pid, &mut buf) {
                 Ok(Some(p)) => procs.push(p),
                 Ok(None) => {} // exited between list and read
                 Err(e) => debug!(pid, error = %e, "unreadable /proc entry; skipped this scan"),

@@ -80,6 +80,51 @@ pub struct Finding {
     pub message: String,
 }
 
+impl Finding {
+    /// A finding with the fields every finding has; the builders below add the rest.
+    pub fn new(
+        reason: &'static str,
+        severity: Severity,
+        regarding: Regarding,
+        message: String,
+    ) -> Self {
+        Finding {
+            reason,
+            severity,
+            regarding,
+            image: None,
+            container: None,
+            pid: None,
+            class: None,
+            check: None,
+            outcome: None,
+            message,
+        }
+    }
+
+    pub fn image(mut self, image: &str) -> Self {
+        self.image = Some(image.to_string());
+        self
+    }
+
+    pub fn class(mut self, class: &'static str) -> Self {
+        self.class = Some(class);
+        self
+    }
+
+    pub fn check(mut self, check: &'static str, outcome: &'static str) -> Self {
+        self.check = Some(check);
+        self.outcome = Some(outcome);
+        self
+    }
+
+    pub fn process(mut self, container: &str, pid: u32) -> Self {
+        self.container = Some(container.to_string());
+        self.pid = Some(pid);
+        self
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,

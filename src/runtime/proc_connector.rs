@@ -71,10 +71,10 @@ impl ProcConnector {
         })?;
         let conn = Self { fd };
         conn.control(PROC_CN_MCAST_LISTEN)?;
-        // Wake up twice a second so the reader thread can notice shutdown.
+        // Wake up once a second so the reader thread notices shutdown (well within the 5 s budget).
         let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 500_000,
+            tv_sec: 1,
+            tv_usec: 0,
         };
         // SAFETY: setsockopt with a valid timeval and its size.
         cvt(unsafe {
