@@ -82,6 +82,37 @@ pub fn parse_status(pid: u32, text: &str) -> Option<ProcFacts> {
     })
 }
 
+/// The `cgroup.procs` file of the cgroup `pid` is in — the unified hierarchy (v2) or v1's `pids`
+/// controller — provided that cgroup path names `container_id`. Reading it lists a container's processes
+/// without a call to containerd.
+pub fn cgroup_procs_file(pid: u32, container_id: &str) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|line| {
+        let mut f = line.splitn(3, ':');
+        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        if !path.contains(container_id) {
+            return None;
+        }
+        let dir = if id == "0" && controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}")
+        } else if controllers.split(',').any(|c| c == "pids") {
+            format!("/sys/fs/cgroup/pids{path}")
+        } else {
+            return None;
+        };
+        let file = std::path::PathBuf::from(dir).join("cgroup.procs");
+        file.exists().then_some(file)
+    })
+}
+
+/// Process ids listed in a `cgroup.procs` file.
+pub fn read_cgroup_procs(file: &std::path::Path) -> std::io::Result<Vec<u32>> {
+    Ok(std::fs::read_to_string(file)?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
 /// The container id in a process's cgroup path (containerd puts it there), if it is one of `ids`.
 pub fn container_of(pid: u32, ids: &[String]) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

@@ -63,6 +63,8 @@ pub struct ScanResult {
 
 struct Tracked {
     container: ContainerRef,
+    /// Learned from the first scan: listing pids from it spares a containerd call per container.
+    procs_file: Option<std::path::PathBuf>,
     first_uids: Option<[u32; 4]>,
     /// check → the row first reported for it
     failing: BTreeMap<&'static str, Row>,
@@ -157,8 +159,41 @@ impl Scanner {
         Ok(())
     }
 
-    async fn scan_one(&self, c: &ContainerRef) -> Result<(Vec<Row>, usize), RuntimeError> {
+    /// The container's pids: from its cgroup when known (cheap), else from containerd.
+    async fn pids(&self, c: &ContainerRef) -> Result<Vec<u32>, RuntimeError> {
+        let known = {
+            let state = self.state.lock().expect("scan state");
+            state.get(&c.id).and_then(|t| t.procs_file.clone())
+        };
+        if let Some(file) = known {
+            match process::read_cgroup_procs(&file) {
+                Ok(pids) if !pids.is_empty() => return Ok(pids),
+                _ => {} // gone or moved: ask containerd
+            }
+        }
         let pids = self.runtime.container_pids(&c.id).await?;
+        let file = pids
+            .iter()
+            .min()
+            .and_then(|p| process::cgroup_procs_file(*p, &c.id));
+        if let Some(t) = self.state.lock().expect("scan state").get_mut(&c.id) {
+            t.procs_file = file;
+        }
+        Ok(pids)
+    }
+
+    async fn scan_one(&self, c: &ContainerRef) -> Result<(Vec<Row>, usize), RuntimeError> {
+        self.state
+            .lock()
+            .expect("scan state")
+            .entry(c.id.clone())
+            .or_insert_with(|| Tracked {
+                container: c.clone(),
+                procs_file: None,
+                first_uids: None,
+                failing: BTreeMap::new(),
+            });
+        let pids = self.pids(c).await?;
         let mut procs = Vec::with_capacity(pids.len());
         let mut buf = String::with_capacity(2048);
         for pid in pids {
@@ -175,11 +210,9 @@ impl Scanner {
         procs.sort_by_key(|p| p.pid);
         let first = {
             let mut state = self.state.lock().expect("scan state");
-            let t = state.entry(c.id.clone()).or_insert_with(|| Tracked {
-                container: c.clone(),
-                first_uids: None,
-                failing: BTreeMap::new(),
-            });
+            let Some(t) = state.get_mut(&c.id) else {
+                return Ok((Vec::new(), 0));
+            };
             *t.first_uids.get_or_insert(procs[0].uids)
         };
         let mut rows = Vec::new();
