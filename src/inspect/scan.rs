@@ -216,8 +216,16 @@ impl Scanner {
             *t.first_uids.get_or_insert(procs[0].uids)
         };
         let mut rows = Vec::new();
+        let ids = [c.id.clone()];
         for p in &procs {
-            for v in evaluate_process(p, &first, &self.settings.uid_policy) {
+            let violations = evaluate_process(p, &first, &self.settings.uid_policy);
+            // A pid reused between listing and reading would blame another process: confirm it is
+            // still in this container before reporting (only failing processes pay for the check).
+            if !violations.is_empty() && process::container_of(p.pid, &ids).is_none() {
+                debug!(pid = p.pid, container = %c.id, "pid left the container mid-scan; skipped");
+                continue;
+            }
+            for v in violations {
                 rows.push(Row {
                     container: c.clone(),
                     pid: p.pid,
