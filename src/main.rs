@@ -73,6 +73,40 @@ enum Command {
     /// Audit the processes of running runner containers once (UID, capabilities, no_new_privs) and
     /// print what is wrong. Exit status: 0 compliant, 1 violations, 2 containerd unreachable.
     Scan(ScanArgs),
+    /// Probe an image's shutdown before it ships: run it under containerd (host network, the image's
+    /// non-root user, drop ALL, no_new_privs), wait for GET /health, optionally hold a stream open, stop
+    /// it as kubelet does and time stop → exit. Exit status: 0 graceful, 1 slow or SIGKILLed, 2 could not
+    /// run. Sandbox and container are always removed, Ctrl-C included.
+    VerifyShutdown(VerifyShutdownArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyShutdownArgs {
+    /// Image reference.
+    image: String,
+    /// Pull secret used when the image must be pulled first.
+    #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
+    secret: Option<PathBuf>,
+    /// Grace period in seconds (the platform's terminationGracePeriodSeconds is 60).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    grace: u64,
+    /// Port the runner listens on (AGUI_PORT is set to it).
+    #[arg(long, default_value_t = 8001)]
+    port: u16,
+    /// Open this streaming request (e.g. /events/probe) and keep it open while stopping.
+    #[arg(long)]
+    hold_stream: Option<String>,
+    /// How long to wait for GET /health to answer 200.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Exits later than this fraction of the grace period count as slow.
+    #[arg(long, default_value_t = 0.5)]
+    slow_fraction: f64,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
 }
 
 #[derive(clap::Args)]
@@ -92,12 +126,8 @@ struct ScanArgs {
     /// Do not report a non-empty capability bounding set.
     #[arg(long)]
     ignore_bounding_set: bool,
-    /// containerd socket.
-    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
-    containerd_socket: PathBuf,
-    /// containerd namespace.
-    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -121,12 +151,8 @@ struct CheckImageArgs {
     /// Pull secret used when the image must be pulled first.
     #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
     secret: Option<PathBuf>,
-    /// containerd socket.
-    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
-    containerd_socket: PathBuf,
-    /// containerd namespace.
-    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -136,6 +162,23 @@ struct CheckImageArgs {
     /// Report this check as a warning instead of a violation (repeatable), e.g. baked-platform-env.
     #[arg(long = "warn", value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
     warn: Vec<String>,
+}
+
+/// Where containerd is, for the one-shot commands.
+#[derive(clap::Args)]
+struct ContainerdArgs {
+    /// containerd socket.
+    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
+    containerd_socket: PathBuf,
+    /// containerd namespace (kubelet's is k8s.io).
+    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+}
+
+impl ContainerdArgs {
+    fn runtime(&self) -> Runtime {
+        Runtime::new(&self.containerd_socket, &self.namespace)
+    }
 }
 
 #[derive(clap::Args)]
@@ -167,12 +210,8 @@ struct PullArgs {
     /// Pull secret: a .dockerconfigjson or .dockercfg file.
     #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
     secret: Option<PathBuf>,
-    /// containerd socket.
-    #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
-    containerd_socket: PathBuf,
-    /// containerd namespace (kubelet's is k8s.io).
-    #[arg(long, env = "RUNNER_WARDEN_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
     /// Do not pin the image against kubelet's image GC. (Pins made here are marked "manual": a running
     /// agent never removes them.)
     #[arg(long)]
@@ -208,6 +247,7 @@ fn main() -> ExitCode {
             Command::Pull(args) => pull(args).await,
             Command::CheckImage(args) => check_image(args).await,
             Command::Scan(args) => scan(args).await,
+            Command::VerifyShutdown(args) => verify_shutdown(args).await,
         }
     });
     // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.
@@ -490,7 +530,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         pin: !args.no_pin,
         ..PrewarmSettings::default()
     };
-    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    let runtime = args.containerd.runtime();
     let prewarmer = Prewarmer::new(
         runtime,
         settings.clone(),
@@ -555,7 +595,7 @@ async fn check_image(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    let runtime = args.containerd.runtime();
     // Absent images are pulled through the same path as prewarm (with the secret), never pinned.
     let prewarmer = Prewarmer::new(
         runtime.clone(),
@@ -737,7 +777,7 @@ fn is_containerized(pid: u32) -> bool {
 }
 
 async fn scan(args: ScanArgs) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(&args.containerd_socket, &args.namespace);
+    let runtime = args.containerd.runtime();
     let settings = ScanSettings {
         containers: args.containers.clone(),
         all_containers: args.all_containers,
@@ -789,4 +829,141 @@ async fn scan(args: ScanArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn verify_shutdown(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
+    use runner_warden::contract::shutdown::ShutdownOutcome;
+    use runner_warden::inspect::shutdown::{probe, ProbeOptions};
+
+    let image = match ImageRef::parse(&args.image) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("runner-warden: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let runtime = args.containerd.runtime();
+    let prewarmer = Prewarmer::new(
+        runtime.clone(),
+        PrewarmSettings {
+            pin: false,
+            ..PrewarmSettings::default()
+        },
+        Arc::new(Metrics::new()),
+        None,
+        Arc::new(Health::default()),
+        None,
+    );
+    let desired = DesiredImage {
+        image: image.clone(),
+        pull_secret: args.secret.clone(),
+        project: None,
+    };
+    if let Err(f) = prewarmer.attempt(&desired, false).await {
+        eprintln!(
+            "runner-warden: cannot run {image}: pull failed [{}]: {} — {}",
+            f.class,
+            f.message,
+            f.class.advice()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let stop_signal = match runner_warden::inspect::image::resolve(&runtime, image.as_str()).await {
+        Ok(r) => r
+            .config
+            .config()
+            .as_ref()
+            .and_then(|c| c.stop_signal().clone())
+            .unwrap_or_default(),
+        Err(e) => {
+            eprintln!("runner-warden: cannot read {image}: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let log_dir = tempfile_dir()?;
+    let opts = ProbeOptions {
+        image: image.to_string(),
+        grace: Duration::from_secs(args.grace),
+        port: args.port,
+        hold_stream: args.hold_stream.clone(),
+        health_timeout: args.health_timeout,
+        slow_fraction: args.slow_fraction,
+        log_dir: log_dir.clone(),
+    };
+    // Ctrl-C cancels; the probe then cleans up before returning.
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        c.cancel();
+    });
+    let report = probe(&runtime, &opts, stop_signal, &cancel).await;
+    watcher.abort();
+    let _ = std::fs::remove_dir_all(&log_dir);
+
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => {
+            let f = |v: Option<f64>| v.map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into());
+            println!("image            {}", report.image);
+            println!(
+                "stop signal      {}",
+                if report.stop_signal.is_empty() {
+                    "SIGTERM (default)"
+                } else {
+                    &report.stop_signal
+                }
+            );
+            println!(
+                "healthy          {} ({})",
+                report.healthy,
+                f(report.seconds_to_healthy)
+            );
+            println!("stream held      {}", report.stream_held);
+            println!("grace            {:.0}s", report.grace_seconds);
+            println!("time to exit     {}", f(report.seconds_to_exit));
+            println!(
+                "exit status      {}",
+                report
+                    .exit_status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "outcome          {}",
+                report.outcome.map(|o| o.as_str()).unwrap_or("-")
+            );
+            for h in &report.hints {
+                println!("hint             {h}");
+            }
+            if let Some(e) = &report.error {
+                println!("could not run    {e}");
+            }
+            if !report.log_tail.is_empty() {
+                println!("log tail:");
+                for l in &report.log_tail {
+                    println!("  {l}");
+                }
+            }
+        }
+    }
+    Ok(match (report.error.is_some(), report.outcome) {
+        (true, _) | (false, None) => ExitCode::from(2),
+        (false, Some(ShutdownOutcome::Graceful)) => ExitCode::SUCCESS,
+        (false, Some(_)) => ExitCode::from(1),
+    })
+}
+
+/// A private directory for the probe's container log (CRI writes it; removed afterwards).
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "runner-warden-probe-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }

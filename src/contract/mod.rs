@@ -3,6 +3,7 @@
 //! gathers the facts from containerd is `inspect::image`. Process checks live in `process`.
 
 pub mod process;
+pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

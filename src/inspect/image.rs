@@ -53,10 +53,15 @@ pub fn node_arch() -> Arch {
     }
 }
 
-pub async fn read_facts(
-    runtime: &Runtime,
-    name: &str,
-) -> Result<(ImageSummary, ImageFacts), InspectError> {
+/// The image's manifest (for this node's platform) and config, from containerd's content store.
+pub struct Resolved {
+    pub manifest_digest: String,
+    pub manifest: ImageManifest,
+    pub config_digest: String,
+    pub config: ImageConfiguration,
+}
+
+pub async fn resolve(runtime: &Runtime, name: &str) -> Result<Resolved, InspectError> {
     let fmt_err = |what: String| InspectError::Format {
         image: name.to_string(),
         what,
@@ -100,7 +105,24 @@ pub async fn read_facts(
     let config: ImageConfiguration =
         serde_json::from_slice(&runtime.read_blob(&config_digest, JSON_MAX).await?)
             .map_err(|e| fmt_err(format!("config is not valid JSON: {e}")))?;
+    Ok(Resolved {
+        manifest_digest,
+        manifest,
+        config_digest,
+        config,
+    })
+}
 
+pub async fn read_facts(
+    runtime: &Runtime,
+    name: &str,
+) -> Result<(ImageSummary, ImageFacts), InspectError> {
+    let Resolved {
+        manifest_digest,
+        manifest,
+        config_digest,
+        config,
+    } = resolve(runtime, name).await?;
     let mut facts = ImageFacts::default();
     if let Some(c) = config.config() {
         facts.user = c.user().clone().unwrap_or_default();

@@ -5,6 +5,7 @@ pub mod image;
 pub mod layers;
 pub mod process;
 pub mod scan;
+pub mod shutdown;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

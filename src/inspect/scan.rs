@@ -273,21 +273,18 @@ impl Scanner {
                 command = %row.command, check = row.check, "runner process violation: {}", row.detail
             );
             if let Some(sink) = &self.findings {
-                sink.publish(&Finding {
-                    reason: row.check,
-                    severity: Severity::Warning,
-                    regarding: Regarding::pod(&c.namespace, &c.pod),
-                    image: None,
-                    container: Some(c.name.clone()),
-                    pid: Some(row.pid),
-                    class: None,
-                    check: None,
-                    outcome: None,
-                    message: format!(
-                        "Container {} (pid {}, {}): {}.",
-                        c.name, row.pid, row.command, row.detail
-                    ),
-                });
+                sink.publish(
+                    &Finding::new(
+                        row.check,
+                        Severity::Warning,
+                        Regarding::pod(&c.namespace, &c.pod),
+                        format!(
+                            "Container {} (pid {}, {}): {}.",
+                            c.name, row.pid, row.command, row.detail
+                        ),
+                    )
+                    .process(&c.name, row.pid),
+                );
             }
         }
     }

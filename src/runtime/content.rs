@@ -2,7 +2,7 @@
 //! (layers, never buffered whole).
 
 use containerd_client::services::v1::{InfoRequest, ReadContentRequest};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_stream::StreamExt;
 use tokio_util::io::StreamReader;
 
@@ -49,28 +49,23 @@ impl Runtime {
 
     /// A small blob read whole; refuses blobs over `max` bytes (manifests and configs are small).
     pub async fn read_blob(&self, digest: &str, max: usize) -> Result<Vec<u8>, RuntimeError> {
-        let mut stream = self
-            .content()
-            .read(self.request(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: 0,
-                size: 0,
-            }))
-            .await
-            .map_err(|s| RuntimeError::call("content.Read", self.socket(), s))?
-            .into_inner();
         let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|s| RuntimeError::call("content.Read", self.socket(), s))?;
-            out.extend_from_slice(&chunk.data);
-            if out.len() > max {
-                return Err(RuntimeError::Data {
-                    call: "content.Read",
-                    message: format!(
-                        "blob {digest} is larger than {max} bytes; not a manifest or config"
-                    ),
-                });
-            }
+        self.blob_reader(digest)
+            .await?
+            .take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| RuntimeError::Data {
+                call: "content.Read",
+                message: format!("blob {digest}: {e}"),
+            })?;
+        if out.len() > max {
+            return Err(RuntimeError::Data {
+                call: "content.Read",
+                message: format!(
+                    "blob {digest} is larger than {max} bytes; not a manifest or config"
+                ),
+            });
         }
         Ok(out)
     }
