@@ -32,6 +32,8 @@ use crate::runtime::Runtime;
 /// Owner label value of pins made by the one-shot `pull` command: the agent never removes those.
 pub const MANUAL_PIN_OWNER: &str = "manual";
 
+const AUDIT_RETRIES: u32 = 3;
+const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -244,7 +246,8 @@ impl Prewarmer {
                 Ok(outcome) => {
                     failures = 0;
                     last_secret_error = None;
-                    self.on_success(&desired, &outcome, &mut last_id).await;
+                    self.on_success(&desired, &outcome, &mut last_id, &cancel)
+                        .await;
                     self.set_state(&image, State::Ready);
                     // Tags are re-resolved; digests only re-checked for presence.
                     force = !image.is_pinned_by_digest();
@@ -283,7 +286,13 @@ impl Prewarmer {
         }
     }
 
-    async fn on_success(&self, d: &DesiredImage, outcome: &Outcome, last_id: &mut Option<String>) {
+    async fn on_success(
+        &self,
+        d: &DesiredImage,
+        outcome: &Outcome,
+        last_id: &mut Option<String>,
+        cancel: &CancellationToken,
+    ) {
         let image = &d.image;
         let (result, how) = match outcome {
             Outcome::Present { .. } => ("skipped", "already present".to_string()),
@@ -311,7 +320,6 @@ impl Prewarmer {
         }
         info!(image = %image, image_id = %id, pinned, "{how}");
         *last_id = Some(id.clone());
-        self.audit(d, &id).await;
         self.publish(
             Finding::new(
                 findings::PREWARMED,
@@ -330,13 +338,30 @@ impl Prewarmer {
             )
             .image(image.as_str()),
         );
+        // The audit reads every layer: after the finding and the state, so "present" is never held
+        // up by it.
+        self.set_state(image, State::Ready);
+        self.audit(d, &id, cancel).await;
     }
 
-    /// Static contract audit of newly present content (once per image id across all images).
-    async fn audit(&self, d: &DesiredImage, image_id: &str) {
+    /// Static contract audit of newly present content (once per image id across all images). A layer
+    /// blob can still be on its way when containerd reports the image (another pull shares it), so a
+    /// failed audit is tried again a few times.
+    async fn audit(&self, d: &DesiredImage, image_id: &str, cancel: &CancellationToken) {
         let Some(auditor) = &self.auditor else { return };
         let image = d.image.as_str();
-        match auditor.audit(image, image_id).await {
+        let mut result = auditor.audit(image, image_id).await;
+        for _ in 0..AUDIT_RETRIES {
+            if result.is_ok() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(AUDIT_RETRY_DELAY) => {}
+                _ = cancel.cancelled() => return,
+            }
+            result = auditor.audit(image, image_id).await;
+        }
+        match result {
             Ok((audit, fresh)) => {
                 let result = if fresh { "ok" } else { "cached" };
                 self.metrics
@@ -387,7 +412,7 @@ impl Prewarmer {
                     .image_audits_total
                     .with_label_values(&["error"])
                     .inc();
-                warn!(image, error = %e, "contract audit could not read the image; it is retried when the image changes");
+                warn!(image, error = %e, "contract audit could not read the image after {} attempts; it is tried again when the image changes", AUDIT_RETRIES + 1);
             }
         }
     }
