@@ -588,40 +588,11 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_image(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
-    let image = match ImageRef::parse(&args.image) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("runner-warden: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
     let runtime = args.containerd.runtime();
-    // Absent images are pulled through the same path as prewarm (with the secret), never pinned.
-    let prewarmer = Prewarmer::new(
-        runtime.clone(),
-        PrewarmSettings {
-            pin: false,
-            ..PrewarmSettings::default()
-        },
-        Arc::new(Metrics::new()),
-        None,
-        Arc::new(Health::default()),
-        None,
-    );
-    let desired = DesiredImage {
-        image: image.clone(),
-        pull_secret: args.secret.clone(),
-        project: None,
+    let image = match ensure_present(&runtime, &args.image, args.secret.as_deref(), "read").await {
+        Ok(i) => i,
+        Err(code) => return Ok(code),
     };
-    if let Err(f) = prewarmer.attempt(&desired, false).await {
-        eprintln!(
-            "runner-warden: cannot read {image}: pull failed [{}]: {} — {}",
-            f.class,
-            f.message,
-            f.class.advice()
-        );
-        return Ok(ExitCode::from(2));
-    }
     let (summary, facts) = match read_facts(&runtime, image.as_str()).await {
         Ok(r) => r,
         Err(e) => {
@@ -835,39 +806,11 @@ async fn verify_shutdown(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
     use runner_warden::contract::shutdown::ShutdownOutcome;
     use runner_warden::inspect::shutdown::{probe, ProbeOptions};
 
-    let image = match ImageRef::parse(&args.image) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("runner-warden: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
     let runtime = args.containerd.runtime();
-    let prewarmer = Prewarmer::new(
-        runtime.clone(),
-        PrewarmSettings {
-            pin: false,
-            ..PrewarmSettings::default()
-        },
-        Arc::new(Metrics::new()),
-        None,
-        Arc::new(Health::default()),
-        None,
-    );
-    let desired = DesiredImage {
-        image: image.clone(),
-        pull_secret: args.secret.clone(),
-        project: None,
+    let image = match ensure_present(&runtime, &args.image, args.secret.as_deref(), "run").await {
+        Ok(i) => i,
+        Err(code) => return Ok(code),
     };
-    if let Err(f) = prewarmer.attempt(&desired, false).await {
-        eprintln!(
-            "runner-warden: cannot run {image}: pull failed [{}]: {} — {}",
-            f.class,
-            f.message,
-            f.class.advice()
-        );
-        return Ok(ExitCode::from(2));
-    }
     let stop_signal = match runner_warden::inspect::image::resolve(&runtime, image.as_str()).await {
         Ok(r) => r
             .config
@@ -966,4 +909,47 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
+}
+
+/// For the one-shot commands that need an image present: parse the reference and pull the image
+/// through the prewarm path when absent (with the secret, never pinned). Errors are printed; the exit
+/// status is 2 ("could not read/run").
+async fn ensure_present(
+    runtime: &Runtime,
+    reference: &str,
+    secret: Option<&Path>,
+    verb: &str,
+) -> Result<ImageRef, ExitCode> {
+    let image = ImageRef::parse(reference).map_err(|e| {
+        eprintln!("runner-warden: {e}");
+        ExitCode::from(2)
+    })?;
+    let prewarmer = Prewarmer::new(
+        runtime.clone(),
+        PrewarmSettings {
+            pin: false,
+            ..PrewarmSettings::default()
+        },
+        Arc::new(Metrics::new()),
+        None,
+        Arc::new(Health::default()),
+        None,
+    );
+    let desired = DesiredImage {
+        image: image.clone(),
+        pull_secret: secret.map(Path::to_path_buf),
+        project: None,
+    };
+    match prewarmer.attempt(&desired, false).await {
+        Ok(_) => Ok(image),
+        Err(f) => {
+            eprintln!(
+                "runner-warden: cannot {verb} {image}: pull failed [{}]: {} — {}",
+                f.class,
+                f.message,
+                f.class.advice()
+            );
+            Err(ExitCode::from(2))
+        }
+    }
 }

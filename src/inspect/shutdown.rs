@@ -373,29 +373,34 @@ fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
 }
 
 async fn cleanup(runtime: &Runtime, c: &Created) {
+    remove_pod(runtime, c.sandbox.as_deref(), c.container.as_deref()).await;
+}
+
+/// Stops and removes a container and its sandbox, ignoring what is already gone (as kubelet does).
+pub async fn remove_pod(runtime: &Runtime, sandbox: Option<&str>, container: Option<&str>) {
     let mut cri = runtime.cri_runtime();
-    if let Some(id) = &c.container {
+    if let Some(id) = container {
         let _ = cri
             .stop_container(StopContainerRequest {
-                container_id: id.clone(),
+                container_id: id.to_string(),
                 timeout: 0,
             })
             .await;
         let _ = cri
             .remove_container(RemoveContainerRequest {
-                container_id: id.clone(),
+                container_id: id.to_string(),
             })
             .await;
     }
-    if let Some(id) = &c.sandbox {
+    if let Some(id) = sandbox {
         let _ = cri
             .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: id.clone(),
+                pod_sandbox_id: id.to_string(),
             })
             .await;
         let _ = cri
             .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: id.clone(),
+                pod_sandbox_id: id.to_string(),
             })
             .await;
     }

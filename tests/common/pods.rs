@@ -195,31 +195,8 @@ impl Pod {
 }
 
 async fn remove(socket: &std::path::Path, sandbox: &str, container: &str) {
-    let Ok(ch) = containerd_client::connect(socket).await else {
-        return;
-    };
-    let mut c = RuntimeServiceClient::new(ch);
-    let _ = c
-        .stop_container(StopContainerRequest {
-            container_id: container.into(),
-            timeout: 0,
-        })
-        .await;
-    let _ = c
-        .remove_container(RemoveContainerRequest {
-            container_id: container.into(),
-        })
-        .await;
-    let _ = c
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.into(),
-        })
-        .await;
-    let _ = c
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox.into(),
-        })
-        .await;
+    let rt = runner_warden::runtime::Runtime::new(socket, "k8s.io");
+    runner_warden::inspect::shutdown::remove_pod(&rt, Some(sandbox), Some(container)).await;
 }
 
 impl Drop for Pod {
