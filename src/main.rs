@@ -531,14 +531,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         ..PrewarmSettings::default()
     };
     let runtime = args.containerd.runtime();
-    let prewarmer = Prewarmer::new(
-        runtime,
-        settings.clone(),
-        Arc::new(Metrics::new()),
-        None,
-        Arc::new(Health::default()),
-        None,
-    );
+    let prewarmer = Prewarmer::one_shot(runtime, settings.clone());
     let desired = DesiredImage {
         image: image.clone(),
         pull_secret: args.secret.clone(),
@@ -924,16 +917,12 @@ async fn ensure_present(
         eprintln!("runner-warden: {e}");
         ExitCode::from(2)
     })?;
-    let prewarmer = Prewarmer::new(
+    let prewarmer = Prewarmer::one_shot(
         runtime.clone(),
         PrewarmSettings {
             pin: false,
             ..PrewarmSettings::default()
         },
-        Arc::new(Metrics::new()),
-        None,
-        Arc::new(Health::default()),
-        None,
     );
     let desired = DesiredImage {
         image: image.clone(),

@@ -131,6 +131,18 @@ impl Prewarmer {
         })
     }
 
+    /// For one-shot commands: no findings, no audit, its own metrics and health.
+    pub fn one_shot(runtime: Runtime, settings: PrewarmSettings) -> Arc<Self> {
+        Self::new(
+            runtime,
+            settings,
+            Arc::new(Metrics::new()),
+            None,
+            Arc::new(Health::default()),
+            None,
+        )
+    }
+
     /// Runs until `stop`: follows the desired set, one worker per image.
     pub async fn run(
         self: Arc<Self>,

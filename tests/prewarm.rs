@@ -321,14 +321,20 @@ async fn pins_follow_the_config_file() {
     assert_eq!(bed.cri_status(&a).await, (true, true));
 }
 
+/// The 110 MiB fixture, absent from containerd, pulled through a proxy throttled to `rate` bytes/s.
+async fn big_image_behind_throttle(bed: &Bed, rate: u64) -> (Proxy, &'static str) {
+    let proxy = Proxy::start(5003, 5000, rate, 0).await;
+    let image = "127.0.0.1:5003/runners/big-progress:v1";
+    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
+    (proxy, image)
+}
+
 #[tokio::test]
 async fn progress_is_visible_while_a_large_image_pulls() {
     let _g = serial().await;
     let bed = Bed::get();
     // Throttled to ~40 MB/s through a proxy so the 110 MiB pull takes a few seconds.
-    let _proxy = Proxy::start(5003, 5000, 40_000_000, 0).await;
-    let image = "127.0.0.1:5003/runners/big-progress:v1";
-    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
+    let (_proxy, image) = big_image_behind_throttle(&bed, 40_000_000).await;
     let agent = Agent::with_image(&bed, "", image);
     let done_series =
         format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
@@ -556,9 +562,7 @@ async fn sigterm_during_a_pull_cancels_it_and_exits_quickly() {
     let _g = serial().await;
     let bed = Bed::get();
     // Slow enough (5 MB/s) that the pull is certainly running when the signal arrives.
-    let _proxy = Proxy::start(5003, 5000, 5_000_000, 0).await;
-    let image = "127.0.0.1:5003/runners/big-progress:v1";
-    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
+    let (_proxy, image) = big_image_behind_throttle(&bed, 5_000_000).await;
     let mut agent = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent.wait_metric(&done, S(30), |v| v > 0.0).await;

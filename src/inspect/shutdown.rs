@@ -106,36 +106,14 @@ async fn run(
             opts.log_dir.display()
         )
     })?;
-    let node = NamespaceOption {
-        network: NamespaceMode::Node as i32,
-        pid: NamespaceMode::Container as i32,
-        ipc: NamespaceMode::Pod as i32,
-        target_id: String::new(),
-    };
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "runner-warden-verify-shutdown".into(),
-            uid: uid.clone(),
-            namespace: "runner-warden".into(),
-            attempt: 0,
-        }),
-        // Host-network sandboxes must have an empty hostname.
-        hostname: String::new(),
-        log_directory: opts.log_dir.display().to_string(),
-        labels: HashMap::from([(SANDBOX_LABEL.to_string(), "true".to_string())]),
-        annotations: HashMap::new(),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: String::new(),
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    pid: NamespaceMode::Pod as i32,
-                    ..node.clone()
-                }),
-                run_as_user: None,
-                privileged: false,
-            }),
-        }),
-    };
+    let node = host_network_namespaces();
+    let sandbox_config = host_network_sandbox(
+        "runner-warden-verify-shutdown",
+        &uid,
+        "runner-warden",
+        &opts.log_dir,
+        HashMap::from([(SANDBOX_LABEL.to_string(), "true".to_string())]),
+    );
     let sandbox = cri
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(sandbox_config.clone()),
@@ -273,6 +251,49 @@ async fn run(
         true,
     ));
     Ok(())
+}
+
+/// Namespaces of a host-network container: the node's network, its own pid namespace.
+pub fn host_network_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Node as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        target_id: String::new(),
+    }
+}
+
+/// A host-network sandbox config: no CNI needed (host-network sandboxes must have an empty hostname).
+pub fn host_network_sandbox(
+    name: &str,
+    uid: &str,
+    namespace: &str,
+    log_dir: &std::path::Path,
+    labels: HashMap<String, String>,
+) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_string(),
+            uid: uid.to_string(),
+            namespace: namespace.to_string(),
+            attempt: 0,
+        }),
+        hostname: String::new(),
+        log_directory: log_dir.display().to_string(),
+        labels,
+        annotations: HashMap::new(),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: String::new(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    pid: NamespaceMode::Pod as i32,
+                    ..host_network_namespaces()
+                }),
+                run_as_user: None,
+                privileged: false,
+            }),
+        }),
+    }
 }
 
 async fn container_status(runtime: &Runtime, id: &str) -> Result<ContainerStatus, String> {

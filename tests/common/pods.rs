@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use runner_warden::credentials::Credential;
+use runner_warden::inspect::shutdown::{host_network_namespaces, host_network_sandbox};
 use runner_warden::runtime::cri::runtime_service_client::RuntimeServiceClient;
 use runner_warden::runtime::cri::*;
 
@@ -80,35 +81,14 @@ impl Pod {
         );
         let logs = bed.dir.join("pods").join(&uid);
         std::fs::create_dir_all(&logs).unwrap();
-        let host_network = NamespaceOption {
-            network: NamespaceMode::Node as i32,
-            pid: NamespaceMode::Container as i32,
-            ipc: NamespaceMode::Pod as i32,
-            target_id: String::new(),
-        };
-        let sandbox_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: spec.name.clone(),
-                uid: uid.clone(),
-                namespace: NAMESPACE.into(),
-                attempt: 0,
-            }),
-            hostname: String::new(),
-            log_directory: logs.display().to_string(),
-            labels: HashMap::from([("rw-test".to_string(), "true".to_string())]),
-            annotations: HashMap::new(),
-            linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: String::new(),
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        pid: NamespaceMode::Pod as i32,
-                        ..host_network.clone()
-                    }),
-                    run_as_user: None,
-                    privileged: false,
-                }),
-            }),
-        };
+        let host_network = host_network_namespaces();
+        let sandbox_config = host_network_sandbox(
+            &spec.name,
+            &uid,
+            NAMESPACE,
+            &logs,
+            HashMap::from([("rw-test".to_string(), "true".to_string())]),
+        );
         let mut c = client(bed).await;
         let sandbox_id = c
             .run_pod_sandbox(RunPodSandboxRequest {
