@@ -77,7 +77,28 @@ pub struct Settings {
     pub prewarm: PrewarmSettings,
     pub audit: AuditSettings,
     pub runtime_audit: RuntimeAuditSettings,
+    pub shutdown: ShutdownSettings,
     pub images: Vec<DesiredImage>,
+}
+
+/// Passive shutdown timing of runner containers (which containers are runners: `runtime_audit`'s list).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShutdownSettings {
+    pub enabled: bool,
+    /// Exits later than this fraction of the grace period are slow.
+    pub slow_fraction: f64,
+    /// Where stop records are read (standalone: whoever stops a runner writes one).
+    pub stop_records: PathBuf,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            slow_fraction: 0.5,
+            stop_records: PathBuf::from(crate::inspect::stop_clock::DEFAULT_STOP_RECORDS),
+        }
+    }
 }
 
 /// The runtime audit of runner processes.
@@ -130,6 +151,8 @@ struct RawFile {
     #[serde(default)]
     runtime_audit: RawRuntimeAudit,
     #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
     images: Vec<RawImage>,
 }
 
@@ -180,6 +203,14 @@ struct RawRuntimeAudit {
     uid: Option<u32>,
     uid_range: Option<String>,
     check_bounding_set: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    enabled: Option<bool>,
+    slow_fraction: Option<f64>,
+    stop_records: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +396,25 @@ impl Settings {
         runtime_audit.scan.all_containers = ra.all_containers.unwrap_or(false);
         runtime_audit.scan.uid_policy.check_bounding = ra.check_bounding_set.unwrap_or(true);
 
+        let mut shutdown = ShutdownSettings::default();
+        if let Some(f) = raw.shutdown.slow_fraction {
+            if f > 0.0 && f <= 1.0 {
+                shutdown.slow_fraction = f;
+            } else {
+                problems.push(format!(
+                    "shutdown.slow_fraction: {f} must be in (0, 1] (0.5 = half the grace period)"
+                ));
+            }
+        }
+        if let Some(d) = raw.shutdown.stop_records {
+            if d.as_os_str().is_empty() {
+                problems.push("shutdown.stop_records: must not be empty".into());
+            } else {
+                shutdown.stop_records = base.join(d);
+            }
+        }
+        shutdown.enabled = raw.shutdown.enabled.unwrap_or(true);
+
         let mut policy = Policy::default();
         if let Some(keys) = raw.audit.label_keys {
             if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
@@ -402,6 +452,7 @@ impl Settings {
         }
         Ok(Settings {
             runtime_audit,
+            shutdown,
             audit: AuditSettings {
                 enabled: raw.audit.enabled.unwrap_or(true),
                 policy,
@@ -519,6 +570,16 @@ mod tests {
             all.contains("unknown check \"no-such\"") && all.contains("\"fatal\" is neither"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn shutdown_section_is_validated() {
+        let s = parse("[shutdown]\nslow_fraction = 0.8\nstop_records = \"stops\"\n").unwrap();
+        assert_eq!(s.shutdown.slow_fraction, 0.8);
+        assert_eq!(s.shutdown.stop_records, PathBuf::from("/etc/rw/stops"));
+        let e = parse("[shutdown]\nslow_fraction = 1.5\nstop_records = \"\"\n").unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("shutdown.slow_fraction"), "{e:?}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ use runner_warden::config::{
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::inspect::image::read_facts;
 use runner_warden::inspect::scan::{ScanSettings, Scanner};
+use runner_warden::inspect::stop_clock::RecordedStops;
+use runner_warden::inspect::timing::{ShutdownTimer, TimingSettings};
 use runner_warden::inspect::{process, Auditor};
 use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer, MANUAL_PIN_OWNER};
 use runner_warden::reference::ImageRef;
@@ -102,6 +104,9 @@ struct VerifyShutdownArgs {
     /// Exits later than this fraction of the grace period count as slow.
     #[arg(long, default_value_t = 0.5)]
     slow_fraction: f64,
+    /// Record the stop request here, so a running agent times this stop too (its shutdown.stop_records).
+    #[arg(long, env = "RUNNER_WARDEN_STOP_RECORDS", default_value = runner_warden::inspect::stop_clock::DEFAULT_STOP_RECORDS)]
+    stop_records: PathBuf,
     #[command(flatten)]
     containerd: ContainerdArgs,
     /// Output format.
@@ -360,6 +365,21 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             metrics.clone(),
             stop.clone(),
         ));
+    }
+    if settings.shutdown.enabled {
+        let timer = ShutdownTimer::new(
+            runtime.clone(),
+            TimingSettings {
+                enabled: true,
+                slow_fraction: settings.shutdown.slow_fraction,
+                containers: settings.runtime_audit.scan.containers.clone(),
+                all_containers: settings.runtime_audit.scan.all_containers,
+            },
+            Arc::new(RecordedStops::new(&settings.shutdown.stop_records)),
+            findings.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(timer.run(stop.clone()));
     }
     let auditor = settings.audit.enabled.then(|| {
         Arc::new(Auditor::new(
@@ -825,6 +845,7 @@ async fn verify_shutdown(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
         health_timeout: args.health_timeout,
         slow_fraction: args.slow_fraction,
         log_dir: log_dir.clone(),
+        stop_records: Some(RecordedStops::new(&args.stop_records)),
     };
     // Ctrl-C cancels; the probe then cleans up before returning.
     let cancel = CancellationToken::new();

@@ -4,6 +4,7 @@ mod common;
 
 use std::process::Command;
 
+use common::pods::{Pod, PodSpec};
 use common::*;
 use runner_warden::runtime::cri::runtime_service_client::RuntimeServiceClient;
 use runner_warden::runtime::cri::{ListPodSandboxRequest, PodSandboxFilter};
@@ -19,6 +20,7 @@ fn verify(bed: &Bed, fixture: &str, port: u16, extra: &[&str]) -> (i32, serde_js
         .args(["--port", &port.to_string(), "--output", "json"])
         .args(extra)
         .env("RUNNER_WARDEN_CONTAINERD_SOCKET", &bed.socket)
+        .env("RUNNER_WARDEN_STOP_RECORDS", dir.path().join("stops"))
         .output()
         .expect("run verify-shutdown");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -150,4 +152,176 @@ async fn images_that_cannot_be_probed_exit_2_and_leave_nothing_behind() {
         .into_inner()
         .items;
     assert!(left.is_empty(), "sandbox {sandbox} left behind: {left:?}");
+}
+
+// ---- passive timing: the agent times every runner's stop from containerd's task events ----------------
+
+/// An agent timing containers named `container`, reading stop records from its own directory.
+async fn timing_agent(bed: &Bed, container: &str) -> (Agent, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let stops = dir.path().join("stops");
+    let section = format!(
+        "[runtime_audit]\ncontainers = [\"{container}\"]\n[shutdown]\nstop_records = \"{}\"\n",
+        stops.display()
+    );
+    let agent = Agent::start_in(bed, dir, "", &section);
+    agent
+        .wait_metric("runner_warden_task_events_up", S(15), |v| v == 1.0)
+        .await;
+    (agent, stops)
+}
+
+async fn healthy(port: u16) {
+    wait_for(S(20), &format!("GET /health on {port}"), || async move {
+        http_get(port, "/health")
+            .await
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+}
+
+fn shutdown_finding(agent: &Agent, pod: &str) -> Option<serde_json::Value> {
+    agent
+        .findings()
+        .into_iter()
+        .find(|f| f["regarding"]["name"] == pod && f["shutdown"].is_object())
+}
+
+const S: fn(u64) -> std::time::Duration = std::time::Duration::from_secs;
+
+#[tokio::test]
+async fn the_agent_times_and_classifies_every_runner_stop() {
+    let bed = Bed::get();
+    let (agent, stops) = timing_agent(&bed, "passive-runner").await;
+    let c = "passive-runner";
+    let ports: Vec<u16> = (0..7).map(|_| free_port()).collect();
+    let spec = |name: &str, fixture: &str, port: u16| {
+        PodSpec::shutdown_fixture(&bed, name, fixture, c, port)
+    };
+    let graceful = Pod::run(&bed, spec("p-graceful", "shutdown-graceful", ports[0])).await;
+    let slow = Pod::run(&bed, spec("p-slow", "shutdown-slow", ports[1])).await;
+    let ignore = Pod::run(&bed, spec("p-ignore", "shutdown-ignore", ports[2])).await;
+    let sigint = Pod::run(&bed, spec("p-sigint", "shutdown-sigint", ports[3])).await;
+    let wrapper = Pod::run(&bed, spec("p-wrapper", "shutdown-wrapper", ports[4])).await;
+    let sse = Pod::run(&bed, spec("p-sse", "shutdown-sse", ports[5])).await;
+    let crash = Pod::run(&bed, spec("p-crash", "shutdown-ignore", ports[6])).await;
+    for p in &ports {
+        healthy(*p).await;
+    }
+    // The upstream trap: a client attached to the event stream keeps the runner serving.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports[5]))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /events/t1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The wrapper shell forks its child at once; give the agent's 1 s look at PID 1 a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    // A runner that dies with no stop requested crashed.
+    let pid = crash.init_pid().await;
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::join!(
+        graceful.stop_recorded(&stops, 6),
+        slow.stop_recorded(&stops, 5),
+        ignore.stop_recorded(&stops, 3),
+        sigint.stop_recorded(&stops, 3),
+        wrapper.stop_recorded(&stops, 3),
+        sse.stop_recorded(&stops, 3),
+    );
+    drop(stream);
+
+    for (outcome, n) in [
+        ("graceful", 1.0),
+        ("slow", 1.0),
+        ("sigkilled", 4.0),
+        ("crashed", 1.0),
+    ] {
+        agent
+            .wait_metric(
+                &format!("runner_warden_shutdowns_total{{outcome=\"{outcome}\"}}"),
+                S(15),
+                |v| v == n,
+            )
+            .await;
+    }
+    let m = agent.metrics().await;
+    assert_eq!(
+        metric(&m, "runner_warden_shutdown_duration_seconds_count"),
+        Some(6.0),
+        "crashes have no stop to time"
+    );
+
+    let f = shutdown_finding(&agent, "p-slow").expect("RunnerShutdownSlow for p-slow");
+    assert_eq!(f["reason"], "RunnerShutdownSlow");
+    assert_eq!(f["regarding"]["kind"], "Pod");
+    assert_eq!(f["container"], c);
+    let secs = f["shutdown"]["seconds"].as_f64().unwrap();
+    assert!((3.8..5.0).contains(&secs), "{f}");
+    assert_eq!(f["shutdown"]["grace_seconds"], 5.0);
+    assert_eq!(f["shutdown"]["exit_status"], 0);
+
+    for pod in ["p-ignore", "p-sigint", "p-wrapper", "p-sse"] {
+        let f = shutdown_finding(&agent, pod).unwrap_or_else(|| panic!("finding for {pod}"));
+        assert_eq!(f["reason"], "RunnerShutdownKilled", "{f}");
+        assert_eq!(f["shutdown"]["exit_status"], 137, "{f}");
+        let secs = f["shutdown"]["seconds"].as_f64().unwrap();
+        assert!((2.9..4.0).contains(&secs), "{f}");
+        assert!(
+            f["message"].as_str().unwrap().contains("grace period"),
+            "{f}"
+        );
+    }
+    let hints = |pod: &str| shutdown_finding(&agent, pod).unwrap()["shutdown"]["hints"].to_string();
+    assert!(
+        hints("p-sigint").contains("STOPSIGNAL is SIGINT"),
+        "{}",
+        hints("p-sigint")
+    );
+    assert!(
+        hints("p-wrapper").contains("PID 1 is `sh`"),
+        "{}",
+        hints("p-wrapper")
+    );
+    assert_eq!(hints("p-ignore"), "[]");
+    // Graceful exits and crashes are counted, not reported.
+    assert!(shutdown_finding(&agent, "p-graceful").is_none());
+    assert!(shutdown_finding(&agent, "p-crash").is_none());
+    assert!(agent.logs().contains("outcome=\"crashed\"") || agent.logs().contains("crashed"));
+}
+
+#[tokio::test]
+async fn a_verify_shutdown_stop_is_timed_by_a_running_agent_too() {
+    let bed = Bed::get();
+    let (agent, stops) = timing_agent(&bed, "ambient-code-runner").await;
+    let port = free_port();
+    let (code, v, all) = verify(
+        &bed,
+        "shutdown-slow",
+        port,
+        &["--grace", "5", "--stop-records", stops.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{all}");
+    let f = agent
+        .wait(S(10), "the agent's RunnerShutdownSlow", || async {
+            agent
+                .findings()
+                .into_iter()
+                .find(|f| f["reason"] == "RunnerShutdownSlow")
+        })
+        .await;
+    assert_eq!(f["regarding"]["name"], "runner-warden-verify-shutdown");
+    // Same stop request, same exit: containerd's exited_at is CRI's finished_at.
+    let passive = f["shutdown"]["seconds"].as_f64().unwrap();
+    assert!(
+        (passive - secs(&v)).abs() < 0.01,
+        "{passive} vs {}",
+        secs(&v)
+    );
 }

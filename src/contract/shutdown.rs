@@ -1,4 +1,5 @@
-//! Classifying how a runner stopped: pure, shared by the active probe (and, later, passive timing).
+//! Classifying how a runner stopped, and why it may have been slow: pure, shared by the active probe
+//! (`verify-shutdown`) and the passive timer.
 
 use serde::Serialize;
 
@@ -50,6 +51,23 @@ pub fn classify(
     }
 }
 
+/// The image's STOPSIGNAL, when it is not SIGTERM: containerd sends it instead, and a runner that only
+/// handles SIGTERM never sees its stop.
+pub fn stop_signal_hint(stop_signal: &str) -> Option<String> {
+    (!["", "SIGTERM", "TERM", "15"].contains(&stop_signal)).then(|| {
+        format!("the image's STOPSIGNAL is {stop_signal}: containerd sends it instead of SIGTERM")
+    })
+}
+
+/// PID 1 is a shell with a child doing the work: the stop signal reaches the shell, not the runner.
+pub fn shell_pid1_hint(pid1_comm: &str, pid1_has_children: bool) -> Option<String> {
+    (["sh", "bash", "dash", "ash"].contains(&pid1_comm) && pid1_has_children).then(|| {
+        format!(
+            "PID 1 is `{pid1_comm}` running the runner as a child: the stop signal reaches the shell, not the runner; `exec` the runner in the entrypoint"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +81,19 @@ mod tests {
         assert_eq!(classify(137, 6.0, 6.0, 0.5, false, true), Sigkilled);
         assert_eq!(classify(137, 1.0, 6.0, 0.5, true, true), Oom);
         assert_eq!(classify(1, 0.0, 6.0, 0.5, false, false), Crashed);
+    }
+
+    #[test]
+    fn hints() {
+        assert_eq!(stop_signal_hint("SIGTERM"), None);
+        assert_eq!(stop_signal_hint(""), None);
+        assert!(stop_signal_hint("SIGINT")
+            .unwrap()
+            .contains("STOPSIGNAL is SIGINT"));
+        assert!(shell_pid1_hint("sh", true)
+            .unwrap()
+            .contains("`exec` the runner"));
+        assert_eq!(shell_pid1_hint("sh", false), None);
+        assert_eq!(shell_pid1_hint("runnerd", true), None);
     }
 }

@@ -6,6 +6,8 @@ pub mod layers;
 pub mod process;
 pub mod scan;
 pub mod shutdown;
+pub mod stop_clock;
+pub mod timing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -12,11 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::shutdown::{classify, ShutdownOutcome};
+use super::stop_clock::RecordedStops;
+use crate::contract::shutdown::{classify, shell_pid1_hint, stop_signal_hint, ShutdownOutcome};
+use crate::runtime::containers::{
+    LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID,
+};
 use crate::runtime::cri::*;
 use crate::runtime::Runtime;
 
 pub const SANDBOX_LABEL: &str = "runner-warden.ambient-code.io/probe";
+const PROBE_POD: &str = "runner-warden-verify-shutdown";
+const PROBE_NAMESPACE: &str = "runner-warden";
 
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
@@ -27,6 +33,8 @@ pub struct ProbeOptions {
     pub health_timeout: Duration,
     pub slow_fraction: f64,
     pub log_dir: std::path::PathBuf,
+    /// Where to record the stop request, so a running agent times this stop passively too.
+    pub stop_records: Option<RecordedStops>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -108,9 +116,9 @@ async fn run(
     })?;
     let node = host_network_namespaces();
     let sandbox_config = host_network_sandbox(
-        "runner-warden-verify-shutdown",
+        PROBE_POD,
         &uid,
-        "runner-warden",
+        PROBE_NAMESPACE,
         &opts.log_dir,
         HashMap::from([(SANDBOX_LABEL.to_string(), "true".to_string())]),
     );
@@ -140,7 +148,17 @@ async fn run(
             key: "AGUI_PORT".into(),
             value: opts.port.to_string(),
         }],
-        labels: HashMap::from([(SANDBOX_LABEL.to_string(), "true".to_string())]),
+        // Labelled as kubelet labels its containers, so a running agent names this pod in its findings.
+        labels: HashMap::from([
+            (SANDBOX_LABEL.to_string(), "true".to_string()),
+            (
+                LABEL_CONTAINER_NAME.to_string(),
+                "ambient-code-runner".to_string(),
+            ),
+            (LABEL_POD_NAME.to_string(), PROBE_POD.to_string()),
+            (LABEL_POD_NAMESPACE.to_string(), PROBE_NAMESPACE.to_string()),
+            (LABEL_POD_UID.to_string(), uid.clone()),
+        ]),
         annotations: HashMap::new(),
         log_path: "runner.log".into(),
         linux: Some(LinuxContainerConfig {
@@ -208,13 +226,8 @@ async fn run(
     }
 
     // Where the node can tell, say why a stop may be slow.
-    if !["", "SIGTERM", "TERM", "15"].contains(&report.stop_signal.as_str()) {
-        report.hints.push(format!(
-            "the image's STOPSIGNAL is {}: containerd sends it instead of SIGTERM",
-            report.stop_signal
-        ));
-    }
-    if let Some(h) = shell_pid1_hint(runtime, &container).await {
+    report.hints.extend(stop_signal_hint(&report.stop_signal));
+    if let Some(h) = shell_pid1(runtime, &container).await {
         report.hints.push(h);
     }
 
@@ -227,7 +240,15 @@ async fn run(
         None => None,
     };
 
-    let requested = SystemTime::now();
+    let requested = match &opts.stop_records {
+        Some(records) => records
+            .record(&container, opts.grace)
+            .unwrap_or_else(|e| {
+                tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the stop record; a running agent will count this exit as a crash");
+                SystemTime::now()
+            }),
+        None => SystemTime::now(),
+    };
     cri.stop_container(StopContainerRequest {
         container_id: container.clone(),
         timeout: opts.grace.as_secs() as i64,
@@ -310,28 +331,11 @@ async fn container_status(runtime: &Runtime, id: &str) -> Result<ContainerStatus
         .ok_or_else(|| "ContainerStatus: empty answer".to_string())
 }
 
-/// PID 1 is a shell with a child doing the work: SIGTERM reaches the shell, not the runner.
-async fn shell_pid1_hint(runtime: &Runtime, id: &str) -> Option<String> {
-    let resp = runtime
-        .cri_runtime()
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: true,
-        })
-        .await
-        .ok()?
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(resp.info.get("info")?).ok()?;
-    let pid = info.get("pid")?.as_u64()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    let comm = comm.trim();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    (["sh", "bash", "dash", "ash"].contains(&comm) && !children.trim().is_empty()).then(|| {
-        format!(
-            "PID 1 is `{comm}` running the runner as a child: the stop signal reaches the shell, not the runner; `exec` the runner in the entrypoint"
-        )
-    })
+/// The shell-wrapper hint for a running container, from its PID 1 in /proc.
+async fn shell_pid1(runtime: &Runtime, id: &str) -> Option<String> {
+    let pid = runtime.container_init_pid(id).await?;
+    let (comm, children) = crate::inspect::process::pid1_shape(pid)?;
+    shell_pid1_hint(&comm, children)
 }
 
 async fn http_status(port: u16, path: &str) -> Option<u16> {

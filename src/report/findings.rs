@@ -13,6 +13,18 @@ pub const PREWARMED: &str = "RunnerImagePrewarmed";
 pub const PULL_FAILED: &str = "RunnerImagePullFailed";
 pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
 pub const CONTRACT_VIOLATION: &str = "RunnerImageContractViolation";
+pub const SHUTDOWN_SLOW: &str = "RunnerShutdownSlow";
+pub const SHUTDOWN_KILLED: &str = "RunnerShutdownKilled";
+
+/// What the shutdown timer measured, on shutdown findings.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ShutdownFacts {
+    pub outcome: &'static str,
+    pub seconds: f64,
+    pub grace_seconds: f64,
+    pub exit_status: i32,
+    pub hints: Vec<String>,
+}
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 pub enum Severity {
@@ -56,7 +68,7 @@ impl Regarding {
     }
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Finding {
     pub reason: &'static str,
     #[serde(rename = "type")]
@@ -77,6 +89,8 @@ pub struct Finding {
     pub check: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<ShutdownFacts>,
     pub message: String,
 }
 
@@ -98,6 +112,7 @@ impl Finding {
             class: None,
             check: None,
             outcome: None,
+            shutdown: None,
             message,
         }
     }
@@ -115,6 +130,16 @@ impl Finding {
     pub fn check(mut self, check: &'static str, outcome: &'static str) -> Self {
         self.check = Some(check);
         self.outcome = Some(outcome);
+        self
+    }
+
+    pub fn shutdown(mut self, facts: ShutdownFacts) -> Self {
+        self.shutdown = Some(facts);
+        self
+    }
+
+    pub fn container(mut self, name: &str) -> Self {
+        self.container = Some(name.to_string());
         self
     }
 

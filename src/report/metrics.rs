@@ -43,6 +43,9 @@ pub struct Metrics {
     pub noncompliant_containers: IntGaugeVec,
     pub scanned_processes: IntGauge,
     pub proc_connector_up: IntGauge,
+    pub shutdown_duration_seconds: Histogram,
+    pub shutdowns_total: IntCounterVec,
+    pub task_events_up: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -180,6 +183,29 @@ impl Metrics {
             "1 when kernel process events drive rescans; 0 when only polling (connector refused or off).",
         )
         .expect("valid metric");
+        let shutdown_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                name("shutdown_duration_seconds"),
+                "Runner containers' stop request to exit (containerd's exited_at).",
+            )
+            .buckets(vec![
+                0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+            ]),
+        )
+        .expect("valid metric");
+        let shutdowns_total = IntCounterVec::new(
+            Opts::new(
+                name("shutdowns_total"),
+                "Runner container exits by outcome: graceful, slow, sigkilled, oom, crashed.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let task_events_up = IntGauge::new(
+            name("task_events_up"),
+            "1 while subscribed to containerd's task events (shutdown timing), else 0.",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 name("build_info"),
@@ -207,6 +233,9 @@ impl Metrics {
             Box::new(noncompliant_containers.clone()),
             Box::new(scanned_processes.clone()),
             Box::new(proc_connector_up.clone()),
+            Box::new(shutdown_duration_seconds.clone()),
+            Box::new(shutdowns_total.clone()),
+            Box::new(task_events_up.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -231,6 +260,9 @@ impl Metrics {
         for r in ["ok", "cached", "error"] {
             image_audits_total.with_label_values(&[r]);
         }
+        for o in ["graceful", "slow", "sigkilled", "oom", "crashed"] {
+            shutdowns_total.with_label_values(&[o]);
+        }
         pinning_honoured.set(-1);
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -254,6 +286,9 @@ impl Metrics {
             noncompliant_containers,
             scanned_processes,
             proc_connector_up,
+            shutdown_duration_seconds,
+            shutdowns_total,
+            task_events_up,
             build_info,
         }
     }

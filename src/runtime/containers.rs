@@ -7,7 +7,10 @@ use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::ListPidsRequest;
 
 use super::cri::runtime_service_client::RuntimeServiceClient;
-use super::cri::{ContainerFilter, ContainerState, ContainerStateValue, ListContainersRequest};
+use super::cri::{
+    ContainerFilter, ContainerState, ContainerStateValue, ContainerStatus, ContainerStatusRequest,
+    ListContainersRequest,
+};
 use super::errors::RuntimeError;
 use super::Runtime;
 
@@ -27,7 +30,11 @@ pub struct ContainerRef {
 }
 
 impl ContainerRef {
-    fn from_labels(id: String, fallback_name: String, labels: &BTreeMap<String, String>) -> Self {
+    pub fn from_labels(
+        id: String,
+        fallback_name: String,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         let name = labels
             .get(LABEL_CONTAINER_NAME)
@@ -50,12 +57,20 @@ impl Runtime {
 
     /// Every running container CRI knows.
     pub async fn running_containers(&self) -> Result<Vec<ContainerRef>, RuntimeError> {
+        self.containers_in(ContainerState::ContainerRunning).await
+    }
+
+    /// Every container CRI knows in `state`.
+    pub async fn containers_in(
+        &self,
+        state: ContainerState,
+    ) -> Result<Vec<ContainerRef>, RuntimeError> {
         let resp = self
             .cri_runtime()
             .list_containers(ListContainersRequest {
                 filter: Some(ContainerFilter {
                     state: Some(ContainerStateValue {
-                        state: ContainerState::ContainerRunning as i32,
+                        state: state as i32,
                     }),
                     ..Default::default()
                 }),
@@ -72,6 +87,57 @@ impl Runtime {
                 ContainerRef::from_labels(c.id, fallback, &labels)
             })
             .collect())
+    }
+
+    /// A container's CRI status with its pod; `None` when CRI does not know it (a sandbox's task, or
+    /// already removed).
+    pub async fn container_status(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ContainerRef, ContainerStatus)>, RuntimeError> {
+        let resp = self
+            .cri_runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await;
+        let status = match resp {
+            Ok(r) => r.into_inner().status,
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(RuntimeError::call("ContainerStatus", self.socket(), s)),
+        };
+        Ok(status.map(|st| {
+            let labels: BTreeMap<String, String> = st
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let fallback = st
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            (
+                ContainerRef::from_labels(st.id.clone(), fallback, &labels),
+                st,
+            )
+        }))
+    }
+
+    /// The host pid of a running container's first process (CRI's verbose status).
+    pub async fn container_init_pid(&self, id: &str) -> Option<u32> {
+        let resp = self
+            .cri_runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: true,
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(resp.info.get("info")?).ok()?;
+        info.get("pid")?.as_u64().map(|p| p as u32)
     }
 
     /// Host pids of every process of a container; empty when its task is gone.

@@ -53,6 +53,29 @@ impl Runtime {
         Ok(resp.into_inner().image)
     }
 
+    /// The image's configured STOPSIGNAL (empty when unset), from CRI's verbose image status.
+    pub async fn image_stop_signal(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        let resp = self
+            .cri_images()
+            .image_status(ImageStatusRequest {
+                image: Some(spec(image)),
+                verbose: true,
+            })
+            .await
+            .map_err(|s| RuntimeError::call("ImageStatus", self.socket(), s))?
+            .into_inner();
+        let Some(info) = resp.info.get("info") else {
+            return Ok(None);
+        };
+        let v: serde_json::Value = serde_json::from_str(info).unwrap_or_default();
+        Ok(v.pointer("/imageSpec/config").map(|c| {
+            c.get("StopSignal")
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_string()
+        }))
+    }
+
     /// Pulls through CRI exactly as kubelet does; returns the image id (`sha256:` of the config).
     /// The raw status is returned so the caller can classify and redact it.
     pub async fn pull_image(

@@ -6,6 +6,7 @@ pub mod containers;
 pub mod content;
 pub mod cri;
 pub mod errors;
+pub mod events;
 pub mod images;
 pub mod proc_connector;
 pub mod progress;

@@ -21,6 +21,7 @@ pub struct PodSpec {
     pub run_as_user: Option<i64>,
     pub add_capabilities: Vec<String>,
     pub no_new_privs: bool,
+    pub envs: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -34,6 +35,24 @@ impl PodSpec {
             run_as_user: Some(1001),
             add_capabilities: vec![],
             no_new_privs: true,
+            envs: vec![],
+        }
+    }
+
+    /// A shutdown fixture (the runnerd stand-in) as container `container`, listening on `port`.
+    pub fn shutdown_fixture(
+        bed: &Bed,
+        name: &str,
+        fixture: &str,
+        container: &str,
+        port: u16,
+    ) -> Self {
+        PodSpec {
+            container: container.to_string(),
+            image: bed.image(&format!("runners/{fixture}:v1")),
+            command: vec![],
+            envs: vec![("AGUI_PORT".into(), port.to_string())],
+            ..PodSpec::runner(bed, name)
         }
     }
 }
@@ -123,7 +142,14 @@ impl Pod {
             command: spec.command.clone(),
             args: vec![],
             working_dir: String::new(),
-            envs: vec![],
+            envs: spec
+                .envs
+                .iter()
+                .map(|(key, value)| KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
             labels,
             annotations: HashMap::new(),
             log_path: "container.log".into(),
@@ -166,6 +192,36 @@ impl Pod {
             name: spec.name,
             removed: false,
         }
+    }
+
+    /// Stops the container as kubelet would (CRI StopContainer with the grace period), after writing the
+    /// stop record the agent's stop clock reads. Returns when the container has exited.
+    pub async fn stop_recorded(&self, records: &std::path::Path, grace_seconds: u64) {
+        runner_warden::inspect::stop_clock::RecordedStops::new(records)
+            .record(
+                &self.container_id,
+                std::time::Duration::from_secs(grace_seconds),
+            )
+            .expect("write the stop record");
+        RuntimeServiceClient::new(
+            containerd_client::connect(&self.socket)
+                .await
+                .expect("connect"),
+        )
+        .stop_container(StopContainerRequest {
+            container_id: self.container_id.clone(),
+            timeout: grace_seconds as i64,
+        })
+        .await
+        .expect("StopContainer");
+    }
+
+    /// The host pid of the container's first process.
+    pub async fn init_pid(&self) -> u32 {
+        runner_warden::runtime::Runtime::new(&self.socket, "k8s.io")
+            .container_init_pid(&self.container_id)
+            .await
+            .expect("the container runs")
     }
 
     pub async fn remove(mut self) {

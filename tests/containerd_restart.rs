@@ -1,0 +1,124 @@
+//! The shutdown timer rides out a containerd restart: an exit that happens while containerd is down is
+//! counted once, from CRI's exited containers, after the agent resubscribes; live events flow again after.
+//! A binary of its own: stopping containerd would break tests running beside it.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::pods::{Pod, PodSpec};
+use common::*;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+fn testbed(cmd: &str) {
+    let ok = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+        .arg(cmd)
+        .status()
+        .expect("run scripts/testbed")
+        .success();
+    assert!(ok, "scripts/testbed {cmd} failed");
+}
+
+#[tokio::test]
+async fn an_exit_during_a_containerd_restart_is_counted_once() {
+    let bed = Bed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let stops = dir.path().join("stops");
+    let section = format!(
+        "[runtime_audit]\ncontainers = [\"restart-runner\"]\n[shutdown]\nstop_records = \"{}\"\n",
+        stops.display()
+    );
+    let agent = Agent::start_in(&bed, dir, "", &section);
+    agent
+        .wait_metric("runner_warden_task_events_up", S(15), |v| v == 1.0)
+        .await;
+    let port = free_port();
+    let pod = Pod::run(
+        &bed,
+        PodSpec::shutdown_fixture(
+            &bed,
+            "restart-a",
+            "shutdown-graceful",
+            "restart-runner",
+            port,
+        ),
+    )
+    .await;
+    wait_for(S(20), "runner healthy", || async {
+        http_get(port, "/health").await.filter(|(c, _)| *c == 200)
+    })
+    .await;
+    let pid = pod.init_pid().await;
+
+    // containerd goes away; the stop (recorded, signalled directly) happens while it is down.
+    testbed("stop-containerd");
+    agent
+        .wait_metric("runner_warden_task_events_up", S(15), |v| v == 0.0)
+        .await;
+    runner_warden::inspect::stop_clock::RecordedStops::new(&stops)
+        .record(&pod.container_id, S(10))
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for(S(10), "the runner to exit", || async {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await;
+    testbed("start-containerd");
+
+    agent
+        .wait_metric(
+            "runner_warden_shutdowns_total{outcome=\"graceful\"}",
+            S(45),
+            |v| v == 1.0,
+        )
+        .await;
+    agent
+        .wait_metric("runner_warden_task_events_up", S(15), |v| v == 1.0)
+        .await;
+    // The stand-in exits 2 s after SIGTERM.
+    let m = agent.metrics().await;
+    let sum = metric(&m, "runner_warden_shutdown_duration_seconds_sum").unwrap();
+    assert!((1.8..3.5).contains(&sum), "{sum}");
+
+    // Live events again, and the reconciled exit is not counted a second time.
+    let port = free_port();
+    let second = Pod::run(
+        &bed,
+        PodSpec::shutdown_fixture(
+            &bed,
+            "restart-b",
+            "shutdown-graceful",
+            "restart-runner",
+            port,
+        ),
+    )
+    .await;
+    wait_for(S(20), "second runner healthy", || async {
+        http_get(port, "/health").await.filter(|(c, _)| *c == 200)
+    })
+    .await;
+    second.stop_recorded(&stops, 10).await;
+    agent
+        .wait_metric(
+            "runner_warden_shutdowns_total{outcome=\"graceful\"}",
+            S(10),
+            |v| v == 2.0,
+        )
+        .await;
+    tokio::time::sleep(S(2)).await;
+    let m = agent.metrics().await;
+    assert_eq!(
+        metric(&m, "runner_warden_shutdowns_total{outcome=\"graceful\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&m, "runner_warden_shutdowns_total{outcome=\"crashed\"}"),
+        Some(0.0)
+    );
+    drop(pod);
+}
