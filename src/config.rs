@@ -38,8 +38,32 @@ pub struct DesiredImage {
     pub image: ImageRef,
     /// A `.dockerconfigjson` or `.dockercfg` file, read at every pull so rotated secrets apply.
     pub pull_secret: Option<PathBuf>,
+    /// Pull secrets read from the cluster (each project's `runnerImagePullSecret`), tried after the file's.
+    pub cluster_secrets: Vec<ClusterSecret>,
     /// The project (namespace) that wants the image, named in findings.
     pub project: Option<String>,
+    /// Further projects wanting the same image (findings go to each).
+    pub other_projects: Vec<String>,
+}
+
+impl DesiredImage {
+    /// An image with only a reference and an optional secret file.
+    pub fn new(image: ImageRef, pull_secret: Option<PathBuf>, project: Option<String>) -> Self {
+        Self {
+            image,
+            pull_secret,
+            cluster_secrets: Vec::new(),
+            project,
+            other_projects: Vec::new(),
+        }
+    }
+}
+
+/// A parsed pull secret from the API server; `name` is `namespace/name` (never its content).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSecret {
+    pub name: String,
+    pub keyring: crate::credentials::Keyring,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -78,7 +102,67 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub runtime_audit: RuntimeAuditSettings,
     pub shutdown: ShutdownSettings,
+    pub kubernetes: KubernetesSettings,
     pub images: Vec<DesiredImage>,
+}
+
+/// The cluster as a source of images and runner pods, and the destination of Events.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KubernetesSettings {
+    pub enabled: bool,
+    /// This node (the downward API's `spec.nodeName`, env `NODE_NAME`).
+    pub node_name: String,
+    /// `CUSTOM_RUNNER_IMAGE_ENABLED`.
+    pub custom_runner_image_enabled: bool,
+    /// `RUNNER_IMAGE_ALLOWED_REGISTRIES`.
+    pub allowed_registries: Vec<String>,
+    /// `RUNNER_IMAGE`, `AMBIENT_CODE_RUNNER_IMAGE`.
+    pub default_images: Vec<String>,
+    /// `namespace/name` of the agent-registry ConfigMap.
+    pub agent_registry: Option<(String, String)>,
+    /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
+    pub lease_namespace: String,
+}
+
+impl KubernetesSettings {
+    /// The platform's environment variables win over the file (the DaemonSet passes the platform's values).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("RUNNER_WARDEN_KUBERNETES") {
+            self.enabled = crate::sources::desired::ClusterPolicy::gate(Some(&v));
+        }
+        if let Some(v) = get("NODE_NAME") {
+            self.node_name = v;
+        }
+        if let Some(v) = get("CUSTOM_RUNNER_IMAGE_ENABLED") {
+            self.custom_runner_image_enabled =
+                crate::sources::desired::ClusterPolicy::gate(Some(&v));
+        }
+        if let Some(v) = get("RUNNER_IMAGE_ALLOWED_REGISTRIES") {
+            self.allowed_registries = crate::sources::desired::ClusterPolicy::allowlist(Some(&v));
+        }
+        for k in ["RUNNER_IMAGE", "AMBIENT_CODE_RUNNER_IMAGE"] {
+            if let Some(v) = get(k) {
+                if !self.default_images.contains(&v) {
+                    self.default_images.push(v);
+                }
+            }
+        }
+        if let Some(v) = get("POD_NAMESPACE") {
+            self.lease_namespace = v;
+        }
+    }
+
+    /// What must hold before the agent talks to a cluster.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_name.is_empty() {
+            return Err("kubernetes: node_name is not set: pass NODE_NAME from the downward API (fieldRef spec.nodeName)".into());
+        }
+        for i in &self.default_images {
+            ImageRef::parse(i).map_err(|e| format!("kubernetes: default image {i:?}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Passive shutdown timing of runner containers (which containers are runners: `runtime_audit`'s list).
@@ -153,6 +237,8 @@ struct RawFile {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
+    kubernetes: RawKubernetes,
+    #[serde(default)]
     images: Vec<RawImage>,
 }
 
@@ -203,6 +289,18 @@ struct RawRuntimeAudit {
     uid: Option<u32>,
     uid_range: Option<String>,
     check_bounding_set: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    enabled: Option<bool>,
+    node_name: Option<String>,
+    custom_runner_image_enabled: Option<bool>,
+    allowed_registries: Option<Vec<String>>,
+    default_images: Option<Vec<String>>,
+    agent_registry: Option<String>,
+    lease_namespace: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -356,11 +454,11 @@ impl Settings {
                         problems.push(format!("images[{i}].pull_secret: must not be empty"));
                     }
                     let pull_secret = img.pull_secret.map(|p| base.join(p));
-                    images.push(DesiredImage {
+                    images.push(DesiredImage::new(
                         image,
                         pull_secret,
-                        project: img.project.filter(|p| !p.is_empty()),
-                    });
+                        img.project.filter(|p| !p.is_empty()),
+                    ));
                 }
                 Err(e) => problems.push(format!("images[{i}].image: {e}")),
             }
@@ -415,6 +513,44 @@ impl Settings {
         }
         shutdown.enabled = raw.shutdown.enabled.unwrap_or(true);
 
+        let rk = raw.kubernetes;
+        let mut kubernetes = KubernetesSettings {
+            enabled: rk.enabled.unwrap_or(false),
+            node_name: rk.node_name.unwrap_or_default(),
+            custom_runner_image_enabled: rk.custom_runner_image_enabled.unwrap_or(false),
+            allowed_registries: rk
+                .allowed_registries
+                .unwrap_or_default()
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            default_images: Vec::new(),
+            agent_registry: None,
+            lease_namespace: rk.lease_namespace.unwrap_or_else(|| "runner-warden".into()),
+        };
+        for (i, d) in rk
+            .default_images
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            match ImageRef::parse(&d) {
+                Ok(_) => kubernetes.default_images.push(d),
+                Err(e) => problems.push(format!("kubernetes.default_images[{i}]: {e}")),
+            }
+        }
+        if let Some(r) = rk.agent_registry {
+            match r.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    kubernetes.agent_registry = Some((ns.to_string(), name.to_string()))
+                }
+                _ => problems.push(format!(
+                    "kubernetes.agent_registry: {r:?} is not namespace/name (e.g. \"ambient-code/ambient-agent-registry\")"
+                )),
+            }
+        }
+
         let mut policy = Policy::default();
         if let Some(keys) = raw.audit.label_keys {
             if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
@@ -453,6 +589,7 @@ impl Settings {
         Ok(Settings {
             runtime_audit,
             shutdown,
+            kubernetes,
             audit: AuditSettings {
                 enabled: raw.audit.enabled.unwrap_or(true),
                 policy,
@@ -570,6 +707,38 @@ mod tests {
             all.contains("unknown check \"no-such\"") && all.contains("\"fatal\" is neither"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn kubernetes_section_and_the_platform_environment() {
+        let mut s = parse("[kubernetes]\nenabled = true\nallowed_registries = [\" Quay.io \"]\nagent_registry = \"ac/ambient-agent-registry\"\n")
+            .unwrap()
+            .kubernetes;
+        assert!(s.enabled);
+        assert_eq!(s.allowed_registries, ["quay.io"]);
+        assert_eq!(
+            s.agent_registry,
+            Some(("ac".into(), "ambient-agent-registry".into()))
+        );
+        assert!(s.validate().unwrap_err().contains("NODE_NAME"));
+        let env = |k: &str| match k {
+            "NODE_NAME" => Some("node-1".to_string()),
+            "CUSTOM_RUNNER_IMAGE_ENABLED" => Some("1".into()),
+            "RUNNER_IMAGE_ALLOWED_REGISTRIES" => Some("a.io,B.io".into()),
+            "RUNNER_IMAGE" => Some("quay.io/ambient_code/vteam_claude_runner:latest".into()),
+            "POD_NAMESPACE" => Some("ops".into()),
+            _ => None,
+        };
+        s.apply_env(env);
+        assert_eq!(s.node_name, "node-1");
+        assert!(s.custom_runner_image_enabled);
+        assert_eq!(s.allowed_registries, ["a.io", "b.io"]);
+        assert_eq!(s.default_images.len(), 1);
+        assert_eq!(s.lease_namespace, "ops");
+        assert!(s.validate().is_ok());
+        let e = parse("[kubernetes]\nagent_registry = \"x\"\ndefault_images = [\"Bad Ref\"]\n")
+            .unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
     }
 
     #[test]

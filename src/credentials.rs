@@ -69,12 +69,20 @@ struct RawEntry {
 }
 
 /// A parsed pull secret: credentials with the keys they apply to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keyring {
     entries: Vec<(Pattern, Credential)>,
 }
 
 impl Keyring {
+    /// Both keyrings' entries, most specific first (kubelet merges every secret of a pod this way).
+    pub fn merged<'a>(rings: impl IntoIterator<Item = &'a Keyring>) -> Keyring {
+        let mut entries: Vec<(Pattern, Credential)> =
+            rings.into_iter().flat_map(|k| k.entries.clone()).collect();
+        entries.sort_by(|a, b| b.0.sort_key.cmp(&a.0.sort_key));
+        Keyring { entries }
+    }
+
     /// Parses a `.dockerconfigjson` or a legacy `.dockercfg` document.
     pub fn parse(bytes: &[u8]) -> Result<Self, CredentialsError> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
@@ -198,7 +206,7 @@ fn credential_from(key: &str, raw: RawEntry) -> Result<Credential, CredentialsEr
 }
 
 /// A key or image name split the way kubelet's `URLsMatch` compares them.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Pattern {
     labels: Vec<String>,
     port: Option<String>,

@@ -13,3 +13,4 @@ pub mod prewarm;
 pub mod reference;
 pub mod report;
 pub mod runtime;
+pub mod sources;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,16 +20,21 @@ use runner_warden::config::{
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::inspect::image::read_facts;
 use runner_warden::inspect::scan::{ScanSettings, Scanner};
-use runner_warden::inspect::stop_clock::RecordedStops;
+use runner_warden::inspect::stop_clock::{Clocks, PodStops, RecordedStops};
 use runner_warden::inspect::timing::{ShutdownTimer, TimingSettings};
 use runner_warden::inspect::{process, Auditor};
 use runner_warden::prewarm::{backoff_delay, Outcome, Prewarmer, MANUAL_PIN_OWNER};
 use runner_warden::reference::ImageRef;
+use runner_warden::report::events::UidLookup;
 use runner_warden::report::findings::FindingSink;
+use runner_warden::report::findings::Regarding;
 use runner_warden::report::metrics::Metrics;
 use runner_warden::report::server::{self, Health};
 use runner_warden::runtime::proc_connector::{self, ProcConnector};
 use runner_warden::runtime::Runtime;
+use runner_warden::sources::desired::ClusterPolicy;
+use runner_warden::sources::kubernetes::{KubeSettings, KubeSource};
+use runner_warden::{report, sources};
 
 /// How long shutdown may take before the process exits anyway (kubelet's grace is longer; we practise
 /// what we check).
@@ -206,6 +211,10 @@ struct RunArgs {
     /// Validate the configuration, print the result and exit (0 valid, 2 invalid).
     #[arg(long)]
     check_config: bool,
+    /// Follow the cluster: ProjectSettings and their pull Secrets, runner pods on this node, findings as
+    /// Events (as kubernetes.enabled; in-cluster service account or KUBECONFIG; NODE_NAME required).
+    #[arg(long, env = "RUNNER_WARDEN_KUBERNETES")]
+    kubernetes: bool,
 }
 
 #[derive(clap::Args)]
@@ -288,13 +297,21 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         findings: args.findings.clone(),
         concurrency: args.concurrency,
     };
-    let settings = match Settings::load(&args.config, &overrides) {
+    let mut settings = match Settings::load(&args.config, &overrides) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("runner-warden: {e}");
             return Ok(ExitCode::from(2));
         }
     };
+    settings.kubernetes.apply_env(|k| std::env::var(k).ok());
+    settings.kubernetes.enabled |= args.kubernetes;
+    if settings.kubernetes.enabled {
+        if let Err(e) = settings.kubernetes.validate() {
+            eprintln!("runner-warden: {}: {e}", args.config.display());
+            return Ok(ExitCode::from(2));
+        }
+    }
     if args.check_config {
         println!(
             "{}: valid; {} image(s), containerd {} (namespace {}), metrics on {}",
@@ -309,7 +326,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let findings = FindingSink::open(&settings.findings, metrics.clone())
+    let mut findings = FindingSink::open(&settings.findings, metrics.clone())
         .with_context(|| format!("cannot open findings output {}", settings.findings))?;
     let listener = server::bind(settings.metrics_address).await.with_context(|| {
         format!(
@@ -335,8 +352,75 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     let stop = CancellationToken::new();
-    let (desired_tx, desired_rx) = watch::channel(settings.images.clone());
+    let (desired_tx, file_rx) = watch::channel(settings.images.clone());
     let mut tasks = tokio::task::JoinSet::new();
+    let pod_stops = Arc::new(PodStops::default());
+    let desired_rx = if settings.kubernetes.enabled {
+        let k = &settings.kubernetes;
+        let client = kube::Client::try_default().await.context(
+            "cannot configure the Kubernetes client: run in a pod with a service account, or set KUBECONFIG",
+        )?;
+        info!(node = %k.node_name, "following the cluster: ProjectSettings, runner pods on this node, Events");
+        let leader = Arc::new(AtomicBool::new(false));
+        tasks.spawn(sources::leader::run(
+            client.clone(),
+            k.lease_namespace.clone(),
+            format!("runner-warden-{}", k.node_name),
+            leader.clone(),
+            stop.clone(),
+        ));
+        let source = KubeSource::new(
+            client.clone(),
+            KubeSettings {
+                node_name: k.node_name.clone(),
+                policy: ClusterPolicy {
+                    custom_images_enabled: k.custom_runner_image_enabled,
+                    allowed_registries: k.allowed_registries.clone(),
+                    default_images: k.default_images.clone(),
+                },
+                agent_registry: k.agent_registry.clone(),
+            },
+        );
+        let store = source.store();
+        let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
+            r.uid
+                .clone()
+                .or_else(|| match (r.kind, r.namespace.as_deref()) {
+                    ("ProjectSettings", Some(ns)) => sources::kubernetes::project_uid(&store, ns),
+                    _ => None,
+                })
+        });
+        let (queue, events_task) = report::events::spawn(
+            client.clone(),
+            &k.node_name,
+            leader,
+            uid_of,
+            metrics.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move {
+            let _ = events_task.await;
+        });
+        findings = findings.with_events(queue);
+        let (cluster_tx, cluster_rx) = watch::channel(Vec::new());
+        tasks.spawn(source.run(cluster_tx, findings.clone(), stop.clone()));
+        tasks.spawn(sources::kubernetes::watch_runner_pods(
+            client,
+            k.node_name.clone(),
+            pod_stops.clone(),
+            stop.clone(),
+        ));
+        let (merged_tx, merged_rx) = watch::channel(Vec::new());
+        tasks.spawn(sources::merge_desired(
+            file_rx,
+            cluster_rx,
+            merged_tx,
+            stop.clone(),
+        ));
+        merged_rx
+    } else {
+        file_rx
+    };
     tasks.spawn(server::serve(listener, metrics.clone(), health.clone(), stop.clone()).map_unit());
     tasks.spawn(watch_config(
         args.config.clone(),
@@ -375,7 +459,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 containers: settings.runtime_audit.scan.containers.clone(),
                 all_containers: settings.runtime_audit.scan.all_containers,
             },
-            Arc::new(RecordedStops::new(&settings.shutdown.stop_records)),
+            Arc::new(Clocks(vec![
+                Arc::new(RecordedStops::new(&settings.shutdown.stop_records)),
+                pod_stops.clone(),
+            ])),
             findings.clone(),
             metrics.clone(),
         );
@@ -555,7 +642,9 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let desired = DesiredImage {
         image: image.clone(),
         pull_secret: args.secret.clone(),
+        cluster_secrets: Vec::new(),
         project: None,
+        other_projects: Vec::new(),
     };
     let mut attempt = 0;
     loop {
@@ -948,7 +1037,9 @@ async fn ensure_present(
     let desired = DesiredImage {
         image: image.clone(),
         pull_secret: secret.map(Path::to_path_buf),
+        cluster_secrets: Vec::new(),
         project: None,
+        other_projects: Vec::new(),
     };
     match prewarmer.attempt(&desired, false).await {
         Ok(_) => Ok(image),

@@ -332,7 +332,8 @@ impl Prewarmer {
         }
         info!(image = %image, image_id = %id, pinned, "{how}");
         *last_id = Some(id.clone());
-        self.publish(
+        self.publish_image(
+            d,
             Finding::new(
                 findings::PREWARMED,
                 Severity::Normal,
@@ -404,7 +405,8 @@ impl Prewarmer {
                         "runner image contract: {}",
                         r.detail
                     );
-                    self.publish(
+                    self.publish_image(
+                        d,
                         Finding::new(
                             findings::CONTRACT_VIOLATION,
                             Severity::Warning,
@@ -441,7 +443,8 @@ impl Prewarmer {
             // Once per distinct problem, not once per retry.
             if last_secret_error.as_deref() != Some(f.message.as_str()) {
                 *last_secret_error = Some(f.message.clone());
-                self.publish(
+                self.publish_image(
+                    d,
                     Finding::new(
                         findings::PULL_SECRET_INVALID,
                         Severity::Warning,
@@ -455,7 +458,8 @@ impl Prewarmer {
             return;
         }
         if failures == self.settings.failure_finding_after {
-            self.publish(
+            self.publish_image(
+                d,
                 Finding::new(
                     findings::PULL_FAILED,
                     Severity::Warning,
@@ -478,6 +482,16 @@ impl Prewarmer {
         if let Some(sink) = &self.findings {
             sink.publish(&f);
         }
+    }
+
+    /// A finding about `d`'s image goes to every project that wants it.
+    fn publish_image(&self, d: &DesiredImage, f: Finding) {
+        for p in &d.other_projects {
+            let mut g = f.clone();
+            g.regarding = Regarding::for_image(d.image.as_str(), Some(p));
+            self.publish(g);
+        }
+        self.publish(f);
     }
 
     /// One attempt: status check, then pulls with each matching credential and anonymously.
@@ -503,13 +517,30 @@ impl Prewarmer {
             }
         }
 
-        let keyring = match &d.pull_secret {
+        let file_keyring = match &d.pull_secret {
             Some(path) => Some(load_keyring(path).map_err(|problem| Failure {
                 class: FailureClass::Secret,
                 message: format!("pull secret {} for {image}: {problem}", path.display()),
             })?),
             None => None,
         };
+        let keyring = match (&file_keyring, d.cluster_secrets.is_empty()) {
+            (None, true) => None,
+            (file, _) => Some(Keyring::merged(
+                file.iter()
+                    .chain(d.cluster_secrets.iter().map(|s| &s.keyring)),
+            )),
+        };
+        let secret_names: Vec<String> = d
+            .pull_secret
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(
+                d.cluster_secrets
+                    .iter()
+                    .map(|s| format!("secret {}", s.name)),
+            )
+            .collect();
         let creds: Vec<&Credential> = keyring
             .as_ref()
             .map(|k| k.lookup(&image.name()))
@@ -547,17 +578,16 @@ impl Prewarmer {
             }
         }
         let f = first_auth.expect("the anonymous attempt always runs");
-        let tried = match (&d.pull_secret, creds.len()) {
-            (None, _) => "no pull secret is configured, so it was pulled anonymously".to_string(),
-            (Some(p), 0) => format!(
-                "pull secret {} has no entry matching {} (its keys: {}), so it was pulled anonymously",
-                p.display(),
+        let names = secret_names.join(", ");
+        let tried = match (keyring.is_some(), creds.len()) {
+            (false, _) => "no pull secret is configured, so it was pulled anonymously".to_string(),
+            (true, 0) => format!(
+                "pull secret {names} has no entry matching {} (its keys: {}), so it was pulled anonymously",
                 image.registry(),
                 keyring.as_ref().map(|k| k.keys().join(", ")).unwrap_or_default()
             ),
-            (Some(p), n) => format!(
-                "tried {n} credential(s) from pull secret {} (keys: {}) and anonymously",
-                p.display(),
+            (true, n) => format!(
+                "tried {n} credential(s) from pull secret {names} (keys: {}) and anonymously",
                 creds.iter().map(|c| c.key.as_str()).collect::<Vec<_>>().join(", ")
             ),
         };

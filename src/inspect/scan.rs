@@ -277,7 +277,7 @@ impl Scanner {
                     &Finding::new(
                         row.check,
                         Severity::Warning,
-                        Regarding::pod(&c.namespace, &c.pod),
+                        Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
                         format!(
                             "Container {} (pid {}, {}): {}.",
                             c.name, row.pid, row.command, row.detail

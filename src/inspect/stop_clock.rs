@@ -151,6 +151,8 @@ pub struct PodStops {
 impl PodStops {
     pub fn set(&self, pod_uid: &str, req: StopRequest) {
         if let Ok(mut m) = self.by_uid.lock() {
+            // Pods whose runner never exited under our eyes: forget them after an hour.
+            m.retain(|_, r| r.at.elapsed().map_or(true, |age| age < RECORD_TTL));
             m.insert(pod_uid.to_string(), req);
         }
     }
@@ -168,6 +170,10 @@ impl StopClock for PodStops {
             return None;
         }
         self.by_uid.lock().ok()?.get(&c.pod_uid).copied()
+    }
+
+    fn forget(&self, c: &ContainerRef) {
+        self.remove(&c.pod_uid);
     }
 }
 

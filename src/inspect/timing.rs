@@ -487,7 +487,7 @@ pub fn finding(
         Finding::new(
             reason,
             Severity::Warning,
-            Regarding::pod(&c.namespace, &c.pod),
+            Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
             message,
         )
         .container(&c.name)
@@ -532,7 +532,10 @@ mod tests {
     fn slow_and_killed_exits_say_what_was_measured() {
         let f = finding(&exit(0), ShutdownOutcome::Slow, 4.02, 5.0, 0.5, vec![]).unwrap();
         assert_eq!(f.reason, SHUTDOWN_SLOW);
-        assert_eq!(f.regarding, Regarding::pod("proj", "session-1"));
+        assert_eq!(
+            f.regarding,
+            Regarding::pod("proj", "session-1").with_uid("u")
+        );
         assert!(f.message.contains("4.02 s"), "{}", f.message);
         assert!(
             f.message.contains("2.5 s (50 % of the 5 s grace period"),

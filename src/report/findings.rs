@@ -13,6 +13,7 @@ pub const PREWARMED: &str = "RunnerImagePrewarmed";
 pub const PULL_FAILED: &str = "RunnerImagePullFailed";
 pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
 pub const CONTRACT_VIOLATION: &str = "RunnerImageContractViolation";
+pub const REGISTRY_NOT_ALLOWED: &str = "RunnerImageRegistryNotAllowed";
 pub const SHUTDOWN_SLOW: &str = "RunnerShutdownSlow";
 pub const SHUTDOWN_KILLED: &str = "RunnerShutdownKilled";
 
@@ -39,15 +40,24 @@ pub struct Regarding {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
+    /// The API object's uid where known (`kubectl describe` matches events by it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 impl Regarding {
+    pub fn with_uid(mut self, uid: &str) -> Self {
+        self.uid = (!uid.is_empty()).then(|| uid.to_string());
+        self
+    }
+
     /// A runner pod.
     pub fn pod(namespace: &str, name: &str) -> Self {
         Regarding {
             kind: "Pod",
             namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
             name: name.to_string(),
+            uid: None,
         }
     }
 
@@ -58,11 +68,13 @@ impl Regarding {
                 kind: "ProjectSettings",
                 namespace: Some(ns.to_string()),
                 name: "projectsettings".into(),
+                uid: None,
             },
             None => Regarding {
                 kind: "Image",
                 namespace: None,
                 name: image.to_string(),
+                uid: None,
             },
         }
     }
@@ -162,6 +174,7 @@ struct Line<'a> {
 pub struct FindingSink {
     out: Arc<Mutex<Box<dyn Write + Send>>>,
     metrics: Arc<Metrics>,
+    events: Option<super::events::EventQueue>,
 }
 
 impl FindingSink {
@@ -180,10 +193,20 @@ impl FindingSink {
         Ok(Self {
             out: Arc::new(Mutex::new(out)),
             metrics,
+            events: None,
         })
     }
 
+    /// Also publish every finding as a Kubernetes Event.
+    pub fn with_events(mut self, events: super::events::EventQueue) -> Self {
+        self.events = Some(events);
+        self
+    }
+
     pub fn publish(&self, finding: &Finding) {
+        if let Some(ev) = &self.events {
+            ev.push(finding);
+        }
         let line = Line {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             finding,
@@ -195,7 +218,10 @@ impl FindingSink {
             .lock()
             .map_err(|_| std::io::Error::other("findings writer poisoned"))
             .and_then(|mut w| w.write_all(text.as_bytes()).and_then(|_| w.flush()));
+        // With a cluster, events_total counts the API writes; the JSON lines are a log.
+        let counted = self.events.is_none();
         match written {
+            Ok(()) if !counted => {}
             Ok(()) => self
                 .metrics
                 .events_total

@@ -116,7 +116,7 @@ impl Metrics {
         let events_total = IntCounterVec::new(
             Opts::new(
                 name("events_total"),
-                "Findings written (result=written) or lost (result=failed).",
+                "Findings by result: written (JSON line, or Event with a cluster), failed (write or API rejection), dropped (event queue full), spam_limited, other_node (cluster-wide finding left to the lease holder), no_object.",
             ),
             &["result"],
         )
@@ -247,7 +247,14 @@ impl Metrics {
         for r in RESULTS {
             prewarm_pulls_total.with_label_values(&[r]);
         }
-        for r in ["written", "failed"] {
+        for r in [
+            "written",
+            "failed",
+            "dropped",
+            "spam_limited",
+            "other_node",
+            "no_object",
+        ] {
             events_total.with_label_values(&[r]);
         }
         for c in crate::contract::CHECKS {

@@ -1,6 +1,8 @@
-//! Reporting: findings (JSON lines now, Kubernetes Events later), Prometheus metrics, and the HTTP server
-//! that exposes them with health and readiness.
+//! Reporting: findings (JSON lines standalone, Kubernetes Events with a cluster), Prometheus metrics, and
+//! the HTTP server that exposes them with health and readiness.
 
+pub mod events;
 pub mod findings;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;

@@ -62,6 +62,8 @@ pub struct Pod {
     pub sandbox_id: String,
     pub container_id: String,
     pub name: String,
+    /// The container's CRI log file (kubelet's format: RFC 3339 time, stream, tag, line).
+    pub log: std::path::PathBuf,
     removed: bool,
 }
 
@@ -190,6 +192,7 @@ impl Pod {
             sandbox_id,
             container_id,
             name: spec.name,
+            log: logs.join("container.log"),
             removed: false,
         }
     }

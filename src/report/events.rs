@@ -1,0 +1,192 @@
+//! Findings as Kubernetes Events (events.k8s.io/v1 through kube-rs's `Recorder`), behind a bounded queue
+//! (the API server may be away), the per-(object, reason) spam limit, and the rule that findings which are
+//! the same on every node are written by one node only (the reporter-lease holder).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::findings::{
+    Finding, Regarding, Severity, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
+};
+use super::metrics::Metrics;
+use super::ratelimit::SpamLimit;
+
+pub const CONTROLLER: &str = "ambient-code.io/runner-warden";
+/// Findings waiting for the API server beyond this are dropped (and counted).
+pub const QUEUE: usize = 1000;
+
+/// Reasons whose findings every node would find alike.
+pub fn cluster_wide(reason: &str) -> bool {
+    [
+        PULL_SECRET_INVALID,
+        REGISTRY_NOT_ALLOWED,
+        CONTRACT_VIOLATION,
+    ]
+    .contains(&reason)
+}
+
+/// Looks up the uid of a regarded object (`kubectl describe` matches events by uid).
+pub type UidLookup = Arc<dyn Fn(&Regarding) -> Option<String> + Send + Sync>;
+
+/// The sending half: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct EventQueue {
+    tx: mpsc::Sender<Finding>,
+    metrics: Arc<Metrics>,
+}
+
+impl EventQueue {
+    pub fn push(&self, f: &Finding) {
+        if self.tx.try_send(f.clone()).is_err() {
+            self.metrics
+                .events_total
+                .with_label_values(&["dropped"])
+                .inc();
+            warn!(
+                reason = f.reason,
+                "event queue full (API server unreachable?); finding dropped"
+            );
+        }
+    }
+}
+
+/// The API object a finding regards.
+pub fn object_ref(r: &Regarding, uid: Option<String>) -> ObjectReference {
+    let api_version = match r.kind {
+        "ProjectSettings" => "vteam.ambient-code/v1alpha1",
+        _ => "v1",
+    };
+    ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(r.kind.into()),
+        namespace: r.namespace.clone(),
+        name: Some(r.name.clone()),
+        uid,
+        ..Default::default()
+    }
+}
+
+pub fn spawn(
+    client: Client,
+    node: &str,
+    leader: Arc<AtomicBool>,
+    uid_of: UidLookup,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> (EventQueue, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: CONTROLLER.into(),
+            instance: Some(format!("runner-warden-{node}")),
+        },
+    );
+    let queue = EventQueue {
+        tx,
+        metrics: metrics.clone(),
+    };
+    let task = tokio::spawn(publish_loop(rx, recorder, leader, uid_of, metrics, stop));
+    (queue, task)
+}
+
+async fn publish_loop(
+    mut rx: mpsc::Receiver<Finding>,
+    recorder: Recorder,
+    leader: Arc<AtomicBool>,
+    uid_of: UidLookup,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut limit: SpamLimit<(String, &'static str)> = SpamLimit::default();
+    let count = |r: &str| metrics.events_total.with_label_values(&[r]).inc();
+    loop {
+        let f = tokio::select! {
+            _ = stop.cancelled() => return,
+            f = rx.recv() => match f { Some(f) => f, None => return },
+        };
+        // Regarding objects that exist only standalone (an image without a project) have no API object.
+        if f.regarding.kind == "Image" {
+            count("no_object");
+            continue;
+        }
+        if cluster_wide(f.reason) && !leader.load(Ordering::Relaxed) {
+            count("other_node");
+            continue;
+        }
+        let key = (
+            format!(
+                "{}/{}/{}",
+                f.regarding.kind,
+                f.regarding.namespace.as_deref().unwrap_or(""),
+                f.regarding.name
+            ),
+            f.reason,
+        );
+        if !limit.allow(&key, Instant::now()) {
+            count("spam_limited");
+            debug!(reason = f.reason, object = %key.0, "event suppressed by the spam limit");
+            continue;
+        }
+        let reference = object_ref(&f.regarding, uid_of(&f.regarding));
+        let mut note = f.message.clone();
+        if note.len() > 1000 {
+            let mut cut = 997;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        let event = Event {
+            type_: match f.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: f.reason.into(),
+            note: Some(note),
+            action: action(f.reason).into(),
+            secondary: None,
+        };
+        // Retry while the API server is away (the queue holds the rest); give up on a rejection.
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match recorder.publish(&event, &reference).await {
+                Ok(()) => {
+                    count("written");
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
+                    count("failed");
+                    warn!(reason = f.reason, object = %key.0, code = s.code, error = %s.message, "the API server rejected the event");
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, "publishing an event failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+/// The action an event reports (events.k8s.io requires one).
+fn action(reason: &str) -> &'static str {
+    match reason {
+        r if r.starts_with("RunnerImage") => "Prewarm",
+        r if r.starts_with("RunnerShutdown") => "Stop",
+        _ => "Audit",
+    }
+}

@@ -1,0 +1,76 @@
+//! Event spam limit per (object, reason): a token bucket of 25 that refills one token every 5 minutes —
+//! client-go's EventSourceObjectSpamFilter rule, which kube-rs's Recorder does not have. Pure.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+pub const BURST: f64 = 25.0;
+pub const REFILL_EVERY: Duration = Duration::from_secs(300);
+/// Buckets untouched this long are full again and can be forgotten.
+const IDLE_FORGET: Duration = Duration::from_secs(300 * 25);
+
+pub struct SpamLimit<K> {
+    buckets: HashMap<K, (f64, Instant)>,
+    burst: f64,
+    refill_every: Duration,
+}
+
+impl<K: Hash + Eq + Clone> Default for SpamLimit<K> {
+    fn default() -> Self {
+        Self::new(BURST, REFILL_EVERY)
+    }
+}
+
+impl<K: Hash + Eq + Clone> SpamLimit<K> {
+    pub fn new(burst: f64, refill_every: Duration) -> Self {
+        Self {
+            buckets: HashMap::new(),
+            burst,
+            refill_every,
+        }
+    }
+
+    /// Takes a token for `key` at `now`; false when the bucket is empty (the event is suppressed).
+    pub fn allow(&mut self, key: &K, now: Instant) -> bool {
+        if self.buckets.len() > 10_000 {
+            self.buckets
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < IDLE_FORGET);
+        }
+        let (tokens, at) = self.buckets.entry(key.clone()).or_insert((self.burst, now));
+        let refill =
+            now.saturating_duration_since(*at).as_secs_f64() / self.refill_every.as_secs_f64();
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_of_25_then_one_per_5_minutes_per_key() {
+        let mut l = SpamLimit::default();
+        let t0 = Instant::now();
+        let allowed = (0..30).filter(|_| l.allow(&"pod/a:Reason", t0)).count();
+        assert_eq!(allowed, 25);
+        // Another object or reason has its own bucket.
+        assert!(l.allow(&"pod/b:Reason", t0));
+        assert!(!l.allow(&"pod/a:Reason", t0 + Duration::from_secs(299)));
+        assert!(l.allow(&"pod/a:Reason", t0 + Duration::from_secs(301)));
+        assert!(!l.allow(&"pod/a:Reason", t0 + Duration::from_secs(302)));
+        // Long quiet: the full burst again, never more.
+        let later = t0 + Duration::from_secs(10 * 3600);
+        assert_eq!(
+            (0..40).filter(|_| l.allow(&"pod/a:Reason", later)).count(),
+            25
+        );
+    }
+}

@@ -1,0 +1,500 @@
+//! The cluster as a source: ProjectSettings (a reflector over every namespace, managed fields stripped),
+//! each project's pull Secret (`get` in the project's own namespace only, cached for 5 minutes and fetched
+//! again at once when the ProjectSettings changes), the optional agent-registry ConfigMap, and the runner
+//! pods on this node (their deletion time is the shutdown timer's stop clock).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::desired::{plan, ClusterPolicy, Problem, ProjectWant};
+use crate::config::{ClusterSecret, DesiredImage};
+use crate::credentials::Keyring;
+use crate::inspect::stop_clock::{PodStops, StopRequest};
+use crate::report::findings::{
+    Finding, FindingSink, Regarding, Severity, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
+};
+
+pub const PROJECT_SETTINGS_NAME: &str = "projectsettings";
+const SECRET_TTL: Duration = Duration::from_secs(300);
+const RESYNC: Duration = Duration::from_secs(30);
+/// Runner pods of both provisioning paths (CONTRACT.md): the control plane's and the legacy operator's.
+pub const RUNNER_POD_SELECTORS: [&str; 2] =
+    ["ambient-code.io/managed=true", "app=ambient-code-runner"];
+
+/// `vteam.ambient-code/v1alpha1` ProjectSettings, with only the fields runner-warden reads.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ProjectSettings {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ProjectSettingsSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectSettingsSpec {
+    #[serde(default)]
+    pub runner_image: Option<String>,
+    #[serde(default)]
+    pub runner_image_pull_secret: Option<String>,
+}
+
+impl Resource for ProjectSettings {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "ProjectSettings".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "vteam.ambient-code".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "projectsettings".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KubeSettings {
+    pub node_name: String,
+    pub policy: ClusterPolicy,
+    /// `namespace/name` of the agent-registry ConfigMap (`agent-registry.json`), if used.
+    pub agent_registry: Option<(String, String)>,
+}
+
+/// Images named by the agent registry: `[].container.image` and `[].sandbox.stateSyncImage`.
+pub fn agent_registry_images(json: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let arr = v.as_array().ok_or("not a JSON array")?;
+    let mut out = Vec::new();
+    for entry in arr {
+        for ptr in ["/container/image", "/sandbox/stateSyncImage"] {
+            if let Some(s) = entry
+                .pointer(ptr)
+                .and_then(|s| s.as_str())
+                .filter(|s| !s.is_empty())
+            {
+                out.push(s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why a project's pull Secret cannot be used.
+fn secret_problem(secret: Option<&Secret>, ns: &str, name: &str) -> Result<Keyring, String> {
+    let Some(s) = secret else {
+        return Err(format!(
+            "Secret {ns}/{name} (spec.runnerImagePullSecret) does not exist: create it in namespace {ns} with type kubernetes.io/dockerconfigjson"
+        ));
+    };
+    let ty = s.type_.as_deref().unwrap_or("Opaque");
+    if ty != "kubernetes.io/dockerconfigjson" {
+        return Err(format!(
+            "Secret {ns}/{name} has type {ty}, not kubernetes.io/dockerconfigjson: recreate it with `kubectl create secret docker-registry`"
+        ));
+    }
+    let data = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(".dockerconfigjson"))
+        .ok_or_else(|| format!("Secret {ns}/{name} has no .dockerconfigjson key"))?;
+    Keyring::parse(&data.0).map_err(|e| format!("Secret {ns}/{name}: .dockerconfigjson {e}"))
+}
+
+struct CachedSecret {
+    fetched: Instant,
+    /// The ProjectSettings resourceVersion it was fetched for: a change refetches at once.
+    for_version: String,
+    result: Result<Keyring, String>,
+}
+
+/// Feeds the prewarmer and the shutdown timer from the cluster until `stop`.
+pub struct KubeSource {
+    client: Client,
+    settings: KubeSettings,
+    store: Store<ProjectSettings>,
+    writer: Option<reflector::store::Writer<ProjectSettings>>,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, settings: KubeSettings) -> Self {
+        let (store, writer) = reflector::store();
+        Self {
+            client,
+            settings,
+            store,
+            writer: Some(writer),
+        }
+    }
+
+    /// A reader of the ProjectSettings cache (the events sink looks uids up in it).
+    pub fn store(&self) -> Store<ProjectSettings> {
+        self.store.clone()
+    }
+
+    pub async fn run(
+        mut self,
+        desired: watch::Sender<Vec<DesiredImage>>,
+        sink: FindingSink,
+        stop: CancellationToken,
+    ) {
+        let api: Api<ProjectSettings> = Api::all(self.client.clone());
+        let writer = self.writer.take().expect("run once");
+        let (changed_tx, mut changed_rx) = watch::channel(());
+        let stream = watcher(
+            api,
+            watcher::Config::default().fields(&format!("metadata.name={PROJECT_SETTINGS_NAME}")),
+        )
+        .modify(|ps: &mut ProjectSettings| {
+            ps.managed_fields_mut().clear();
+        })
+        .default_backoff()
+        .reflect(writer);
+        let reflect = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = stream.next() => match ev {
+                            Some(Ok(_)) => { let _ = changed_tx.send(()); }
+                            Some(Err(e)) => warn!(error = %e, "watching ProjectSettings failed; retrying with backoff"),
+                            None => return,
+                        }
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = self.store.wait_until_ready() => if r.is_err() { return },
+        }
+        info!(
+            projects = self.store.state().len(),
+            "ProjectSettings cache synced"
+        );
+
+        let mut secrets: HashMap<(String, String), CachedSecret> = HashMap::new();
+        let mut reported: HashSet<(String, &'static str, String)> = HashSet::new();
+        let mut tick = tokio::time::interval(RESYNC);
+        loop {
+            self.reconcile(&desired, &sink, &mut secrets, &mut reported)
+                .await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+                r = changed_rx.changed() => {
+                    if r.is_err() { break }
+                    // Let a burst of changes settle.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        reflect.abort();
+    }
+
+    async fn reconcile(
+        &self,
+        desired: &watch::Sender<Vec<DesiredImage>>,
+        sink: &FindingSink,
+        secrets: &mut HashMap<(String, String), CachedSecret>,
+        reported: &mut HashSet<(String, &'static str, String)>,
+    ) {
+        let objects = self.store.state();
+        let versions: HashMap<String, String> = objects
+            .iter()
+            .filter_map(|o| Some((o.namespace()?, o.resource_version().unwrap_or_default())))
+            .collect();
+        let projects: Vec<ProjectWant> = objects
+            .iter()
+            .filter_map(|o| {
+                Some(ProjectWant {
+                    namespace: o.namespace()?,
+                    runner_image: o.spec.runner_image.clone(),
+                    pull_secret: o.spec.runner_image_pull_secret.clone(),
+                })
+            })
+            .collect();
+        let mut policy = self.settings.policy.clone();
+        if let Some((ns, name)) = &self.settings.agent_registry {
+            policy
+                .default_images
+                .extend(self.agent_registry(ns, name).await);
+        }
+        let (wants, problems) = plan(&projects, &policy);
+
+        let mut now_reported = HashSet::new();
+        let mut report = |ns: &str, reason: &'static str, message: String, image: Option<&str>| {
+            let key = (ns.to_string(), reason, message.clone());
+            if !reported.contains(&key) {
+                warn!(project = ns, reason, "{message}");
+                let mut f = Finding::new(
+                    reason,
+                    Severity::Warning,
+                    Regarding::for_image("", Some(ns)),
+                    message,
+                );
+                if let Some(i) = image {
+                    f = f.image(i);
+                }
+                sink.publish(&f);
+            }
+            now_reported.insert(key);
+        };
+        for (ns, p) in &problems {
+            let reason = match p {
+                Problem::RegistryNotAllowed { .. } => REGISTRY_NOT_ALLOWED,
+                Problem::SecretName { .. } | Problem::BadReference { .. } => PULL_SECRET_INVALID,
+            };
+            let reason = if matches!(p, Problem::BadReference { .. }) {
+                crate::report::findings::PULL_FAILED
+            } else {
+                reason
+            };
+            report(ns, reason, p.message(ns), None);
+        }
+
+        let mut images = Vec::new();
+        for w in wants {
+            let mut cluster_secrets = Vec::new();
+            for (ns, name) in &w.secrets {
+                let version = versions.get(ns).cloned().unwrap_or_default();
+                let fresh = secrets
+                    .get(&(ns.clone(), name.clone()))
+                    .is_some_and(|c| c.fetched.elapsed() < SECRET_TTL && c.for_version == version);
+                if !fresh {
+                    let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+                    let result = match api.get_opt(name).await {
+                        Ok(s) => secret_problem(s.as_ref(), ns, name),
+                        Err(e) => {
+                            // Not the secret's fault: keep what we had, try again next round.
+                            warn!(secret = %format!("{ns}/{name}"), error = %e, "cannot read the pull secret; keeping the last copy");
+                            continue;
+                        }
+                    };
+                    secrets.insert(
+                        (ns.clone(), name.clone()),
+                        CachedSecret {
+                            fetched: Instant::now(),
+                            for_version: version,
+                            result,
+                        },
+                    );
+                }
+                match &secrets[&(ns.clone(), name.clone())].result {
+                    Ok(k) => cluster_secrets.push(ClusterSecret {
+                        name: format!("{ns}/{name}"),
+                        keyring: k.clone(),
+                    }),
+                    Err(msg) => report(
+                        ns,
+                        PULL_SECRET_INVALID,
+                        format!("{msg}; runner image {} is pulled without it", w.image),
+                        Some(w.image.as_str()),
+                    ),
+                }
+            }
+            let mut projects = w.projects.into_iter();
+            images.push(DesiredImage {
+                image: w.image,
+                pull_secret: None,
+                cluster_secrets,
+                project: projects.next(),
+                other_projects: projects.collect(),
+            });
+        }
+        // A problem that went away may be reported again if it comes back.
+        *reported = now_reported;
+        secrets.retain(|(ns, _), _| versions.contains_key(ns));
+        desired.send_if_modified(|cur| {
+            if *cur == images {
+                false
+            } else {
+                debug!(
+                    images = images.len(),
+                    "desired runner images from the cluster changed"
+                );
+                *cur = images;
+                true
+            }
+        });
+    }
+
+    async fn agent_registry(&self, ns: &str, name: &str) -> Vec<String> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        match api.get_opt(name).await {
+            Ok(Some(cm)) => match cm.data.as_ref().and_then(|d| d.get("agent-registry.json")) {
+                Some(json) => agent_registry_images(json).unwrap_or_else(|e| {
+                    warn!(configmap = %format!("{ns}/{name}"), "agent-registry.json is {e}; its images are not prewarmed");
+                    Vec::new()
+                }),
+                None => Vec::new(),
+            },
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                warn!(configmap = %format!("{ns}/{name}"), error = %e, "cannot read the agent registry");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Watches the runner pods on this node and keeps their stop requests (deletion time − grace) for the
+/// shutdown timer.
+pub async fn watch_runner_pods(
+    client: Client,
+    node: String,
+    stops: Arc<PodStops>,
+    stop: CancellationToken,
+) {
+    let api: Api<Pod> = Api::all(client);
+    let streams = RUNNER_POD_SELECTORS.map(|sel| {
+        watcher(
+            api.clone(),
+            watcher::Config::default()
+                .fields(&format!("spec.nodeName={node}"))
+                .labels(sel),
+        )
+        .default_backoff()
+        .applied_objects()
+        .boxed()
+    });
+    let mut merged = futures::stream::select_all(streams);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = merged.try_next() => match ev {
+                Ok(Some(pod)) => {
+                    if let Some(req) = stop_request(&pod) {
+                        if let Some(uid) = pod.uid() {
+                            debug!(pod = %pod.name_any(), "runner pod deleted; its stop clock runs");
+                            stops.set(&uid, req);
+                        }
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => warn!(error = %e, "watching runner pods on this node failed; retrying with backoff"),
+            }
+        }
+    }
+}
+
+/// `deletionTimestamp − deletionGracePeriodSeconds`: when kubelet was asked to stop the pod.
+pub fn stop_request(pod: &Pod) -> Option<StopRequest> {
+    let deleted = pod.metadata.deletion_timestamp.as_ref()?.0;
+    let grace = pod.metadata.deletion_grace_period_seconds?.max(0) as u64;
+    let deleted_ns = deleted.as_nanosecond();
+    if deleted_ns < 0 {
+        return None;
+    }
+    let at = UNIX_EPOCH + Duration::from_nanos(deleted_ns as u64) - Duration::from_secs(grace);
+    Some(StopRequest {
+        at,
+        grace: Duration::from_secs(grace),
+    })
+}
+
+/// uid of the regarded ProjectSettings from the cache (Pods carry theirs from CRI's labels).
+pub fn project_uid(store: &Store<ProjectSettings>, namespace: &str) -> Option<String> {
+    store
+        .get(&reflector::ObjectRef::new(PROJECT_SETTINGS_NAME).within(namespace))
+        .and_then(|o| o.uid())
+}
+
+/// Labels → Pod selector map, for tests and RBAC docs.
+pub fn selectors() -> BTreeMap<&'static str, &'static str> {
+    RUNNER_POD_SELECTORS
+        .iter()
+        .filter_map(|s| s.split_once('='))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::ByteString;
+
+    #[test]
+    fn agent_registry_lists_runner_and_state_sync_images() {
+        let json = r#"[{"container":{"image":"quay.io/a/claude:1"},"sandbox":{"stateSyncImage":"quay.io/a/sync:1"}},
+                       {"container":{"image":""}},{"other":1}]"#;
+        assert_eq!(
+            agent_registry_images(json).unwrap(),
+            ["quay.io/a/claude:1", "quay.io/a/sync:1"]
+        );
+        assert!(agent_registry_images("{}").is_err());
+    }
+
+    #[test]
+    fn secrets_of_the_wrong_type_or_shape_say_what_to_do() {
+        let mut s = Secret {
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        let e = secret_problem(Some(&s), "p", "pull").unwrap_err();
+        assert!(
+            e.contains("type Opaque, not kubernetes.io/dockerconfigjson"),
+            "{e}"
+        );
+        assert!(secret_problem(None, "p", "pull")
+            .unwrap_err()
+            .contains("does not exist"));
+        s.type_ = Some("kubernetes.io/dockerconfigjson".into());
+        s.data = Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(b"{\"auths\":{\"r.io\":{\"auth\":\"!!\"}}}".to_vec()),
+        )]));
+        let e = secret_problem(Some(&s), "p", "pull").unwrap_err();
+        assert!(e.starts_with("Secret p/pull: .dockerconfigjson"), "{e}");
+        s.data = Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(
+                b"{\"auths\":{\"r.io\":{\"username\":\"u\",\"password\":\"hunter2\"}}}".to_vec(),
+            ),
+        )]));
+        assert!(secret_problem(Some(&s), "p", "pull").is_ok());
+    }
+
+    #[test]
+    fn the_stop_clock_is_deletion_time_minus_grace() {
+        let t = k8s_openapi::jiff::Timestamp::from_second(1_800_000_060).unwrap();
+        let pod = Pod {
+            metadata: ObjectMeta {
+                deletion_timestamp: Some(Time(t)),
+                deletion_grace_period_seconds: Some(60),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = stop_request(&pod).unwrap();
+        assert_eq!(r.at, UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        assert_eq!(r.grace, Duration::from_secs(60));
+        assert!(stop_request(&Pod::default()).is_none());
+    }
+}
