@@ -16,6 +16,7 @@ use containerd_client::services::v1::{DeleteImageRequest, ListImagesRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod cluster;
 pub mod pods;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runner-warden");

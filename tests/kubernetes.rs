@@ -1,0 +1,382 @@
+//! runner-warden on a real single-node Kubernetes (scripts/cluster: apiserver, controller-manager, scheduler,
+//! kubelet on the test bed's containerd). The agent runs with the runner-warden ServiceAccount's token and
+//! deploy/rbac's ClusterRole, so a missing verb fails these tests.
+
+mod common;
+
+/// Named so `scripts/test` can run these apart (`--skip on_a_cluster::`): kubelet must not run beside the
+/// bed's other tests (it kills CRI pods it does not own).
+mod on_a_cluster {
+    use std::time::Duration;
+
+    use crate::common::cluster::Cluster;
+    use crate::common::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::Api;
+    use kube::ResourceExt;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const ENV: [(&str, &str); 2] = [
+        ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
+        ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
+    ];
+
+    fn runner_pod(ns: &str, name: &str, image: &str, extra_spec: &str, security: &str) -> String {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{app: ambient-code-runner, agentic-session: {name}}}
+spec:
+  nodeName: vm
+  imagePullSecrets: [{{name: pull}}]
+  {extra_spec}
+  containers:
+  - name: ambient-code-runner
+    image: "{image}"
+    imagePullPolicy: IfNotPresent
+    securityContext: {security}
+"#
+        )
+    }
+
+    const COMPLIANT: &str =
+        "{runAsUser: 1001, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
+
+    #[tokio::test]
+    async fn project_images_are_prewarmed_pinned_and_start_without_a_pull() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let image = bed.image("k8s/prewarm-a:v1");
+        retag(&bed, "runners/runtime:v1", "k8s/prewarm-a:v1");
+        bed.remove_repo(&format!("{}/k8s/prewarm-a", bed.registry))
+            .await;
+        k.project(&bed, "rw-prewarm").await;
+        let agent = k.agent(&bed, &ENV).await;
+        k.project_settings("rw-prewarm", &image, Some("pull"));
+
+        agent
+            .wait(
+                S(60),
+                "the project's image pinned in containerd",
+                || async { (bed.cri_status(&image).await == (true, true)).then_some(()) },
+            )
+            .await;
+        let ev = k
+            .wait_event(
+                "rw-prewarm",
+                "RunnerImagePrewarmed",
+                "projectsettings",
+                S(30),
+            )
+            .await;
+        assert_eq!(ev.type_.as_deref(), Some("Normal"));
+        assert_eq!(
+            ev.reporting_controller.as_deref(),
+            Some("ambient-code.io/runner-warden")
+        );
+        assert_eq!(
+            ev.reporting_instance.as_deref(),
+            Some(format!("runner-warden-{}", k.node).as_str())
+        );
+        let regarding = ev.regarding.clone().unwrap();
+        assert_eq!(regarding.kind.as_deref(), Some("ProjectSettings"));
+        assert!(
+            regarding.uid.is_some(),
+            "kubectl describe matches by uid: {ev:?}"
+        );
+        // `kubectl describe ps` shows it.
+        let described = k.kubectl(&[
+            "-n",
+            "rw-prewarm",
+            "describe",
+            "projectsettings",
+            "projectsettings",
+        ]);
+        assert!(described.contains("RunnerImagePrewarmed"), "{described}");
+
+        // A runner pod created now starts from the prewarmed image: kubelet does not pull.
+        k.apply(&runner_pod(
+            "rw-prewarm",
+            "session-1-runner",
+            &image,
+            "",
+            COMPLIANT,
+        ));
+        let pulled = k
+            .wait_event("rw-prewarm", "Pulled", "session-1-runner", S(60))
+            .await;
+        let note = pulled.note.unwrap_or_default();
+        assert!(note.contains("already present on machine"), "{note}");
+
+        // The registry password is nowhere: agent log, findings, events.
+        let all_notes: Vec<String> = k
+            .events("rw-prewarm", "RunnerImagePrewarmed", "projectsettings")
+            .await
+            .into_iter()
+            .filter_map(|e| e.note)
+            .collect();
+        for text in [agent.logs(), agent.findings_raw(), all_notes.join("\n")] {
+            assert!(
+                !text.contains(&bed.password),
+                "the registry password leaked"
+            );
+        }
+        k.kubectl(&["delete", "namespace", "rw-prewarm", "--wait=false"]);
+    }
+
+    #[tokio::test]
+    async fn bad_project_settings_are_events_on_the_project_settings() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let image = bed.image("runners/compliant:v1");
+        for ns in ["rw-missing", "rw-wrongtype", "rw-cross", "rw-registry"] {
+            k.project(&bed, ns).await;
+        }
+        k.kubectl(&[
+            "-n",
+            "rw-wrongtype",
+            "create",
+            "secret",
+            "generic",
+            "opaque",
+            "--from-literal=a=b",
+        ]);
+        let agent = k.agent(&bed, &ENV).await;
+        k.project_settings("rw-missing", &image, Some("nope"));
+        k.project_settings("rw-wrongtype", &image, Some("opaque"));
+        k.project_settings("rw-cross", &image, Some("rw-missing/pull"));
+        k.project_settings("rw-registry", "quay.io/evil/runner:1", Some("pull"));
+
+        for (ns, reason, says) in [
+            (
+                "rw-missing",
+                "RunnerImagePullSecretInvalid",
+                "Secret rw-missing/nope (spec.runnerImagePullSecret) does not exist",
+            ),
+            (
+                "rw-wrongtype",
+                "RunnerImagePullSecretInvalid",
+                "has type Opaque, not kubernetes.io/dockerconfigjson",
+            ),
+            (
+                "rw-cross",
+                "RunnerImagePullSecretInvalid",
+                "must name a Secret in namespace rw-cross",
+            ),
+            (
+                "rw-registry",
+                "RunnerImageRegistryNotAllowed",
+                "not in RUNNER_IMAGE_ALLOWED_REGISTRIES",
+            ),
+        ] {
+            let ev = k.wait_event(ns, reason, "projectsettings", S(45)).await;
+            let note = ev.note.clone().unwrap_or_default();
+            assert!(note.contains(says), "{ns}: {note}");
+            assert_eq!(ev.type_.as_deref(), Some("Warning"));
+            assert!(note.len() <= 1024);
+        }
+        // The disallowed image is not pulled.
+        assert_eq!(
+            bed.cri_status("quay.io/evil/runner:1").await,
+            (false, false)
+        );
+        // Secrets are read only in the project's own namespace: the agent never touched rw-missing's `pull`
+        // for rw-cross (RBAC would allow it; the code must not).
+        assert!(
+            !agent.logs().contains("rw-missing/pull\""),
+            "{}",
+            agent.logs()
+        );
+        for ns in ["rw-missing", "rw-wrongtype", "rw-cross", "rw-registry"] {
+            k.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn runtime_and_shutdown_violations_are_events_on_the_runner_pod() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        k.project(&bed, "rw-pods").await;
+        let agent = k.agent(&bed, &ENV).await;
+        agent
+            .wait_metric("runner_warden_task_events_up", S(15), |v| v == 1.0)
+            .await;
+        k.apply(&runner_pod(
+            "rw-pods",
+            "session-root-runner",
+            &bed.image("runners/runtime:v1"),
+            "",
+            "{runAsUser: 0, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}",
+        ));
+        let port = free_port();
+        k.apply(&runner_pod(
+        "rw-pods",
+        "session-stubborn-runner",
+        &bed.image("runners/shutdown-ignore:v1"),
+        "terminationGracePeriodSeconds: 3",
+        COMPLIANT,
+    ).replace(
+        "    imagePullPolicy: IfNotPresent\n",
+        &format!("    imagePullPolicy: IfNotPresent\n    env: [{{name: AGUI_PORT, value: \"{port}\"}}]\n"),
+    ));
+        let pods: Api<Pod> = Api::namespaced(k.admin().await, "rw-pods");
+        let root = k
+            .wait_event(
+                "rw-pods",
+                "RunnerRunningAsRoot",
+                "session-root-runner",
+                S(60),
+            )
+            .await;
+        let pod = pods.get("session-root-runner").await.unwrap();
+        assert_eq!(root.regarding.as_ref().unwrap().uid, pod.uid());
+        assert_eq!(
+            root.regarding.as_ref().unwrap().kind.as_deref(),
+            Some("Pod")
+        );
+
+        wait_for(S(60), "the stubborn runner running", || async {
+            let p = pods.get("session-stubborn-runner").await.ok()?;
+            (p.status?.phase? == "Running").then_some(())
+        })
+        .await;
+        // Let the runner install its SIGTERM handler.
+        tokio::time::sleep(S(1)).await;
+        k.kubectl(&[
+            "-n",
+            "rw-pods",
+            "delete",
+            "pod",
+            "session-stubborn-runner",
+            "--wait=false",
+        ]);
+        let killed = k
+            .wait_event(
+                "rw-pods",
+                "RunnerShutdownKilled",
+                "session-stubborn-runner",
+                S(30),
+            )
+            .await;
+        let note = killed.note.unwrap_or_default();
+        assert!(note.contains("3 s grace period"), "{note}");
+        let secs: f64 = note
+            .split("SIGKILLed after ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no seconds in {note}"));
+        // Kubelet signals 0.1–0.8 s after the deletion; SIGKILL comes `grace` after the signal.
+        assert!((3.0..4.5).contains(&secs), "{note}");
+        let m = agent.metrics().await;
+        assert_eq!(
+            metric(&m, "runner_warden_shutdowns_total{outcome=\"sigkilled\"}"),
+            Some(1.0)
+        );
+        k.kubectl(&["delete", "namespace", "rw-pods", "--wait=false"]);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_finding_is_written_at_most_25_times() {
+        use runner_warden::report::findings::{Finding, Regarding, Severity};
+        let _g = serial().await;
+        let k = Cluster::get();
+        k.kubectl(&[
+            "create",
+            "namespace",
+            "rw-spam",
+            "--dry-run=client",
+            "-o",
+            "name",
+        ]);
+        let _ = std::process::Command::new(&k.kubectl)
+            .arg("--kubeconfig")
+            .arg(&k.kubeconfig)
+            .args(["create", "namespace", "rw-spam"])
+            .output();
+        let metrics = std::sync::Arc::new(runner_warden::report::metrics::Metrics::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (queue, _task) = runner_warden::report::events::spawn(
+            k.admin().await,
+            &k.node,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            std::sync::Arc::new(|_: &Regarding| None),
+            metrics.clone(),
+            stop.clone(),
+        );
+        let f = Finding::new(
+            "RunnerRunningAsRoot",
+            Severity::Warning,
+            Regarding::pod("rw-spam", "session-spam-runner"),
+            "runner process 1 runs as UID 0".into(),
+        );
+        for _ in 0..30 {
+            queue.push(&f);
+        }
+        let count = |r: &str| metrics.events_total.with_label_values(&[r]).get();
+        wait_for(S(30), "30 findings through the limiter", || async {
+            (count("written") + count("spam_limited") == 30).then_some(())
+        })
+        .await;
+        assert_eq!(count("written"), 25);
+        assert_eq!(count("spam_limited"), 5);
+        // In the API: one Event whose series counts the 25 writes.
+        let evs = k
+            .events("rw-spam", "RunnerRunningAsRoot", "session-spam-runner")
+            .await;
+        let total: i32 = evs
+            .iter()
+            .map(|e| e.series.as_ref().map(|s| s.count).unwrap_or(1))
+            .sum();
+        assert_eq!(total, 25, "{evs:?}");
+        stop.cancel();
+        k.kubectl(&["delete", "namespace", "rw-spam", "--wait=false"]);
+    }
+
+    #[tokio::test]
+    async fn the_agent_recovers_when_the_api_server_comes_back() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        k.project(&bed, "rw-after").await;
+        let agent = k.agent(&bed, &ENV).await;
+        agent
+            .wait(S(30), "the ProjectSettings cache synced", || async {
+                agent
+                    .logs()
+                    .contains("ProjectSettings cache synced")
+                    .then_some(())
+            })
+            .await;
+        let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster");
+        let run = |cmd: &str| {
+            assert!(std::process::Command::new(cluster)
+                .arg(cmd)
+                .status()
+                .unwrap()
+                .success())
+        };
+        run("stop-apiserver");
+        tokio::time::sleep(S(3)).await;
+        // Still serving metrics and alive while the API server is away.
+        assert!(agent.get("/healthz").await.is_some());
+        run("start-apiserver");
+        k.project_settings(
+            "rw-after",
+            &bed.image("runners/compliant:v1"),
+            Some("missing"),
+        );
+        let ev = k
+            .wait_event(
+                "rw-after",
+                "RunnerImagePullSecretInvalid",
+                "projectsettings",
+                S(90),
+            )
+            .await;
+        assert!(ev.note.unwrap_or_default().contains("does not exist"));
+        k.kubectl(&["delete", "namespace", "rw-after", "--wait=false"]);
+    }
+}
