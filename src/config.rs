@@ -192,6 +192,8 @@ pub struct RuntimeAuditSettings {
     pub interval: Duration,
     pub proc_connector: bool,
     pub scan: ScanSettings,
+    /// With a cluster: a namespace's `openshift.io/sa.scc.uid-range` is its pods' UID range.
+    pub namespace_uid_range: bool,
 }
 
 impl Default for RuntimeAuditSettings {
@@ -201,6 +203,7 @@ impl Default for RuntimeAuditSettings {
             interval: Duration::from_secs(30),
             proc_connector: true,
             scan: ScanSettings::default(),
+            namespace_uid_range: false,
         }
     }
 }
@@ -289,6 +292,7 @@ struct RawRuntimeAudit {
     uid: Option<u32>,
     uid_range: Option<String>,
     check_bounding_set: Option<bool>,
+    namespace_uid_range: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -493,6 +497,7 @@ impl Settings {
         runtime_audit.proc_connector = ra.proc_connector.unwrap_or(true);
         runtime_audit.scan.all_containers = ra.all_containers.unwrap_or(false);
         runtime_audit.scan.uid_policy.check_bounding = ra.check_bounding_set.unwrap_or(true);
+        runtime_audit.namespace_uid_range = ra.namespace_uid_range.unwrap_or(false);
 
         let mut shutdown = ShutdownSettings::default();
         if let Some(f) = raw.shutdown.slow_fraction {

@@ -19,7 +19,7 @@ use runner_warden::config::{
 };
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::inspect::image::read_facts;
-use runner_warden::inspect::scan::{ScanSettings, Scanner};
+use runner_warden::inspect::scan::{NamespaceRanges, ScanSettings, Scanner};
 use runner_warden::inspect::stop_clock::{Clocks, PodStops, RecordedStops};
 use runner_warden::inspect::timing::{ShutdownTimer, TimingSettings};
 use runner_warden::inspect::{process, Auditor};
@@ -355,11 +355,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (desired_tx, file_rx) = watch::channel(settings.images.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let pod_stops = Arc::new(PodStops::default());
-    let desired_rx = if settings.kubernetes.enabled {
-        let k = &settings.kubernetes;
-        let client = kube::Client::try_default().await.context(
+    let kube_client = match settings.kubernetes.enabled {
+        true => Some(kube::Client::try_default().await.context(
             "cannot configure the Kubernetes client: run in a pod with a service account, or set KUBECONFIG",
-        )?;
+        )?),
+        false => None,
+    };
+    let desired_rx = if let Some(client) = kube_client.clone() {
+        let k = &settings.kubernetes;
         info!(node = %k.node_name, "following the cluster: ProjectSettings, runner pods on this node, Events");
         let leader = Arc::new(AtomicBool::new(false));
         tasks.spawn(sources::leader::run(
@@ -437,12 +440,25 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         stop.clone(),
     ));
     if settings.runtime_audit.enabled {
-        let scanner = Arc::new(Scanner::new(
+        let mut scanner = Scanner::new(
             runtime.clone(),
             settings.runtime_audit.scan.clone(),
             metrics.clone(),
             Some(findings.clone()),
-        ));
+        );
+        if let Some(client) = kube_client
+            .clone()
+            .filter(|_| settings.runtime_audit.namespace_uid_range)
+        {
+            let ranges = Arc::new(NamespaceRanges::default());
+            tasks.spawn(sources::kubernetes::watch_namespace_ranges(
+                client,
+                ranges.clone(),
+                stop.clone(),
+            ));
+            scanner = scanner.with_namespace_ranges(ranges);
+        }
+        let scanner = Arc::new(scanner);
         tasks.spawn(runtime_audit(
             scanner,
             settings.runtime_audit.clone(),

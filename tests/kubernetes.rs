@@ -222,6 +222,21 @@ spec:
         "    imagePullPolicy: IfNotPresent\n",
         &format!("    imagePullPolicy: IfNotPresent\n    env: [{{name: AGUI_PORT, value: \"{port}\"}}]\n"),
     ));
+        // A namespace with an OpenShift UID range the runner's UID 1001 is outside of.
+        k.project(&bed, "rw-range").await;
+        k.kubectl(&[
+            "annotate",
+            "namespace",
+            "rw-range",
+            "openshift.io/sa.scc.uid-range=5000/10",
+        ]);
+        k.apply(&runner_pod(
+            "rw-range",
+            "session-range-runner",
+            &bed.image("runners/runtime:v1"),
+            "",
+            COMPLIANT,
+        ));
         let pods: Api<Pod> = Api::namespaced(k.admin().await, "rw-pods");
         let root = k
             .wait_event(
@@ -276,7 +291,13 @@ spec:
             metric(&m, "runner_warden_shutdowns_total{outcome=\"sigkilled\"}"),
             Some(1.0)
         );
+        let drift = k
+            .wait_event("rw-range", "RunnerUIDDrift", "session-range-runner", S(60))
+            .await;
+        let note = drift.note.unwrap_or_default();
+        assert!(note.contains("5000"), "{note}");
         k.kubectl(&["delete", "namespace", "rw-pods", "--wait=false"]);
+        k.kubectl(&["delete", "namespace", "rw-range", "--wait=false"]);
     }
 
     #[tokio::test]

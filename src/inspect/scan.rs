@@ -76,6 +76,29 @@ pub struct Scanner {
     metrics: Arc<Metrics>,
     findings: Option<FindingSink>,
     state: Mutex<HashMap<String, Tracked>>,
+    namespace_ranges: Option<Arc<NamespaceRanges>>,
+}
+
+/// Per-namespace UID ranges (OpenShift's `openshift.io/sa.scc.uid-range`), kept by the Kubernetes source.
+#[derive(Default)]
+pub struct NamespaceRanges(Mutex<HashMap<String, (u32, u32)>>);
+
+impl NamespaceRanges {
+    pub fn set(&self, namespace: &str, range: Option<(u32, u32)>) {
+        let mut m = self.0.lock().expect("namespace ranges");
+        match range {
+            Some(r) => m.insert(namespace.to_string(), r),
+            None => m.remove(namespace),
+        };
+    }
+
+    pub fn get(&self, namespace: &str) -> Option<(u32, u32)> {
+        self.0
+            .lock()
+            .expect("namespace ranges")
+            .get(namespace)
+            .copied()
+    }
 }
 
 impl Scanner {
@@ -91,7 +114,14 @@ impl Scanner {
             metrics,
             findings,
             state: Mutex::new(HashMap::new()),
+            namespace_ranges: None,
         }
+    }
+
+    /// Judge each pod's UIDs against its namespace's range where it has one (the exact UID still applies).
+    pub fn with_namespace_ranges(mut self, ranges: Arc<NamespaceRanges>) -> Self {
+        self.namespace_ranges = Some(ranges);
+        self
     }
 
     fn wanted(&self, c: &ContainerRef) -> bool {
@@ -217,8 +247,19 @@ impl Scanner {
         };
         let mut rows = Vec::new();
         let ids = [c.id.clone()];
+        let ns_range = self
+            .namespace_ranges
+            .as_ref()
+            .and_then(|r| r.get(&c.namespace));
+        let policy = match ns_range {
+            Some(range) => UidPolicy {
+                range: Some(range),
+                ..self.settings.uid_policy.clone()
+            },
+            None => self.settings.uid_policy.clone(),
+        };
         for p in &procs {
-            let violations = evaluate_process(p, &first, &self.settings.uid_policy);
+            let violations = evaluate_process(p, &first, &policy);
             // A pid reused between listing and reading would blame another process: confirm it is
             // still in this container before reporting (only failing processes pay for the check).
             if !violations.is_empty() && process::container_of(p.pid, &ids).is_none() {

@@ -404,6 +404,41 @@ pub async fn watch_runner_pods(
     }
 }
 
+/// The annotation OpenShift sets on a namespace with the UIDs its pods may run as.
+pub const UID_RANGE_ANNOTATION: &str = "openshift.io/sa.scc.uid-range";
+
+/// Keeps every namespace's UID range for the runtime audit.
+pub async fn watch_namespace_ranges(
+    client: Client,
+    ranges: Arc<crate::inspect::scan::NamespaceRanges>,
+    stop: CancellationToken,
+) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client);
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let apply = |ns: &Namespace| {
+        let name = ns.name_any();
+        let raw = ns.annotations().get(UID_RANGE_ANNOTATION);
+        let range = raw.and_then(|r| crate::contract::process::parse_uid_range(r));
+        if raw.is_some() && range.is_none() {
+            warn!(namespace = %name, annotation = UID_RANGE_ANNOTATION, "unparsable UID range; the default UID policy applies");
+        }
+        ranges.set(&name, range);
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = stream.next() => match ev {
+                Some(Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns))) => apply(&ns),
+                Some(Ok(watcher::Event::Delete(ns))) => ranges.set(&ns.name_any(), None),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => warn!(error = %e, "watching namespaces for UID ranges failed; retrying with backoff"),
+                None => return,
+            }
+        }
+    }
+}
+
 /// `deletionTimestamp − deletionGracePeriodSeconds`: when kubelet was asked to stop the pod.
 pub fn stop_request(pod: &Pod) -> Option<StopRequest> {
     let deleted = pod.metadata.deletion_timestamp.as_ref()?.0;

@@ -176,7 +176,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "{}[runtime_audit]\ninterval = \"2s\"\n",
+                "{}[runtime_audit]\ninterval = \"2s\"\nnamespace_uid_range = true\n",
                 Agent::config_text(bed, port, dir.path(), "", "")
             ),
         )
