@@ -484,9 +484,15 @@ impl Prewarmer {
         }
     }
 
-    /// A finding about `d`'s image goes to every project that wants it.
+    /// A finding about `d`'s image goes to every project that wants it — warnings to all of them, the
+    /// Normal "prewarmed" news to at most `NORMAL_FANOUT` (an image shared by thousands of projects would
+    /// otherwise cost every node thousands of Events per image change).
     fn publish_image(&self, d: &DesiredImage, f: Finding) {
-        for p in &d.other_projects {
+        let fanout = match f.severity {
+            Severity::Normal => NORMAL_FANOUT.saturating_sub(1),
+            Severity::Warning => usize::MAX,
+        };
+        for p in d.other_projects.iter().take(fanout) {
             let mut g = f.clone();
             g.regarding = Regarding::for_image(d.image.as_str(), Some(p));
             self.publish(g);
@@ -773,6 +779,9 @@ impl Prewarmer {
         }
     }
 }
+
+/// Projects told, per node, that a shared image is prewarmed.
+pub const NORMAL_FANOUT: usize = 10;
 
 fn load_keyring(path: &Path) -> Result<Keyring, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))?;

@@ -4,7 +4,7 @@
 //! pods on this node (their deletion time is the shutdown timer's stop clock).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -26,7 +26,8 @@ use crate::config::{ClusterSecret, DesiredImage};
 use crate::credentials::Keyring;
 use crate::inspect::stop_clock::{PodStops, StopRequest};
 use crate::report::findings::{
-    Finding, FindingSink, Regarding, Severity, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
+    Finding, FindingSink, Regarding, Severity, PULL_FAILED, PULL_SECRET_INVALID,
+    REGISTRY_NOT_ALLOWED,
 };
 
 pub const PROJECT_SETTINGS_NAME: &str = "projectsettings";
@@ -269,12 +270,9 @@ impl KubeSource {
         for (ns, p) in &problems {
             let reason = match p {
                 Problem::RegistryNotAllowed { .. } => REGISTRY_NOT_ALLOWED,
-                Problem::SecretName { .. } | Problem::BadReference { .. } => PULL_SECRET_INVALID,
-            };
-            let reason = if matches!(p, Problem::BadReference { .. }) {
-                crate::report::findings::PULL_FAILED
-            } else {
-                reason
+                Problem::SecretName { .. } => PULL_SECRET_INVALID,
+                // Nothing can be pulled from a reference that does not parse.
+                Problem::BadReference { .. } => PULL_FAILED,
             };
             report(ns, reason, p.message(ns), None);
         }
@@ -461,19 +459,12 @@ pub fn project_uid(store: &Store<ProjectSettings>, namespace: &str) -> Option<St
         .and_then(|o| o.uid())
 }
 
-/// Labels → Pod selector map, for tests and RBAC docs.
-pub fn selectors() -> BTreeMap<&'static str, &'static str> {
-    RUNNER_POD_SELECTORS
-        .iter()
-        .filter_map(|s| s.split_once('='))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
 
     #[test]
     fn agent_registry_lists_runner_and_state_sync_images() {
