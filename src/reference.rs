@@ -1,14 +1,14 @@
 //! Image references, normalised the way the platform (and Docker) do it.
 //!
-//! Parsing is `oci-spec`'s `Reference`, which already applies Docker's rules: a bare name means
+//! Docker's reference grammar and normalisation (distribution/reference): a bare name means
 //! `docker.io/library/<name>`; a first path component without `.` or `:` (and not `localhost`) means
-//! `docker.io`. This module adds what the agent needs on top: a canonical string, the registry host
-//! used for credential matching and the allowlist, and tag/digest predicates.
+//! `docker.io`. Hand-written rather than `oci-spec`'s `Reference`: that one compiles a Unicode regex on
+//! first use which costs the agent ~15 MiB of peak heap (heaptrack; BENCHMARKS.md), a third of its budget.
+//! This module also gives the canonical string, the registry host used for credential matching and the
+//! allowlist, and tag/digest predicates.
 
 use std::fmt;
 use std::str::FromStr;
-
-use oci_spec::distribution::Reference;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid image reference {input:?}: {reason}")]
@@ -45,15 +45,10 @@ impl ImageRef {
                 "a reference has no URL scheme; write registry/repository:tag",
             ));
         }
-        let parsed = Reference::from_str(trimmed).map_err(|e| err(&e.to_string()))?;
-        let digest = parsed.digest().map(str::to_string);
+        let (registry, repository, tag, digest) = split(trimmed).map_err(|r| err(&r))?;
         if let Some(d) = &digest {
             validate_digest(d).map_err(|r| err(&r))?;
         }
-        // oci-spec fills in `latest` for a bare name; with a digest and no tag it leaves the tag empty.
-        let tag = parsed.tag().map(str::to_string);
-        let registry = parsed.registry().to_string();
-        let repository = parsed.repository().to_string();
         let mut canonical = format!("{registry}/{repository}");
         if let Some(t) = &tag {
             canonical.push(':');
@@ -132,6 +127,123 @@ impl FromStr for ImageRef {
     }
 }
 
+/// `name[:tag][@digest]` → (registry, repository, tag, digest), normalised: `latest` when neither tag nor
+/// digest is given, `docker.io` (and `library/`) for Docker Hub names.
+fn split(s: &str) -> Result<(String, String, Option<String>, Option<String>), String> {
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d.to_string())),
+        None => (s, None),
+    };
+    // A tag is after the last ':' that follows the last '/' (a ':' before it is a registry port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (
+            &rest[..last_slash + i],
+            Some(rest[last_slash + i + 1..].to_string()),
+        ),
+        None => (rest, None),
+    };
+    if let Some(t) = &tag {
+        let ok = t.len() <= 128
+            && t.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err(format!(
+                "tag {t:?} must be 1-128 characters of letters, digits, '_', '.', '-' (not starting with '.' or '-')"
+            ));
+        }
+    }
+    if name.is_empty() || name.len() > 255 {
+        return Err("the name must be 1-255 characters".into());
+    }
+    let (registry, path) = match name.split_once('/') {
+        Some((first, path))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (first.to_string(), path.to_string())
+        }
+        _ => ("docker.io".to_string(), name.to_string()),
+    };
+    validate_registry(&registry)?;
+    for component in path.split('/') {
+        validate_component(component)?;
+    }
+    let registry = if registry == "index.docker.io" {
+        "docker.io".to_string()
+    } else {
+        registry
+    };
+    let path = if registry == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path
+    };
+    let tag = tag.or_else(|| digest.is_none().then(|| "latest".to_string()));
+    Ok((registry, path, tag, digest))
+}
+
+/// `host[:port]`: dot-separated labels of letters, digits and inner '-'.
+fn validate_registry(r: &str) -> Result<(), String> {
+    let (host, port) = match r.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (r, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("registry port {p:?} is not a number"));
+        }
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!("registry host {host:?} is not a valid host name"))
+    }
+}
+
+/// A repository path component: lowercase letters and digits, joined by '.', '_', '__' or runs of '-'.
+fn validate_component(c: &str) -> Result<(), String> {
+    let bad = || {
+        Err(format!(
+            "repository component {c:?} must be lowercase letters and digits separated by '.', '_', '__' or '-'"
+        ))
+    };
+    let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
+    let (Some(first), Some(last)) = (c.chars().next(), c.chars().last()) else {
+        return bad();
+    };
+    if !alnum(first) || !alnum(last) {
+        return bad();
+    }
+    let mut sep = String::new();
+    for ch in c.chars() {
+        if alnum(ch) {
+            if !(sep.is_empty()
+                || sep == "."
+                || sep == "_"
+                || sep == "__"
+                || sep.chars().all(|x| x == '-'))
+            {
+                return bad();
+            }
+            sep.clear();
+        } else if ".-_".contains(ch) {
+            sep.push(ch);
+        } else {
+            return bad();
+        }
+    }
+    Ok(())
+}
+
 fn validate_digest(d: &str) -> Result<(), String> {
     let (algo, hex) = d
         .split_once(':')
@@ -173,6 +285,9 @@ mod tests {
             ),
             ("127.0.0.1:5000/runners/a:v1", "127.0.0.1:5000/runners/a:v1"),
             ("index.docker.io/foo/bar:1", "docker.io/foo/bar:1"),
+            ("docker.io/busybox", "docker.io/library/busybox:latest"),
+            ("a.io/x/y__z-w--v.q:1.0_rc-1", "a.io/x/y__z-w--v.q:1.0_rc-1"),
+            ("localhost:5000/runner:v1", "localhost:5000/runner:v1"),
         ];
         for (input, want) in cases {
             assert_eq!(ImageRef::parse(input).unwrap().as_str(), want, "{input}");
@@ -211,6 +326,14 @@ mod tests {
             "quay.io/a/b:v1@sha256:abc",
             "quay.io/a/b@md5:0123",
             "quay.io/a/b:bad tag",
+            "quay.io/a/b:",
+            "quay.io/a//b",
+            "quay.io/a/-b",
+            "quay.io/a/b..c",
+            "quay.io/a/b___c",
+            "-bad.io/a",
+            "quay.io:port/a",
+            "not a ref",
         ] {
             let e = ImageRef::parse(bad).expect_err(bad);
             assert!(!e.reason.is_empty(), "{bad}");
