@@ -284,8 +284,9 @@ spec:
             .and_then(|s| s.split(' ').next())
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no seconds in {note}"));
-        // Kubelet signals 0.1–0.8 s after the deletion; SIGKILL comes `grace` after the signal.
-        assert!((3.0..4.5).contains(&secs), "{note}");
+        // The clock starts at the deletion; kubelet signals 0.1–0.8 s later on an idle node (1.7 s seen
+        // under CI load) and SIGKILLs `grace` after the signal.
+        assert!((3.0..6.5).contains(&secs), "{note}");
         let m = agent.metrics().await;
         assert_eq!(
             metric(&m, "runner_warden_shutdowns_total{outcome=\"sigkilled\"}"),

@@ -15,6 +15,9 @@ pub enum ShutdownOutcome {
     Oom,
     /// Exited while no stop was requested.
     Crashed,
+    /// Exited while containerd was down and containerd lost the exit status and time (it reports 255,
+    /// reason Unknown, at its restart): counted, not timed.
+    Unknown,
 }
 
 impl ShutdownOutcome {
@@ -25,6 +28,7 @@ impl ShutdownOutcome {
             ShutdownOutcome::Sigkilled => "sigkilled",
             ShutdownOutcome::Oom => "oom",
             ShutdownOutcome::Crashed => "crashed",
+            ShutdownOutcome::Unknown => "unknown",
         }
     }
 }

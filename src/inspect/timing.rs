@@ -106,6 +106,8 @@ pub struct Exit {
     pub exit_status: i32,
     pub exited_at: SystemTime,
     pub oom: bool,
+    /// containerd lost the real status and time (the task ended while containerd was down).
+    pub lost: bool,
 }
 
 struct Tracked {
@@ -264,6 +266,8 @@ impl ShutdownTimer {
                 exit_status: st.exit_code,
                 exited_at: UNIX_EPOCH + Duration::from_nanos(st.finished_at.max(0) as u64),
                 oom: st.reason == "OOMKilled" || self.ooms.contains(&c.id),
+                // CRI's recovery marks a task it found gone with 255 / "Unknown" at restart time.
+                lost: st.exit_code == 255 && (st.reason == "Unknown" || st.reason.is_empty()),
                 container: c,
             };
             self.on_exit(exit);
@@ -326,6 +330,7 @@ impl ShutdownTimer {
                     container,
                     exit_status: exit_status as i32,
                     exited_at,
+                    lost: false,
                 };
                 self.on_exit(exit);
             }
@@ -345,6 +350,9 @@ impl ShutdownTimer {
     }
 
     fn on_exit(&mut self, exit: Exit) {
+        if exit.lost {
+            return self.account(exit, None);
+        }
         match self.clock.stop_requested(&exit.container) {
             Some(req) => self.account(exit, Some(req)),
             None if exit.oom => self.account(exit, None),
@@ -409,19 +417,24 @@ impl ShutdownTimer {
             ),
             None => (0.0, 0.0),
         };
-        let outcome = classify(
-            exit.exit_status,
-            seconds,
-            grace,
-            self.settings.slow_fraction,
-            exit.oom,
-            req.is_some(),
-        );
+        let outcome = if exit.lost {
+            warn!(container = %c.id, pod = %c.pod, "a runner exited while containerd was down and containerd lost its exit status and time; counted as outcome \"unknown\", not timed");
+            ShutdownOutcome::Unknown
+        } else {
+            classify(
+                exit.exit_status,
+                seconds,
+                grace,
+                self.settings.slow_fraction,
+                exit.oom,
+                req.is_some(),
+            )
+        };
         self.metrics
             .shutdowns_total
             .with_label_values(&[outcome.as_str()])
             .inc();
-        if req.is_some() {
+        if req.is_some() && outcome != ShutdownOutcome::Unknown {
             self.metrics.shutdown_duration_seconds.observe(seconds);
         }
         info!(
@@ -525,6 +538,7 @@ mod tests {
             exit_status: status,
             exited_at: UNIX_EPOCH,
             oom: false,
+            lost: false,
         }
     }
 

@@ -196,7 +196,7 @@ impl Metrics {
         let shutdowns_total = IntCounterVec::new(
             Opts::new(
                 name("shutdowns_total"),
-                "Runner container exits by outcome: graceful, slow, sigkilled, oom, crashed.",
+                "Runner container exits by outcome: graceful, slow, sigkilled, oom, crashed, unknown (status lost in a containerd restart).",
             ),
             &["outcome"],
         )
@@ -267,7 +267,7 @@ impl Metrics {
         for r in ["ok", "cached", "error"] {
             image_audits_total.with_label_values(&[r]);
         }
-        for o in ["graceful", "slow", "sigkilled", "oom", "crashed"] {
+        for o in ["graceful", "slow", "sigkilled", "oom", "crashed", "unknown"] {
             shutdowns_total.with_label_values(&[o]);
         }
         pinning_honoured.set(-1);
