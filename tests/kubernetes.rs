@@ -401,4 +401,79 @@ spec:
         assert!(ev.note.unwrap_or_default().contains("does not exist"));
         k.kubectl(&["delete", "namespace", "rw-after", "--wait=false"]);
     }
+
+    #[tokio::test]
+    async fn one_node_writes_cluster_wide_findings_and_another_takes_over() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        k.project(&bed, "rw-lease").await;
+        let mut a = k.agent(&bed, &ENV).await;
+        a.wait(S(30), "agent a to take the reporter lease", || async {
+            a.logs().contains("reporter lease taken").then_some(())
+        })
+        .await;
+        // A second agent as if on another node (same containerd, another NODE_NAME).
+        let mut env = ENV.to_vec();
+        env.push(("NODE_NAME", "vm-b"));
+        let b = k.agent(&bed, &env).await;
+        b.wait(S(30), "agent b to find the lease held", || async {
+            b.logs()
+                .contains("reporter lease held elsewhere")
+                .then_some(())
+        })
+        .await;
+        k.project_settings("rw-lease", "quay.io/evil/runner:1", None);
+        let ev = k
+            .wait_event(
+                "rw-lease",
+                "RunnerImageRegistryNotAllowed",
+                "projectsettings",
+                S(30),
+            )
+            .await;
+        assert_eq!(ev.reporting_instance.as_deref(), Some("runner-warden-vm"));
+        b.wait_metric(
+            "runner_warden_events_total{result=\"other_node\"}",
+            S(30),
+            |v| v >= 1.0,
+        )
+        .await;
+        let evs = k
+            .events(
+                "rw-lease",
+                "RunnerImageRegistryNotAllowed",
+                "projectsettings",
+            )
+            .await;
+        assert_eq!(evs.len(), 1, "one node wrote it: {evs:?}");
+        // The holder goes away: the other node takes the lease once it expires (30 s, renewed every 10 s).
+        a.terminate();
+        b.wait(S(60), "agent b to take the lease over", || async {
+            b.logs().contains("reporter lease taken").then_some(())
+        })
+        .await;
+        // What it held back while the other node reported is written now: nothing is lost with a holder
+        // (at the price of one repeat after a takeover).
+        wait_for(S(30), "agent b's copy of the held-back finding", || async {
+            k.events(
+                "rw-lease",
+                "RunnerImageRegistryNotAllowed",
+                "projectsettings",
+            )
+            .await
+            .into_iter()
+            .find(|e| e.reporting_instance.as_deref() == Some("runner-warden-vm-b"))
+        })
+        .await;
+        // Hand the lease back so the next test's agent (this node) need not wait for it to expire.
+        drop(b);
+        k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "delete",
+            "lease",
+            "runner-warden-reporter",
+        ]);
+        k.kubectl(&["delete", "namespace", "rw-lease", "--wait=false"]);
+    }
 }

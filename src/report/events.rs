@@ -2,6 +2,7 @@
 //! (the API server may be away), the per-(object, reason) spam limit, and the rule that findings which are
 //! the same on every node are written by one node only (the reporter-lease holder).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,37 +107,80 @@ async fn publish_loop(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let mut limit: SpamLimit<(String, &'static str)> = SpamLimit::default();
-    let count = |r: &str| metrics.events_total.with_label_values(&[r]).inc();
+    let mut w = Writer {
+        recorder,
+        uid_of,
+        metrics: metrics.clone(),
+        limit: SpamLimit::default(),
+    };
+    // Cluster-wide findings seen while another node holds the lease: kept (latest per object, reason and
+    // message, bounded) and written if this node takes the lease over, so none is lost with the old holder.
+    let mut deferred: HashMap<(String, &'static str, String), Finding> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let f = tokio::select! {
             _ = stop.cancelled() => return,
             f = rx.recv() => match f { Some(f) => f, None => return },
+            _ = tick.tick() => {
+                if leader.load(Ordering::Relaxed) && !deferred.is_empty() {
+                    debug!(findings = deferred.len(), "reporter lease taken: writing the cluster-wide findings held back");
+                    for (_, f) in deferred.drain() {
+                        if !w.write(f, &stop).await {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
         };
         // Regarding objects that exist only standalone (an image without a project) have no API object.
         if f.regarding.kind == "Image" {
-            count("no_object");
+            w.count("no_object");
             continue;
         }
         if cluster_wide(f.reason) && !leader.load(Ordering::Relaxed) {
-            count("other_node");
+            w.count("other_node");
+            if deferred.len() < QUEUE {
+                deferred.insert((object_key(&f.regarding), f.reason, f.message.clone()), f);
+            }
             continue;
         }
-        let key = (
-            format!(
-                "{}/{}/{}",
-                f.regarding.kind,
-                f.regarding.namespace.as_deref().unwrap_or(""),
-                f.regarding.name
-            ),
-            f.reason,
-        );
-        if !limit.allow(&key, Instant::now()) {
-            count("spam_limited");
+        if !w.write(f, &stop).await {
+            return;
+        }
+    }
+}
+
+fn object_key(r: &Regarding) -> String {
+    format!(
+        "{}/{}/{}",
+        r.kind,
+        r.namespace.as_deref().unwrap_or(""),
+        r.name
+    )
+}
+
+struct Writer {
+    recorder: Recorder,
+    uid_of: UidLookup,
+    metrics: Arc<Metrics>,
+    limit: SpamLimit<(String, &'static str)>,
+}
+
+impl Writer {
+    fn count(&self, result: &str) {
+        self.metrics.events_total.with_label_values(&[result]).inc();
+    }
+
+    /// Spam limit, then the API write (retried while the API server is away). False when stopping.
+    async fn write(&mut self, f: Finding, stop: &CancellationToken) -> bool {
+        let key = (object_key(&f.regarding), f.reason);
+        if !self.limit.allow(&key, Instant::now()) {
+            self.count("spam_limited");
             debug!(reason = f.reason, object = %key.0, "event suppressed by the spam limit");
-            continue;
+            return true;
         }
-        let reference = object_ref(&f.regarding, uid_of(&f.regarding));
+        let reference = object_ref(&f.regarding, (self.uid_of)(&f.regarding));
         let mut note = f.message.clone();
         if note.len() > 1000 {
             let mut cut = 997;
@@ -159,20 +203,20 @@ async fn publish_loop(
         // Retry while the API server is away (the queue holds the rest); give up on a rejection.
         let mut backoff = Duration::from_millis(500);
         loop {
-            match recorder.publish(&event, &reference).await {
+            match self.recorder.publish(&event, &reference).await {
                 Ok(()) => {
-                    count("written");
-                    break;
+                    self.count("written");
+                    return true;
                 }
                 Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
-                    count("failed");
+                    self.count("failed");
                     warn!(reason = f.reason, object = %key.0, code = s.code, error = %s.message, "the API server rejected the event");
-                    break;
+                    return true;
                 }
                 Err(e) => {
                     debug!(error = %e, "publishing an event failed; retrying");
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => return false,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
