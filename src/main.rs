@@ -655,13 +655,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = args.containerd.runtime();
     let prewarmer = Prewarmer::one_shot(runtime, settings.clone());
-    let desired = DesiredImage {
-        image: image.clone(),
-        pull_secret: args.secret.clone(),
-        cluster_secrets: Vec::new(),
-        project: None,
-        other_projects: Vec::new(),
-    };
+    let desired = DesiredImage::new(image.clone(), args.secret.clone(), None);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -1050,13 +1044,7 @@ async fn ensure_present(
             ..PrewarmSettings::default()
         },
     );
-    let desired = DesiredImage {
-        image: image.clone(),
-        pull_secret: secret.map(Path::to_path_buf),
-        cluster_secrets: Vec::new(),
-        project: None,
-        other_projects: Vec::new(),
-    };
+    let desired = DesiredImage::new(image.clone(), secret.map(Path::to_path_buf), None);
     match prewarmer.attempt(&desired, false).await {
         Ok(_) => Ok(image),
         Err(f) => {

@@ -21,6 +21,15 @@ fn testbed(cmd: &str) {
     assert!(ok, "scripts/testbed {cmd} failed");
 }
 
+/// A graceful runner stand-in (exits 2 s after SIGTERM) as a timed container, serving.
+async fn healthy_runner(bed: &Bed, name: &str) -> Pod {
+    let port = free_port();
+    let spec = PodSpec::shutdown_fixture(bed, name, "shutdown-graceful", "restart-runner", port);
+    let pod = Pod::run(bed, spec).await;
+    wait_healthy(port).await;
+    pod
+}
+
 #[tokio::test]
 async fn an_exit_during_a_containerd_restart_is_counted_once() {
     let bed = Bed::get();
@@ -34,22 +43,7 @@ async fn an_exit_during_a_containerd_restart_is_counted_once() {
     agent
         .wait_metric("runner_warden_task_events_up", S(15), |v| v == 1.0)
         .await;
-    let port = free_port();
-    let pod = Pod::run(
-        &bed,
-        PodSpec::shutdown_fixture(
-            &bed,
-            "restart-a",
-            "shutdown-graceful",
-            "restart-runner",
-            port,
-        ),
-    )
-    .await;
-    wait_for(S(20), "runner healthy", || async {
-        http_get(port, "/health").await.filter(|(c, _)| *c == 200)
-    })
-    .await;
+    let pod = healthy_runner(&bed, "restart-a").await;
     let pid = pod.init_pid().await;
 
     // containerd goes away; the stop (recorded, signalled directly) happens while it is down.
@@ -102,22 +96,7 @@ async fn an_exit_during_a_containerd_restart_is_counted_once() {
     }
 
     // Live events again, and the reconciled exit is not counted a second time.
-    let port = free_port();
-    let second = Pod::run(
-        &bed,
-        PodSpec::shutdown_fixture(
-            &bed,
-            "restart-b",
-            "shutdown-graceful",
-            "restart-runner",
-            port,
-        ),
-    )
-    .await;
-    wait_for(S(20), "second runner healthy", || async {
-        http_get(port, "/health").await.filter(|(c, _)| *c == 200)
-    })
-    .await;
+    let second = healthy_runner(&bed, "restart-b").await;
     second.stop_recorded(&stops, 10).await;
     agent
         .wait_metric(

@@ -306,19 +306,8 @@ spec:
         use runner_warden::report::findings::{Finding, Regarding, Severity};
         let _g = serial().await;
         let k = Cluster::get();
-        k.kubectl(&[
-            "create",
-            "namespace",
-            "rw-spam",
-            "--dry-run=client",
-            "-o",
-            "name",
-        ]);
-        let _ = std::process::Command::new(&k.kubectl)
-            .arg("--kubeconfig")
-            .arg(&k.kubeconfig)
-            .args(["create", "namespace", "rw-spam"])
-            .output();
+        // Left from an earlier run, or new.
+        let _ = k.try_kubectl(&["create", "namespace", "rw-spam"]);
         let metrics = std::sync::Arc::new(runner_warden::report::metrics::Metrics::new());
         let stop = tokio_util::sync::CancellationToken::new();
         let (queue, _task) = runner_warden::report::events::spawn(

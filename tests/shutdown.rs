@@ -171,15 +171,6 @@ async fn timing_agent(bed: &Bed, container: &str) -> (Agent, std::path::PathBuf)
     (agent, stops)
 }
 
-async fn healthy(port: u16) {
-    wait_for(S(20), &format!("GET /health on {port}"), || async move {
-        http_get(port, "/health")
-            .await
-            .filter(|(code, _)| *code == 200)
-    })
-    .await;
-}
-
 fn shutdown_finding(agent: &Agent, pod: &str) -> Option<serde_json::Value> {
     agent
         .findings()
@@ -206,7 +197,7 @@ async fn the_agent_times_and_classifies_every_runner_stop() {
     let sse = Pod::run(&bed, spec("p-sse", "shutdown-sse", ports[5])).await;
     let crash = Pod::run(&bed, spec("p-crash", "shutdown-ignore", ports[6])).await;
     for p in &ports {
-        healthy(*p).await;
+        wait_healthy(*p).await;
     }
     // The upstream trap: a client attached to the event stream keeps the runner serving.
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports[5]))

@@ -318,17 +318,11 @@ pub fn host_network_sandbox(
 }
 
 async fn container_status(runtime: &Runtime, id: &str) -> Result<ContainerStatus, String> {
-    runtime
-        .cri_runtime()
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .map_err(|s| format!("ContainerStatus: {}", s.message()))?
-        .into_inner()
-        .status
-        .ok_or_else(|| "ContainerStatus: empty answer".to_string())
+    match runtime.container_status(id).await {
+        Ok(Some((_, st))) => Ok(st),
+        Ok(None) => Err(format!("ContainerStatus: container {id} is gone")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The shell-wrapper hint for a running container, from its PID 1 in /proc.

@@ -237,8 +237,11 @@ impl ShutdownTimer {
             .map_err(|e| e.to_string())?
         {
             if self.is_runner(&c) && !self.known.contains_key(&c.id) {
+                let Ok(Some((c, st))) = self.runtime.container_status(&c.id).await else {
+                    continue;
+                };
                 let pid = self.runtime.container_init_pid(&c.id).await;
-                self.track(c, pid).await;
+                self.track(c, &st.image_ref, pid).await;
             }
         }
         let Some(since) = since else { return Ok(()) };
@@ -275,12 +278,10 @@ impl ShutdownTimer {
         Ok(())
     }
 
-    async fn track(&mut self, c: ContainerRef, pid: Option<u32>) {
+    async fn track(&mut self, c: ContainerRef, image_ref: &str, pid: Option<u32>) {
         let mut hints = Vec::new();
-        if let Ok(Some((_, st))) = self.runtime.container_status(&c.id).await {
-            if let Ok(Some(sig)) = self.runtime.image_stop_signal(&st.image_ref).await {
-                hints.extend(stop_signal_hint(&sig));
-            }
+        if let Ok(Some(sig)) = self.runtime.image_stop_signal(image_ref).await {
+            hints.extend(stop_signal_hint(&sig));
         }
         debug!(container = %c.id, pod = %c.pod, "timing runner container");
         self.known.insert(
@@ -298,9 +299,9 @@ impl ShutdownTimer {
             TaskEvent::Start { container_id, pid } => {
                 self.ooms.remove(&container_id);
                 self.counted.remove(&container_id);
-                if let Ok(Some((c, _))) = self.runtime.container_status(&container_id).await {
+                if let Ok(Some((c, st))) = self.runtime.container_status(&container_id).await {
                     if self.is_runner(&c) {
-                        self.track(c, Some(pid)).await;
+                        self.track(c, &st.image_ref, Some(pid)).await;
                     }
                 }
             }

@@ -42,28 +42,12 @@ fn spec(image: &str) -> ImageSpec {
 impl Runtime {
     /// CRI's view of an image, or `None` when it is not present.
     pub async fn image_status(&self, image: &str) -> Result<Option<Image>, RuntimeError> {
-        let resp = self
-            .cri_images()
-            .image_status(ImageStatusRequest {
-                image: Some(spec(image)),
-                verbose: false,
-            })
-            .await
-            .map_err(|s| RuntimeError::call("ImageStatus", self.socket(), s))?;
-        Ok(resp.into_inner().image)
+        Ok(self.image_status_call(image, false).await?.image)
     }
 
     /// The image's configured STOPSIGNAL (empty when unset), from CRI's verbose image status.
     pub async fn image_stop_signal(&self, image: &str) -> Result<Option<String>, RuntimeError> {
-        let resp = self
-            .cri_images()
-            .image_status(ImageStatusRequest {
-                image: Some(spec(image)),
-                verbose: true,
-            })
-            .await
-            .map_err(|s| RuntimeError::call("ImageStatus", self.socket(), s))?
-            .into_inner();
+        let resp = self.image_status_call(image, true).await?;
         let Some(info) = resp.info.get("info") else {
             return Ok(None);
         };
@@ -74,6 +58,22 @@ impl Runtime {
                 .unwrap_or("")
                 .to_string()
         }))
+    }
+
+    async fn image_status_call(
+        &self,
+        image: &str,
+        verbose: bool,
+    ) -> Result<ImageStatusResponse, RuntimeError> {
+        Ok(self
+            .cri_images()
+            .image_status(ImageStatusRequest {
+                image: Some(spec(image)),
+                verbose,
+            })
+            .await
+            .map_err(|s| RuntimeError::call("ImageStatus", self.socket(), s))?
+            .into_inner())
     }
 
     /// Pulls through CRI exactly as kubelet does; returns the image id (`sha256:` of the config).

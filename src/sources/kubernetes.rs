@@ -508,6 +508,41 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_from_the_cluster_never_prints_its_password() {
+        let pw = "hunter2-cluster-secret";
+        let good = format!(r#"{{"auths":{{"r.io":{{"username":"u","password":"{pw}"}}}}}}"#);
+        let mut s = Secret {
+            type_: Some("kubernetes.io/dockerconfigjson".into()),
+            data: Some(BTreeMap::from([(
+                ".dockerconfigjson".to_string(),
+                ByteString(good.into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        let keyring = secret_problem(Some(&s), "p", "pull").unwrap();
+        let d = DesiredImage {
+            cluster_secrets: vec![ClusterSecret {
+                name: "p/pull".into(),
+                keyring,
+            }],
+            ..DesiredImage::new(
+                crate::reference::ImageRef::parse("r.io/a:1").unwrap(),
+                None,
+                None,
+            )
+        };
+        assert!(!format!("{d:?}").contains(pw), "{d:?}");
+        // A broken document: the error names the secret and the position, not its text.
+        let broken = format!(r#"{{"auths":{{"r.io":{{"password":"{pw}", "auth": 7}}}}}}"#);
+        s.data = Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(broken.into_bytes()),
+        )]));
+        let e = secret_problem(Some(&s), "p", "pull").unwrap_err();
+        assert!(e.contains("Secret p/pull") && !e.contains(pw), "{e}");
+    }
+
+    #[test]
     fn the_stop_clock_is_deletion_time_minus_grace() {
         let t = k8s_openapi::jiff::Timestamp::from_second(1_800_000_060).unwrap();
         let pod = Pod {

@@ -54,14 +54,19 @@ impl Cluster {
         Self::client_for(&self.kubeconfig).await
     }
 
-    /// kubectl as admin; panics with its output on failure.
-    pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.kubectl)
+    /// kubectl as admin, whatever it answers.
+    pub fn try_kubectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.kubectl)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
             .output()
-            .expect("run kubectl");
+            .expect("run kubectl")
+    }
+
+    /// kubectl as admin; panics with its output on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.try_kubectl(args);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -100,11 +105,7 @@ impl Cluster {
     /// A namespace with the bed's registry credentials as Secret `pull` (dockerconfigjson) and a default
     /// ServiceAccount.
     pub async fn project(&self, bed: &Bed, ns: &str) {
-        let _ = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["delete", "namespace", ns, "--wait=true", "--timeout=60s"])
-            .output();
+        let _ = self.try_kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=60s"]);
         self.kubectl(&["create", "namespace", ns]);
         self.kubectl(&[
             "-n",

@@ -246,6 +246,20 @@ where
     }
 }
 
+/// Waits until a runner stand-in on `port` answers `GET /health` with 200.
+pub async fn wait_healthy(port: u16) {
+    wait_for(
+        Duration::from_secs(20),
+        &format!("GET /health on {port}"),
+        || async move {
+            http_get(port, "/health")
+                .await
+                .filter(|(code, _)| *code == 200)
+        },
+    )
+    .await;
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
