@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::pods::{Pod, PodSpec};
 use common::Bed;
-use runner_warden::inspect::scan::{ScanSettings, Scanner};
+use runner_warden::process_audit::scanner::{ScanSettings, Scanner};
 use runner_warden::report::metrics::Metrics;
 use runner_warden::runtime::Runtime;
 

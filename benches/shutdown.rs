@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::pods::{Pod, PodSpec};
 use common::Bed;
-use runner_warden::inspect::stop_clock::RecordedStops;
 use runner_warden::runtime::Runtime;
+use runner_warden::shutdown::stop_clock::RecordedStops;
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()

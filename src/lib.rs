@@ -5,12 +5,15 @@
 //! separate from the adapters that touch the node (`runtime`) and from reporting (`report`); `prewarm`
 //! ties them together.
 
+pub mod agent;
 pub mod config;
 pub mod contract;
 pub mod credentials;
-pub mod inspect;
+pub mod image_audit;
 pub mod prewarm;
+pub mod process_audit;
 pub mod reference;
 pub mod report;
 pub mod runtime;
+pub mod shutdown;
 pub mod sources;

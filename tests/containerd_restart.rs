@@ -51,7 +51,7 @@ async fn an_exit_during_a_containerd_restart_is_counted_once() {
     agent
         .wait_metric("runner_warden_task_events_up", S(15), |v| v == 0.0)
         .await;
-    runner_warden::inspect::stop_clock::RecordedStops::new(&stops)
+    runner_warden::shutdown::stop_clock::RecordedStops::new(&stops)
         .record(&pod.container_id, S(10))
         .unwrap();
     let recorded = std::time::Instant::now();

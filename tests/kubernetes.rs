@@ -303,7 +303,7 @@ spec:
 
     #[tokio::test]
     async fn a_repeated_finding_is_written_at_most_25_times() {
-        use runner_warden::report::findings::{Finding, Regarding, Severity};
+        use runner_warden::report::findings::{Finding, Level, Regarding};
         let _g = serial().await;
         let k = Cluster::get();
         // Left from an earlier run, or new.
@@ -320,7 +320,7 @@ spec:
         );
         let f = Finding::new(
             "RunnerRunningAsRoot",
-            Severity::Warning,
+            Level::Warning,
             Regarding::pod("rw-spam", "session-spam-runner"),
             "runner process 1 runs as UID 0".into(),
         );

@@ -1,6 +1,6 @@
 //! The runner image contract as data, and the static checks as pure functions: `ImageFacts` (what an
 //! image's config and final filesystem say) → one `CheckResult` per check. No I/O here; the adapter that
-//! gathers the facts from containerd is `inspect::image`. Process checks live in `process`.
+//! gathers the facts from containerd is `image_audit::facts`. Process checks live in `process`.
 
 pub mod process;
 pub mod shutdown;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::findings::{
-    Finding, Regarding, Severity, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
+    Finding, Kind, Level, Regarding, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
 };
 use super::metrics::Metrics;
 use super::ratelimit::SpamLimit;
@@ -61,13 +61,9 @@ impl EventQueue {
 
 /// The API object a finding regards.
 pub fn object_ref(r: &Regarding, uid: Option<String>) -> ObjectReference {
-    let api_version = match r.kind {
-        "ProjectSettings" => "vteam.ambient-code/v1alpha1",
-        _ => "v1",
-    };
     ObjectReference {
-        api_version: Some(api_version.into()),
-        kind: Some(r.kind.into()),
+        api_version: Some(r.kind.api_version().into()),
+        kind: Some(r.kind.as_str().into()),
         namespace: r.namespace.clone(),
         name: Some(r.name.clone()),
         uid,
@@ -134,7 +130,7 @@ async fn publish_loop(
             }
         };
         // Regarding objects that exist only standalone (an image without a project) have no API object.
-        if f.regarding.kind == "Image" {
+        if f.regarding.kind == Kind::Image {
             w.count("no_object");
             continue;
         }
@@ -154,7 +150,7 @@ async fn publish_loop(
 fn object_key(r: &Regarding) -> String {
     format!(
         "{}/{}/{}",
-        r.kind,
+        r.kind.as_str(),
         r.namespace.as_deref().unwrap_or(""),
         r.name
     )
@@ -191,9 +187,9 @@ impl Writer {
             note.push_str("...");
         }
         let event = Event {
-            type_: match f.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
+            type_: match f.level {
+                Level::Normal => EventType::Normal,
+                Level::Warning => EventType::Warning,
             },
             reason: f.reason.into(),
             note: Some(note),

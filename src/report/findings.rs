@@ -1,13 +1,7 @@
 //! Findings: what the agent has to tell a human, with the reason names of DESIGN.md. In standalone mode
 //! they are written as JSON lines; with a cluster the same values become Kubernetes Events.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
-
 use serde::Serialize;
-
-use super::metrics::Metrics;
 
 pub const PREWARMED: &str = "RunnerImagePrewarmed";
 pub const PULL_FAILED: &str = "RunnerImagePullFailed";
@@ -27,16 +21,44 @@ pub struct ShutdownFacts {
     pub hints: Vec<String>,
 }
 
+/// The Event type a finding becomes: news, or something a human should look at.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-pub enum Severity {
+pub enum Level {
     Normal,
     Warning,
+}
+
+/// The kind of object a finding regards.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum Kind {
+    ProjectSettings,
+    Pod,
+    /// A standalone image no project names: regarded as itself (JSON lines only, never an Event).
+    Image,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::ProjectSettings => "ProjectSettings",
+            Kind::Pod => "Pod",
+            Kind::Image => "Image",
+        }
+    }
+
+    /// The API group/version of the kind (what an Event's `regarding` needs).
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::ProjectSettings => "vteam.ambient-code/v1alpha1",
+            Kind::Pod | Kind::Image => "v1",
+        }
+    }
 }
 
 /// The object a human looks at. Standalone images without a project are regarded as themselves.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Regarding {
-    pub kind: &'static str,
+    pub kind: Kind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
@@ -54,7 +76,7 @@ impl Regarding {
     /// A runner pod.
     pub fn pod(namespace: &str, name: &str) -> Self {
         Regarding {
-            kind: "Pod",
+            kind: Kind::Pod,
             namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
             name: name.to_string(),
             uid: None,
@@ -65,13 +87,13 @@ impl Regarding {
     pub fn for_image(image: &str, project: Option<&str>) -> Self {
         match project {
             Some(ns) => Regarding {
-                kind: "ProjectSettings",
+                kind: Kind::ProjectSettings,
                 namespace: Some(ns.to_string()),
                 name: "projectsettings".into(),
                 uid: None,
             },
             None => Regarding {
-                kind: "Image",
+                kind: Kind::Image,
                 namespace: None,
                 name: image.to_string(),
                 uid: None,
@@ -84,7 +106,7 @@ impl Regarding {
 pub struct Finding {
     pub reason: &'static str,
     #[serde(rename = "type")]
-    pub severity: Severity,
+    pub level: Level,
     pub regarding: Regarding,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -108,15 +130,10 @@ pub struct Finding {
 
 impl Finding {
     /// A finding with the fields every finding has; the builders below add the rest.
-    pub fn new(
-        reason: &'static str,
-        severity: Severity,
-        regarding: Regarding,
-        message: String,
-    ) -> Self {
+    pub fn new(reason: &'static str, level: Level, regarding: Regarding, message: String) -> Self {
         Finding {
             reason,
-            severity,
+            level,
             regarding,
             image: None,
             container: None,
@@ -159,81 +176,5 @@ impl Finding {
         self.container = Some(container.to_string());
         self.pid = Some(pid);
         self
-    }
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    time: String,
-    #[serde(flatten)]
-    finding: &'a Finding,
-}
-
-/// Where findings go. Cloneable; writes are serialised.
-#[derive(Clone)]
-pub struct FindingSink {
-    out: Arc<Mutex<Box<dyn Write + Send>>>,
-    metrics: Arc<Metrics>,
-    events: Option<super::events::EventQueue>,
-}
-
-impl FindingSink {
-    /// `-` is standard output; anything else a file opened for append.
-    pub fn open(target: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
-        let out: Box<dyn Write + Send> = if target == "-" {
-            Box::new(std::io::stdout())
-        } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(target)?,
-            )
-        };
-        Ok(Self {
-            out: Arc::new(Mutex::new(out)),
-            metrics,
-            events: None,
-        })
-    }
-
-    /// Also publish every finding as a Kubernetes Event.
-    pub fn with_events(mut self, events: super::events::EventQueue) -> Self {
-        self.events = Some(events);
-        self
-    }
-
-    pub fn publish(&self, finding: &Finding) {
-        if let Some(ev) = &self.events {
-            ev.push(finding);
-        }
-        let line = Line {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            finding,
-        };
-        let mut text = serde_json::to_string(&line).expect("findings serialise");
-        text.push('\n');
-        let written = self
-            .out
-            .lock()
-            .map_err(|_| std::io::Error::other("findings writer poisoned"))
-            .and_then(|mut w| w.write_all(text.as_bytes()).and_then(|_| w.flush()));
-        // With a cluster, events_total counts the API writes; the JSON lines are a log.
-        let counted = self.events.is_none();
-        match written {
-            Ok(()) if !counted => {}
-            Ok(()) => self
-                .metrics
-                .events_total
-                .with_label_values(&["written"])
-                .inc(),
-            Err(e) => {
-                self.metrics
-                    .events_total
-                    .with_label_values(&["failed"])
-                    .inc();
-                tracing::error!(reason = finding.reason, error = %e, "could not write finding");
-            }
-        }
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod events;
 pub mod findings;
+pub mod messages;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod sink;

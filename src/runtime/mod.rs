@@ -8,7 +8,6 @@ pub mod cri;
 pub mod errors;
 pub mod events;
 pub mod images;
-pub mod proc_connector;
 pub mod progress;
 
 use std::path::{Path, PathBuf};

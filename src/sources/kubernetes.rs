@@ -22,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::desired::{plan, ClusterPolicy, Problem, ProjectWant};
-use crate::config::{ClusterSecret, DesiredImage};
 use crate::credentials::Keyring;
-use crate::inspect::stop_clock::{PodStops, StopRequest};
+use crate::prewarm::{ClusterSecret, DesiredImage};
 use crate::report::findings::{
-    Finding, FindingSink, Regarding, Severity, PULL_FAILED, PULL_SECRET_INVALID,
-    REGISTRY_NOT_ALLOWED,
+    Finding, Level, Regarding, PULL_FAILED, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
 };
+use crate::report::sink::FindingSink;
+use crate::shutdown::stop_clock::{PodStops, StopRequest};
 
 pub const PROJECT_SETTINGS_NAME: &str = "projectsettings";
 const SECRET_TTL: Duration = Duration::from_secs(300);
@@ -256,7 +256,7 @@ impl KubeSource {
                 warn!(project = ns, reason, "{message}");
                 let mut f = Finding::new(
                     reason,
-                    Severity::Warning,
+                    Level::Warning,
                     Regarding::for_image("", Some(ns)),
                     message,
                 );
@@ -408,7 +408,7 @@ pub const UID_RANGE_ANNOTATION: &str = "openshift.io/sa.scc.uid-range";
 /// Keeps every namespace's UID range for the runtime audit.
 pub async fn watch_namespace_ranges(
     client: Client,
-    ranges: Arc<crate::inspect::scan::NamespaceRanges>,
+    ranges: Arc<crate::process_audit::scanner::NamespaceRanges>,
     stop: CancellationToken,
 ) {
     use k8s_openapi::api::core::v1::Namespace;

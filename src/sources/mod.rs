@@ -8,7 +8,7 @@ pub mod leader;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DesiredImage;
+use crate::prewarm::DesiredImage;
 
 /// The file's images and the cluster's, one entry per image: an image both name gets the file's secret
 /// and the cluster's secrets and projects.

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use runner_warden::credentials::Credential;
-use runner_warden::inspect::shutdown::{host_network_namespaces, host_network_sandbox};
 use runner_warden::runtime::cri::runtime_service_client::RuntimeServiceClient;
 use runner_warden::runtime::cri::*;
+use runner_warden::shutdown::probe::{host_network_namespaces, host_network_sandbox};
 
 use super::Bed;
 
@@ -200,7 +200,7 @@ impl Pod {
     /// Stops the container as kubelet would (CRI StopContainer with the grace period), after writing the
     /// stop record the agent's stop clock reads. Returns when the container has exited.
     pub async fn stop_recorded(&self, records: &std::path::Path, grace_seconds: u64) {
-        runner_warden::inspect::stop_clock::RecordedStops::new(records)
+        runner_warden::shutdown::stop_clock::RecordedStops::new(records)
             .record(
                 &self.container_id,
                 std::time::Duration::from_secs(grace_seconds),
@@ -235,7 +235,7 @@ impl Pod {
 
 async fn remove(socket: &std::path::Path, sandbox: &str, container: &str) {
     let rt = runner_warden::runtime::Runtime::new(socket, "k8s.io");
-    runner_warden::inspect::shutdown::remove_pod(&rt, Some(sandbox), Some(container)).await;
+    runner_warden::shutdown::probe::remove_pod(&rt, Some(sandbox), Some(container)).await;
 }
 
 impl Drop for Pod {

@@ -328,7 +328,7 @@ async fn container_status(runtime: &Runtime, id: &str) -> Result<ContainerStatus
 /// The shell-wrapper hint for a running container, from its PID 1 in /proc.
 async fn shell_pid1(runtime: &Runtime, id: &str) -> Option<String> {
     let pid = runtime.container_init_pid(id).await?;
-    let (comm, children) = crate::inspect::process::pid1_shape(pid)?;
+    let (comm, children) = crate::process_audit::proc_status::pid1_shape(pid)?;
     shell_pid1_hint(&comm, children)
 }
 

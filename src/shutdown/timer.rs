@@ -19,9 +19,10 @@ use tracing::{debug, info, warn};
 use super::stop_clock::{StopClock, StopRequest};
 use crate::contract::shutdown::{classify, shell_pid1_hint, stop_signal_hint, ShutdownOutcome};
 use crate::report::findings::{
-    Finding, FindingSink, Regarding, Severity, ShutdownFacts, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
+    Finding, Level, Regarding, ShutdownFacts, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
 };
 use crate::report::metrics::Metrics;
+use crate::report::sink::FindingSink;
 use crate::runtime::containers::ContainerRef;
 use crate::runtime::cri::ContainerState;
 use crate::runtime::errors::RuntimeError;
@@ -50,7 +51,7 @@ impl Default for TimingSettings {
         Self {
             enabled: true,
             slow_fraction: 0.5,
-            containers: super::scan::DEFAULT_RUNNER_CONTAINERS
+            containers: crate::process_audit::scanner::DEFAULT_RUNNER_CONTAINERS
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -380,7 +381,7 @@ impl ShutdownTimer {
             let Some((pid, since)) = t.pid1_pending else {
                 continue;
             };
-            match super::process::pid1_shape(pid) {
+            match crate::process_audit::proc_status::pid1_shape(pid) {
                 Some((comm, children)) => {
                     if let Some(h) = shell_pid1_hint(&comm, children) {
                         t.hints.push(h);
@@ -500,7 +501,7 @@ pub fn finding(
     Some(
         Finding::new(
             reason,
-            Severity::Warning,
+            Level::Warning,
             Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
             message,
         )

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::process;
+use super::proc_status as process;
 use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS};
-use crate::report::findings::{Finding, FindingSink, Regarding, Severity};
+use crate::report::findings::{Finding, Level, Regarding};
 use crate::report::metrics::Metrics;
+use crate::report::sink::FindingSink;
 use crate::runtime::containers::ContainerRef;
 use crate::runtime::errors::RuntimeError;
 use crate::runtime::Runtime;
@@ -317,7 +318,7 @@ impl Scanner {
                 sink.publish(
                     &Finding::new(
                         row.check,
-                        Severity::Warning,
+                        Level::Warning,
                         Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
                         format!(
                             "Container {} (pid {}, {}): {}.",

@@ -1,13 +1,12 @@
-//! Inspection of what runs on the node. `image`: the static audit of an image in containerd's content
-//! store (the checks themselves are pure, in `contract`); `layers`: the final-filesystem builder.
+//! The static image audit: an image's facts read from containerd's content store (`facts`), its final
+//! filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The checks
+//! themselves are pure, in `contract`.
 
-pub mod image;
+pub mod facts;
+mod follow;
 pub mod layers;
-pub mod process;
-pub mod scan;
-pub mod shutdown;
-pub mod stop_clock;
-pub mod timing;
+
+pub use follow::follow;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::contract::{audit, CheckResult, Outcome, Policy, CHECKS};
 use crate::report::metrics::Metrics;
 use crate::runtime::Runtime;
-use image::{read_facts, ImageSummary, InspectError};
+use facts::{read_facts, ImageSummary, InspectError};
 
 /// An audit's result for one image.
 #[derive(Clone, Debug)]

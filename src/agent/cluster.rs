@@ -1,0 +1,121 @@
+//! The cluster side of the agent (`kubernetes.enabled`): the reporter Lease, Events behind their queue,
+//! the ProjectSettings source merged with the file's images, and the runner-pod watch that feeds the
+//! shutdown timer's stop clock.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::StartError;
+use crate::config::Settings;
+use crate::prewarm::DesiredImage;
+use crate::process_audit::scanner::NamespaceRanges;
+use crate::report::events::{self, UidLookup};
+use crate::report::findings::{Kind, Regarding};
+use crate::report::metrics::Metrics;
+use crate::report::sink::FindingSink;
+use crate::shutdown::stop_clock::PodStops;
+use crate::sources::desired::ClusterPolicy;
+use crate::sources::kubernetes::{self, KubeSettings, KubeSource};
+use crate::sources::{leader, merge_desired};
+
+pub(super) struct Cluster {
+    client: kube::Client,
+    /// The file's images merged with the cluster's.
+    pub desired: watch::Receiver<Vec<DesiredImage>>,
+    /// JSON lines and Events.
+    pub findings: FindingSink,
+}
+
+impl Cluster {
+    /// Namespaces' OpenShift UID ranges, kept current by a watch.
+    pub fn namespace_ranges(
+        &self,
+        tasks: &mut JoinSet<()>,
+        stop: &CancellationToken,
+    ) -> Arc<NamespaceRanges> {
+        let ranges = Arc::new(NamespaceRanges::default());
+        tasks.spawn(kubernetes::watch_namespace_ranges(
+            self.client.clone(),
+            ranges.clone(),
+            stop.clone(),
+        ));
+        ranges
+    }
+}
+
+pub(super) async fn start(
+    settings: &Settings,
+    file: watch::Receiver<Vec<DesiredImage>>,
+    findings: FindingSink,
+    pod_stops: Arc<PodStops>,
+    metrics: Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> Result<Cluster, StartError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(StartError::Kube)?;
+    let k = &settings.kubernetes;
+    info!(node = %k.node_name, "following the cluster: ProjectSettings, runner pods on this node, Events");
+    let is_leader = Arc::new(AtomicBool::new(false));
+    tasks.spawn(leader::run(
+        client.clone(),
+        k.lease_namespace.clone(),
+        format!("runner-warden-{}", k.node_name),
+        is_leader.clone(),
+        stop.clone(),
+    ));
+    let source = KubeSource::new(
+        client.clone(),
+        KubeSettings {
+            node_name: k.node_name.clone(),
+            policy: ClusterPolicy {
+                custom_images_enabled: k.custom_runner_image_enabled,
+                allowed_registries: k.allowed_registries.clone(),
+                default_images: k.default_images.clone(),
+            },
+            agent_registry: k.agent_registry.clone(),
+        },
+    );
+    let store = source.store();
+    let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
+        r.uid
+            .clone()
+            .or_else(|| match (r.kind, r.namespace.as_deref()) {
+                (Kind::ProjectSettings, Some(ns)) => kubernetes::project_uid(&store, ns),
+                _ => None,
+            })
+    });
+    let (queue, events_task) = events::spawn(
+        client.clone(),
+        &k.node_name,
+        is_leader,
+        uid_of,
+        metrics,
+        stop.clone(),
+    );
+    tasks.spawn(async move {
+        let _ = events_task.await;
+    });
+    let findings = findings.with_events(queue);
+    let (cluster_tx, cluster_rx) = watch::channel(Vec::new());
+    tasks.spawn(source.run(cluster_tx, findings.clone(), stop.clone()));
+    tasks.spawn(kubernetes::watch_runner_pods(
+        client.clone(),
+        k.node_name.clone(),
+        pod_stops,
+        stop.clone(),
+    ));
+    let (merged_tx, merged_rx) = watch::channel(Vec::new());
+    tasks.spawn(merge_desired(file, cluster_rx, merged_tx, stop.clone()));
+    Ok(Cluster {
+        client,
+        desired: merged_rx,
+        findings,
+    })
+}

@@ -1,0 +1,236 @@
+//! The agent: builds every job from `Settings`, runs them side by side until a signal, and keeps health,
+//! readiness and the configuration current. `cluster` wires the Kubernetes side, `reload` follows the
+//! config file, `health` probes containerd.
+
+mod cluster;
+mod health;
+mod reload;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Overrides, Settings};
+use crate::image_audit::{self, Auditor};
+use crate::prewarm::Prewarmer;
+use crate::process_audit::scanner::Scanner;
+use crate::process_audit::watch as process_watch;
+use crate::report::metrics::Metrics;
+use crate::report::server::{self, Health};
+use crate::report::sink::FindingSink;
+use crate::runtime::Runtime;
+use crate::shutdown::stop_clock::{Clocks, PodStops, RecordedStops};
+use crate::shutdown::timer::{ShutdownTimer, TimingSettings};
+
+/// How long shutdown may take before the process exits anyway (kubelet's grace is longer; we practise
+/// what we check).
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Why the agent could not start. Each names the setting to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open findings output {target}: {source}")]
+    Findings {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {address} for /metrics (is another agent running? set report.metrics_address): {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot configure the Kubernetes client: run in a pod with a service account, or set KUBECONFIG: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("cannot install the {0} handler: {1}")]
+    Signal(&'static str, std::io::Error),
+}
+
+/// The agent as `run` starts it: a validated configuration, where it came from (for reloads) and the
+/// command-line overrides that win over it.
+pub struct Agent {
+    pub settings: Settings,
+    pub config_path: PathBuf,
+    pub overrides: Overrides,
+}
+
+impl Agent {
+    /// Runs every job until SIGTERM or SIGINT (or until one of them stops), then stops them all within
+    /// `SHUTDOWN_DEADLINE`.
+    pub async fn run(self) -> Result<(), StartError> {
+        let Agent {
+            settings,
+            config_path,
+            overrides,
+        } = self;
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
+        let findings =
+            FindingSink::open(&settings.findings, metrics.clone()).map_err(|source| {
+                StartError::Findings {
+                    target: settings.findings.clone(),
+                    source,
+                }
+            })?;
+        let listener = server::bind(settings.metrics_address)
+            .await
+            .map_err(|source| StartError::Listen {
+                address: settings.metrics_address,
+                source,
+            })?;
+        let runtime = Runtime::new(&settings.containerd_socket, &settings.namespace);
+        match runtime.version().await {
+            Ok(v) => {
+                info!(socket = %settings.containerd_socket.display(), version = %v, namespace = %settings.namespace, "connected to containerd");
+                health.runtime_ok.store(true, Ordering::Relaxed);
+                metrics.runtime_up.set(1);
+            }
+            Err(e) => warn!("{e}; will keep trying"),
+        }
+        info!(
+            images = settings.images.len(),
+            concurrency = settings.prewarm.concurrency,
+            metrics = %settings.metrics_address,
+            "runner-warden {} starting",
+            env!("CARGO_PKG_VERSION")
+        );
+
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (file_tx, file_rx) = watch::channel(settings.images.clone());
+        let pod_stops = Arc::new(PodStops::default());
+        let cluster = match settings.kubernetes.enabled {
+            true => Some(
+                cluster::start(
+                    &settings,
+                    file_rx.clone(),
+                    findings.clone(),
+                    pod_stops.clone(),
+                    metrics.clone(),
+                    &mut tasks,
+                    &stop,
+                )
+                .await?,
+            ),
+            false => None,
+        };
+        let (desired_rx, findings) = match &cluster {
+            Some(c) => (c.desired.clone(), c.findings.clone()),
+            None => (file_rx, findings),
+        };
+
+        tasks.spawn({
+            let (m, h, s) = (metrics.clone(), health.clone(), stop.clone());
+            async move {
+                if let Err(e) = server::serve(listener, m, h, s).await {
+                    error!("metrics server failed: {e}");
+                }
+            }
+        });
+        tasks.spawn(reload::watch_config(
+            config_path,
+            overrides,
+            settings.clone(),
+            file_tx,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(health::probe_runtime(
+            runtime.clone(),
+            health.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        if settings.runtime_audit.enabled {
+            let mut scanner = Scanner::new(
+                runtime.clone(),
+                settings.runtime_audit.scan.clone(),
+                metrics.clone(),
+                Some(findings.clone()),
+            );
+            if let Some(ranges) = cluster
+                .as_ref()
+                .filter(|_| settings.runtime_audit.namespace_uid_range)
+                .map(|c| c.namespace_ranges(&mut tasks, &stop))
+            {
+                scanner = scanner.with_namespace_ranges(ranges);
+            }
+            tasks.spawn(process_watch::run(
+                Arc::new(scanner),
+                process_watch::WatchSettings {
+                    interval: settings.runtime_audit.interval,
+                    proc_connector: settings.runtime_audit.proc_connector,
+                },
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        if settings.shutdown.enabled {
+            let timer = ShutdownTimer::new(
+                runtime.clone(),
+                TimingSettings {
+                    enabled: true,
+                    slow_fraction: settings.shutdown.slow_fraction,
+                    containers: settings.runtime_audit.scan.containers.clone(),
+                    all_containers: settings.runtime_audit.scan.all_containers,
+                },
+                Arc::new(Clocks(vec![
+                    Arc::new(RecordedStops::new(&settings.shutdown.stop_records)),
+                    pod_stops,
+                ])),
+                findings.clone(),
+                metrics.clone(),
+            );
+            tasks.spawn(timer.run(stop.clone()));
+        }
+        let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
+        if settings.audit.enabled {
+            let auditor = Arc::new(Auditor::new(
+                runtime.clone(),
+                settings.audit.policy.clone(),
+                metrics.clone(),
+            ));
+            tasks.spawn(image_audit::follow(
+                auditor,
+                news_rx,
+                findings.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        let prewarmer = Prewarmer::new(
+            runtime,
+            settings.prewarm.clone(),
+            metrics,
+            Some(findings),
+            health,
+        )
+        .with_news(news_tx);
+        tasks.spawn(prewarmer.run(desired_rx, stop.clone()));
+
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| StartError::Signal("SIGTERM", e))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| StartError::Signal("SIGINT", e))?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = tasks.join_next() => warn!("a component stopped unexpectedly; shutting down"),
+        }
+        stop.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("components did not stop within {SHUTDOWN_DEADLINE:?}; exiting anyway");
+        }
+        info!("stopped");
+        Ok(())
+    }
+}

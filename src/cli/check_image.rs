@@ -1,0 +1,71 @@
+//! `runner-warden check-image`: the static contract audit of one image. Exit status 0 no violation,
+//! 1 violations, 2 the image could not be read.
+
+use std::process::ExitCode;
+
+use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
+use runner_warden::image_audit::facts::read_facts;
+
+use super::{ensure_present, exit_unusable, CheckImageArgs, OutputFormat};
+
+pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
+    let runtime = args.containerd.runtime();
+    let image = match ensure_present(&runtime, &args.image, args.secret.as_deref(), "read").await {
+        Ok(i) => i,
+        Err(code) => return Ok(code),
+    };
+    let (summary, facts) = match read_facts(&runtime, image.as_str()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runner-warden: cannot read {image}: {e}");
+            return Ok(exit_unusable());
+        }
+    };
+    let mut policy = Policy {
+        expected_major: args.expected_major,
+        ..Policy::default()
+    };
+    for c in &args.warn {
+        policy.severities.insert(c.clone(), Severity::Warning);
+    }
+    let results = runner_warden::contract::audit(&facts, &policy);
+    let violations = results
+        .iter()
+        .filter(|r| r.outcome == CheckOutcome::Violation)
+        .count();
+    let warnings = results
+        .iter()
+        .filter(|r| r.outcome == CheckOutcome::Warning)
+        .count();
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "image": summary,
+                "results": results,
+                "violations": violations,
+                "warnings": warnings,
+            }))?
+        ),
+        OutputFormat::Table => {
+            println!("image     {}", summary.image);
+            println!("manifest  {}", summary.manifest);
+            println!(
+                "config    {} ({}, {} layers)",
+                summary.image_id, summary.platform, summary.layers
+            );
+            println!();
+            println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");
+            for r in &results {
+                println!("{:<20} {:<10} {}", r.check, r.outcome.to_string(), r.detail);
+            }
+            println!();
+            println!("{violations} violation(s), {warnings} warning(s)");
+        }
+    }
+    Ok(if violations > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,46 @@
+//! The platform's environment over the file: the DaemonSet passes the platform's own variables, and they
+//! win over what the file says.
+
+use super::KubernetesSettings;
+use crate::reference::ImageRef;
+use crate::sources::desired::ClusterPolicy;
+
+impl KubernetesSettings {
+    /// The platform's environment variables win over the file (the DaemonSet passes the platform's values).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("RUNNER_WARDEN_KUBERNETES") {
+            self.enabled = ClusterPolicy::gate(Some(&v));
+        }
+        if let Some(v) = get("NODE_NAME") {
+            self.node_name = v;
+        }
+        if let Some(v) = get("CUSTOM_RUNNER_IMAGE_ENABLED") {
+            self.custom_runner_image_enabled = ClusterPolicy::gate(Some(&v));
+        }
+        if let Some(v) = get("RUNNER_IMAGE_ALLOWED_REGISTRIES") {
+            self.allowed_registries = ClusterPolicy::allowlist(Some(&v));
+        }
+        for k in ["RUNNER_IMAGE", "AMBIENT_CODE_RUNNER_IMAGE"] {
+            if let Some(v) = get(k) {
+                if !self.default_images.contains(&v) {
+                    self.default_images.push(v);
+                }
+            }
+        }
+        if let Some(v) = get("POD_NAMESPACE") {
+            self.lease_namespace = v;
+        }
+    }
+
+    /// What must hold before the agent talks to a cluster.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_name.is_empty() {
+            return Err("kubernetes: node_name is not set: pass NODE_NAME from the downward API (fieldRef spec.nodeName)".into());
+        }
+        for i in &self.default_images {
+            ImageRef::parse(i).map_err(|e| format!("kubernetes: default image {i:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! Configuration: a TOML file (section by section, `sections`) plus command-line overrides and, with a
+//! cluster, the platform's environment (`env`) into one validated `Settings`, every problem reported at
+//! once. `Settings::changes` says which sections a reload changed.
+//!
+//! See `deploy/standalone.example.toml` for a documented example.
+
+mod env;
+mod raw;
+mod sections;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::contract::Policy;
+use crate::prewarm::{DesiredImage, PrewarmSettings};
+use crate::process_audit::scanner::ScanSettings;
+use sections::Problems;
+
+pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9477";
+pub const DEFAULT_LEASE_NAMESPACE: &str = "runner-warden";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub containerd_socket: PathBuf,
+    pub namespace: String,
+    pub metrics_address: SocketAddr,
+    /// `-` for standard output, else a file appended to.
+    pub findings: String,
+    pub prewarm: PrewarmSettings,
+    pub audit: AuditSettings,
+    pub runtime_audit: RuntimeAuditSettings,
+    pub shutdown: ShutdownSettings,
+    pub kubernetes: KubernetesSettings,
+    pub images: Vec<DesiredImage>,
+}
+
+/// The cluster as a source of images and runner pods, and the destination of Events.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KubernetesSettings {
+    pub enabled: bool,
+    /// This node (the downward API's `spec.nodeName`, env `NODE_NAME`).
+    pub node_name: String,
+    /// `CUSTOM_RUNNER_IMAGE_ENABLED`.
+    pub custom_runner_image_enabled: bool,
+    /// `RUNNER_IMAGE_ALLOWED_REGISTRIES`.
+    pub allowed_registries: Vec<String>,
+    /// `RUNNER_IMAGE`, `AMBIENT_CODE_RUNNER_IMAGE`.
+    pub default_images: Vec<String>,
+    /// `namespace/name` of the agent-registry ConfigMap.
+    pub agent_registry: Option<(String, String)>,
+    /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
+    pub lease_namespace: String,
+}
+
+/// Passive shutdown timing of runner containers (which containers are runners: `runtime_audit`'s list).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShutdownSettings {
+    pub enabled: bool,
+    /// Exits later than this fraction of the grace period are slow.
+    pub slow_fraction: f64,
+    /// Where stop records are read (standalone: whoever stops a runner writes one).
+    pub stop_records: PathBuf,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            slow_fraction: 0.5,
+            stop_records: PathBuf::from(crate::shutdown::stop_clock::DEFAULT_STOP_RECORDS),
+        }
+    }
+}
+
+/// The runtime audit of runner processes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeAuditSettings {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub proc_connector: bool,
+    pub scan: ScanSettings,
+    /// With a cluster: a namespace's `openshift.io/sa.scc.uid-range` is its pods' UID range.
+    pub namespace_uid_range: bool,
+}
+
+impl Default for RuntimeAuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(30),
+            proc_connector: true,
+            scan: ScanSettings::default(),
+            namespace_uid_range: false,
+        }
+    }
+}
+
+/// The static image contract audit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditSettings {
+    pub enabled: bool,
+    pub policy: Policy,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy: Policy::default(),
+        }
+    }
+}
+
+/// Command-line overrides; each wins over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub containerd_socket: Option<PathBuf>,
+    pub metrics_address: Option<String>,
+    pub findings: Option<String>,
+    pub concurrency: Option<usize>,
+    /// `--kubernetes`: follow the cluster whatever the file says.
+    pub kubernetes: bool,
+}
+
+impl Settings {
+    /// Reads, parses and validates the file, then overlays the platform's environment (`NODE_NAME`,
+    /// `RUNNER_IMAGE_ALLOWED_REGISTRIES`, …) read through `env`; with a cluster, validates what talking
+    /// to it needs.
+    pub fn load(
+        path: &Path,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let mut s = Self::parse(&text, base, overrides).map_err(invalid)?;
+        s.kubernetes.apply_env(env);
+        s.kubernetes.enabled |= overrides.kubernetes;
+        if s.kubernetes.enabled {
+            s.kubernetes.validate().map_err(|p| invalid(vec![p]))?;
+        }
+        Ok(s)
+    }
+
+    /// Parses and validates the file alone; relative paths resolve against `base` (the file's directory).
+    pub fn parse(text: &str, base: &Path, o: &Overrides) -> Result<Self, Vec<String>> {
+        let raw: raw::RawFile =
+            toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])?;
+        let mut problems = Problems::default();
+        let (containerd_socket, namespace) = sections::containerd(raw.containerd, o, &mut problems);
+        let prewarm = sections::prewarm(raw.prewarm, o, &mut problems);
+        let (metrics_address, findings) = sections::report(raw.report, o, &mut problems);
+        let images = sections::images(raw.images, base, &mut problems);
+        let runtime_audit = sections::runtime_audit(raw.runtime_audit, &mut problems);
+        let shutdown = sections::shutdown(raw.shutdown, base, &mut problems);
+        let kubernetes = sections::kubernetes(raw.kubernetes, &mut problems);
+        let audit = sections::audit(raw.audit, &mut problems);
+        if !problems.0.is_empty() {
+            return Err(problems.0);
+        }
+        Ok(Settings {
+            containerd_socket,
+            namespace,
+            metrics_address,
+            findings,
+            prewarm,
+            audit,
+            runtime_audit,
+            shutdown,
+            kubernetes,
+            images,
+        })
+    }
+
+    /// The sections that differ between `self` and `next`, by their key in the file (`images` included).
+    pub fn changes(&self, next: &Settings) -> Vec<&'static str> {
+        let mut c = Vec::new();
+        let mut diff = |name, changed: bool| {
+            if changed {
+                c.push(name)
+            }
+        };
+        diff(
+            "containerd",
+            self.containerd_socket != next.containerd_socket || self.namespace != next.namespace,
+        );
+        diff(
+            "report",
+            self.metrics_address != next.metrics_address || self.findings != next.findings,
+        );
+        diff("prewarm", self.prewarm != next.prewarm);
+        diff("audit", self.audit != next.audit);
+        diff("runtime_audit", self.runtime_audit != next.runtime_audit);
+        diff("shutdown", self.shutdown != next.shutdown);
+        diff("kubernetes", self.kubernetes != next.kubernetes);
+        diff("images", self.images != next.images);
+        c
+    }
+}

@@ -1,0 +1,305 @@
+//! One function per section of the file: each validates its raw section into settings, records every
+//! problem (naming its key) in the shared collector, and falls back to the default so the others can
+//! still be checked.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::*;
+use super::{
+    AuditSettings, KubernetesSettings, Overrides, RuntimeAuditSettings, ShutdownSettings,
+    DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+};
+use crate::contract::process::parse_uid_range;
+use crate::contract::{Policy, Severity, CHECKS};
+use crate::prewarm::{DesiredImage, PrewarmSettings};
+use crate::reference::ImageRef;
+
+/// Every problem found in the file, each naming its key.
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<String>);
+
+impl Problems {
+    fn push(&mut self, p: impl Into<String>) {
+        self.0.push(p.into());
+    }
+}
+
+pub(super) fn containerd(
+    raw: RawContainerd,
+    o: &Overrides,
+    problems: &mut Problems,
+) -> (PathBuf, String) {
+    let socket = o
+        .containerd_socket
+        .clone()
+        .or(raw.socket)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if socket.as_os_str().is_empty() {
+        problems.push("containerd.socket: must not be empty");
+    }
+    let namespace = raw.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    if namespace.is_empty() {
+        problems.push("containerd.namespace: must not be empty (kubelet uses \"k8s.io\")");
+    }
+    (socket, namespace)
+}
+
+pub(super) fn prewarm(raw: RawPrewarm, o: &Overrides, problems: &mut Problems) -> PrewarmSettings {
+    let d = PrewarmSettings::default();
+    let mut duration = |field: &str, v: Option<String>, default: Duration| match v {
+        None => default,
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                problems.push(format!("prewarm.{field}: must be greater than zero"));
+                default
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "prewarm.{field}: {s:?} is not a duration ({e}); write e.g. \"30s\", \"2m\", \"1h\""
+                ));
+                default
+            }
+        },
+    };
+    let stall_timeout = duration("stall_timeout", raw.stall_timeout, d.stall_timeout);
+    let resolve_interval = duration("resolve_interval", raw.resolve_interval, d.resolve_interval);
+    let backoff_initial = duration("backoff_initial", raw.backoff_initial, d.backoff_initial);
+    let backoff_max = duration("backoff_max", raw.backoff_max, d.backoff_max);
+    if backoff_initial > backoff_max {
+        problems.push("prewarm.backoff_initial: must not exceed prewarm.backoff_max");
+    }
+    let concurrency = match (o.concurrency, raw.concurrency) {
+        (Some(c), _) if c > 0 => c,
+        (None, None) => d.concurrency,
+        (None, Some(c)) if (1..=64).contains(&c) => c as usize,
+        (Some(c), _) => {
+            problems.push(format!("--concurrency: {c} is out of range; use 1 to 64"));
+            d.concurrency
+        }
+        (None, Some(c)) => {
+            problems.push(format!(
+                "prewarm.concurrency: {c} is out of range; use 1 to 64"
+            ));
+            d.concurrency
+        }
+    };
+    let failure_finding_after = match raw.failure_finding_after {
+        None => d.failure_finding_after,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            problems.push(format!(
+                "prewarm.failure_finding_after: {n} is out of range; use 1 to 1000"
+            ));
+            d.failure_finding_after
+        }
+    };
+    PrewarmSettings {
+        concurrency,
+        stall_timeout,
+        resolve_interval,
+        pin: raw.pin.unwrap_or(d.pin),
+        backoff_initial,
+        backoff_max,
+        failure_finding_after,
+    }
+}
+
+pub(super) fn report(
+    raw: RawReport,
+    o: &Overrides,
+    problems: &mut Problems,
+) -> (SocketAddr, String) {
+    let metrics_raw = o
+        .metrics_address
+        .clone()
+        .or(raw.metrics_address)
+        .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
+    let metrics_address = metrics_raw.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "report.metrics_address: {metrics_raw:?} is not host:port (e.g. \"127.0.0.1:9477\")"
+        ));
+        DEFAULT_METRICS_ADDRESS.parse().expect("default parses")
+    });
+    let findings = o
+        .findings
+        .clone()
+        .or(raw.findings)
+        .unwrap_or_else(|| "-".into());
+    (metrics_address, findings)
+}
+
+/// Relative secret paths resolve against `base` (the file's directory).
+pub(super) fn images(
+    raw: Vec<RawImage>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Vec<DesiredImage> {
+    let mut images = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, img) in raw.into_iter().enumerate() {
+        match ImageRef::parse(&img.image) {
+            Ok(image) => {
+                if !seen.insert(image.clone()) {
+                    problems.push(format!(
+                        "images[{i}].image: {image} is listed twice; keep one entry"
+                    ));
+                    continue;
+                }
+                if img
+                    .pull_secret
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                {
+                    problems.push(format!("images[{i}].pull_secret: must not be empty"));
+                }
+                let pull_secret = img.pull_secret.map(|p| base.join(p));
+                images.push(DesiredImage::new(
+                    image,
+                    pull_secret,
+                    img.project.filter(|p| !p.is_empty()),
+                ));
+            }
+            Err(e) => problems.push(format!("images[{i}].image: {e}")),
+        }
+    }
+    images
+}
+
+pub(super) fn runtime_audit(ra: RawRuntimeAudit, problems: &mut Problems) -> RuntimeAuditSettings {
+    let mut s = RuntimeAuditSettings::default();
+    match ra.interval.map(|v| (humantime::parse_duration(&v), v)) {
+        None => {}
+        Some((Ok(d), _)) if d >= Duration::from_millis(100) => s.interval = d,
+        Some((_, v)) => problems.push(format!(
+            "runtime_audit.interval: {v:?} is not a duration of at least 100ms (e.g. \"30s\")"
+        )),
+    }
+    if let Some(names) = ra.containers {
+        if names.is_empty() || names.iter().any(|n| n.is_empty()) {
+            problems.push("runtime_audit.containers: list at least one container name");
+        } else {
+            s.scan.containers = names;
+        }
+    }
+    s.scan.uid_policy.exact = ra.uid;
+    if let Some(r) = ra.uid_range {
+        match parse_uid_range(&r) {
+            Some(range) => s.scan.uid_policy.range = Some(range),
+            None => problems.push(format!(
+                "runtime_audit.uid_range: {r:?} is neither start/size (\"1000680000/10000\") nor lo-hi"
+            )),
+        }
+    }
+    s.enabled = ra.enabled.unwrap_or(true);
+    s.proc_connector = ra.proc_connector.unwrap_or(true);
+    s.scan.all_containers = ra.all_containers.unwrap_or(false);
+    s.scan.uid_policy.check_bounding = ra.check_bounding_set.unwrap_or(true);
+    s.namespace_uid_range = ra.namespace_uid_range.unwrap_or(false);
+    s
+}
+
+pub(super) fn shutdown(raw: RawShutdown, base: &Path, problems: &mut Problems) -> ShutdownSettings {
+    let mut s = ShutdownSettings::default();
+    if let Some(f) = raw.slow_fraction {
+        if f > 0.0 && f <= 1.0 {
+            s.slow_fraction = f;
+        } else {
+            problems.push(format!(
+                "shutdown.slow_fraction: {f} must be in (0, 1] (0.5 = half the grace period)"
+            ));
+        }
+    }
+    if let Some(d) = raw.stop_records {
+        if d.as_os_str().is_empty() {
+            problems.push("shutdown.stop_records: must not be empty");
+        } else {
+            s.stop_records = base.join(d);
+        }
+    }
+    s.enabled = raw.enabled.unwrap_or(true);
+    s
+}
+
+pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> KubernetesSettings {
+    let mut k = KubernetesSettings {
+        enabled: rk.enabled.unwrap_or(false),
+        node_name: rk.node_name.unwrap_or_default(),
+        custom_runner_image_enabled: rk.custom_runner_image_enabled.unwrap_or(false),
+        allowed_registries: rk
+            .allowed_registries
+            .unwrap_or_default()
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        default_images: Vec::new(),
+        agent_registry: None,
+        lease_namespace: rk
+            .lease_namespace
+            .unwrap_or_else(|| super::DEFAULT_LEASE_NAMESPACE.into()),
+    };
+    for (i, d) in rk
+        .default_images
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        match ImageRef::parse(&d) {
+            Ok(_) => k.default_images.push(d),
+            Err(e) => problems.push(format!("kubernetes.default_images[{i}]: {e}")),
+        }
+    }
+    if let Some(r) = rk.agent_registry {
+        match r.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                k.agent_registry = Some((ns.to_string(), name.to_string()))
+            }
+            _ => problems.push(format!(
+                "kubernetes.agent_registry: {r:?} is not namespace/name (e.g. \"ambient-code/ambient-agent-registry\")"
+            )),
+        }
+    }
+    k
+}
+
+pub(super) fn audit(raw: RawAudit, problems: &mut Problems) -> AuditSettings {
+    let mut policy = Policy::default();
+    if let Some(keys) = raw.label_keys {
+        if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
+            problems.push("audit.label_keys: list at least one non-empty label key");
+        } else {
+            policy.label_keys = keys;
+        }
+    }
+    if let Some(m) = raw.expected_major {
+        policy.expected_major = m;
+    }
+    for (check, sev) in raw.severity {
+        let sev = match sev.as_str() {
+            "violation" => Severity::Violation,
+            "warning" => Severity::Warning,
+            other => {
+                problems.push(format!(
+                    "audit.severity.{check}: {other:?} is neither \"violation\" nor \"warning\""
+                ));
+                continue;
+            }
+        };
+        if !CHECKS.contains(&check.as_str()) {
+            problems.push(format!(
+                "audit.severity: unknown check {check:?}; checks are {}",
+                CHECKS.join(", ")
+            ));
+            continue;
+        }
+        policy.severities.insert(check, sev);
+    }
+    AuditSettings {
+        enabled: raw.enabled.unwrap_or(true),
+        policy,
+    }
+}

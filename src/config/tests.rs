@@ -1,0 +1,163 @@
+use super::*;
+use crate::contract::Severity;
+
+fn parse(text: &str) -> Result<Settings, Vec<String>> {
+    Settings::parse(text, Path::new("/etc/rw"), &Overrides::default())
+}
+
+#[test]
+fn example_file_is_valid() {
+    let text = include_str!("../../deploy/standalone.example.toml");
+    let s = parse(text).unwrap();
+    assert!(!s.images.is_empty());
+}
+
+#[test]
+fn defaults_apply() {
+    let s = parse("").unwrap();
+    assert_eq!(s.containerd_socket, PathBuf::from(DEFAULT_SOCKET));
+    assert_eq!(s.namespace, "k8s.io");
+    assert_eq!(s.prewarm, PrewarmSettings::default());
+    assert_eq!(s.findings, "-");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+        [prewarm]
+        concurrency = 0
+        stall_timeout = "soon"
+        backoff_initial = "10m"
+        backoff_max = "1m"
+        [report]
+        metrics_address = "nowhere"
+        [[images]]
+        image = "quay.io/A/b"
+        [[images]]
+        image = "quay.io/a/b:v1"
+        [[images]]
+        image = "quay.io/a/b:v1"
+    "#;
+    let problems = parse(text).unwrap_err();
+    let all = problems.join("\n");
+    for want in [
+        "prewarm.concurrency",
+        "prewarm.stall_timeout",
+        "prewarm.backoff_initial",
+        "report.metrics_address",
+        "images[0].image",
+        "images[2].image",
+    ] {
+        assert!(all.contains(want), "missing {want} in:\n{all}");
+    }
+    assert_eq!(problems.len(), 6, "{all}");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name() {
+    let problems = parse("[prewarm]\nconcurency = 2\n").unwrap_err();
+    assert!(problems[0].contains("concurency"), "{problems:?}");
+}
+
+#[test]
+fn secret_paths_resolve_against_the_config_directory() {
+    let s =
+        parse("[[images]]\nimage = \"a.io/b:c\"\npull_secret = \"s.json\"\nproject = \"team\"\n")
+            .unwrap();
+    assert_eq!(
+        s.images[0].pull_secret.as_deref(),
+        Some(Path::new("/etc/rw/s.json"))
+    );
+    assert_eq!(s.images[0].project.as_deref(), Some("team"));
+}
+
+#[test]
+fn audit_section_is_validated() {
+    let s = parse("[audit]\nexpected_major = 2\n[audit.severity]\nstop-signal = \"warning\"\n")
+        .unwrap();
+    assert_eq!(s.audit.policy.expected_major, 2);
+    assert_eq!(s.audit.policy.severities["stop-signal"], Severity::Warning);
+    let problems = parse(
+        "[audit]\nlabel_keys = []\n[audit.severity]\nno-such = \"warning\"\nsetuid-files = \"fatal\"\n",
+    )
+    .unwrap_err();
+    let all = problems.join("\n");
+    assert_eq!(problems.len(), 3, "{all}");
+    assert!(
+        all.contains("unknown check \"no-such\"") && all.contains("\"fatal\" is neither"),
+        "{all}"
+    );
+}
+
+#[test]
+fn kubernetes_section_and_the_platform_environment() {
+    let mut s = parse("[kubernetes]\nenabled = true\nallowed_registries = [\" Quay.io \"]\nagent_registry = \"ac/ambient-agent-registry\"\n")
+        .unwrap()
+        .kubernetes;
+    assert!(s.enabled);
+    assert_eq!(s.allowed_registries, ["quay.io"]);
+    assert_eq!(
+        s.agent_registry,
+        Some(("ac".into(), "ambient-agent-registry".into()))
+    );
+    assert!(s.validate().unwrap_err().contains("NODE_NAME"));
+    let env = |k: &str| match k {
+        "NODE_NAME" => Some("node-1".to_string()),
+        "CUSTOM_RUNNER_IMAGE_ENABLED" => Some("1".into()),
+        "RUNNER_IMAGE_ALLOWED_REGISTRIES" => Some("a.io,B.io".into()),
+        "RUNNER_IMAGE" => Some("quay.io/ambient_code/vteam_claude_runner:latest".into()),
+        "POD_NAMESPACE" => Some("ops".into()),
+        _ => None,
+    };
+    s.apply_env(env);
+    assert_eq!(s.node_name, "node-1");
+    assert!(s.custom_runner_image_enabled);
+    assert_eq!(s.allowed_registries, ["a.io", "b.io"]);
+    assert_eq!(s.default_images.len(), 1);
+    assert_eq!(s.lease_namespace, "ops");
+    assert!(s.validate().is_ok());
+    let e = parse("[kubernetes]\nagent_registry = \"x\"\ndefault_images = [\"Bad Ref\"]\n")
+        .unwrap_err();
+    assert_eq!(e.len(), 2, "{e:?}");
+}
+
+#[test]
+fn shutdown_section_is_validated() {
+    let s = parse("[shutdown]\nslow_fraction = 0.8\nstop_records = \"stops\"\n").unwrap();
+    assert_eq!(s.shutdown.slow_fraction, 0.8);
+    assert_eq!(s.shutdown.stop_records, PathBuf::from("/etc/rw/stops"));
+    let e = parse("[shutdown]\nslow_fraction = 1.5\nstop_records = \"\"\n").unwrap_err();
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].contains("shutdown.slow_fraction"), "{e:?}");
+}
+
+#[test]
+fn runtime_audit_section_is_validated() {
+    let s = parse("[runtime_audit]\ninterval = \"1s\"\nuid_range = \"1000680000/10000\"\ncontainers = [\"runner\"]\n").unwrap();
+    assert_eq!(s.runtime_audit.interval, Duration::from_secs(1));
+    assert_eq!(
+        s.runtime_audit.scan.uid_policy.range,
+        Some((1000680000, 1000689999))
+    );
+    assert_eq!(s.runtime_audit.scan.containers, ["runner"]);
+    let problems =
+        parse("[runtime_audit]\ninterval = \"1ms\"\nuid_range = \"x\"\ncontainers = []\n")
+            .unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+}
+
+#[test]
+fn overrides_win() {
+    let o = Overrides {
+        containerd_socket: Some("/tmp/c.sock".into()),
+        metrics_address: Some("127.0.0.1:1".into()),
+        findings: Some("/tmp/f.jsonl".into()),
+        concurrency: Some(5),
+        kubernetes: false,
+    };
+    let s = Settings::parse("[prewarm]\nconcurrency = 1\n", Path::new("/"), &o).unwrap();
+    assert_eq!(s.containerd_socket, PathBuf::from("/tmp/c.sock"));
+    assert_eq!(s.metrics_address.port(), 1);
+    assert_eq!(s.findings, "/tmp/f.jsonl");
+    assert_eq!(s.prewarm.concurrency, 5);
+}

@@ -1,0 +1,129 @@
+//! The image audit as a job of the agent: it follows the prewarmer's news, audits each newly present
+//! content once (the `Auditor` caches by image id), retries while a layer blob may still be on its way
+//! (another pull sharing it), and reports each failing check on every project that wants the image.
+//! An image that leaves the desired set has its audit cancelled and no longer counts in the gauge.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Auditor;
+use crate::contract::Outcome;
+use crate::prewarm::{DesiredImage, News};
+use crate::reference::ImageRef;
+use crate::report::messages::{self, ImageSubject};
+use crate::report::metrics::Metrics;
+use crate::report::sink::FindingSink;
+
+const AUDIT_RETRIES: u32 = 3;
+const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+pub async fn follow(
+    auditor: Arc<Auditor>,
+    mut news: mpsc::UnboundedReceiver<News>,
+    findings: FindingSink,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut running: HashMap<ImageRef, CancellationToken> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = news.recv() => n,
+            // Reap finished audits so the set stays small.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        match next {
+            None => break,
+            Some(News::Present { desired, image_id }) => {
+                let token = stop.child_token();
+                if let Some(old) = running.insert(desired.image.clone(), token.clone()) {
+                    old.cancel(); // the tag moved again before the last audit finished
+                }
+                let (a, f, m) = (auditor.clone(), findings.clone(), metrics.clone());
+                tasks.spawn(async move { audit(&a, &desired, &image_id, &f, &m, &token).await });
+            }
+            Some(News::Left { image }) => {
+                if let Some(t) = running.remove(&image) {
+                    t.cancel();
+                }
+                auditor.forget(image.as_str());
+            }
+        }
+    }
+    for t in running.values() {
+        t.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn audit(
+    auditor: &Auditor,
+    d: &DesiredImage,
+    image_id: &str,
+    findings: &FindingSink,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) {
+    let image = d.image.as_str();
+    let mut result = auditor.audit(image, image_id).await;
+    for _ in 0..AUDIT_RETRIES {
+        if result.is_ok() || cancel.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(AUDIT_RETRY_DELAY) => {}
+            _ = cancel.cancelled() => return,
+        }
+        result = auditor.audit(image, image_id).await;
+    }
+    match result {
+        Ok((audit, fresh)) => {
+            metrics
+                .image_audits_total
+                .with_label_values(&[if fresh { "ok" } else { "cached" }])
+                .inc();
+            info!(
+                image,
+                violations = audit.count(Outcome::Violation),
+                warnings = audit.count(Outcome::Warning),
+                "contract audit done"
+            );
+            let subject = ImageSubject {
+                image,
+                project: d.project.as_deref(),
+            };
+            for r in audit.results.iter().filter(|r| r.outcome != Outcome::Pass) {
+                let outcome = if r.outcome == Outcome::Violation {
+                    "violation"
+                } else {
+                    "warning"
+                };
+                warn!(
+                    image,
+                    check = r.check,
+                    outcome,
+                    "runner image contract: {}",
+                    r.detail
+                );
+                findings.publish_to_projects(
+                    messages::contract_check(subject, r.check, outcome, &r.detail),
+                    image,
+                    &d.other_projects,
+                );
+            }
+        }
+        Err(e) => {
+            metrics
+                .image_audits_total
+                .with_label_values(&["error"])
+                .inc();
+            warn!(image, error = %e, "contract audit could not read the image after {} attempts; it is tried again when the image changes", AUDIT_RETRIES + 1);
+        }
+    }
+}

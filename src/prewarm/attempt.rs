@@ -1,0 +1,356 @@
+//! One prewarm attempt: CRI `ImageStatus` first (present and not forced → nothing to do), then CRI
+//! `PullImage` with each credential of the pull secrets that matches the image, most specific first, then
+//! anonymously — as kubelet does. While a pull runs, the store is sampled for progress; a pull whose
+//! bytes stop growing for `stall_timeout` is cancelled (there is no overall timeout).
+
+use std::path::Path;
+
+use tokio::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+use super::store::{ImageStore, PullProgress};
+use super::{DesiredImage, Prewarmer};
+use crate::credentials::{Credential, Keyring};
+use crate::reference::ImageRef;
+use crate::runtime::cri::Image;
+use crate::runtime::errors::{classify_pull, redact, FailureClass};
+
+const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What a successful attempt found or did, with the image's status after it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PullOutcome {
+    /// Already present; nothing pulled.
+    Present {
+        status: Image,
+    },
+    Pulled {
+        status: Image,
+        seconds: f64,
+    },
+}
+
+impl PullOutcome {
+    pub fn image_id(&self) -> &str {
+        &self.status().id
+    }
+
+    pub fn status(&self) -> &Image {
+        match self {
+            PullOutcome::Present { status } | PullOutcome::Pulled { status, .. } => status,
+        }
+    }
+}
+
+/// A failed attempt: its class and a message that names the image and says what to do. Never holds a
+/// secret (messages from containerd are redacted against every credential tried).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} [{class}]")]
+pub struct Failure {
+    pub class: FailureClass,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(class: FailureClass, message: String) -> Self {
+        Self { class, message }
+    }
+}
+
+/// The credentials to try for `d`, with the names of the secrets they came from. The file's secret is
+/// read now (so rotated files apply); its problems are `Secret` failures naming the file.
+struct Credentials {
+    keyring: Option<Keyring>,
+    secret_names: Vec<String>,
+}
+
+impl Credentials {
+    fn load(d: &DesiredImage) -> Result<Self, Failure> {
+        let file_keyring = match &d.pull_secret {
+            Some(path) => Some(load_keyring(path).map_err(|problem| {
+                Failure::new(
+                    FailureClass::Secret,
+                    format!("pull secret {} for {}: {problem}", path.display(), d.image),
+                )
+            })?),
+            None => None,
+        };
+        let keyring = match (&file_keyring, d.cluster_secrets.is_empty()) {
+            (None, true) => None,
+            (file, _) => Some(Keyring::merged(
+                file.iter()
+                    .chain(d.cluster_secrets.iter().map(|s| &s.keyring)),
+            )),
+        };
+        let secret_names = d
+            .pull_secret
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(
+                d.cluster_secrets
+                    .iter()
+                    .map(|s| format!("secret {}", s.name)),
+            )
+            .collect();
+        Ok(Self {
+            keyring,
+            secret_names,
+        })
+    }
+
+    /// Matching credentials, most specific first.
+    fn matching(&self, image: &ImageRef) -> Vec<&Credential> {
+        self.keyring
+            .as_ref()
+            .map(|k| k.lookup(&image.name()))
+            .unwrap_or_default()
+    }
+
+    /// What was tried, for the auth failure's message.
+    fn tried(&self, image: &ImageRef, creds: &[&Credential]) -> String {
+        let names = self.secret_names.join(", ");
+        match (&self.keyring, creds.len()) {
+            (None, _) => "no pull secret is configured, so it was pulled anonymously".to_string(),
+            (Some(k), 0) => format!(
+                "pull secret {names} has no entry matching {} (its keys: {}), so it was pulled anonymously",
+                image.registry(),
+                k.keys().join(", ")
+            ),
+            (Some(_), n) => format!(
+                "tried {n} credential(s) from pull secret {names} (keys: {}) and anonymously",
+                creds.iter().map(|c| c.key.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+fn load_keyring(path: &Path) -> Result<Keyring, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))?;
+    Keyring::parse(&bytes).map_err(|e| e.to_string())
+}
+
+impl<S: ImageStore> Prewarmer<S> {
+    /// One attempt: status check, then pulls with each matching credential and anonymously.
+    pub async fn attempt(&self, d: &DesiredImage, force: bool) -> Result<PullOutcome, Failure> {
+        let image = &d.image;
+        let status = self.image_status(image).await.map_err(|e| {
+            Failure::new(
+                FailureClass::Other,
+                format!("cannot ask containerd about {image}: {e}"),
+            )
+        })?;
+        self.mark_examined(image);
+        if let Some(found) = status {
+            if !force {
+                return Ok(PullOutcome::Present { status: found });
+            }
+        }
+
+        let credentials = Credentials::load(d)?;
+        let creds = credentials.matching(image);
+        let secrets: Vec<&str> = creds
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.password.as_str(),
+                    c.identity_token.as_str(),
+                    c.registry_token.as_str(),
+                ]
+            })
+            .collect();
+
+        let started = Instant::now();
+        // The first refusal (with the secret's credentials) is the informative one.
+        let mut first_auth: Option<Failure> = None;
+        for cred in creds.iter().map(|c| Some(*c)).chain(std::iter::once(None)) {
+            match self.pull_watched(image, cred, &secrets).await {
+                Ok(status) => {
+                    if cred.is_none() && !creds.is_empty() {
+                        info!(image = %image, "pulled anonymously after the pull secret's credentials were refused");
+                    }
+                    return Ok(PullOutcome::Pulled {
+                        status,
+                        seconds: started.elapsed().as_secs_f64(),
+                    });
+                }
+                Err(f) if f.class == FailureClass::Auth => {
+                    debug!(image = %image, key = cred.map(|c| c.key.as_str()).unwrap_or("(anonymous)"), "credential refused");
+                    first_auth.get_or_insert(f);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+        let f = first_auth.expect("the anonymous attempt always runs");
+        Err(Failure::new(
+            FailureClass::Auth,
+            format!(
+                "registry {} refused {image}: {}; {}",
+                image.registry(),
+                credentials.tried(image, &creds),
+                f.message
+            ),
+        ))
+    }
+
+    /// CRI's status of `image`; keeps `runtime_up` and readiness in step with what containerd answers.
+    pub(super) async fn image_status(
+        &self,
+        image: &ImageRef,
+    ) -> Result<Option<Image>, crate::runtime::errors::RuntimeError> {
+        let status = self.store.image_status(image.as_str()).await;
+        self.health
+            .runtime_ok
+            .store(status.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        self.metrics.runtime_up.set(status.is_ok() as i64);
+        status
+    }
+
+    /// One CRI pull, watched for progress and stalls; the image's status once it is in.
+    async fn pull_watched(
+        &self,
+        image: &ImageRef,
+        cred: Option<&Credential>,
+        secrets: &[&str],
+    ) -> Result<Image, Failure> {
+        // Progress is best effort: a pull runs (without stall detection) even if the probe cannot start.
+        let mut probe = match self
+            .store
+            .watch_progress(&image.registry_hostname(), image.repository())
+            .await
+        {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(image = %image, error = %e, "cannot observe pull progress; stall detection is off for this attempt");
+                None
+            }
+        };
+        let pull = self.store.pull_image(image.as_str(), cred);
+        tokio::pin!(pull);
+        let mut tick = tokio::time::interval(PROGRESS_SAMPLE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_done = 0u64;
+        let mut last_change = Instant::now();
+        let mut last_log = Instant::now();
+        let label = image.as_str();
+        let stall_timeout = self.settings.stall_timeout;
+        let result = loop {
+            tokio::select! {
+                r = &mut pull => break r.map_err(|s| {
+                    Failure::new(classify_pull(s.code(), s.message()), redact(s.message(), secrets))
+                }),
+                _ = tick.tick(), if probe.is_some() => {
+                    match probe.as_mut().expect("guarded").sample().await {
+                        Ok(p) => {
+                            if p.done != last_done {
+                                self.metrics.prewarm_bytes_total.inc_by(p.done.saturating_sub(last_done));
+                                last_done = p.done;
+                                last_change = Instant::now();
+                            }
+                            if p.content_complete() {
+                                // Unpacking local content: slow disks are not a stalled registry.
+                                last_change = Instant::now();
+                            }
+                            let g = &self.metrics.prewarm_progress_bytes;
+                            g.with_label_values(&[label, "done"]).set(p.done as i64);
+                            g.with_label_values(&[label, "total"]).set(p.total as i64);
+                            if last_log.elapsed() >= PROGRESS_LOG_EVERY {
+                                last_log = Instant::now();
+                                info!(image = %image, done_bytes = p.done, total_bytes = p.total, "pulling: {}", progress_text(p.done, p.total));
+                            }
+                        }
+                        Err(e) => debug!(image = %image, error = %e, "progress sample failed"),
+                    }
+                    if last_change.elapsed() >= stall_timeout {
+                        break Err(Failure::new(
+                            FailureClass::Stalled,
+                            format!(
+                                "pull of {image} made no progress for {} at {}; cancelled",
+                                humantime::format_duration(stall_timeout),
+                                progress_text(last_done, 0)
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        let g = &self.metrics.prewarm_progress_bytes;
+        let _ = g.remove_label_values(&[label, "done"]);
+        let _ = g.remove_label_values(&[label, "total"]);
+        result?;
+        // One status after the pull: its id, and the repo digests that name the manifest (for exact byte
+        // accounting — pulls quicker than one sample were never seen running) and the records to pin.
+        let status = match self.image_status(image).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(Failure::new(
+                    FailureClass::Other,
+                    format!("containerd reported {image} pulled but does not list it; retrying"),
+                ))
+            }
+            Err(e) => {
+                return Err(Failure::new(
+                    FailureClass::Other,
+                    format!("cannot ask containerd about {image} after pulling it: {e}"),
+                ))
+            }
+        };
+        if let (Some(probe), Some(manifest)) = (probe.as_mut(), manifest_digest(image, &status)) {
+            match probe.downloaded(manifest).await {
+                Ok(n) => self
+                    .metrics
+                    .prewarm_bytes_total
+                    .inc_by(n.saturating_sub(last_done)),
+                Err(e) => debug!(image = %image, error = %e, "cannot count downloaded bytes"),
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// The manifest digest CRI recorded for `image` (from its repo digests).
+fn manifest_digest<'a>(image: &ImageRef, status: &'a Image) -> Option<&'a str> {
+    let prefix = format!("{}@", image.name());
+    status
+        .repo_digests
+        .iter()
+        .find_map(|d| d.strip_prefix(&prefix))
+}
+
+pub fn progress_text(done: u64, total: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if total == 0 {
+        format!("{:.1} MiB", done as f64 / MIB)
+    } else {
+        format!(
+            "{:.1}/{:.1} MiB ({:.0}%)",
+            done as f64 / MIB,
+            total as f64 / MIB,
+            100.0 * done as f64 / total as f64
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_text_reads_well() {
+        assert_eq!(progress_text(0, 0), "0.0 MiB");
+        assert_eq!(
+            progress_text(50 * 1024 * 1024, 100 * 1024 * 1024),
+            "50.0/100.0 MiB (50%)"
+        );
+    }
+
+    #[test]
+    fn the_manifest_digest_is_the_one_of_this_repository() {
+        let image = ImageRef::parse("r.io/a/b:v1").unwrap();
+        let status = Image {
+            repo_digests: vec!["r.io/a/bc@sha256:1".into(), "r.io/a/b@sha256:2".into()],
+            ..Default::default()
+        };
+        assert_eq!(manifest_digest(&image, &status), Some("sha256:2"));
+    }
+}

@@ -1,0 +1,175 @@
+//! One image's worker: wait for a pull slot, attempt, then either stay Ready until the tag is due for
+//! re-resolution or back off after a failure. Findings: the "prewarmed" news once per new content, a
+//! secret problem once per distinct problem, a pull failure once `failure_finding_after` attempts in a row
+//! failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::attempt::{Failure, PullOutcome};
+use super::backoff::backoff_delay;
+use super::store::ImageStore;
+use super::{DesiredImage, News, Prewarmer, State};
+use crate::report::messages::{self, Arrival, ImageSubject, PinState};
+use crate::runtime::errors::FailureClass;
+
+/// What a worker remembers between attempts.
+#[derive(Default)]
+struct Memory {
+    failures: u32,
+    last_id: Option<String>,
+    last_secret_error: Option<String>,
+    force: bool,
+}
+
+fn subject(d: &DesiredImage) -> ImageSubject<'_> {
+    ImageSubject {
+        image: d.image.as_str(),
+        project: d.project.as_deref(),
+    }
+}
+
+impl<S: ImageStore> Prewarmer<S> {
+    pub(super) async fn worker(self: Arc<Self>, desired: DesiredImage, cancel: CancellationToken) {
+        let image = desired.image.clone();
+        let mut mem = Memory::default();
+        loop {
+            self.set_state(&image, State::Waiting);
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = cancel.cancelled() => return,
+            };
+            self.set_state(&image, State::Pulling);
+            let result = tokio::select! {
+                r = self.attempt(&desired, mem.force) => r,
+                _ = cancel.cancelled() => return,
+            };
+            drop(permit);
+            let wait = match result {
+                Ok(outcome) => {
+                    mem.failures = 0;
+                    mem.last_secret_error = None;
+                    self.on_success(&desired, &outcome, &mut mem.last_id).await;
+                    self.set_state(&image, State::Ready);
+                    // Tags are re-resolved; digests only re-checked for presence.
+                    mem.force = !image.is_pinned_by_digest();
+                    self.settings.resolve_interval
+                }
+                Err(f) => {
+                    mem.failures += 1;
+                    self.set_state(&image, State::Failed);
+                    self.on_failure(&desired, &f, &mut mem)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    async fn on_success(
+        &self,
+        d: &DesiredImage,
+        outcome: &PullOutcome,
+        last_id: &mut Option<String>,
+    ) {
+        let image = &d.image;
+        let (result, arrival) = match outcome {
+            PullOutcome::Present { .. } => ("skipped", Arrival::AlreadyPresent),
+            PullOutcome::Pulled { seconds, .. } => {
+                self.metrics.prewarm_pull_duration_seconds.observe(*seconds);
+                ("success", Arrival::Pulled { seconds: *seconds })
+            }
+        };
+        self.metrics
+            .prewarm_pulls_total
+            .with_label_values(&[result])
+            .inc();
+        let pin = match self.settings.pin {
+            false => PinState::Disabled,
+            true => match self.pin(image, image.as_str(), outcome.status()).await {
+                true => PinState::Pinned,
+                false => PinState::Ignored,
+            },
+        };
+        let id = outcome.image_id().to_string();
+        let how = arrival.describe();
+        if last_id.as_deref() == Some(id.as_str()) {
+            debug!(image = %image, image_id = %id, "{how}; unchanged");
+            return;
+        }
+        if let Some(old) = last_id.as_deref() {
+            info!(image = %image, old_id = %old, new_id = %id, "tag moved; new content prewarmed");
+        }
+        info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
+        *last_id = Some(id.clone());
+        self.publish(d, messages::prewarmed(subject(d), arrival, &id, pin));
+        // "Present" first, then the audit: it reads every layer and must never hold up the state.
+        self.set_state(image, State::Ready);
+        self.tell(News::Present {
+            desired: d.clone(),
+            image_id: id,
+        });
+    }
+
+    /// Counts and reports a failure; returns how long to wait before the next attempt.
+    fn on_failure(&self, d: &DesiredImage, f: &Failure, mem: &mut Memory) -> Duration {
+        self.metrics
+            .prewarm_pulls_total
+            .with_label_values(&[f.class.as_str()])
+            .inc();
+        let delay = backoff_delay(
+            self.settings.backoff_initial,
+            self.settings.backoff_max,
+            mem.failures,
+            rand::rng().random_range(0.8..1.2),
+        );
+        warn!(
+            image = %d.image,
+            class = f.class.as_str(),
+            attempt = mem.failures,
+            retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs().max(1))),
+            "pull failed: {} — {}",
+            f.message,
+            f.class.advice()
+        );
+        if f.class == FailureClass::Secret {
+            // Once per distinct problem, not once per retry.
+            if mem.last_secret_error.as_deref() != Some(f.message.as_str()) {
+                mem.last_secret_error = Some(f.message.clone());
+                self.publish(
+                    d,
+                    messages::pull_secret_invalid(
+                        subject(d),
+                        &f.message,
+                        f.class.advice(),
+                        f.class.as_str(),
+                    ),
+                );
+            }
+        } else if mem.failures == self.settings.failure_finding_after {
+            self.publish(
+                d,
+                messages::pull_failed(
+                    subject(d),
+                    mem.failures,
+                    f.class.as_str(),
+                    &f.message,
+                    f.class.advice(),
+                ),
+            );
+        }
+        delay
+    }
+
+    fn publish(&self, d: &DesiredImage, f: crate::report::findings::Finding) {
+        if let Some(sink) = &self.findings {
+            sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
+        }
+    }
+}

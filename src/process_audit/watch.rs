@@ -1,0 +1,119 @@
+//! The loop that drives the runtime audit: a full scan every interval and, with the kernel's proc
+//! connector, a rescan of one container as soon as one of its processes execs or changes UID/GID (a
+//! process of an unknown container triggers a full scan, at most once a second, deferred — never dropped).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::proc_connector::{self, ProcConnector};
+use super::proc_status;
+use super::scanner::Scanner;
+use crate::report::metrics::Metrics;
+
+/// Full scans asked for by events are at least this far apart.
+const MIN_FULL_SCAN_GAP: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct WatchSettings {
+    pub interval: Duration,
+    pub proc_connector: bool,
+}
+
+pub async fn run(
+    scanner: Arc<Scanner>,
+    settings: WatchSettings,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(4096);
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let mut reader = None;
+    if settings.proc_connector {
+        match ProcConnector::open() {
+            Ok(conn) => {
+                metrics.proc_connector_up.set(1);
+                info!("process events from the kernel's proc connector drive runtime rescans");
+                reader = Some(proc_connector::spawn(conn, tx, stop_flag.clone()));
+            }
+            Err(e) => {
+                metrics.proc_connector_up.set(0);
+                warn!(
+                    "proc connector unavailable ({e}); runtime audit polls every {} instead (it needs root in the host pid and network namespaces)",
+                    humantime::format_duration(settings.interval)
+                );
+            }
+        }
+    } else {
+        metrics.proc_connector_up.set(0);
+    }
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = Instant::now() - Duration::from_secs(10);
+    let mut deferred: Option<Instant> = None;
+    let mut containerd_down = false;
+    loop {
+        let full = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => true,
+            _ = tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)), if deferred.is_some() => true,
+            Some(pid) = rx.recv() => {
+                let ids = scanner.container_ids();
+                match proc_status::container_of(pid, &ids) {
+                    Some(id) => {
+                        if let Err(e) = scanner.scan_container(&id).await {
+                            warn!("runtime rescan failed: {e}");
+                        }
+                        false
+                    }
+                    // Maybe a container the last full scan did not see yet.
+                    None if is_containerized(pid) => {
+                        let due = last_full + MIN_FULL_SCAN_GAP;
+                        if Instant::now() >= due {
+                            true
+                        } else {
+                            deferred.get_or_insert(due);
+                            false
+                        }
+                    }
+                    None => false,
+                }
+            }
+        };
+        if full {
+            last_full = Instant::now();
+            deferred = None;
+            match scanner.scan_all().await {
+                Ok(r) => {
+                    containerd_down = false;
+                    debug!(
+                        containers = r.containers,
+                        processes = r.processes,
+                        violations = r.rows.len(),
+                        "runtime audit scan"
+                    );
+                }
+                Err(e) if !containerd_down => {
+                    containerd_down = true;
+                    warn!("runtime audit scan failed: {e}; retrying every interval");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(r) = reader {
+        let _ = tokio::task::spawn_blocking(move || r.join()).await;
+    }
+}
+
+/// Cheap filter before a full scan: host processes are not in a containerd cgroup.
+fn is_containerized(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map(|c| c.contains("k8s.io") || c.contains("cri-containerd") || c.contains("kubepods"))
+        .unwrap_or(false)
+}

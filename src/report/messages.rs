@@ -1,0 +1,268 @@
+//! Every finding's text. Jobs hand over typed outcomes; the words a human reads are chosen here, once.
+
+use super::findings::{
+    Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, PREWARMED, PULL_FAILED,
+    PULL_SECRET_INVALID, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
+};
+use crate::contract::shutdown::ShutdownOutcome;
+use crate::runtime::containers::ContainerRef;
+
+/// Longest finding message (an Event's note is limited to 1 kB).
+pub const MESSAGE_MAX: usize = 1000;
+
+/// `text` cut to at most `max` bytes on a character boundary, with `...` when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max.saturating_sub(3);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &text[..cut])
+}
+
+/// How a present image came to be there, for the "prewarmed" news.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arrival {
+    AlreadyPresent,
+    Pulled { seconds: f64 },
+}
+
+impl Arrival {
+    pub fn describe(self) -> String {
+        match self {
+            Arrival::AlreadyPresent => "already present".to_string(),
+            Arrival::Pulled { seconds } => format!("pulled in {seconds:.1}s"),
+        }
+    }
+}
+
+/// Whether a present image is safe from kubelet's GC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinState {
+    Pinned,
+    /// Pinned, but the runtime does not honour pins (containerd < 1.7).
+    Ignored,
+    Disabled,
+}
+
+/// The image a finding is about: its reference and the project that wants it (if any).
+#[derive(Clone, Copy, Debug)]
+pub struct ImageSubject<'a> {
+    pub image: &'a str,
+    pub project: Option<&'a str>,
+}
+
+impl ImageSubject<'_> {
+    fn finding(&self, reason: &'static str, level: Level, message: String) -> Finding {
+        Finding::new(
+            reason,
+            level,
+            Regarding::for_image(self.image, self.project),
+            truncate(&message, MESSAGE_MAX),
+        )
+        .image(self.image)
+    }
+}
+
+pub fn prewarmed(s: ImageSubject, arrival: Arrival, image_id: &str, pin: PinState) -> Finding {
+    let pin = match pin {
+        PinState::Pinned => "pinned against kubelet image GC",
+        PinState::Ignored => "NOT pinned: the runtime does not honour pins",
+        PinState::Disabled => "pinning disabled",
+    };
+    s.finding(
+        PREWARMED,
+        Level::Normal,
+        format!(
+            "Runner image {} is present on this node ({}; image {image_id}; {pin}).",
+            s.image,
+            arrival.describe()
+        ),
+    )
+}
+
+/// A pull secret that cannot be used; `problem` names the secret and what is wrong with it.
+pub fn pull_secret_invalid(
+    s: ImageSubject,
+    problem: &str,
+    advice: &str,
+    class: &'static str,
+) -> Finding {
+    s.finding(
+        PULL_SECRET_INVALID,
+        Level::Warning,
+        format!("{problem} — {advice}."),
+    )
+    .class(class)
+}
+
+pub fn pull_failed(
+    s: ImageSubject,
+    failures: u32,
+    class: &'static str,
+    problem: &str,
+    advice: &str,
+) -> Finding {
+    s.finding(
+        PULL_FAILED,
+        Level::Warning,
+        format!(
+            "Pulling runner image {} failed {failures} times ({class}): {problem} — {advice}.",
+            s.image
+        ),
+    )
+    .class(class)
+}
+
+/// One failing contract check of an image; `outcome` is `violation` or `warning`.
+pub fn contract_check(
+    s: ImageSubject,
+    check: &'static str,
+    outcome: &'static str,
+    detail: &str,
+) -> Finding {
+    s.finding(
+        CONTRACT_VIOLATION,
+        Level::Warning,
+        format!(
+            "Runner image {} fails contract check {check} ({outcome}): {detail}.",
+            s.image
+        ),
+    )
+    .check(check, outcome)
+}
+
+/// One failing process check of a runner container.
+pub fn process_violation(
+    c: &ContainerRef,
+    check: &'static str,
+    pid: u32,
+    command: &str,
+    detail: &str,
+) -> Finding {
+    Finding::new(
+        check,
+        Level::Warning,
+        Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
+        truncate(
+            &format!("Container {} (pid {pid}, {command}): {detail}.", c.name),
+            MESSAGE_MAX,
+        ),
+    )
+    .process(&c.name, pid)
+}
+
+/// What the shutdown timer measured for one exit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeasuredExit<'a> {
+    pub container: &'a ContainerRef,
+    pub outcome: ShutdownOutcome,
+    pub seconds: f64,
+    pub grace: f64,
+    pub slow_fraction: f64,
+    pub exit_status: i32,
+    pub hints: Vec<String>,
+}
+
+/// The finding for a slow or killed exit (others are counted only).
+pub fn shutdown(m: MeasuredExit) -> Option<Finding> {
+    let c = m.container;
+    let (seconds, grace, slow_fraction) = (m.seconds, m.grace, m.slow_fraction);
+    let who = if c.pod.is_empty() {
+        format!("runner container {}", &c.id[..c.id.len().min(12)])
+    } else {
+        format!("runner {} of pod {}/{}", c.name, c.namespace, c.pod)
+    };
+    let why = if m.hints.is_empty() {
+        String::new()
+    } else {
+        format!(" Likely cause: {}.", m.hints.join("; "))
+    };
+    let (reason, message) = match m.outcome {
+        ShutdownOutcome::Slow => (
+            SHUTDOWN_SLOW,
+            format!(
+                "{who} exited {seconds:.2} s after the stop request, later than {:.1} s ({:.0} % of the {grace:.0} s grace period; exit status {}). A runner should save its session and exit promptly on SIGTERM.{why}",
+                grace * slow_fraction,
+                slow_fraction * 100.0,
+                m.exit_status
+            ),
+        ),
+        ShutdownOutcome::Sigkilled => (
+            SHUTDOWN_KILLED,
+            format!(
+                "{who} did not exit within its {grace:.0} s grace period and was SIGKILLed after {seconds:.2} s (exit status {}): session state may be lost. Handle SIGTERM: stop serving, close open event streams, save state, exit.{why}",
+                m.exit_status
+            ),
+        ),
+        _ => return None,
+    };
+    Some(
+        Finding::new(
+            reason,
+            Level::Warning,
+            Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
+            truncate(&message, MESSAGE_MAX),
+        )
+        .container(&c.name)
+        .shutdown(ShutdownFacts {
+            outcome: m.outcome.as_str(),
+            seconds,
+            grace_seconds: grace,
+            exit_status: m.exit_status,
+            hints: m.hints,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_never_cuts_a_character() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("abcdefghij", 10), "abcdefghij");
+        assert_eq!(truncate("abcdefghijk", 10), "abcdefg...");
+        // 'é' is two bytes: a cut at byte 7 would split the fourth one.
+        let t = truncate("ééééééé", 10);
+        assert_eq!(t, "ééé...");
+        assert!(t.len() <= 10);
+    }
+
+    #[test]
+    fn image_findings_name_the_image_and_say_what_to_do() {
+        let s = ImageSubject {
+            image: "r.io/a:v1",
+            project: Some("team"),
+        };
+        let f = prewarmed(
+            s,
+            Arrival::Pulled { seconds: 2.04 },
+            "sha256:1",
+            PinState::Ignored,
+        );
+        assert_eq!(f.reason, PREWARMED);
+        assert_eq!(f.level, Level::Normal);
+        assert_eq!(f.regarding.namespace.as_deref(), Some("team"));
+        assert_eq!(
+            f.message,
+            "Runner image r.io/a:v1 is present on this node (pulled in 2.0s; image sha256:1; NOT pinned: the runtime does not honour pins)."
+        );
+        let f = pull_failed(s, 3, "auth", "registry refused", "fix the secret");
+        assert_eq!(
+            f.message,
+            "Pulling runner image r.io/a:v1 failed 3 times (auth): registry refused — fix the secret."
+        );
+        assert_eq!(f.class, Some("auth"));
+        let f = contract_check(s, "stop-signal", "violation", "STOPSIGNAL SIGINT");
+        assert_eq!(
+            (f.check, f.outcome),
+            (Some("stop-signal"), Some("violation"))
+        );
+        let long = "x".repeat(5000);
+        assert!(pull_secret_invalid(s, &long, "fix", "secret").message.len() <= MESSAGE_MAX);
+    }
+}

@@ -1,0 +1,108 @@
+//! Where findings go: JSON lines (standard output or a file) and, with a cluster, the Events queue.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::events::EventQueue;
+use super::findings::{Finding, Level, Regarding};
+use super::metrics::Metrics;
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    #[serde(flatten)]
+    finding: &'a Finding,
+}
+
+/// Where findings go. Cloneable; writes are serialised.
+#[derive(Clone)]
+pub struct FindingSink {
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
+    metrics: Arc<Metrics>,
+    events: Option<EventQueue>,
+}
+
+impl FindingSink {
+    /// `-` is standard output; anything else a file opened for append.
+    pub fn open(target: &str, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = if target == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(target)?,
+            )
+        };
+        Ok(Self {
+            out: Arc::new(Mutex::new(out)),
+            metrics,
+            events: None,
+        })
+    }
+
+    /// Also publish every finding as a Kubernetes Event.
+    pub fn with_events(mut self, events: EventQueue) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    pub fn publish(&self, finding: &Finding) {
+        if let Some(ev) = &self.events {
+            ev.push(finding);
+        }
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            finding,
+        };
+        let mut text = serde_json::to_string(&line).expect("findings serialise");
+        text.push('\n');
+        let written = self
+            .out
+            .lock()
+            .map_err(|_| std::io::Error::other("findings writer poisoned"))
+            .and_then(|mut w| w.write_all(text.as_bytes()).and_then(|_| w.flush()));
+        // With a cluster, events_total counts the API writes; the JSON lines are a log.
+        let counted = self.events.is_none();
+        match written {
+            Ok(()) if !counted => {}
+            Ok(()) => self
+                .metrics
+                .events_total
+                .with_label_values(&["written"])
+                .inc(),
+            Err(e) => {
+                self.metrics
+                    .events_total
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::error!(reason = finding.reason, error = %e, "could not write finding");
+            }
+        }
+    }
+}
+
+/// Projects told, per node, that a shared image is prewarmed.
+pub const NORMAL_FANOUT: usize = 10;
+
+impl FindingSink {
+    /// A finding about `image` goes to every further project that wants it — warnings to all of them,
+    /// Normal news to at most `NORMAL_FANOUT` in all (an image shared by thousands of projects would
+    /// otherwise cost every node thousands of Events per image change).
+    pub fn publish_to_projects(&self, f: Finding, image: &str, other_projects: &[String]) {
+        let fanout = match f.level {
+            Level::Normal => NORMAL_FANOUT.saturating_sub(1),
+            Level::Warning => usize::MAX,
+        };
+        for p in other_projects.iter().take(fanout) {
+            let mut g = f.clone();
+            g.regarding = Regarding::for_image(image, Some(p));
+            self.publish(&g);
+        }
+        self.publish(&f);
+    }
+}
