@@ -11,9 +11,13 @@
 mod attempt;
 mod backoff;
 mod desired;
+#[cfg(test)]
+mod fake;
 pub mod oneshot;
 mod pins;
 pub mod store;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -106,3 +106,54 @@ impl FindingSink {
         self.publish(&f);
     }
 }
+
+/// Findings written to memory, for unit tests of the jobs.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("captured").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Captured {
+    /// Every finding written so far, as JSON values.
+    pub fn findings(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().expect("captured").clone();
+        String::from_utf8(bytes)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+
+    /// The reasons of every finding written so far, in order.
+    pub fn reasons(&self) -> Vec<String> {
+        self.findings()
+            .iter()
+            .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl FindingSink {
+    /// A sink that writes into memory.
+    pub fn capture(metrics: Arc<Metrics>) -> (Self, Captured) {
+        let c = Captured::default();
+        let sink = Self {
+            out: Arc::new(Mutex::new(Box::new(c.clone()))),
+            metrics,
+            events: None,
+        };
+        (sink, c)
+    }
+}

@@ -1,0 +1,389 @@
+//! The prewarmer's state machine against an in-memory store, in paused time (backoffs, stalls and
+//! re-resolution run instantly).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::fake::{Call, FakeStore, PullScript};
+use super::*;
+use crate::report::sink::{Captured, FindingSink};
+use crate::runtime::errors::FailureClass;
+
+const IMG: &str = "r.io/team/runner:v1";
+
+fn desired(image: &str) -> DesiredImage {
+    DesiredImage::new(ImageRef::parse(image).unwrap(), None, Some("team".into()))
+}
+
+fn content(id: &str, digest: &str) -> PullScript {
+    PullScript::Content {
+        id: id.into(),
+        digest: digest.into(),
+    }
+}
+
+fn settings() -> PrewarmSettings {
+    PrewarmSettings {
+        stall_timeout: Duration::from_secs(30),
+        ..PrewarmSettings::default()
+    }
+}
+
+struct Rig {
+    store: FakeStore,
+    metrics: Arc<Metrics>,
+    captured: Captured,
+    news: mpsc::UnboundedReceiver<News>,
+    prewarmer: Option<Prewarmer<FakeStore>>,
+}
+
+fn rig(settings: PrewarmSettings) -> Rig {
+    let store = FakeStore::new();
+    let metrics = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(metrics.clone());
+    let (tx, news) = mpsc::unbounded_channel();
+    let prewarmer = Prewarmer::new(
+        store.clone(),
+        settings,
+        metrics.clone(),
+        Some(sink),
+        Arc::new(Health::default()),
+    )
+    .with_news(tx);
+    Rig {
+        store,
+        metrics,
+        captured,
+        news,
+        prewarmer: Some(prewarmer),
+    }
+}
+
+impl Rig {
+    /// Runs the prewarmer over `images` until `until` holds (checked as paused time advances).
+    async fn run_until(
+        &mut self,
+        images: Vec<DesiredImage>,
+        until: impl Fn(&Rig) -> bool,
+    ) -> (watch::Sender<Vec<DesiredImage>>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(images);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(self.prewarmer.take().expect("runs once").run(rx, stop.clone()));
+        self.wait(until).await;
+        (tx, stop, task)
+    }
+
+    async fn wait(&self, until: impl Fn(&Rig) -> bool) {
+        for _ in 0..100_000 {
+            if until(self) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("condition never held; calls: {:?}", self.store.calls());
+    }
+
+    fn pulls_total(&self, result: &str) -> u64 {
+        self.metrics
+            .prewarm_pulls_total
+            .with_label_values(&[result])
+            .get()
+    }
+
+    fn images_in(&self, state: &str) -> i64 {
+        self.metrics.prewarm_images.with_label_values(&[state]).get()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_present_image_is_skipped_pinned_and_announced_once() {
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    assert_eq!(r.pulls_total("skipped"), 1);
+    assert!(r.store.pulls().is_empty(), "{:?}", r.store.calls());
+    assert_eq!(
+        r.store.state().pins.get(IMG).map(String::as_str),
+        Some(IMG),
+        "pinned for its own reference"
+    );
+    assert_eq!(r.captured.reasons(), ["RunnerImagePrewarmed"]);
+    assert_eq!(
+        r.news.recv().await,
+        Some(News::Present {
+            desired: desired(IMG),
+            image_id: "sha256:aaa".into()
+        })
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_successful_pull_costs_two_image_status_calls_once_pins_are_known() {
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.script(IMG, [content("sha256:aaa", "sha256:m1")]);
+    let out = p.attempt(&desired(IMG), false).await.unwrap();
+    assert!(matches!(out, PullOutcome::Pulled { .. }));
+    assert!(p.pin(&desired(IMG).image, IMG, out.status()).await);
+    // Status before, status after, and once: are pins honoured?
+    assert_eq!(r.store.status_calls(), 3);
+    let other = "r.io/team/runner:v2";
+    r.store.script(other, [content("sha256:bbb", "sha256:m2")]);
+    let out = p.attempt(&desired(other), false).await.unwrap();
+    assert!(p.pin(&desired(other).image, other, out.status()).await);
+    assert_eq!(r.store.status_calls(), 5, "{:?}", r.store.calls());
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_failure_class_is_counted_and_retried_with_backoff() {
+    for (code, message, class) in [
+        (
+            tonic::Code::Unknown,
+            "pulling from host r.io failed with status code [manifests v1]: 401 Unauthorized",
+            "auth",
+        ),
+        (tonic::Code::NotFound, "r.io/team/runner:v1: not found", "not_found"),
+        (
+            tonic::Code::Unknown,
+            "dial tcp 127.0.0.1:5002: connect: connection refused",
+            "network",
+        ),
+    ] {
+        let mut r = rig(settings());
+        r.store
+            .script(IMG, [PullScript::Fail(code, message.into())]);
+        let (_tx, stop, task) = r
+            .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 3)
+            .await;
+        assert!(r.pulls_total(class) >= 2, "{class}");
+        assert_eq!(r.images_in("ready"), 0);
+        // Backoff 1 s, 2 s, 4 s … : by 3 pulls at least 3 s (±20 %) have passed; one finding after the
+        // third consecutive failure.
+        r.wait(|r| r.captured.reasons().len() == 1).await;
+        assert_eq!(r.captured.reasons(), ["RunnerImagePullFailed"], "{class}");
+        assert_eq!(
+            r.captured.findings()[0]["class"].as_str(),
+            Some(class),
+            "{class}"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_grows_between_attempts() {
+    let mut r = rig(settings());
+    r.store.script(
+        IMG,
+        [PullScript::Fail(tonic::Code::Unknown, "connection refused".into())],
+    );
+    let started = tokio::time::Instant::now();
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 4)
+        .await;
+    // 1 + 2 + 4 s of backoff at 0.8 jitter at least, and at most 1.2 × (1 + 2 + 4) s + polling.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(5600) && waited <= Duration::from_millis(8800),
+        "{waited:?}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_pull_is_cancelled_and_retried() {
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.script(IMG, [PullScript::Hang]);
+    r.store.state().progress_done = 1024;
+    let started = tokio::time::Instant::now();
+    let f = p.attempt(&desired(IMG), false).await.unwrap_err();
+    assert_eq!(f.class, FailureClass::Stalled);
+    assert!(f.message.contains("made no progress for 30s"), "{}", f.message);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(32),
+        "{waited:?}"
+    );
+    assert!(f.class.needs_intervention() == false, "stalls are retried");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_that_makes_progress_is_not_stalled() {
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.script(IMG, [PullScript::Hang]);
+    let store = r.store.clone();
+    // Bytes keep arriving for 90 s (three stall timeouts), then the pull would still hang: the stall is
+    // measured from the last growth.
+    let feeder = tokio::spawn(async move {
+        for i in 1..=90u64 {
+            store.state().progress_done = i * 1000;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let f = p.attempt(&desired(IMG), false).await.unwrap_err();
+    assert_eq!(f.class, FailureClass::Stalled);
+    assert!(started.elapsed() >= Duration::from_secs(119), "{:?}", started.elapsed());
+    feeder.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_moved_tag_is_pulled_again_and_the_old_digest_unpinned() {
+    let mut s = settings();
+    s.resolve_interval = Duration::from_secs(60);
+    let mut r = rig(s);
+    r.store.script(
+        IMG,
+        [
+            content("sha256:old", "sha256:m-old"),
+            content("sha256:new", "sha256:m-new"),
+        ],
+    );
+    let old_record = "r.io/team/runner@sha256:m-old";
+    let new_record = "r.io/team/runner@sha256:m-new";
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.store.state().pins.contains_key(old_record))
+        .await;
+    r.wait(|r| r.store.state().pins.contains_key(new_record))
+        .await;
+    assert!(!r.store.state().pins.contains_key(old_record));
+    assert!(r
+        .store
+        .calls()
+        .contains(&Call::Unpin(old_record.to_string())));
+    let ids: Vec<String> = [r.news.recv().await, r.news.recv().await]
+        .into_iter()
+        .map(|n| match n {
+            Some(News::Present { image_id, .. }) => image_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, ["sha256:old", "sha256:new"]);
+    // The re-pull of unchanged content says nothing new.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(
+        r.captured.reasons(),
+        ["RunnerImagePrewarmed", "RunnerImagePrewarmed"]
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_tried_most_specific_first_then_anonymously() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("s.json");
+    std::fs::write(
+        &secret,
+        r#"{"auths":{"r.io":{"username":"host","password":"pw-host-1"},"r.io/team":{"username":"team","password":"pw-team-2"}}}"#,
+    )
+    .unwrap();
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::Unknown,
+            "failed with status code [manifests v1]: 401 Unauthorized (password pw-team-2)".into(),
+        )],
+    );
+    let mut d = desired(IMG);
+    d.pull_secret = Some(secret.clone());
+    let f = p.attempt(&d, false).await.unwrap_err();
+    assert_eq!(f.class, FailureClass::Auth);
+    assert_eq!(
+        r.store.pulls(),
+        [
+            Call::Pull(IMG.into(), Some("team".into())),
+            Call::Pull(IMG.into(), Some("host".into())),
+            Call::Pull(IMG.into(), None),
+        ]
+    );
+    assert!(f.message.contains("tried 2 credential(s)"), "{}", f.message);
+    assert!(!f.message.contains("pw-host-1") && !f.message.contains("pw-team-2"), "{}", f.message);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_secret_that_cannot_be_read_is_reported_once_and_never_pulled_with() {
+    let mut r = rig(settings());
+    let mut d = desired(IMG);
+    d.pull_secret = Some("/nonexistent/secret.json".into());
+    let (_tx, stop, task) = r
+        .run_until(vec![d], |r| r.pulls_total("secret") >= 4)
+        .await;
+    assert!(r.store.pulls().is_empty());
+    assert_eq!(r.captured.reasons(), ["RunnerImagePullSecretInvalid"]);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_that_leaves_the_set_is_cancelled_unpinned_and_announced() {
+    let mut r = rig(settings());
+    let other = "r.io/team/other:v1";
+    r.store.present(other, "sha256:o", "sha256:mo");
+    r.store.script(IMG, [PullScript::Hang]);
+    r.store.state().progress_done = 1; // never stalls within the test
+    let (tx, stop, task) = r
+        .run_until(vec![desired(IMG), desired(other)], |r| {
+            r.images_in("pulling") == 1 && r.images_in("ready") == 1
+        })
+        .await;
+    assert!(matches!(r.news.recv().await, Some(News::Present { .. })));
+    tx.send_replace(vec![desired(IMG)]);
+    r.wait(|r| !r.store.state().pins.contains_key(other)).await;
+    assert_eq!(
+        r.news.recv().await,
+        Some(News::Left {
+            image: ImageRef::parse(other).unwrap()
+        })
+    );
+    assert_eq!(r.images_in("ready"), 0);
+    // Stopping cancels the hanging pull at once.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("workers stop when cancelled")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn containerd_unreachable_is_a_failure_of_class_other_and_not_ready() {
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.state().status_fails = true;
+    let f = p.attempt(&desired(IMG), false).await.unwrap_err();
+    assert_eq!(f.class, FailureClass::Other);
+    assert!(f.message.contains("cannot ask containerd about"), "{}", f.message);
+    assert_eq!(r.metrics.runtime_up.get(), 0);
+    assert!(r.store.pulls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_that_ignores_pins_is_reported_on_the_finding_and_the_gauge() {
+    let mut r = rig(settings());
+    r.store.state().honour_pins = false;
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    assert_eq!(r.metrics.pinning_honoured.get(), 0);
+    let f = &r.captured.findings()[0];
+    assert!(
+        f["message"].as_str().unwrap().contains("NOT pinned"),
+        "{f}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
