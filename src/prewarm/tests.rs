@@ -68,10 +68,19 @@ impl Rig {
         &mut self,
         images: Vec<DesiredImage>,
         until: impl Fn(&Rig) -> bool,
-    ) -> (watch::Sender<Vec<DesiredImage>>, CancellationToken, tokio::task::JoinHandle<()>) {
+    ) -> (
+        watch::Sender<Vec<DesiredImage>>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (tx, rx) = watch::channel(images);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(self.prewarmer.take().expect("runs once").run(rx, stop.clone()));
+        let task = tokio::spawn(
+            self.prewarmer
+                .take()
+                .expect("runs once")
+                .run(rx, stop.clone()),
+        );
         self.wait(until).await;
         (tx, stop, task)
     }
@@ -94,7 +103,10 @@ impl Rig {
     }
 
     fn images_in(&self, state: &str) -> i64 {
-        self.metrics.prewarm_images.with_label_values(&[state]).get()
+        self.metrics
+            .prewarm_images
+            .with_label_values(&[state])
+            .get()
     }
 }
 
@@ -149,7 +161,11 @@ async fn each_failure_class_is_counted_and_retried_with_backoff() {
             "pulling from host r.io failed with status code [manifests v1]: 401 Unauthorized",
             "auth",
         ),
-        (tonic::Code::NotFound, "r.io/team/runner:v1: not found", "not_found"),
+        (
+            tonic::Code::NotFound,
+            "r.io/team/runner:v1: not found",
+            "not_found",
+        ),
         (
             tonic::Code::Unknown,
             "dial tcp 127.0.0.1:5002: connect: connection refused",
@@ -183,7 +199,10 @@ async fn backoff_grows_between_attempts() {
     let mut r = rig(settings());
     r.store.script(
         IMG,
-        [PullScript::Fail(tonic::Code::Unknown, "connection refused".into())],
+        [PullScript::Fail(
+            tonic::Code::Unknown,
+            "connection refused".into(),
+        )],
     );
     let started = tokio::time::Instant::now();
     let (_tx, stop, task) = r
@@ -208,7 +227,11 @@ async fn a_stalled_pull_is_cancelled_and_retried() {
     let started = tokio::time::Instant::now();
     let f = p.attempt(&desired(IMG), false).await.unwrap_err();
     assert_eq!(f.class, FailureClass::Stalled);
-    assert!(f.message.contains("made no progress for 30s"), "{}", f.message);
+    assert!(
+        f.message.contains("made no progress for 30s"),
+        "{}",
+        f.message
+    );
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_secs(30) && waited < Duration::from_secs(32),
@@ -234,7 +257,11 @@ async fn a_pull_that_makes_progress_is_not_stalled() {
     let started = tokio::time::Instant::now();
     let f = p.attempt(&desired(IMG), false).await.unwrap_err();
     assert_eq!(f.class, FailureClass::Stalled);
-    assert!(started.elapsed() >= Duration::from_secs(119), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(119),
+        "{:?}",
+        started.elapsed()
+    );
     feeder.await.unwrap();
 }
 
@@ -253,7 +280,9 @@ async fn a_moved_tag_is_pulled_again_and_the_old_digest_unpinned() {
     let old_record = "r.io/team/runner@sha256:m-old";
     let new_record = "r.io/team/runner@sha256:m-new";
     let (_tx, stop, task) = r
-        .run_until(vec![desired(IMG)], |r| r.store.state().pins.contains_key(old_record))
+        .run_until(vec![desired(IMG)], |r| {
+            r.store.state().pins.contains_key(old_record)
+        })
         .await;
     r.wait(|r| r.store.state().pins.contains_key(new_record))
         .await;
@@ -311,7 +340,11 @@ async fn credentials_are_tried_most_specific_first_then_anonymously() {
         ]
     );
     assert!(f.message.contains("tried 2 credential(s)"), "{}", f.message);
-    assert!(!f.message.contains("pw-host-1") && !f.message.contains("pw-team-2"), "{}", f.message);
+    assert!(
+        !f.message.contains("pw-host-1") && !f.message.contains("pw-team-2"),
+        "{}",
+        f.message
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -319,9 +352,7 @@ async fn a_secret_that_cannot_be_read_is_reported_once_and_never_pulled_with() {
     let mut r = rig(settings());
     let mut d = desired(IMG);
     d.pull_secret = Some("/nonexistent/secret.json".into());
-    let (_tx, stop, task) = r
-        .run_until(vec![d], |r| r.pulls_total("secret") >= 4)
-        .await;
+    let (_tx, stop, task) = r.run_until(vec![d], |r| r.pulls_total("secret") >= 4).await;
     assert!(r.store.pulls().is_empty());
     assert_eq!(r.captured.reasons(), ["RunnerImagePullSecretInvalid"]);
     stop.cancel();
@@ -365,7 +396,11 @@ async fn containerd_unreachable_is_a_failure_of_class_other_and_not_ready() {
     r.store.state().status_fails = true;
     let f = p.attempt(&desired(IMG), false).await.unwrap_err();
     assert_eq!(f.class, FailureClass::Other);
-    assert!(f.message.contains("cannot ask containerd about"), "{}", f.message);
+    assert!(
+        f.message.contains("cannot ask containerd about"),
+        "{}",
+        f.message
+    );
     assert_eq!(r.metrics.runtime_up.get(), 0);
     assert!(r.store.pulls().is_empty());
 }
@@ -380,10 +415,7 @@ async fn a_runtime_that_ignores_pins_is_reported_on_the_finding_and_the_gauge() 
         .await;
     assert_eq!(r.metrics.pinning_honoured.get(), 0);
     let f = &r.captured.findings()[0];
-    assert!(
-        f["message"].as_str().unwrap().contains("NOT pinned"),
-        "{f}"
-    );
+    assert!(f["message"].as_str().unwrap().contains("NOT pinned"), "{f}");
     stop.cancel();
     task.await.unwrap();
 }

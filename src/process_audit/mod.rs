@@ -5,4 +5,5 @@
 pub mod proc_connector;
 pub mod proc_status;
 pub mod scanner;
+pub mod source;
 pub mod watch;

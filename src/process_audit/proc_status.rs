@@ -82,9 +82,6 @@ pub fn parse_status(pid: u32, text: &str) -> Option<ProcFacts> {
     })
 }
 
-/// The `cgroup.procs` file of the cgroup `pid` is in — the unified hierarchy (v2) or v1's `pids`
-/// controller — provided that cgroup path names `container_id`. Reading it lists a container's processes
-/// without a call to containerd.
 /// PID 1's command name and whether it has children (a shell that did not `exec` has one).
 pub fn pid1_shape(pid: u32) -> Option<(String, bool)> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
@@ -93,6 +90,9 @@ pub fn pid1_shape(pid: u32) -> Option<(String, bool)> {
     Some((comm.trim().to_string(), !children.trim().is_empty()))
 }
 
+/// The `cgroup.procs` file of the cgroup `pid` is in — the unified hierarchy (v2) or v1's `pids`
+/// controller — provided that cgroup path names `container_id`. Reading it lists a container's processes
+/// without a call to containerd.
 pub fn cgroup_procs_file(pid: u32, container_id: &str) -> Option<std::path::PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     text.lines().find_map(|line| {

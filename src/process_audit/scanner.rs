@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::proc_status as process;
+use super::source::{ContainerLister, HostProc, ProcFs};
 use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS};
-use crate::report::findings::{Finding, Level, Regarding};
+use crate::report::messages;
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
 use crate::runtime::containers::ContainerRef;
@@ -71,8 +71,9 @@ struct Tracked {
     failing: BTreeMap<&'static str, Row>,
 }
 
-pub struct Scanner {
-    runtime: Runtime,
+pub struct Scanner<C: ContainerLister = Runtime, P: ProcFs = HostProc> {
+    containers: C,
+    proc: P,
     settings: ScanSettings,
     metrics: Arc<Metrics>,
     findings: Option<FindingSink>,
@@ -103,14 +104,28 @@ impl NamespaceRanges {
 }
 
 impl Scanner {
+    /// A scanner of containerd's containers through the host's `/proc`.
     pub fn new(
         runtime: Runtime,
         settings: ScanSettings,
         metrics: Arc<Metrics>,
         findings: Option<FindingSink>,
     ) -> Self {
+        Self::with_sources(runtime, HostProc, settings, metrics, findings)
+    }
+}
+
+impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
+    pub fn with_sources(
+        containers: C,
+        proc: P,
+        settings: ScanSettings,
+        metrics: Arc<Metrics>,
+        findings: Option<FindingSink>,
+    ) -> Self {
         Self {
-            runtime,
+            containers,
+            proc,
             settings,
             metrics,
             findings,
@@ -139,11 +154,16 @@ impl Scanner {
             .collect()
     }
 
+    /// The watched container a process belongs to (for process events).
+    pub fn container_of(&self, pid: u32) -> Option<String> {
+        self.proc.container_of(pid, &self.container_ids())
+    }
+
     /// A full scan: every runner container CRI reports running.
     pub async fn scan_all(&self) -> Result<ScanResult, RuntimeError> {
         let started = Instant::now();
         let containers: Vec<ContainerRef> = self
-            .runtime
+            .containers
             .running_containers()
             .await?
             .into_iter()
@@ -197,16 +217,16 @@ impl Scanner {
             state.get(&c.id).and_then(|t| t.procs_file.clone())
         };
         if let Some(file) = known {
-            match process::read_cgroup_procs(&file) {
+            match self.proc.read_cgroup_procs(&file) {
                 Ok(pids) if !pids.is_empty() => return Ok(pids),
                 _ => {} // gone or moved: ask containerd
             }
         }
-        let pids = self.runtime.container_pids(&c.id).await?;
+        let pids = self.containers.container_pids(&c.id).await?;
         let file = pids
             .iter()
             .min()
-            .and_then(|p| process::cgroup_procs_file(*p, &c.id));
+            .and_then(|p| self.proc.cgroup_procs_file(*p, &c.id));
         if let Some(t) = self.state.lock().expect("scan state").get_mut(&c.id) {
             t.procs_file = file;
         }
@@ -228,7 +248,7 @@ impl Scanner {
         let mut procs = Vec::with_capacity(pids.len());
         let mut buf = String::with_capacity(2048);
         for pid in pids {
-            match process::read_with(pid, &mut buf) {
+            match self.proc.status(pid, &mut buf) {
                 Ok(Some(p)) => procs.push(p),
                 Ok(None) => {} // exited between list and read
                 Err(e) => debug!(pid, error = %e, "unreadable /proc entry; skipped this scan"),
@@ -263,7 +283,7 @@ impl Scanner {
             let violations = evaluate_process(p, &first, &policy);
             // A pid reused between listing and reading would blame another process: confirm it is
             // still in this container before reporting (only failing processes pay for the check).
-            if !violations.is_empty() && process::container_of(p.pid, &ids).is_none() {
+            if !violations.is_empty() && self.proc.container_of(p.pid, &ids).is_none() {
                 debug!(pid = p.pid, container = %c.id, "pid left the container mid-scan; skipped");
                 continue;
             }
@@ -315,18 +335,13 @@ impl Scanner {
                 command = %row.command, check = row.check, "runner process violation: {}", row.detail
             );
             if let Some(sink) = &self.findings {
-                sink.publish(
-                    &Finding::new(
-                        row.check,
-                        Level::Warning,
-                        Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
-                        format!(
-                            "Container {} (pid {}, {}): {}.",
-                            c.name, row.pid, row.command, row.detail
-                        ),
-                    )
-                    .process(&c.name, row.pid),
-                );
+                sink.publish(&messages::process_violation(
+                    c,
+                    row.check,
+                    row.pid,
+                    &row.command,
+                    &row.detail,
+                ));
             }
         }
     }
@@ -345,3 +360,7 @@ impl Scanner {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "scanner_tests.rs"]
+mod tests;

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::proc_connector::{self, ProcConnector};
-use super::proc_status;
 use super::scanner::Scanner;
 use crate::report::metrics::Metrics;
 
@@ -62,8 +61,7 @@ pub async fn run(
             _ = tick.tick() => true,
             _ = tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)), if deferred.is_some() => true,
             Some(pid) = rx.recv() => {
-                let ids = scanner.container_ids();
-                match proc_status::container_of(pid, &ids) {
+                match scanner.container_of(pid) {
                     Some(id) => {
                         if let Err(e) = scanner.scan_container(&id).await {
                             warn!("runtime rescan failed: {e}");

@@ -1,0 +1,250 @@
+//! The scanner's bookkeeping against in-memory containers and processes: findings once per container
+//! and check, gauges that drop when a container complies or goes, and pids reused mid-scan.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::contract::process::{ProcFacts, CAPABILITY_DRIFT, RUNNING_AS_ROOT, UID_DRIFT};
+use crate::report::sink::{Captured, FindingSink};
+
+#[derive(Default)]
+struct Node {
+    containers: Vec<ContainerRef>,
+    /// container id → pids (what containerd's ListPids answers)
+    pids: HashMap<String, Vec<u32>>,
+    procs: HashMap<u32, ProcFacts>,
+    /// pids whose cgroup no longer names their container (reused between list and read)
+    moved: Vec<u32>,
+    list_pids_calls: usize,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Node>>);
+
+impl Fake {
+    fn node(&self) -> std::sync::MutexGuard<'_, Node> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl ContainerLister for Fake {
+    async fn running_containers(&self) -> Result<Vec<ContainerRef>, RuntimeError> {
+        Ok(self.node().containers.clone())
+    }
+    async fn container_pids(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {
+        let mut n = self.node();
+        n.list_pids_calls += 1;
+        Ok(n.pids.get(id).cloned().unwrap_or_default())
+    }
+}
+
+impl ProcFs for Fake {
+    fn status(&self, pid: u32, _buf: &mut String) -> std::io::Result<Option<ProcFacts>> {
+        Ok(self.node().procs.get(&pid).cloned())
+    }
+    fn cgroup_procs_file(&self, _pid: u32, _id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+    fn read_cgroup_procs(&self, _file: &std::path::Path) -> std::io::Result<Vec<u32>> {
+        unreachable!("no cgroup files in the fake")
+    }
+    fn container_of(&self, pid: u32, ids: &[String]) -> Option<String> {
+        let n = self.node();
+        if n.moved.contains(&pid) {
+            return None;
+        }
+        n.pids
+            .iter()
+            .find(|(id, pids)| pids.contains(&pid) && ids.contains(id))
+            .map(|(id, _)| id.clone())
+    }
+}
+
+fn container(id: &str) -> ContainerRef {
+    ContainerRef {
+        id: id.into(),
+        name: "ambient-code-runner".into(),
+        pod: format!("pod-{id}"),
+        namespace: "team".into(),
+        pod_uid: format!("uid-{id}"),
+    }
+}
+
+fn process(pid: u32, uid: u32, cap_eff: u64) -> ProcFacts {
+    ProcFacts {
+        pid,
+        comm: "runner".into(),
+        uids: [uid; 4],
+        gids: [uid; 4],
+        cap_eff,
+        cap_prm: 0,
+        cap_inh: 0,
+        cap_amb: 0,
+        cap_bnd: 0,
+        no_new_privs: Some(true),
+        seccomp: Some(2),
+    }
+}
+
+struct Rig {
+    fake: Fake,
+    metrics: Arc<Metrics>,
+    captured: Captured,
+    scanner: Scanner<Fake, Fake>,
+}
+
+fn rig() -> Rig {
+    let fake = Fake::default();
+    let metrics = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(metrics.clone());
+    let scanner = Scanner::with_sources(
+        fake.clone(),
+        fake.clone(),
+        ScanSettings::default(),
+        metrics.clone(),
+        Some(sink),
+    );
+    Rig {
+        fake,
+        metrics,
+        captured,
+        scanner,
+    }
+}
+
+impl Rig {
+    fn add(&self, id: &str, procs: Vec<ProcFacts>) {
+        let mut n = self.fake.node();
+        n.containers.push(container(id));
+        n.pids
+            .insert(id.into(), procs.iter().map(|p| p.pid).collect());
+        for p in procs {
+            n.procs.insert(p.pid, p);
+        }
+    }
+
+    fn gauge(&self, check: &str) -> i64 {
+        self.metrics
+            .noncompliant_containers
+            .with_label_values(&[check])
+            .get()
+    }
+
+    fn counted(&self, check: &str) -> u64 {
+        self.metrics
+            .process_violations_total
+            .with_label_values(&[check])
+            .get()
+    }
+}
+
+#[tokio::test]
+async fn a_violation_is_reported_once_while_it_lasts() {
+    let r = rig();
+    r.add("c1", vec![process(10, 0, 0)]);
+    for _ in 0..3 {
+        let res = r.scanner.scan_all().await.unwrap();
+        assert_eq!(res.rows.len(), 1, "every scan lists what is wrong now");
+        assert_eq!(res.rows[0].check, RUNNING_AS_ROOT);
+    }
+    assert_eq!(r.captured.reasons(), [RUNNING_AS_ROOT]);
+    assert_eq!(r.counted(RUNNING_AS_ROOT), 1);
+    assert_eq!(r.gauge(RUNNING_AS_ROOT), 1);
+    let f = &r.captured.findings()[0];
+    assert_eq!(f["regarding"]["kind"], "Pod");
+    assert_eq!(f["regarding"]["name"], "pod-c1");
+    assert_eq!(f["regarding"]["uid"], "uid-c1");
+    assert_eq!(
+        (f["container"].as_str(), f["pid"].as_u64()),
+        (Some("ambient-code-runner"), Some(10))
+    );
+}
+
+#[tokio::test]
+async fn the_gauge_drops_when_the_container_complies_again_and_a_relapse_is_news() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 1 << 12)]);
+    r.scanner.scan_all().await.unwrap();
+    assert_eq!(r.gauge(CAPABILITY_DRIFT), 1);
+    r.fake.node().procs.get_mut(&10).unwrap().cap_eff = 0;
+    let res = r.scanner.scan_all().await.unwrap();
+    assert!(res.rows.is_empty());
+    assert_eq!(r.gauge(CAPABILITY_DRIFT), 0);
+    r.fake.node().procs.get_mut(&10).unwrap().cap_eff = 1 << 12;
+    r.scanner.scan_all().await.unwrap();
+    assert_eq!(r.captured.reasons(), [CAPABILITY_DRIFT, CAPABILITY_DRIFT]);
+    assert_eq!(r.counted(CAPABILITY_DRIFT), 2);
+}
+
+#[tokio::test]
+async fn the_gauge_drops_when_the_container_is_gone() {
+    let r = rig();
+    r.add("c1", vec![process(10, 0, 0)]);
+    r.add("c2", vec![process(20, 0, 0)]);
+    r.scanner.scan_all().await.unwrap();
+    assert_eq!(r.gauge(RUNNING_AS_ROOT), 2);
+    r.fake.node().containers.retain(|c| c.id != "c1");
+    r.scanner.scan_all().await.unwrap();
+    assert_eq!(r.gauge(RUNNING_AS_ROOT), 1);
+    assert_eq!(r.scanner.container_ids(), ["c2"]);
+}
+
+#[tokio::test]
+async fn a_pid_reused_between_list_and_read_blames_nobody() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0), process(11, 0, 0)]);
+    r.fake.node().moved.push(11);
+    let res = r.scanner.scan_all().await.unwrap();
+    assert!(res.rows.is_empty(), "{:?}", res.rows);
+    assert_eq!(res.processes, 2);
+    assert!(r.captured.reasons().is_empty());
+}
+
+#[tokio::test]
+async fn uid_drift_is_measured_against_the_first_process_at_first_sight() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0)]);
+    r.scanner.scan_all().await.unwrap();
+    // A later exec as another (non-root) user drifts; so does the first process if it changes.
+    r.fake.node().pids.get_mut("c1").unwrap().push(12);
+    r.fake.node().procs.insert(12, process(12, 2002, 0));
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!(res.rows.len(), 1);
+    assert_eq!((res.rows[0].check, res.rows[0].pid), (UID_DRIFT, 12));
+    assert_eq!(r.gauge(UID_DRIFT), 1);
+}
+
+#[tokio::test]
+async fn a_rescan_touches_only_a_known_container() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0)]);
+    r.scanner.scan_all().await.unwrap();
+    r.fake.node().procs.get_mut(&10).unwrap().uids = [0; 4];
+    assert_eq!(r.scanner.container_of(10).as_deref(), Some("c1"));
+    r.scanner.scan_container("c1").await.unwrap();
+    assert_eq!(r.gauge(RUNNING_AS_ROOT), 1);
+    // Unknown ids are ignored, not errors.
+    r.scanner.scan_container("nope").await.unwrap();
+    assert_eq!(r.scanner.container_of(99), None);
+}
+
+#[tokio::test]
+async fn sidecars_are_skipped_unless_all_containers_are_audited() {
+    let r = rig();
+    r.add("c1", vec![process(10, 0, 0)]);
+    r.fake.node().containers[0].name = "sidecar".into();
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!((res.containers, res.rows.len()), (0, 0));
+    let all = Scanner::with_sources(
+        r.fake.clone(),
+        r.fake.clone(),
+        ScanSettings {
+            all_containers: true,
+            ..ScanSettings::default()
+        },
+        r.metrics.clone(),
+        None,
+    );
+    assert_eq!(all.scan_all().await.unwrap().rows.len(), 1);
+}
