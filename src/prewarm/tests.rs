@@ -237,7 +237,7 @@ async fn a_stalled_pull_is_cancelled_and_retried() {
         waited >= Duration::from_secs(30) && waited < Duration::from_secs(32),
         "{waited:?}"
     );
-    assert!(f.class.needs_intervention() == false, "stalls are retried");
+    assert!(!f.class.needs_intervention(), "stalls are retried");
 }
 
 #[tokio::test(start_paused = true)]
