@@ -265,4 +265,97 @@ mod tests {
         let long = "x".repeat(5000);
         assert!(pull_secret_invalid(s, &long, "fix", "secret").message.len() <= MESSAGE_MAX);
     }
+
+    fn runner() -> ContainerRef {
+        ContainerRef {
+            id: "0123456789abcdef".into(),
+            name: "ambient-code-runner".into(),
+            pod: "session-1".into(),
+            namespace: "proj".into(),
+            pod_uid: "u".into(),
+        }
+    }
+
+    fn measured(
+        c: &ContainerRef,
+        outcome: ShutdownOutcome,
+        seconds: f64,
+        grace: f64,
+        exit_status: i32,
+        hints: Vec<String>,
+    ) -> MeasuredExit<'_> {
+        MeasuredExit {
+            container: c,
+            outcome,
+            seconds,
+            grace,
+            slow_fraction: 0.5,
+            exit_status,
+            hints,
+        }
+    }
+
+    #[test]
+    fn slow_and_killed_exits_say_what_was_measured() {
+        let c = runner();
+        let f = shutdown(measured(&c, ShutdownOutcome::Slow, 4.02, 5.0, 0, vec![])).unwrap();
+        assert_eq!(f.reason, SHUTDOWN_SLOW);
+        assert_eq!(
+            f.regarding,
+            Regarding::pod("proj", "session-1").with_uid("u")
+        );
+        assert!(f.message.contains("4.02 s"), "{}", f.message);
+        assert!(
+            f.message.contains("2.5 s (50 % of the 5 s grace period"),
+            "{}",
+            f.message
+        );
+        let hint = "the image's STOPSIGNAL is SIGINT: containerd sends it instead of SIGTERM";
+        let f = shutdown(measured(
+            &c,
+            ShutdownOutcome::Sigkilled,
+            3.01,
+            3.0,
+            137,
+            vec![hint.into()],
+        ))
+        .unwrap();
+        assert_eq!(f.reason, SHUTDOWN_KILLED);
+        assert!(
+            f.message
+                .contains("SIGKILLed after 3.01 s (exit status 137)"),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.message
+                .contains("Likely cause: the image's STOPSIGNAL is SIGINT"),
+            "{}",
+            f.message
+        );
+        assert_eq!(f.shutdown.as_ref().unwrap().grace_seconds, 3.0);
+        let f = shutdown(measured(
+            &c,
+            ShutdownOutcome::Sigkilled,
+            3.0,
+            3.0,
+            137,
+            vec!["é".repeat(900)],
+        ))
+        .unwrap();
+        assert!(f.message.len() <= MESSAGE_MAX && f.message.ends_with("..."));
+    }
+
+    #[test]
+    fn graceful_oom_crashed_and_unknown_exits_are_counted_not_reported() {
+        let c = runner();
+        for o in [
+            ShutdownOutcome::Graceful,
+            ShutdownOutcome::Oom,
+            ShutdownOutcome::Crashed,
+            ShutdownOutcome::Unknown,
+        ] {
+            assert!(shutdown(measured(&c, o, 1.0, 6.0, 0, vec![])).is_none());
+        }
+    }
 }

@@ -4,4 +4,5 @@
 
 pub mod probe;
 pub mod stop_clock;
+pub mod tasks;
 pub mod timer;

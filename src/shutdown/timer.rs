@@ -9,7 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use containerd_client::types::Envelope;
 use tokio_stream::StreamExt;
@@ -17,10 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::stop_clock::{StopClock, StopRequest};
+use super::tasks::{TaskEvents, TaskRuntime};
 use crate::contract::shutdown::{classify, shell_pid1_hint, stop_signal_hint, ShutdownOutcome};
-use crate::report::findings::{
-    Finding, Level, Regarding, ShutdownFacts, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
-};
+use crate::report::messages::{self, MeasuredExit};
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
 use crate::runtime::containers::ContainerRef;
@@ -60,14 +61,13 @@ impl Default for TimingSettings {
     }
 }
 
-type Subscribing = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<tonic::Streaming<Envelope>, RuntimeError>> + Send>,
->;
+type Subscribing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TaskEvents, RuntimeError>> + Send>>;
 
 /// A Subscribe call whose response may not have arrived yet, then its stream.
 enum Subscription {
     Pending(Subscribing),
-    Open(Box<tonic::Streaming<Envelope>>, Option<Envelope>),
+    Open(TaskEvents, Option<Envelope>),
 }
 
 impl Subscription {
@@ -76,7 +76,7 @@ impl Subscription {
         loop {
             match self {
                 Subscription::Pending(fut) => match fut.await {
-                    Ok(s) => *self = Subscription::Open(Box::new(s), None),
+                    Ok(s) => *self = Subscription::Open(s, None),
                     Err(e) => return Some(Err(e.to_string())),
                 },
                 Subscription::Open(s, first) => {
@@ -119,8 +119,8 @@ struct Tracked {
     pid1_pending: Option<(u32, Instant)>,
 }
 
-pub struct ShutdownTimer {
-    runtime: Runtime,
+pub struct ShutdownTimer<R: TaskRuntime = Runtime> {
+    runtime: R,
     settings: TimingSettings,
     clock: Arc<dyn StopClock>,
     sink: FindingSink,
@@ -132,9 +132,9 @@ pub struct ShutdownTimer {
     pending: Vec<(Exit, Instant)>,
 }
 
-impl ShutdownTimer {
+impl<R: TaskRuntime> ShutdownTimer<R> {
     pub fn new(
-        runtime: Runtime,
+        runtime: R,
         settings: TimingSettings,
         clock: Arc<dyn StopClock>,
         sink: FindingSink,
@@ -381,7 +381,7 @@ impl ShutdownTimer {
             let Some((pid, since)) = t.pid1_pending else {
                 continue;
             };
-            match crate::process_audit::proc_status::pid1_shape(pid) {
+            match self.runtime.pid1_shape(pid) {
                 Some((comm, children)) => {
                     if let Some(h) = shell_pid1_hint(&comm, children) {
                         t.hints.push(h);
@@ -444,80 +444,18 @@ impl ShutdownTimer {
             outcome = outcome.as_str(), seconds, grace_seconds = grace, exit_status = exit.exit_status,
             "runner exited"
         );
-        if let Some(f) = finding(
-            &exit,
+        if let Some(f) = messages::shutdown(MeasuredExit {
+            container: &c,
             outcome,
             seconds,
             grace,
-            self.settings.slow_fraction,
+            slow_fraction: self.settings.slow_fraction,
+            exit_status: exit.exit_status,
             hints,
-        ) {
+        }) {
             self.sink.publish(&f);
         }
     }
-}
-
-/// The finding for a slow or killed exit (others are counted only).
-pub fn finding(
-    exit: &Exit,
-    outcome: ShutdownOutcome,
-    seconds: f64,
-    grace: f64,
-    slow_fraction: f64,
-    hints: Vec<String>,
-) -> Option<Finding> {
-    let c = &exit.container;
-    let who = if c.pod.is_empty() {
-        format!("runner container {}", short(&c.id))
-    } else {
-        format!("runner {} of pod {}/{}", c.name, c.namespace, c.pod)
-    };
-    let why = if hints.is_empty() {
-        String::new()
-    } else {
-        format!(" Likely cause: {}.", hints.join("; "))
-    };
-    let (reason, message) = match outcome {
-        ShutdownOutcome::Slow => (
-            SHUTDOWN_SLOW,
-            format!(
-                "{who} exited {seconds:.2} s after the stop request, later than {:.1} s ({:.0} % of the {grace:.0} s grace period; exit status {}). A runner should save its session and exit promptly on SIGTERM.{why}",
-                grace * slow_fraction,
-                slow_fraction * 100.0,
-                exit.exit_status
-            ),
-        ),
-        ShutdownOutcome::Sigkilled => (
-            SHUTDOWN_KILLED,
-            format!(
-                "{who} did not exit within its {grace:.0} s grace period and was SIGKILLed after {seconds:.2} s (exit status {}): session state may be lost. Handle SIGTERM: stop serving, close open event streams, save state, exit.{why}",
-                exit.exit_status
-            ),
-        ),
-        _ => return None,
-    };
-    let mut message = message;
-    message.truncate(1000);
-    Some(
-        Finding::new(
-            reason,
-            Level::Warning,
-            Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
-            message,
-        )
-        .container(&c.name)
-        .shutdown(ShutdownFacts {
-            outcome: outcome.as_str(),
-            seconds,
-            grace_seconds: grace,
-            exit_status: exit.exit_status,
-            hints,
-        }),
-    )
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -525,73 +463,5 @@ fn jitter(d: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn exit(status: i32) -> Exit {
-        Exit {
-            container: ContainerRef {
-                id: "0123456789abcdef".into(),
-                name: "ambient-code-runner".into(),
-                pod: "session-1".into(),
-                namespace: "proj".into(),
-                pod_uid: "u".into(),
-            },
-            exit_status: status,
-            exited_at: UNIX_EPOCH,
-            oom: false,
-            lost: false,
-        }
-    }
-
-    #[test]
-    fn slow_and_killed_exits_say_what_was_measured() {
-        let f = finding(&exit(0), ShutdownOutcome::Slow, 4.02, 5.0, 0.5, vec![]).unwrap();
-        assert_eq!(f.reason, SHUTDOWN_SLOW);
-        assert_eq!(
-            f.regarding,
-            Regarding::pod("proj", "session-1").with_uid("u")
-        );
-        assert!(f.message.contains("4.02 s"), "{}", f.message);
-        assert!(
-            f.message.contains("2.5 s (50 % of the 5 s grace period"),
-            "{}",
-            f.message
-        );
-        let f = finding(
-            &exit(137),
-            ShutdownOutcome::Sigkilled,
-            3.01,
-            3.0,
-            0.5,
-            vec!["the image's STOPSIGNAL is SIGINT: containerd sends it instead of SIGTERM".into()],
-        )
-        .unwrap();
-        assert_eq!(f.reason, SHUTDOWN_KILLED);
-        assert!(
-            f.message
-                .contains("SIGKILLed after 3.01 s (exit status 137)"),
-            "{}",
-            f.message
-        );
-        assert!(
-            f.message
-                .contains("Likely cause: the image's STOPSIGNAL is SIGINT"),
-            "{}",
-            f.message
-        );
-        assert_eq!(f.shutdown.as_ref().unwrap().grace_seconds, 3.0);
-        assert!(f.message.len() <= 1000);
-    }
-
-    #[test]
-    fn graceful_oom_and_crashed_exits_are_counted_not_reported() {
-        for o in [
-            ShutdownOutcome::Graceful,
-            ShutdownOutcome::Oom,
-            ShutdownOutcome::Crashed,
-        ] {
-            assert!(finding(&exit(0), o, 1.0, 6.0, 0.5, vec![]).is_none());
-        }
-    }
-}
+#[path = "timer_tests.rs"]
+mod tests;
