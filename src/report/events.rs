@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 use super::findings::{
     Finding, Kind, Level, Regarding, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
 };
+use super::messages::{truncate, MESSAGE_MAX};
 use super::metrics::Metrics;
 use super::ratelimit::SpamLimit;
 
@@ -71,6 +72,46 @@ pub fn object_ref(r: &Regarding, uid: Option<String>) -> ObjectReference {
     }
 }
 
+/// Why an Event could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The API server refused it (4xx but 429): retrying would not help.
+    #[error("rejected ({code}): {message}")]
+    Rejected { code: u16, message: String },
+    /// The API server is away or overloaded: retry.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// Where Events are written: kube-rs's `Recorder` in the agent, a recording fake in unit tests.
+pub trait EventApi: Send + 'static {
+    fn publish(
+        &self,
+        event: &Event,
+        regarding: &ObjectReference,
+    ) -> impl std::future::Future<Output = Result<(), PublishError>> + Send;
+}
+
+impl EventApi for Recorder {
+    async fn publish(
+        &self,
+        event: &Event,
+        regarding: &ObjectReference,
+    ) -> Result<(), PublishError> {
+        match Recorder::publish(self, event, regarding).await {
+            Ok(()) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
+                Err(PublishError::Rejected {
+                    code: s.code,
+                    message: s.message,
+                })
+            }
+            Err(e) => Err(PublishError::Transient(e.to_string())),
+        }
+    }
+}
+
+/// A queue of findings and the task that writes them as Events through kube-rs's `Recorder`.
 pub fn spawn(
     client: Client,
     node: &str,
@@ -79,7 +120,6 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> (EventQueue, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(QUEUE);
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -87,17 +127,21 @@ pub fn spawn(
             instance: Some(format!("runner-warden-{node}")),
         },
     );
-    let queue = EventQueue {
-        tx,
-        metrics: metrics.clone(),
-    };
+    let (queue, rx) = queue(metrics.clone());
     let task = tokio::spawn(publish_loop(rx, recorder, leader, uid_of, metrics, stop));
     (queue, task)
 }
 
-async fn publish_loop(
+/// The bounded queue: `QUEUE` findings wait while the API server is away; more are dropped (counted).
+pub fn queue(metrics: Arc<Metrics>) -> (EventQueue, mpsc::Receiver<Finding>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (EventQueue { tx, metrics }, rx)
+}
+
+/// Writes queued findings until `stop`: own findings at once, cluster-wide ones only while `leader`.
+pub async fn publish_loop<A: EventApi>(
     mut rx: mpsc::Receiver<Finding>,
-    recorder: Recorder,
+    recorder: A,
     leader: Arc<AtomicBool>,
     uid_of: UidLookup,
     metrics: Arc<Metrics>,
@@ -156,14 +200,14 @@ fn object_key(r: &Regarding) -> String {
     )
 }
 
-struct Writer {
-    recorder: Recorder,
+struct Writer<A> {
+    recorder: A,
     uid_of: UidLookup,
     metrics: Arc<Metrics>,
     limit: SpamLimit<(String, &'static str)>,
 }
 
-impl Writer {
+impl<A: EventApi> Writer<A> {
     fn count(&self, result: &str) {
         self.metrics.events_total.with_label_values(&[result]).inc();
     }
@@ -177,15 +221,7 @@ impl Writer {
             return true;
         }
         let reference = object_ref(&f.regarding, (self.uid_of)(&f.regarding));
-        let mut note = f.message.clone();
-        if note.len() > 1000 {
-            let mut cut = 997;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-            note.push_str("...");
-        }
+        let note = truncate(&f.message, MESSAGE_MAX);
         let event = Event {
             type_: match f.level {
                 Level::Normal => EventType::Normal,
@@ -204,9 +240,9 @@ impl Writer {
                     self.count("written");
                     return true;
                 }
-                Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
+                Err(PublishError::Rejected { code, message }) => {
                     self.count("failed");
-                    warn!(reason = f.reason, object = %key.0, code = s.code, error = %s.message, "the API server rejected the event");
+                    warn!(reason = f.reason, object = %key.0, code, error = %message, "the API server rejected the event");
                     return true;
                 }
                 Err(e) => {
@@ -230,3 +266,7 @@ fn action(reason: &str) -> &'static str {
         _ => "Audit",
     }
 }
+
+#[cfg(test)]
+#[path = "events_tests.rs"]
+mod tests;

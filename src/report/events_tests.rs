@@ -1,0 +1,237 @@
+//! The Events queue against a recording fake API server, in paused time: lease deferral and takeover,
+//! the spam limit, overflow, an API server that goes away, and rejections.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::report::findings::Level;
+
+#[derive(Clone, Default)]
+struct FakeApi(Arc<Mutex<Api>>);
+
+#[derive(Default)]
+struct Api {
+    written: Vec<(String, String)>,
+    notes: Vec<String>,
+    /// Transient failures still to answer before writes succeed again.
+    away_for: usize,
+    reject: bool,
+}
+
+impl FakeApi {
+    fn api(&self) -> std::sync::MutexGuard<'_, Api> {
+        self.0.lock().unwrap()
+    }
+    fn written(&self) -> Vec<(String, String)> {
+        self.api().written.clone()
+    }
+}
+
+impl EventApi for FakeApi {
+    async fn publish(&self, e: &Event, r: &ObjectReference) -> Result<(), PublishError> {
+        let mut a = self.api();
+        if a.away_for > 0 {
+            a.away_for -= 1;
+            return Err(PublishError::Transient("connection refused".into()));
+        }
+        if a.reject {
+            return Err(PublishError::Rejected {
+                code: 422,
+                message: "invalid".into(),
+            });
+        }
+        a.notes.push(e.note.clone().unwrap_or_default());
+        a.written.push((
+            e.reason.clone(),
+            format!(
+                "{}/{}",
+                r.namespace.clone().unwrap_or_default(),
+                r.name.clone().unwrap_or_default()
+            ),
+        ));
+        Ok(())
+    }
+}
+
+fn pod_finding(pod: &str) -> Finding {
+    Finding::new(
+        "RunnerRunningAsRoot",
+        Level::Warning,
+        Regarding::pod("team", pod),
+        "uid 0".into(),
+    )
+}
+
+fn project_finding(reason: &'static str, project: &str) -> Finding {
+    Finding::new(
+        reason,
+        Level::Warning,
+        Regarding::for_image("r.io/a:v1", Some(project)),
+        format!("about {project}"),
+    )
+}
+
+struct Rig {
+    api: FakeApi,
+    leader: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    queue: EventQueue,
+    stop: CancellationToken,
+    rx: Option<mpsc::Receiver<Finding>>,
+}
+
+fn rig(leader: bool) -> Rig {
+    let metrics = Arc::new(Metrics::new());
+    let (queue, rx) = queue(metrics.clone());
+    Rig {
+        api: FakeApi::default(),
+        leader: Arc::new(AtomicBool::new(leader)),
+        metrics,
+        queue,
+        stop: CancellationToken::new(),
+        rx: Some(rx),
+    }
+}
+
+impl Rig {
+    fn start(&mut self) -> tokio::task::JoinHandle<()> {
+        let uid_of: UidLookup = Arc::new(|_: &Regarding| None);
+        tokio::spawn(publish_loop(
+            self.rx.take().unwrap(),
+            self.api.clone(),
+            self.leader.clone(),
+            uid_of,
+            self.metrics.clone(),
+            self.stop.clone(),
+        ))
+    }
+
+    fn counted(&self, result: &str) -> u64 {
+        self.metrics.events_total.with_label_values(&[result]).get()
+    }
+
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cluster_wide_findings_wait_for_the_lease_and_are_written_on_takeover() {
+    let mut r = rig(false);
+    let task = r.start();
+    r.queue.push(&pod_finding("p1"));
+    r.queue.push(&project_finding(CONTRACT_VIOLATION, "a"));
+    r.queue.push(&project_finding(PULL_SECRET_INVALID, "b"));
+    // The same finding twice is held once.
+    r.queue.push(&project_finding(PULL_SECRET_INVALID, "b"));
+    r.settle().await;
+    assert_eq!(
+        r.api.written(),
+        [("RunnerRunningAsRoot".to_string(), "team/p1".to_string())],
+        "a node's own findings are written at once"
+    );
+    assert_eq!(r.counted("other_node"), 3);
+    r.leader.store(true, Ordering::Relaxed);
+    r.settle().await;
+    let mut written = r.api.written();
+    written.sort();
+    assert_eq!(written.len(), 3, "{written:?}");
+    assert!(written.contains(&(
+        CONTRACT_VIOLATION.to_string(),
+        "a/projectsettings".to_string()
+    )));
+    assert!(written.contains(&(
+        PULL_SECRET_INVALID.to_string(),
+        "b/projectsettings".to_string()
+    )));
+    assert_eq!(r.counted("written"), 3);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_spam_limit_allows_a_burst_of_25_per_object_and_reason() {
+    let mut r = rig(true);
+    let task = r.start();
+    for _ in 0..30 {
+        r.queue.push(&pod_finding("p1"));
+    }
+    r.queue.push(&pod_finding("p2"));
+    r.settle().await;
+    assert_eq!(r.api.written().len(), 26);
+    assert_eq!(r.counted("spam_limited"), 5);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn findings_beyond_the_queue_are_dropped_and_counted_and_the_rest_survive_an_outage() {
+    let mut r = rig(true);
+    r.api.api().away_for = 8; // the API server is away for a while (backoff 0.5 s, 1 s, … )
+    for i in 0..QUEUE + 7 {
+        r.queue.push(&pod_finding(&format!("p{i}")));
+    }
+    assert_eq!(r.counted("dropped"), 7);
+    let task = r.start();
+    for _ in 0..600 {
+        if r.api.written().len() == QUEUE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(r.api.written().len(), QUEUE, "nothing queued is lost");
+    assert_eq!(r.api.written()[0].1, "team/p0", "in order");
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_event_is_counted_and_the_queue_goes_on() {
+    let mut r = rig(true);
+    r.api.api().reject = true;
+    let task = r.start();
+    r.queue.push(&pod_finding("p1"));
+    r.settle().await;
+    assert_eq!(r.counted("failed"), 1);
+    r.api.api().reject = false;
+    r.queue.push(&pod_finding("p2"));
+    r.settle().await;
+    assert_eq!(r.api.written().len(), 1);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn standalone_images_have_no_api_object() {
+    let mut r = rig(true);
+    let task = r.start();
+    r.queue.push(&Finding::new(
+        "RunnerImagePrewarmed",
+        Level::Normal,
+        Regarding::for_image("r.io/a:v1", None),
+        "present".into(),
+    ));
+    r.settle().await;
+    assert!(r.api.written().is_empty());
+    assert_eq!(r.counted("no_object"), 1);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_notes_are_cut_on_a_character_boundary() {
+    let mut r = rig(true);
+    let task = r.start();
+    let mut f = pod_finding("p1");
+    f.message = "é".repeat(800);
+    r.queue.push(&f);
+    r.settle().await;
+    let note = r.api.api().notes[0].clone();
+    assert!(
+        note.len() <= MESSAGE_MAX && note.ends_with("..."),
+        "{}",
+        note.len()
+    );
+    r.stop.cancel();
+    task.await.unwrap();
+}
