@@ -161,3 +161,52 @@ fn overrides_win() {
     assert_eq!(s.findings, "/tmp/f.jsonl");
     assert_eq!(s.prewarm.concurrency, 5);
 }
+
+#[test]
+fn a_reload_names_every_section_that_changed() {
+    let a = parse("[[images]]\nimage = \"a.io/b:c\"\n").unwrap();
+    assert!(a.changes(&a.clone()).is_empty());
+    let b = parse(
+        "[audit]\nexpected_major = 2\n[runtime_audit]\ninterval = \"5s\"\n[shutdown]\nslow_fraction = 0.9\n[kubernetes]\nlease_namespace = \"x\"\n[report]\nfindings = \"/tmp/f\"\n[containerd]\nnamespace = \"other\"\n[prewarm]\npin = false\n",
+    )
+    .unwrap();
+    assert_eq!(
+        a.changes(&b),
+        [
+            "containerd",
+            "report",
+            "prewarm",
+            "audit",
+            "runtime_audit",
+            "shutdown",
+            "kubernetes",
+            "images"
+        ]
+    );
+}
+
+#[test]
+fn loading_overlays_the_platform_environment_and_validates_the_cluster_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[kubernetes]\nenabled = true\n").unwrap();
+    let none = |_: &str| None;
+    let e = Settings::load(&path, &Overrides::default(), none).unwrap_err();
+    assert!(e.to_string().contains("NODE_NAME"), "{e}");
+    let env = |k: &str| (k == "NODE_NAME").then(|| "node-1".to_string());
+    let s = Settings::load(&path, &Overrides::default(), env).unwrap();
+    assert_eq!(s.kubernetes.node_name, "node-1");
+    // --kubernetes turns the cluster on whatever the file says.
+    std::fs::write(&path, "").unwrap();
+    let o = Overrides {
+        kubernetes: true,
+        ..Overrides::default()
+    };
+    assert!(Settings::load(&path, &o, env).unwrap().kubernetes.enabled);
+    assert!(
+        !Settings::load(&path, &Overrides::default(), env)
+            .unwrap()
+            .kubernetes
+            .enabled
+    );
+}
