@@ -81,7 +81,7 @@ pub struct CheckResult {
     pub detail: String,
 }
 
-/// How the checks are tuned; defaults follow CONTRACT.md.
+/// How the checks are tuned; defaults follow docs/contract.md.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     pub label_keys: Vec<String>,
@@ -179,7 +179,7 @@ pub fn audit(facts: &ImageFacts, policy: &Policy) -> Vec<CheckResult> {
         .collect()
 }
 
-/// A missing label is a warning whatever the policy (CONTRACT.md); every other failure takes the
+/// A missing label is a warning whatever the policy (docs/contract.md); every other failure takes the
 /// configured severity of its check.
 fn severity_for(check: &str, facts: &ImageFacts, policy: &Policy) -> Severity {
     if check == "contract-label" && label_value(facts, policy).is_none() {

@@ -1,5 +1,5 @@
 //! Runtime checks of runner processes: pure functions over what `/proc/<pid>/status` says
-//! (`process_audit::proc_status` reads it). Reasons are the Event reasons of DESIGN.md.
+//! (`process_audit::proc_status` reads it). Reasons are the Event reasons of docs/names.md.
 
 use std::fmt;
 

@@ -1,4 +1,4 @@
-//! Findings: what the agent has to tell a human, with the reason names of DESIGN.md. In standalone mode
+//! Findings: what the agent has to tell a human, with the reason names of docs/names.md. In standalone mode
 //! they are written as JSON lines; with a cluster the same values become Kubernetes Events.
 
 use serde::Serialize;

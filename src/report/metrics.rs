@@ -1,4 +1,4 @@
-//! Every metric the agent exports, in one registry. Names come from DESIGN.md and stay stable:
+//! Every metric the agent exports, in one registry. Names are in docs/names.md and stay stable:
 //! dashboards and alerts depend on them. Labels are bounded: image labels only name images in this node's
 //! desired set.
 

@@ -1,7 +1,7 @@
 //! containerd errors, and the classification of pull failures.
 //!
 //! containerd answers a registry's 401 with gRPC code Unknown and `401 Unauthorized` in the message, a
-//! missing tag with NotFound (TESTBED.md), so classification looks at the code *and* the message.
+//! missing tag with NotFound (docs/containerd-facts.md), so classification looks at the code *and* the message.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! containerd's task events (`/tasks/start`, `/tasks/exit`, `/tasks/oom`, `/tasks/delete`) through the
 //! native Events service. Quirk: containerd sends `Any.type_url` without the leading `/` that prost's
-//! generated names carry (TESTBED.md), so decoding matches on the name after the last `/`.
+//! generated names carry (docs/containerd-facts.md), so decoding matches on the name after the last `/`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

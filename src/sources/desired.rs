@@ -1,5 +1,5 @@
 //! Which runner images this node should hold, from what the cluster says: every project's ProjectSettings,
-//! the cluster defaults, the feature gate and the registry allowlist (CONTRACT.md). Pure: the Kubernetes
+//! the cluster defaults, the feature gate and the registry allowlist (docs/contract.md). Pure: the Kubernetes
 //! adapter feeds it objects and turns its answer into pulls and findings.
 
 use std::collections::BTreeMap;

@@ -33,7 +33,7 @@ use crate::shutdown::stop_clock::{PodStops, StopRequest};
 pub const PROJECT_SETTINGS_NAME: &str = "projectsettings";
 const SECRET_TTL: Duration = Duration::from_secs(300);
 const RESYNC: Duration = Duration::from_secs(30);
-/// Runner pods of both provisioning paths (CONTRACT.md): the control plane's and the legacy operator's.
+/// Runner pods of both provisioning paths (docs/contract.md): the control plane's and the legacy operator's.
 pub const RUNNER_POD_SELECTORS: [&str; 2] =
     ["ambient-code.io/managed=true", "app=ambient-code-runner"];
 
