@@ -105,12 +105,12 @@ async fn an_exit_during_a_containerd_restart_is_counted_once() {
             |v| v == g + 1.0,
         )
         .await;
-    tokio::time::sleep(S(2)).await;
-    let m = agent.metrics().await;
-    assert_eq!(outcomes(&m), (g + 1.0, u), "each exit counted once");
-    assert_eq!(
-        metric(&m, "runner_warden_shutdowns_total{outcome=\"crashed\"}"),
-        Some(0.0)
-    );
+    agent
+        .holds(S(2), "each exit counted once, none as crashed", || async {
+            let m = agent.metrics().await;
+            outcomes(&m) == (g + 1.0, u)
+                && metric(&m, "runner_warden_shutdowns_total{outcome=\"crashed\"}") == Some(0.0)
+        })
+        .await;
     drop(pod);
 }

@@ -22,6 +22,7 @@ mod on_a_cluster {
     ];
 
     fn runner_pod(ns: &str, name: &str, image: &str, extra_spec: &str, security: &str) -> String {
+        let node = Cluster::get().node;
         format!(
             r#"apiVersion: v1
 kind: Pod
@@ -30,7 +31,7 @@ metadata:
   namespace: {ns}
   labels: {{app: ambient-code-runner, agentic-session: {name}}}
 spec:
-  nodeName: vm
+  nodeName: {node}
   imagePullSecrets: [{{name: pull}}]
   {extra_spec}
   containers:
@@ -258,8 +259,15 @@ spec:
             (p.status?.phase? == "Running").then_some(())
         })
         .await;
-        // Let the runner install its SIGTERM handler.
-        tokio::time::sleep(S(1)).await;
+        // The runner says "listening" once its SIGTERM handler is installed.
+        wait_for(S(30), "the stubborn runner's SIGTERM handler", || async {
+            k.try_kubectl(&["-n", "rw-pods", "logs", "session-stubborn-runner"])
+                .stdout
+                .windows(9)
+                .any(|w| w == b"listening")
+                .then_some(())
+        })
+        .await;
         k.kubectl(&[
             "-n",
             "rw-pods",
@@ -370,9 +378,16 @@ spec:
                 .success())
         };
         run("stop-apiserver");
-        tokio::time::sleep(S(3)).await;
         // Still serving metrics and alive while the API server is away.
-        assert!(agent.get("/healthz").await.is_some());
+        agent
+            .holds(
+                S(3),
+                "/healthz and /metrics while the API server is away",
+                || async {
+                    agent.get("/healthz").await.is_some() && !agent.metrics().await.is_empty()
+                },
+            )
+            .await;
         run("start-apiserver");
         k.project_settings(
             "rw-after",

@@ -186,7 +186,10 @@ async fn secret_matching_another_registry_is_said_so() {
     );
     assert_eq!(code, 1);
     assert!(
-        err.contains("has no entry matching 127.0.0.1:5000 (its keys: quay.io)"),
+        err.contains(&format!(
+            "has no entry matching {} (its keys: quay.io)",
+            bed.registry
+        )),
         "{err}"
     );
 }
@@ -220,7 +223,10 @@ async fn invalid_secret_is_reported_and_other_images_still_prewarm() {
     let secret = bed.good_secret(dir.path());
     std::fs::write(
         dir.path().join("broken.json"),
-        "{\"auths\": {\"127.0.0.1:5000\": {\"auth\": \"%%%\"}}}",
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"%%%\"}}}}}}",
+            bed.registry
+        ),
     )
     .unwrap();
     let agent = Agent::start_in(
@@ -323,7 +329,7 @@ async fn pins_follow_the_config_file() {
 
 /// The 110 MiB fixture, absent from containerd, pulled through a proxy throttled to `rate` bytes/s.
 async fn big_image_behind_throttle(bed: &Bed, rate: u64) -> (Proxy, &'static str) {
-    let proxy = Proxy::start(5003, 5000, rate, 0).await;
+    let proxy = Proxy::start(5003, bed.registry_port(), rate, 0).await;
     let image = "127.0.0.1:5003/runners/big-progress:v1";
     bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
     (proxy, image)
@@ -367,7 +373,7 @@ async fn progress_is_visible_while_a_large_image_pulls() {
 async fn stalled_registry_is_detected_cancelled_and_retried() {
     let _g = serial().await;
     let bed = Bed::get();
-    let proxy = Proxy::start(5001, 5000, 0, 4 * 1024 * 1024).await;
+    let proxy = Proxy::start(5001, bed.registry_port(), 0, 4 * 1024 * 1024).await;
     proxy
         .stall
         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -205,14 +205,21 @@ async fn drift_is_reported(connector: bool) {
             |v| v == 1.0,
         )
         .await;
-    // Reported once while it persists.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n = agent
-        .findings()
-        .iter()
-        .filter(|f| f["reason"] == "RunnerUIDDrift" && f["regarding"]["name"] == name)
-        .count();
-    assert_eq!(n, 1);
+    // Reported once while it persists (rescans go on meanwhile).
+    let drift_findings = || {
+        agent
+            .findings()
+            .iter()
+            .filter(|f| f["reason"] == "RunnerUIDDrift" && f["regarding"]["name"] == name)
+            .count()
+    };
+    agent
+        .holds(
+            Duration::from_millis(1500),
+            "one RunnerUIDDrift finding",
+            || async { drift_findings() == 1 },
+        )
+        .await;
     // Gone pod, gauge back down (the next full scan notices).
     pod.remove().await;
     if !connector {

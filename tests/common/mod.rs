@@ -38,6 +38,14 @@ pub struct Bed {
 }
 
 impl Bed {
+    /// The registry's port (the bed's containerd also knows plain-HTTP hosts on 5001–5004, for proxies).
+    pub fn registry_port(&self) -> u16 {
+        self.registry
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("RW_REGISTRY is host:port")
+    }
+
     pub fn get() -> Bed {
         let dir = PathBuf::from(
             std::env::var("RW_TESTBED").unwrap_or_else(|_| "/var/tmp/runner-warden-testbed".into()),
@@ -380,6 +388,24 @@ impl Agent {
             format!("; agent log tail:\n{}", tail.join("\n"))
         })
         .await
+    }
+
+    /// Asserts that `check` stays true for all of `window` (polled every 100 ms): the bounded observation a
+    /// "nothing more happens" property needs, failing at the first moment it breaks.
+    pub async fn holds<F, Fut>(&self, window: Duration, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let end = tokio::time::Instant::now() + window;
+        while tokio::time::Instant::now() < end {
+            assert!(
+                check().await,
+                "{what} stopped holding; agent log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until a finding with `reason` about `image` exists.
