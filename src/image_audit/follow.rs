@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Auditor;
+use super::{Auditor, FactsSource};
 use crate::contract::Outcome;
 use crate::prewarm::{DesiredImage, News};
 use crate::reference::ImageRef;
@@ -22,8 +22,8 @@ use crate::report::sink::FindingSink;
 const AUDIT_RETRIES: u32 = 3;
 const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
-pub async fn follow(
-    auditor: Arc<Auditor>,
+pub async fn follow<F: FactsSource>(
+    auditor: Arc<Auditor<F>>,
     mut news: mpsc::UnboundedReceiver<News>,
     findings: FindingSink,
     metrics: Arc<Metrics>,
@@ -62,8 +62,8 @@ pub async fn follow(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn audit(
-    auditor: &Auditor,
+async fn audit<F: FactsSource>(
+    auditor: &Auditor<F>,
     d: &DesiredImage,
     image_id: &str,
     findings: &FindingSink,

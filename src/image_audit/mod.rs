@@ -12,10 +12,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::contract::{audit, CheckResult, Outcome, Policy, CHECKS};
+use std::future::Future;
+
+use crate::contract::{audit, CheckResult, ImageFacts, Outcome, Policy, CHECKS};
 use crate::report::metrics::Metrics;
 use crate::runtime::Runtime;
 use facts::{read_facts, ImageSummary, InspectError};
+
+/// Where an image's facts come from: containerd's content store in the agent, a table in unit tests.
+pub trait FactsSource: Send + Sync + 'static {
+    fn read_facts(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<(ImageSummary, ImageFacts), InspectError>> + Send;
+}
+
+impl FactsSource for Runtime {
+    async fn read_facts(&self, image: &str) -> Result<(ImageSummary, ImageFacts), InspectError> {
+        read_facts(self, image).await
+    }
+}
 
 /// An audit's result for one image.
 #[derive(Clone, Debug)]
@@ -32,18 +48,18 @@ impl Audit {
 
 /// Audits images once per image id (config digest) and keeps `image_violations{check}` current: the
 /// number of desired images whose latest audit fails that check as a violation.
-pub struct Auditor {
-    runtime: Runtime,
+pub struct Auditor<F: FactsSource = Runtime> {
+    source: F,
     policy: Policy,
     metrics: Arc<Metrics>,
     by_id: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Audit>>>>>,
     by_image: Mutex<BTreeMap<String, Arc<Audit>>>,
 }
 
-impl Auditor {
-    pub fn new(runtime: Runtime, policy: Policy, metrics: Arc<Metrics>) -> Self {
+impl<F: FactsSource> Auditor<F> {
+    pub fn new(source: F, policy: Policy, metrics: Arc<Metrics>) -> Self {
         Self {
-            runtime,
+            source,
             policy,
             metrics,
             by_id: Mutex::new(HashMap::new()),
@@ -72,7 +88,7 @@ impl Auditor {
             .get_or_try_init(|| async {
                 fresh.store(true, Ordering::Relaxed);
                 let started = std::time::Instant::now();
-                let (summary, facts) = read_facts(&self.runtime, image).await?;
+                let (summary, facts) = self.source.read_facts(image).await?;
                 self.metrics
                     .image_audit_duration_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -116,3 +132,6 @@ impl Auditor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

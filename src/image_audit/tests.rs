@@ -1,0 +1,267 @@
+//! The cached auditor and the audit job against a table of image facts, in paused time.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::contract::{Kind, PathMeta, LABEL_KEYS};
+use crate::prewarm::{DesiredImage, News};
+use crate::reference::ImageRef;
+use crate::report::sink::FindingSink;
+
+#[derive(Default)]
+struct Table {
+    facts: HashMap<String, ImageFacts>,
+    /// Reads still to fail per image (a layer blob not there yet).
+    failures: HashMap<String, usize>,
+    reads: AtomicUsize,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Table>>);
+
+impl Fake {
+    fn reads(&self) -> usize {
+        self.0.lock().unwrap().reads.load(Ordering::Relaxed)
+    }
+}
+
+impl FactsSource for Fake {
+    async fn read_facts(&self, image: &str) -> Result<(ImageSummary, ImageFacts), InspectError> {
+        // A read takes a while (it streams every layer): concurrent audits overlap.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut t = self.0.lock().unwrap();
+        t.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = t.failures.get_mut(image).filter(|n| **n > 0) {
+            *n -= 1;
+            return Err(InspectError::NotPresent(image.into()));
+        }
+        let facts = t
+            .facts
+            .get(image)
+            .cloned()
+            .ok_or_else(|| InspectError::NotPresent(image.into()))?;
+        Ok((
+            ImageSummary {
+                image: image.into(),
+                manifest: "sha256:m".into(),
+                image_id: "sha256:id".into(),
+                platform: "linux/amd64".into(),
+                layers: 1,
+            },
+            facts,
+        ))
+    }
+}
+
+fn dir(mode: u32) -> PathMeta {
+    PathMeta {
+        kind: Kind::Dir,
+        mode,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+fn compliant() -> ImageFacts {
+    ImageFacts {
+        labels: [(LABEL_KEYS[0].to_string(), "1".to_string())].into(),
+        user: "1001".into(),
+        paths: [
+            ("/app".to_string(), dir(0o775)),
+            ("/app/ambient-runner".to_string(), dir(0o755)),
+            ("/tmp".to_string(), dir(0o1777)),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn root_user() -> ImageFacts {
+    ImageFacts {
+        user: "0".into(),
+        ..compliant()
+    }
+}
+
+fn auditor(fake: &Fake, metrics: &Arc<Metrics>) -> Arc<Auditor<Fake>> {
+    Arc::new(Auditor::new(
+        fake.clone(),
+        Policy::default(),
+        metrics.clone(),
+    ))
+}
+
+fn gauge(m: &Metrics, check: &str) -> i64 {
+    m.image_violations.with_label_values(&[check]).get()
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_read_per_image_id_even_when_asked_at_once() {
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .facts
+        .insert("a:v1".into(), root_user());
+    fake.0
+        .lock()
+        .unwrap()
+        .facts
+        .insert("a:latest".into(), root_user());
+    let m = Arc::new(Metrics::new());
+    let a = auditor(&fake, &m);
+    let (x, y) = tokio::join!(a.audit("a:v1", "sha256:1"), a.audit("a:v1", "sha256:1"));
+    let ((ax, fx), (ay, fy)) = (x.unwrap(), y.unwrap());
+    assert_eq!(fake.reads(), 1);
+    assert!(fx ^ fy, "exactly one of them audited");
+    assert!(Arc::ptr_eq(&ax, &ay));
+    // Another tag of the same content is not read again, but counts in the gauge as its own image.
+    let (_, fresh) = a.audit("a:latest", "sha256:1").await.unwrap();
+    assert!(!fresh);
+    assert_eq!(fake.reads(), 1);
+    assert_eq!(gauge(&m, "non-root-user"), 2);
+    a.forget("a:v1");
+    assert_eq!(gauge(&m, "non-root-user"), 1);
+    a.forget("a:latest");
+    assert_eq!(gauge(&m, "non-root-user"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_read_is_not_cached() {
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .facts
+        .insert("a:v1".into(), compliant());
+    fake.0.lock().unwrap().failures.insert("a:v1".into(), 1);
+    let m = Arc::new(Metrics::new());
+    let a = auditor(&fake, &m);
+    assert!(a.audit("a:v1", "sha256:1").await.is_err());
+    let (audit, fresh) = a.audit("a:v1", "sha256:1").await.unwrap();
+    assert!(fresh);
+    assert_eq!(audit.count(Outcome::Violation), 0);
+    assert_eq!(fake.reads(), 2);
+}
+
+fn present(image: &str, project: &str, others: &[&str]) -> News {
+    let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, Some(project.into()));
+    d.other_projects = others.iter().map(|s| s.to_string()).collect();
+    News::Present {
+        desired: d,
+        image_id: "sha256:1".into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project() {
+    let image = "r.io/team/runner:v1";
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .facts
+        .insert(image.into(), root_user());
+    fake.0.lock().unwrap().failures.insert(image.into(), 2);
+    let m = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(m.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let job = tokio::spawn(follow(
+        auditor(&fake, &m),
+        rx,
+        sink,
+        m.clone(),
+        stop.clone(),
+    ));
+    tx.send(present(image, "a", &["b", "c"])).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(fake.reads(), 3);
+    assert_eq!(m.image_audits_total.with_label_values(&["ok"]).get(), 1);
+    let projects: Vec<String> = captured
+        .findings()
+        .iter()
+        .filter(|f| f["check"] == "non-root-user")
+        .map(|f| f["regarding"]["namespace"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(projects, ["b", "c", "a"]);
+    assert!(captured
+        .reasons()
+        .iter()
+        .all(|r| r == "RunnerImageContractViolation"));
+    // The image leaves: it no longer counts.
+    assert_eq!(gauge(&m, "non-root-user"), 1);
+    tx.send(News::Left {
+        image: ImageRef::parse(image).unwrap(),
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gauge(&m, "non-root-user"), 0);
+    stop.cancel();
+    job.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
+    let image = "r.io/team/runner:v1";
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .facts
+        .insert(image.into(), root_user());
+    fake.0.lock().unwrap().failures.insert(image.into(), 100);
+    let m = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(m.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let job = tokio::spawn(follow(
+        auditor(&fake, &m),
+        rx,
+        sink,
+        m.clone(),
+        stop.clone(),
+    ));
+    tx.send(present(image, "a", &[])).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tx.send(News::Left {
+        image: ImageRef::parse(image).unwrap(),
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.reads(), 1, "no retry after the image left");
+    assert!(captured.reasons().is_empty());
+    assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 0);
+    stop.cancel();
+    job.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
+    let image = "r.io/team/runner:v1";
+    let fake = Fake::default();
+    let m = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(m.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let job = tokio::spawn(follow(
+        auditor(&fake, &m),
+        rx,
+        sink,
+        m.clone(),
+        stop.clone(),
+    ));
+    tx.send(present(image, "a", &[])).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.reads(), 4, "one read and three retries");
+    assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 1);
+    assert!(captured.reasons().is_empty());
+    stop.cancel();
+    job.await.unwrap();
+}
