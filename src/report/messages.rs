@@ -2,7 +2,7 @@
 
 use super::findings::{
     Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, PREWARMED, PULL_FAILED,
-    PULL_SECRET_INVALID, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
+    PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
 use crate::runtime::containers::ContainerRef;
@@ -215,6 +215,70 @@ pub fn shutdown(m: MeasuredExit) -> Option<Finding> {
             hints: m.hints,
         }),
     )
+}
+
+/// Why a project's image is not prewarmed (or its secret not used).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProjectProblem {
+    /// The reference does not parse.
+    BadReference {
+        image: String,
+        why: String,
+    },
+    RegistryNotAllowed {
+        image: String,
+        registry: String,
+    },
+    /// A secret name that is not a plain name in the project's own namespace.
+    SecretName {
+        secret: String,
+    },
+}
+
+impl ProjectProblem {
+    /// The reason its finding carries.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProjectProblem::RegistryNotAllowed { .. } => REGISTRY_NOT_ALLOWED,
+            ProjectProblem::SecretName { .. } => PULL_SECRET_INVALID,
+            // Nothing can be pulled from a reference that does not parse.
+            ProjectProblem::BadReference { .. } => PULL_FAILED,
+        }
+    }
+
+    /// What a project admin reads, saying what to do.
+    pub fn message(&self, namespace: &str) -> String {
+        match self {
+            ProjectProblem::BadReference { image, why } => format!(
+                "spec.runnerImage {image:?} of ProjectSettings {namespace}/projectsettings is not a valid image reference ({why}); use registry/repository:tag or @sha256:…"
+            ),
+            ProjectProblem::RegistryNotAllowed { image, registry } => format!(
+                "spec.runnerImage {image} of ProjectSettings {namespace}/projectsettings is on registry {registry}, which is not in RUNNER_IMAGE_ALLOWED_REGISTRIES; push the image to an allowed registry or ask the platform admin to allow {registry}"
+            ),
+            ProjectProblem::SecretName { secret } => format!(
+                "spec.runnerImagePullSecret {secret:?} of ProjectSettings {namespace}/projectsettings must name a Secret in namespace {namespace} (no namespace/name form, no other namespace); the image is pulled without it"
+            ),
+        }
+    }
+}
+
+/// A problem of a project's ProjectSettings (or of a Secret it names), regarding that ProjectSettings.
+pub fn project_problem(
+    namespace: &str,
+    reason: &'static str,
+    message: &str,
+    image: Option<&str>,
+) -> Finding {
+    let f = Finding::new(
+        reason,
+        Level::Warning,
+        Regarding::for_image("", Some(namespace)),
+        truncate(message, MESSAGE_MAX),
+    );
+    match image {
+        Some(i) => f.image(i),
+        None => f,
+    }
 }
 
 #[cfg(test)]

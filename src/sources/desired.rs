@@ -60,40 +60,7 @@ pub struct Want {
     pub secrets: Vec<(String, String)>,
 }
 
-/// Why a project's image is not prewarmed (or its secret not used).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Problem {
-    /// The reference does not parse.
-    BadReference {
-        image: String,
-        why: String,
-    },
-    RegistryNotAllowed {
-        image: String,
-        registry: String,
-    },
-    /// A secret name that is not a plain name in the project's own namespace.
-    SecretName {
-        secret: String,
-    },
-}
-
-impl Problem {
-    /// What a project admin reads, saying what to do.
-    pub fn message(&self, namespace: &str) -> String {
-        match self {
-            Problem::BadReference { image, why } => format!(
-                "spec.runnerImage {image:?} of ProjectSettings {namespace}/projectsettings is not a valid image reference ({why}); use registry/repository:tag or @sha256:…"
-            ),
-            Problem::RegistryNotAllowed { image, registry } => format!(
-                "spec.runnerImage {image} of ProjectSettings {namespace}/projectsettings is on registry {registry}, which is not in RUNNER_IMAGE_ALLOWED_REGISTRIES; push the image to an allowed registry or ask the platform admin to allow {registry}"
-            ),
-            Problem::SecretName { secret } => format!(
-                "spec.runnerImagePullSecret {secret:?} of ProjectSettings {namespace}/projectsettings must name a Secret in namespace {namespace} (no namespace/name form, no other namespace); the image is pulled without it"
-            ),
-        }
-    }
-}
+pub use crate::report::messages::ProjectProblem as Problem;
 
 /// A Secret name must be a DNS-1123 subdomain: anything else (`ns/name`, `../x`) is rejected, never followed.
 pub fn valid_secret_name(name: &str) -> bool {

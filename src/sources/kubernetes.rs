@@ -21,12 +21,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::desired::{plan, ClusterPolicy, Problem, ProjectWant};
+use super::desired::{plan, ClusterPolicy, ProjectWant};
 use crate::credentials::Keyring;
 use crate::prewarm::{ClusterSecret, DesiredImage};
-use crate::report::findings::{
-    Finding, Level, Regarding, PULL_FAILED, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
-};
+use crate::report::findings::PULL_SECRET_INVALID;
+use crate::report::messages;
 use crate::report::sink::FindingSink;
 use crate::shutdown::stop_clock::{PodStops, StopRequest};
 
@@ -254,27 +253,12 @@ impl KubeSource {
             let key = (ns.to_string(), reason, message.clone());
             if !reported.contains(&key) {
                 warn!(project = ns, reason, "{message}");
-                let mut f = Finding::new(
-                    reason,
-                    Level::Warning,
-                    Regarding::for_image("", Some(ns)),
-                    message,
-                );
-                if let Some(i) = image {
-                    f = f.image(i);
-                }
-                sink.publish(&f);
+                sink.publish(&messages::project_problem(ns, reason, &message, image));
             }
             now_reported.insert(key);
         };
         for (ns, p) in &problems {
-            let reason = match p {
-                Problem::RegistryNotAllowed { .. } => REGISTRY_NOT_ALLOWED,
-                Problem::SecretName { .. } => PULL_SECRET_INVALID,
-                // Nothing can be pulled from a reference that does not parse.
-                Problem::BadReference { .. } => PULL_FAILED,
-            };
-            report(ns, reason, p.message(ns), None);
+            report(ns, p.reason(), p.message(ns), None);
         }
 
         let mut images = Vec::new();
