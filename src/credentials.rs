@@ -112,7 +112,7 @@ impl Keyring {
                     problem: "must be an object with auth or username/password strings",
                 })?;
             let cred = credential_from(&key, raw)?;
-            let pattern = Pattern::parse(&key).ok_or_else(|| CredentialsError::Entry {
+            let pattern = Pattern::key(&key).ok_or_else(|| CredentialsError::Entry {
                 key: key.clone(),
                 problem: "is not a registry host with an optional path",
             })?;
@@ -217,6 +217,38 @@ struct Pattern {
 const HUB_ALIASES: [&str; 3] = ["index.docker.io", "docker.io", "registry-1.docker.io"];
 
 impl Pattern {
+    /// A key of a pull secret. As kubelet (after `docker login`'s habit): a path that starts with the
+    /// registry API version `/v1/` or `/v2/` names the registry, not a repository, so that prefix is
+    /// dropped (`https://r.io/v1/` is the key `r.io`).
+    fn key(raw: &str) -> Option<Self> {
+        let mut p = Self::parse(raw)?;
+        for version in ["/v1/", "/v2/"] {
+            if let Some(rest) = p.path.strip_prefix(version) {
+                p.path = if rest.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{rest}")
+                };
+                p.sort_key = p.sort_key_of();
+                break;
+            }
+        }
+        Some(p)
+    }
+
+    fn sort_key_of(&self) -> String {
+        format!(
+            "{}{}{}",
+            self.labels.join("."),
+            self.port
+                .as_deref()
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default(),
+            self.path
+        )
+    }
+
+    /// A key or an image name (`registry/repository`).
     fn parse(raw: &str) -> Option<Self> {
         let s = raw.trim();
         let s = s
@@ -230,11 +262,19 @@ impl Pattern {
         if hostport.is_empty() {
             return None;
         }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
-                (h, Some(p.to_string()))
-            }
-            Some(_) => return None,
+        // A bracketed IPv6 host keeps its colons; the port is what follows `]:`.
+        let port_at = match hostport.starts_with('[') {
+            true => hostport.find(']').map(|i| i + 1),
+            false => hostport.rfind(':'),
+        };
+        let (host, port) = match port_at.map(|i| hostport.split_at(i)) {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
+                    (h, Some(p.to_string()))
+                }
+                _ => return None,
+            },
             None => (hostport, None),
         };
         let mut host = host.to_ascii_lowercase();
@@ -502,3 +542,7 @@ mod tests {
         assert!(e.to_string().contains("a.io"), "{e}");
     }
 }
+
+#[cfg(test)]
+#[path = "credentials_conformance.rs"]
+mod conformance;

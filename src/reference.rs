@@ -40,6 +40,16 @@ impl ImageRef {
         if trimmed != input {
             return Err(err("leading or trailing whitespace"));
         }
+        if trimmed.len() == 64
+            && trimmed
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            // distribution refuses it: it would be read as an image id, not a repository.
+            return Err(err(
+                "a bare 64-character hexadecimal string is an image id, not a repository; name the registry (docker.io/<hex>) if you mean the repository",
+            ));
+        }
         if trimmed.contains("://") {
             return Err(err(
                 "a reference has no URL scheme; write registry/repository:tag",
@@ -74,11 +84,7 @@ impl ImageRef {
 
     /// Registry host without the port, lowercased: what the allowlist compares.
     pub fn registry_hostname(&self) -> String {
-        let host = match self.registry.rsplit_once(':') {
-            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-            _ => &self.registry,
-        };
-        host.to_ascii_lowercase()
+        split_port(&self.registry).0.to_ascii_lowercase()
     }
 
     pub fn repository(&self) -> &str {
@@ -127,6 +133,18 @@ impl FromStr for ImageRef {
     }
 }
 
+/// `host[:port]` → (host, port); a bracketed IPv6 host keeps its colons.
+fn split_port(r: &str) -> (&str, Option<&str>) {
+    let after_host = match r.starts_with('[') {
+        true => r.find(']').map_or(r.len(), |i| i + 1),
+        false => r.rfind(':').unwrap_or(r.len()),
+    };
+    match r[after_host..].strip_prefix(':') {
+        Some(port) => (&r[..after_host], Some(port)),
+        None => (r, None),
+    }
+}
+
 /// `name[:tag][@digest]` → (registry, repository, tag, digest), normalised: `latest` when neither tag nor
 /// digest is given, `docker.io` (and `library/`) for Docker Hub names.
 fn split(s: &str) -> Result<(String, String, Option<String>, Option<String>), String> {
@@ -159,9 +177,14 @@ fn split(s: &str) -> Result<(String, String, Option<String>, Option<String>), St
     if name.is_empty() || name.len() > 255 {
         return Err("the name must be 1-255 characters".into());
     }
+    // distribution's rule: the first component is a registry when it has a '.' or ':', is `localhost`,
+    // or has a capital letter (repository components cannot).
     let (registry, path) = match name.split_once('/') {
         Some((first, path))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
+            if first.contains('.')
+                || first.contains(':')
+                || first == "localhost"
+                || first.bytes().any(|b| b.is_ascii_uppercase()) =>
         {
             (first.to_string(), path.to_string())
         }
@@ -185,16 +208,25 @@ fn split(s: &str) -> Result<(String, String, Option<String>, Option<String>), St
     Ok((registry, path, tag, digest))
 }
 
-/// `host[:port]`: dot-separated labels of letters, digits and inner '-'.
+/// `host[:port]`: dot-separated labels of letters, digits and inner '-', or a bracketed IPv6 address of
+/// hex digits and colons (distribution accepts no zone and no embedded IPv4 form).
 fn validate_registry(r: &str) -> Result<(), String> {
-    let (host, port) = match r.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (r, None),
-    };
+    let (host, port) = split_port(r);
     if let Some(p) = port {
         if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) {
             return Err(format!("registry port {p:?} is not a number"));
         }
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let ok = inner.strip_suffix(']').is_some_and(|a| {
+            a.contains(':') && a.chars().all(|c| c.is_ascii_hexdigit() || c == ':')
+        });
+        return match ok {
+            true => Ok(()),
+            false => Err(format!(
+                "registry host {host:?} is not an IPv6 address of hex digits and colons in brackets"
+            )),
+        };
     }
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -341,3 +373,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "reference_conformance.rs"]
+mod conformance;

@@ -107,6 +107,27 @@ async fn pull_command_skips_an_image_already_present() {
     assert_eq!(bed.cri_status(&image).await, (true, true));
 }
 
+/// kubelet treats a key's `/v1/` or `/v2/` path as the registry itself (what `docker login` and legacy
+/// `.dockercfg` files write): such a secret must authenticate pulls from that registry.
+#[tokio::test]
+async fn a_secret_keyed_by_the_registry_api_url_prewarms() {
+    let bed = Bed::get();
+    let image = bed.image("runners/legacy-key:v1");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, version) in [("v1.json", "v1"), ("v2.json", "v2")] {
+        bed.remove_repo(&bed.image("runners/legacy-key")).await;
+        let key = format!("https://{}/{version}/", bed.registry);
+        let secret = bed.secret(dir.path(), name, &key, &bed.user, &bed.password);
+        let (code, out, err) = pull_cli(
+            &bed,
+            &[&image, "--secret", secret.to_str().unwrap(), "--no-pin"],
+        );
+        assert_eq!(code, 0, "key {key}: {err}");
+        assert!(out.starts_with(&format!("pulled {image} sha256:")), "{out}");
+    }
+    assert!(bed.cri_status(&image).await.0);
+}
+
 #[tokio::test]
 async fn wrong_password_is_an_auth_failure() {
     let bed = Bed::get();
