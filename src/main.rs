@@ -7,16 +7,27 @@ mod cli;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-use tracing::error;
+use clap::{CommandFactory, FromArgMatches};
 
 use cli::{Cli, Command, LogFormat, RunArgs};
 use runner_warden::agent::Agent;
 use runner_warden::config::{Overrides, Settings};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let filter = match cli::logging::log_filter(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            let from = cli::named_source(&matches, "log_level", "--log-level", "RUNNER_WARDEN_LOG");
+            eprintln!("runner-warden: {from}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_format, &filter);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -42,16 +53,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            error!("{e:#}");
+            // Once, on standard error (the log's own writer): a fatal error is not also logged.
             eprintln!("runner-warden: {e:#}");
             ExitCode::from(2)
         }
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(format: LogFormat, filter: &str) {
+    // Checked by `log_filter` already.
+    let filter = tracing_subscriber::EnvFilter::new(filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -2,6 +2,7 @@
 //! adapter over the library: it calls one job and prints what it returns.
 
 pub mod check_image;
+pub mod logging;
 pub mod pull;
 pub mod scan;
 pub mod verify_shutdown;
@@ -242,4 +243,18 @@ pub async fn ensure_present(
             exit_unusable()
         })?;
     Ok(image)
+}
+
+/// How to name where an option's value came from in an error: the environment variable when it was
+/// set there, else the flag.
+pub fn named_source(
+    matches: &clap::ArgMatches,
+    id: &str,
+    flag: &'static str,
+    env: &'static str,
+) -> &'static str {
+    match matches.value_source(id) {
+        Some(clap::parser::ValueSource::EnvVariable) => env,
+        _ => flag,
+    }
 }
