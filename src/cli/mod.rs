@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use runner_warden::config::{DEFAULT_NAMESPACE, DEFAULT_SOCKET};
+use runner_warden::runtime::errors::FailureClass;
 use runner_warden::runtime::Runtime;
 
 #[derive(Parser)]
@@ -45,7 +46,7 @@ pub enum Command {
     /// /readyz, write findings as JSON lines. The file is re-read when it changes (or on SIGHUP).
     Run(RunArgs),
     /// Prewarm one image now (pull through CRI with its secret, then pin), for operators and scripts.
-    /// Exit status: 0 present, 1 pull failed, 2 bad arguments.
+    /// Exit status: 0 present, 1 pull failed, 2 bad arguments or containerd unreachable.
     Pull(PullArgs),
     /// Audit an image against the runner image contract (pulls it first when absent; nothing is
     /// unpacked to disk). Exit status: 0 no violation, 1 violations, 2 the image could not be read.
@@ -234,12 +235,15 @@ pub async fn ensure_present(
     runner_warden::prewarm::oneshot::ensure_present(runtime.clone(), &image, secret)
         .await
         .map_err(|f| {
-            eprintln!(
-                "runner-warden: cannot {verb} {image}: pull failed [{}]: {} — {}",
-                f.class,
-                f.message,
-                f.class.advice()
-            );
+            match f.class {
+                FailureClass::Runtime => eprintln!("runner-warden: {}", f.message),
+                _ => eprintln!(
+                    "runner-warden: cannot {verb} {image}: pull failed [{}]: {} — {}",
+                    f.class,
+                    f.message,
+                    f.class.advice()
+                ),
+            }
             exit_unusable()
         })?;
     Ok(image)

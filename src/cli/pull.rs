@@ -1,4 +1,5 @@
-//! `runner-warden pull`: prewarm one image now. Exit status 0 present, 1 pull failed, 2 bad arguments.
+//! `runner-warden pull`: prewarm one image now. Exit status 0 present, 1 pull failed, 2 bad arguments or
+//! containerd unreachable.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use runner_warden::prewarm::oneshot::{self, GaveUp, Pulled};
 use runner_warden::prewarm::{PrewarmSettings, PullOutcome};
 use runner_warden::reference::ImageRef;
+use runner_warden::runtime::errors::FailureClass;
 
 use super::{exit_unusable, PullArgs};
 
@@ -58,6 +60,10 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Err(GaveUp { failure: f, .. }) if f.class == FailureClass::Runtime => {
+            eprintln!("runner-warden: {}", f.message);
+            Ok(exit_unusable())
         }
         Err(GaveUp {
             failure: f,

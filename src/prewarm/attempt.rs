@@ -134,12 +134,19 @@ impl<S: ImageStore> Prewarmer<S> {
     /// One attempt: status check, then pulls with each matching credential and anonymously.
     pub async fn attempt(&self, d: &DesiredImage, force: bool) -> Result<PullOutcome, Failure> {
         let image = &d.image;
-        let status = self.image_status(image).await.map_err(|e| {
-            Failure::new(
-                FailureClass::Other,
-                format!("cannot ask containerd about {image}: {e}"),
-            )
-        })?;
+        let status = self
+            .image_status(image)
+            .await
+            .map_err(|e| match e.is_unreachable() {
+                true => Failure::new(
+                    FailureClass::Runtime,
+                    format!("cannot reach containerd: {e}"),
+                ),
+                false => Failure::new(
+                    FailureClass::Other,
+                    format!("cannot ask containerd about {image}: {e}"),
+                ),
+            })?;
         self.mark_examined(image);
         if let Some(found) = status {
             if !force {

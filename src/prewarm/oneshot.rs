@@ -11,6 +11,7 @@ use super::pins::MANUAL_PIN_OWNER;
 use super::store::ImageStore;
 use super::{DesiredImage, PrewarmSettings, Prewarmer};
 use crate::reference::ImageRef;
+use crate::runtime::errors::FailureClass;
 
 /// What `pull` achieved.
 #[derive(Debug)]
@@ -54,7 +55,12 @@ pub async fn pull<S: ImageStore>(
                 };
                 return Ok(Pulled { outcome, pinned });
             }
-            Err(f) if f.class.needs_intervention() || attempt >= attempts => {
+            // A one-shot command does not wait for containerd to come back.
+            Err(f)
+                if f.class.needs_intervention()
+                    || f.class == FailureClass::Runtime
+                    || attempt >= attempts =>
+            {
                 return Err(GaveUp {
                     failure: f,
                     attempts: attempt,

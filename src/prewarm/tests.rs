@@ -390,19 +390,62 @@ async fn an_image_that_leaves_the_set_is_cancelled_unpinned_and_announced() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn containerd_unreachable_is_a_failure_of_class_other_and_not_ready() {
-    let r = rig(settings());
-    let p = r.prewarmer.as_ref().unwrap();
+async fn containerd_down_is_a_state_of_the_node_not_a_failure_of_the_image() {
+    let mut r = rig(settings());
     r.store.state().status_fails = true;
-    let f = p.attempt(&desired(IMG), false).await.unwrap_err();
-    assert_eq!(f.class, FailureClass::Other);
+    let f = r
+        .prewarmer
+        .as_ref()
+        .unwrap()
+        .attempt(&desired(IMG), false)
+        .await
+        .unwrap_err();
+    assert_eq!(f.class, FailureClass::Runtime);
     assert!(
-        f.message.contains("cannot ask containerd about"),
+        f.message.contains("cannot reach containerd"),
         "{}",
         f.message
     );
     assert_eq!(r.metrics.runtime_up.get(), 0);
-    assert!(r.store.pulls().is_empty());
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.store.status_calls() >= 5)
+        .await;
+    assert_eq!(r.images_in("failed"), 0);
+    assert_eq!(r.images_in("waiting"), 1);
+    for result in ["other", "network", "runtime_unavailable"] {
+        assert_eq!(r.pulls_total(result), 0, "{result}");
+    }
+    assert!(
+        r.captured.reasons().is_empty(),
+        "no finding charged to the image"
+    );
+    // containerd returns: the image is prewarmed.
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    r.store.state().status_fails = false;
+    r.wait(|r| r.images_in("ready") == 1).await;
+    assert_eq!(r.captured.reasons(), ["RunnerImagePrewarmed"]);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn containerd_dying_mid_pull_is_not_a_registry_failure() {
+    let r = rig(settings());
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::Unavailable,
+            "transport error".into(),
+        )],
+    );
+    let f = r
+        .prewarmer
+        .as_ref()
+        .unwrap()
+        .attempt(&desired(IMG), false)
+        .await
+        .unwrap_err();
+    assert_eq!(f.class, FailureClass::Runtime);
 }
 
 #[tokio::test(start_paused = true)]

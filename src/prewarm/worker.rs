@@ -20,7 +20,10 @@ use crate::runtime::errors::FailureClass;
 /// What a worker remembers between attempts.
 #[derive(Default)]
 struct Memory {
+    /// Consecutive failures of the image (containerd outages excluded).
     failures: u32,
+    /// Consecutive attempts containerd did not answer.
+    outages: u32,
     last_id: Option<String>,
     last_secret_error: Option<String>,
     force: bool,
@@ -52,6 +55,7 @@ impl<S: ImageStore> Prewarmer<S> {
             let wait = match result {
                 Ok(outcome) => {
                     mem.failures = 0;
+                    mem.outages = 0;
                     mem.last_secret_error = None;
                     self.on_success(&desired, &outcome, &mut mem.last_id).await;
                     self.set_state(&image, State::Ready);
@@ -59,8 +63,22 @@ impl<S: ImageStore> Prewarmer<S> {
                     mem.force = !image.is_pinned_by_digest();
                     self.settings.resolve_interval
                 }
+                Err(f) if f.class == FailureClass::Runtime => {
+                    // The node's runtime is down: the image waits; the health probe says so once.
+                    mem.outages += 1;
+                    self.set_state(&image, State::Waiting);
+                    let delay = backoff_delay(
+                        self.settings.backoff_initial,
+                        self.settings.backoff_max,
+                        mem.outages,
+                        rand::rng().random_range(0.8..1.2),
+                    );
+                    debug!(image = %image, retry_in = ?delay, "{}", f.message);
+                    delay
+                }
                 Err(f) => {
                     mem.failures += 1;
+                    mem.outages = 0;
                     self.set_state(&image, State::Failed);
                     self.on_failure(&desired, &f, &mut mem)
                 }

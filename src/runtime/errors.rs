@@ -15,6 +15,9 @@ pub enum FailureClass {
     Stalled,
     /// The pull secret could not be read or parsed (nothing was pulled).
     Secret,
+    /// containerd itself did not answer: a state of the node, not a failure of the image (never counted
+    /// in `prewarm_pulls_total`, never a finding).
+    Runtime,
     Other,
 }
 
@@ -26,6 +29,7 @@ impl FailureClass {
             FailureClass::Network => "network",
             FailureClass::Stalled => "stalled",
             FailureClass::Secret => "secret",
+            FailureClass::Runtime => "runtime_unavailable",
             FailureClass::Other => "other",
         }
     }
@@ -46,6 +50,7 @@ impl FailureClass {
             FailureClass::Secret => {
                 "fix the pull secret file; it is read again at the next attempt"
             }
+            FailureClass::Runtime => "work resumes when containerd answers again",
             FailureClass::Other => "see containerd's message; the pull is retried",
         }
     }
@@ -81,8 +86,12 @@ pub fn classify_pull(code: tonic::Code, message: &str) -> FailureClass {
     if code == tonic::Code::NotFound || m.contains(": not found") || m.contains("404 not found") {
         return FailureClass::NotFound;
     }
-    if code == tonic::Code::Unavailable
-        || code == tonic::Code::DeadlineExceeded
+    // Unavailable is the gRPC channel to containerd failing (containerd answers registry trouble with
+    // Unknown): the node's runtime is down, not the registry.
+    if code == tonic::Code::Unavailable {
+        return FailureClass::Runtime;
+    }
+    if code == tonic::Code::DeadlineExceeded
         || [
             "connection refused",
             "connection reset",
@@ -163,7 +172,8 @@ mod tests {
             (Code::NotFound, "failed to resolve reference \"127.0.0.1:5000/a:nope\": 127.0.0.1:5000/a:nope: not found", FailureClass::NotFound),
             (Code::Unknown, "failed to resolve reference \"r/a:v1\": failed to do request: Head \"http://127.0.0.1:5002/v2/a/manifests/v1\": dial tcp 127.0.0.1:5002: connect: connection refused", FailureClass::Network),
             (Code::Unknown, "failed to copy: httpReadSeeker: failed open: unexpected EOF", FailureClass::Network),
-            (Code::Unavailable, "connection error", FailureClass::Network),
+            (Code::Unavailable, "connection error", FailureClass::Runtime),
+            (Code::DeadlineExceeded, "context deadline exceeded", FailureClass::Network),
             (Code::Unknown, "failed to unpack: disk quota exceeded", FailureClass::Other),
         ];
         for (code, msg, want) in cases {
