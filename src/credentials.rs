@@ -14,6 +14,7 @@
 //! carry positions, never the offending text.
 
 use std::fmt;
+use std::path::Path;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -152,6 +153,30 @@ impl Keyring {
     }
 }
 
+/// Larger "pull secrets" are not read: a dockerconfigjson is a few kB.
+pub const SECRET_MAX: u64 = 1 << 20;
+
+/// Reads and parses a pull secret file; the problem says what is wrong, never what is in it.
+pub fn read_secret(path: &Path) -> Result<Keyring, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+    if meta.is_dir() {
+        return Err(format!(
+            "{} is a directory, not a secret file",
+            path.display()
+        ));
+    }
+    if meta.len() > SECRET_MAX {
+        return Err(format!(
+            "{} is {} bytes; a pull secret is at most {SECRET_MAX} bytes (is it the right file?)",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+    Keyring::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn json_error(e: serde_json::Error) -> CredentialsError {
     use serde_json::error::Category;
     CredentialsError::Json {
@@ -190,6 +215,16 @@ fn credential_from(key: &str, raw: RawEntry) -> Result<Credential, CredentialsEr
     }
     let identity_token = raw.identitytoken.unwrap_or_default();
     let registry_token = raw.registrytoken.unwrap_or_default();
+    if !username.is_empty()
+        && password.is_empty()
+        && identity_token.is_empty()
+        && registry_token.is_empty()
+    {
+        return Err(CredentialsError::Entry {
+            key: key.to_string(),
+            problem: "has a username but no password",
+        });
+    }
     if username.is_empty() && identity_token.is_empty() && registry_token.is_empty() {
         return Err(CredentialsError::Entry {
             key: key.to_string(),

@@ -90,7 +90,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    let on_disk = settings.check_files();
     if args.check_config {
+        if !on_disk.is_empty() {
+            eprintln!(
+                "runner-warden: config file {} is invalid:\n  - {}",
+                args.config.display(),
+                on_disk.join("\n  - ")
+            );
+            return Ok(ExitCode::from(2));
+        }
         println!(
             "{}: valid; {} image(s), containerd {} (namespace {}), metrics on {}",
             args.config.display(),
@@ -100,6 +109,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             settings.metrics_address
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    for p in &on_disk {
+        tracing::warn!("{}: {p}", args.config.display());
     }
     Agent {
         settings,

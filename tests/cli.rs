@@ -53,3 +53,50 @@ fn containerd_unreachable_is_exit_2_with_one_line_naming_the_socket() {
         assert!(out.is_empty() || args[0] == "scan", "{args:?}: {out}");
     }
 }
+
+#[test]
+fn check_config_lists_every_problem_on_disk_and_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("junk.json"), "not json").unwrap();
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        "[prewarm]\nconcurrency = \"two\"\n[[images]]\nimage = \"r.io/a:1\"\npull_secret = \"junk.json\"\n[[images]]\npull_secret = \"x.json\"\n[report]\nfindings = \"/nonexistent/dir/f.jsonl\"\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let (code, _, err) = run(&["run", "--config", c, "--check-config"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("line 2: prewarm.concurrency: expected an integer"),
+        "{err}"
+    );
+    assert!(err.contains("images[1].image: missing"), "{err}");
+    // The file's own problems first; once they are fixed, what the disk shows.
+    std::fs::write(
+        &config,
+        "[[images]]\nimage = \"r.io/a:1\"\npull_secret = \"junk.json\"\n[report]\nfindings = \"/nonexistent/dir/f.jsonl\"\n[containerd]\nsocket = \"unix:///run/containerd/containerd.sock\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["run", "--config", c, "--check-config"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("images[0].pull_secret: "), "{err}");
+    assert!(
+        err.contains("report.findings: directory /nonexistent/dir does not exist"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("containerd.socket"),
+        "unix:// is a socket URL: {err}"
+    );
+    std::fs::write(d.join("junk.json"), r#"{"auths":{"r.io":{"auth":"dTpw"}}}"#).unwrap();
+    std::fs::write(
+        &config,
+        "[[images]]\nimage = \"r.io/a:1\"\npull_secret = \"junk.json\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&["run", "--config", c, "--check-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid; 1 image(s)"), "{out}");
+}

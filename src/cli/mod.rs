@@ -161,7 +161,9 @@ pub struct ContainerdArgs {
 
 impl ContainerdArgs {
     pub fn runtime(&self) -> Runtime {
-        Runtime::new(&self.containerd_socket, &self.namespace)
+        let socket = runner_warden::config::socket_path(&self.containerd_socket.to_string_lossy())
+            .to_string();
+        Runtime::new(std::path::Path::new(&socket), &self.namespace)
     }
 }
 

@@ -5,6 +5,7 @@
 //! See `deploy/standalone.example.toml` for a documented example.
 
 mod env;
+mod files;
 mod raw;
 mod sections;
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::time::Duration;
 use crate::contract::Policy;
 use crate::prewarm::{DesiredImage, PrewarmSettings};
 use crate::process_audit::scanner::ScanSettings;
+pub use files::socket_path;
 use sections::Problems;
 
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -170,9 +172,12 @@ impl Settings {
 
     /// Parses and validates the file alone; relative paths resolve against `base` (the file's directory).
     pub fn parse(text: &str, base: &Path, o: &Overrides) -> Result<Self, Vec<String>> {
-        let raw: raw::RawFile =
-            toml::from_str(text).map_err(|e| vec![e.to_string().trim().to_string()])?;
-        let mut problems = Problems::default();
+        let (raw, toml_problems) = raw::read(text);
+        let mut problems = Problems(toml_problems);
+        // What parsed is still checked, so every problem is reported at once.
+        let Some(raw) = raw else {
+            return Err(problems.0);
+        };
         let (containerd_socket, namespace) = sections::containerd(raw.containerd, o, &mut problems);
         let prewarm = sections::prewarm(raw.prewarm, o, &mut problems);
         let (metrics_address, findings) = sections::report(raw.report, o, &mut problems);

@@ -99,7 +99,96 @@ pub(super) struct RawShutdown {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawImage {
-    pub(super) image: String,
+    pub(super) image: Option<String>,
     pub(super) pull_secret: Option<PathBuf>,
     pub(super) project: Option<String>,
+}
+
+/// Parses the file, reporting every TOML problem rather than the first: a key whose value is of the wrong
+/// type, or that no section knows, is reported (line, key, what was expected, in the config's words) and
+/// left out, and parsing goes on. A line that breaks the TOML syntax itself ends the search.
+pub(super) fn read(text: &str) -> (Option<RawFile>, Vec<String>) {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut problems = Vec::new();
+    for _ in 0..100 {
+        let current = lines.join("\n");
+        match toml::from_str::<RawFile>(&current) {
+            Ok(raw) => return (Some(raw), problems),
+            Err(e) => {
+                let line = e
+                    .span()
+                    .map(|s| current[..s.start.min(current.len())].matches('\n').count());
+                let Some(line) = line.filter(|l| *l < lines.len() && is_key_line(&lines[*l]))
+                else {
+                    let at = line
+                        .map(|l| format!("line {}: ", l + 1))
+                        .unwrap_or_default();
+                    problems.push(format!("{at}{}", in_config_words(e.message()).trim()));
+                    return (None, problems);
+                };
+                let key = lines[line]
+                    .split('=')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                let section = section_of(&lines, line);
+                let name = match section {
+                    Some(s) => format!("{s}.{key}"),
+                    None => key,
+                };
+                problems.push(format!(
+                    "line {}: {name}: {}",
+                    line + 1,
+                    in_config_words(e.message())
+                ));
+                lines[line].clear();
+            }
+        }
+    }
+    (None, problems)
+}
+
+/// `key = value` (not a table header, comment or blank line).
+fn is_key_line(line: &str) -> bool {
+    let t = line.trim_start();
+    !t.starts_with('[') && !t.starts_with('#') && t.contains('=')
+}
+
+/// The table a line belongs to (`images[]` for an array of tables), from the nearest header above it.
+fn section_of(lines: &[String], line: usize) -> Option<String> {
+    lines[..line].iter().rev().find_map(|l| {
+        let t = l.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            Some(format!("{}[]", name.trim()))
+        } else {
+            t.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|n| n.trim().to_string())
+        }
+    })
+}
+
+/// serde's and toml's words into the config's: `expected i64` is "expected an integer".
+fn in_config_words(message: &str) -> String {
+    let m = message.replace("unknown field", "unknown key");
+    let Some(rest) = m.strip_prefix("invalid type: ") else {
+        return m;
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return m;
+    };
+    let expected = match expected.trim() {
+        "i64" | "u64" | "u32" | "usize" | "i32" => "an integer (e.g. 2)",
+        "f64" | "f32" => "a number (e.g. 0.5)",
+        "a boolean" => "true or false",
+        "a string" => "a quoted string (e.g. \"30s\")",
+        "a sequence" => "a list (e.g. [\"a\", \"b\"])",
+        "a map" => "a table",
+        other => other,
+    };
+    let found = found
+        .replace("sequence", "a list")
+        .replace("map", "a table");
+    format!("expected {expected}, found {found}")
 }

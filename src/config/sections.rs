@@ -36,6 +36,7 @@ pub(super) fn containerd(
         .containerd_socket
         .clone()
         .or(raw.socket)
+        .map(|p| PathBuf::from(super::files::socket_path(&p.to_string_lossy())))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     if socket.as_os_str().is_empty() {
         problems.push("containerd.socket: must not be empty");
@@ -141,7 +142,13 @@ pub(super) fn images(
     let mut images = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, img) in raw.into_iter().enumerate() {
-        match ImageRef::parse(&img.image) {
+        let Some(reference) = img.image else {
+            problems.push(format!(
+                "images[{i}].image: missing; every [[images]] entry names its image, e.g. image = \"quay.io/org/runner:v1\""
+            ));
+            continue;
+        };
+        match ImageRef::parse(&reference) {
             Ok(image) => {
                 if !seen.insert(image.clone()) {
                     problems.push(format!(

@@ -210,3 +210,38 @@ fn loading_overlays_the_platform_environment_and_validates_the_cluster_side() {
             .enabled
     );
 }
+
+#[test]
+fn toml_problems_are_all_reported_in_the_configs_words_with_lines() {
+    let text = "[prewarm]\nconcurrency = \"two\"\nconcurency = 2\npin = 3\n[[images]]\npull_secret = \"s.json\"\n[[images]]\nimage = \"Bad Ref\"\n";
+    let p = parse(text).unwrap_err();
+    let all = p.join("\n");
+    assert_eq!(p.len(), 5, "{all}");
+    assert!(
+        all.contains(
+            "line 2: prewarm.concurrency: expected an integer (e.g. 2), found string \"two\""
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("line 3: prewarm.concurency: unknown key `concurency`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("line 4: prewarm.pin: expected true or false"),
+        "{all}"
+    );
+    assert!(all.contains("images[0].image: missing"), "{all}");
+    assert!(
+        all.contains("images[1].image: invalid image reference"),
+        "{all}"
+    );
+    assert!(!all.contains("i64"), "no Rust in messages: {all}");
+}
+
+#[test]
+fn a_broken_toml_line_is_reported_with_its_line() {
+    let p = parse("[prewarm]\nconcurrency = 2\n[report\n").unwrap_err();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("line 3:"), "{p:?}");
+}

@@ -3,14 +3,12 @@
 //! anonymously — as kubelet does. While a pull runs, the store is sampled for progress; a pull whose
 //! bytes stop growing for `stall_timeout` is cancelled (there is no overall timeout).
 
-use std::path::Path;
-
 use tokio::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::store::{ImageStore, PullProgress};
 use super::{DesiredImage, Prewarmer};
-use crate::credentials::{Credential, Keyring};
+use crate::credentials::{read_secret, Credential, Keyring};
 use crate::reference::ImageRef;
 use crate::runtime::cri::Image;
 use crate::runtime::errors::{classify_pull, redact, FailureClass};
@@ -68,10 +66,10 @@ struct Credentials {
 impl Credentials {
     fn load(d: &DesiredImage) -> Result<Self, Failure> {
         let file_keyring = match &d.pull_secret {
-            Some(path) => Some(load_keyring(path).map_err(|problem| {
+            Some(path) => Some(read_secret(path).map_err(|problem| {
                 Failure::new(
                     FailureClass::Secret,
-                    format!("pull secret {} for {}: {problem}", path.display(), d.image),
+                    format!("pull secret for {}: {problem}", d.image),
                 )
             })?),
             None => None,
@@ -123,11 +121,6 @@ impl Credentials {
             ),
         }
     }
-}
-
-fn load_keyring(path: &Path) -> Result<Keyring, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))?;
-    Keyring::parse(&bytes).map_err(|e| e.to_string())
 }
 
 impl<S: ImageStore> Prewarmer<S> {
