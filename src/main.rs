@@ -9,12 +9,20 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches};
 
-use cli::{Cli, Command, LogFormat, RunArgs};
-use runner_warden::agent::Agent;
-use runner_warden::config::{Overrides, Settings};
+use cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let argv: Vec<String> = std::env::args().collect();
+    let matches = match Cli::command().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) => match cli::env_error(&Cli::command(), &e, &argv) {
+            Some(message) => {
+                eprintln!("runner-warden: {message}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -41,7 +49,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => cli::run::run(args).await,
             Command::Pull(args) => cli::pull::run(args).await,
             Command::CheckImage(args) => cli::check_image::run(args).await,
             Command::Scan(args) => cli::scan::run(args).await,
@@ -72,53 +80,4 @@ fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-}
-
-/// `runner-warden run`: load and validate the configuration (exit 2 when invalid), then run the agent.
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let overrides = Overrides {
-        containerd_socket: args.containerd_socket.clone(),
-        metrics_address: args.metrics_address.clone(),
-        findings: args.findings.clone(),
-        concurrency: args.concurrency,
-        kubernetes: args.kubernetes,
-    };
-    let settings = match Settings::load(&args.config, &overrides, |k| std::env::var(k).ok()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("runner-warden: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let on_disk = settings.check_files();
-    if args.check_config {
-        if !on_disk.is_empty() {
-            eprintln!(
-                "runner-warden: config file {} is invalid:\n  - {}",
-                args.config.display(),
-                on_disk.join("\n  - ")
-            );
-            return Ok(ExitCode::from(2));
-        }
-        println!(
-            "{}: valid; {} image(s), containerd {} (namespace {}), metrics on {}",
-            args.config.display(),
-            settings.images.len(),
-            settings.containerd_socket.display(),
-            settings.namespace,
-            settings.metrics_address
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    for p in &on_disk {
-        tracing::warn!("{}: {p}", args.config.display());
-    }
-    Agent {
-        settings,
-        config_path: args.config,
-        overrides,
-    }
-    .run()
-    .await?;
-    Ok(ExitCode::SUCCESS)
 }

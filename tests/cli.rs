@@ -100,3 +100,116 @@ fn check_config_lists_every_problem_on_disk_and_in_the_file() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("valid; 1 image(s)"), "{out}");
 }
+
+#[test]
+fn the_cli_validates_as_the_file_does_and_names_the_variable_a_value_came_from() {
+    let (code, _, err) = run(
+        &["verify-shutdown", "r.io/a:1", "--slow-fraction", "2"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("must be a number in (0, 1]"), "{err}");
+    let (code, _, err) = run(&["pull", "r.io/a:1", "--stall-timeout", "0s"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("must be greater than zero"), "{err}");
+    let (code, _, err) = run(
+        &["verify-shutdown", "r.io/a:1"],
+        &[("RUNNER_WARDEN_GRACE", "soon")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("in RUNNER_WARDEN_GRACE"), "{err}");
+    assert!(
+        !err.contains("--grace"),
+        "the operator set the variable, not the flag: {err}"
+    );
+    // A flag on the command line is named as the flag, even when the variable is set too.
+    let (_, _, err) = run(
+        &["verify-shutdown", "r.io/a:1", "--grace", "soon"],
+        &[("RUNNER_WARDEN_GRACE", "60s")],
+    );
+    assert!(err.contains("--grace"), "{err}");
+    let (code, _, err) = run(&["run", "--concurrency", "65", "--config", "/x"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("65"), "{err}");
+}
+
+#[test]
+fn booleans_take_1_and_0_and_run_follows_a_cluster_without_a_config_file() {
+    let (code, out, err) = run(
+        &["run", "--check-config"],
+        &[("RUNNER_WARDEN_KUBERNETES", "1"), ("NODE_NAME", "node-1")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("following the cluster as node node-1"),
+        "{out}"
+    );
+    let (code, _, err) = run(
+        &["run", "--check-config"],
+        &[("RUNNER_WARDEN_KUBERNETES", "0")],
+    );
+    assert_eq!(code, 2, "a config file is needed without --kubernetes");
+    assert!(err.contains("--config"), "{err}");
+}
+
+#[test]
+fn json_output_is_a_json_document_on_failure_too() {
+    let sock = "/nonexistent/runner-warden-test.sock";
+    for args in [
+        vec![
+            "check-image",
+            "busybox",
+            "--output",
+            "json",
+            "--containerd-socket",
+            sock,
+        ],
+        vec![
+            "pull",
+            "busybox",
+            "--output",
+            "json",
+            "--containerd-socket",
+            sock,
+        ],
+        vec!["scan", "--output", "json", "--containerd-socket", sock],
+        vec!["pull", "Bad Ref", "--output", "json"],
+    ] {
+        let (code, out, err) = run(&args, &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        let doc: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        assert!(
+            doc["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{args:?}: {doc}"
+        );
+    }
+    let (code, out, _) = run(
+        &[
+            "run",
+            "--check-config",
+            "--output",
+            "json",
+            "--config",
+            "/nonexistent.toml",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["valid"], false);
+    assert!(
+        doc["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent.toml"),
+        "{doc}"
+    );
+}
+
+#[test]
+fn version_names_the_commit() {
+    let (code, out, _) = run(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("(commit "), "{out}");
+}

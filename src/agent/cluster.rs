@@ -2,9 +2,11 @@
 //! the ProjectSettings source merged with the file's images, and the runner-pod watch that feeds the
 //! shutdown timer's stop clock.
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +50,24 @@ impl Cluster {
     }
 }
 
+/// In-cluster, or from `kubeconfig` when given (else kube's own inference: `$KUBECONFIG`, `~/.kube/config`).
+async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, StartError> {
+    // A KUBECONFIG list (`a:b`) is kube's own business: it merges them.
+    let config = match kubeconfig.filter(|p| !p.to_string_lossy().contains(':')) {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| StartError::Kube(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| StartError::Kube(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| StartError::Kube(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))
+}
+
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,
@@ -57,9 +77,7 @@ pub(super) async fn start(
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<Cluster, StartError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(StartError::Kube)?;
+    let client = client(settings.kubernetes.kubeconfig.as_deref()).await?;
     let k = &settings.kubernetes;
     info!(node = %k.node_name, "following the cluster: ProjectSettings, runner pods on this node, Events");
     let is_leader = Arc::new(AtomicBool::new(false));

@@ -45,8 +45,8 @@ pub enum StartError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot configure the Kubernetes client: run in a pod with a service account, or set KUBECONFIG: {0}")]
-    Kube(#[source] kube::Error),
+    #[error("cannot configure the Kubernetes client: run in a pod with a service account, or pass --kubeconfig (KUBECONFIG): {0}")]
+    Kube(String),
     #[error("cannot install the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
 }
@@ -55,7 +55,8 @@ pub enum StartError {
 /// command-line overrides that win over it.
 pub struct Agent {
     pub settings: Settings,
-    pub config_path: PathBuf,
+    /// Followed for changes; `None` when the agent runs on defaults and the cluster alone.
+    pub config_path: Option<PathBuf>,
     pub overrides: Overrides,
 }
 
@@ -132,14 +133,16 @@ impl Agent {
                 }
             }
         });
-        tasks.spawn(reload::watch_config(
-            config_path,
-            overrides,
-            settings.clone(),
-            file_tx,
-            metrics.clone(),
-            stop.clone(),
-        ));
+        if let Some(path) = config_path {
+            tasks.spawn(reload::watch_config(
+                path,
+                overrides.clone(),
+                settings.clone(),
+                file_tx,
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
         tasks.spawn(health::probe_runtime(
             runtime.clone(),
             health.clone(),

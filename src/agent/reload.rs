@@ -50,7 +50,7 @@ pub(super) async fn watch_config(
             continue;
         }
         last_text = text;
-        match Settings::load(&path, &overrides, |k| std::env::var(k).ok()) {
+        match Settings::load(Some(&path), &overrides, |k| std::env::var(k).ok()) {
             Ok(next) => {
                 metrics
                     .config_reloads_total

@@ -6,19 +6,30 @@ use std::process::ExitCode;
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::image_audit::facts::read_facts;
 
-use super::{ensure_present, exit_unusable, CheckImageArgs, OutputFormat};
+use super::{ensure_present, fail, CheckImageArgs, OutputFormat};
 
 pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.containerd.runtime();
-    let image = match ensure_present(&runtime, &args.image, args.secret.as_deref(), "read").await {
+    let image = match ensure_present(
+        &runtime,
+        &args.image,
+        args.secret.as_deref(),
+        "read",
+        &args.output,
+    )
+    .await
+    {
         Ok(i) => i,
         Err(code) => return Ok(code),
     };
     let (summary, facts) = match read_facts(&runtime, image.as_str()).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("runner-warden: cannot read {image}: {e}");
-            return Ok(exit_unusable());
+            return Ok(fail(
+                &args.output,
+                &format!("cannot read {image}: {e}"),
+                serde_json::json!({ "image": image.as_str() }),
+            ))
         }
     };
     let mut policy = Policy {
@@ -37,7 +48,7 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|r| r.outcome == CheckOutcome::Warning)
         .count();
-    match args.output {
+    match args.output.format {
         OutputFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({

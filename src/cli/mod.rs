@@ -4,30 +4,42 @@
 pub mod check_image;
 pub mod logging;
 pub mod pull;
+pub mod run;
 pub mod scan;
 pub mod verify_shutdown;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use runner_warden::config::{DEFAULT_NAMESPACE, DEFAULT_SOCKET};
 use runner_warden::runtime::errors::FailureClass;
 use runner_warden::runtime::Runtime;
 
+/// The version with the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RUNNER_WARDEN_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "runner-warden",
-    version,
+    version = VERSION,
     about = "Node agent for Ambient Code runner images: prewarms them into containerd with their pull secrets and keeps them pinned against kubelet's image GC.",
-    long_about = None
+    long_about = None,
+    after_help = "Every option can also be set by the environment variable shown with it; a flag wins over its variable."
 )]
 pub struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, env = "RUNNER_WARDEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter: a level (error, warn, info, debug) or tracing directives such as runner_warden=debug.
+    /// Log filter: a level (error, warn, info, debug, trace; libraries stay at warn) or directives such
+    /// as runner_warden=debug,kube=info.
     #[arg(long, global = true, env = "RUNNER_WARDEN_LOG", default_value = "info")]
     pub log_level: String,
     #[command(subcommand)]
@@ -61,6 +73,39 @@ pub enum Command {
     VerifyShutdown(VerifyShutdownArgs),
 }
 
+/// A duration with a unit (`90s`, `2m`, `1h30m`), or bare seconds.
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let d = match s.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"2m\", \"1h\"")
+        })?,
+    };
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// The grace period: 1 s to 1 h, as kubelet allows for a runner.
+fn grace_arg(s: &str) -> Result<Duration, String> {
+    let d = duration_arg(s)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?} is outside 1s..1h"));
+    }
+    Ok(d)
+}
+
+/// `shutdown.slow_fraction`'s rule: (0, 1].
+fn fraction_arg(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "{s:?} must be a number in (0, 1] (0.5 = half the grace period)"
+        )),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct VerifyShutdownArgs {
     /// Image reference.
@@ -68,53 +113,56 @@ pub struct VerifyShutdownArgs {
     /// Pull secret used when the image must be pulled first.
     #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
     pub secret: Option<PathBuf>,
-    /// Grace period in seconds (the platform's terminationGracePeriodSeconds is 60).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub grace: u64,
+    /// Grace period (the platform's terminationGracePeriodSeconds is 60): "60s", "2m", or seconds.
+    #[arg(long, env = "RUNNER_WARDEN_GRACE", default_value = "60", value_parser = grace_arg)]
+    pub grace: Duration,
     /// Port the runner listens on (AGUI_PORT is set to it).
-    #[arg(long, default_value_t = 8001)]
+    #[arg(long, env = "RUNNER_WARDEN_PORT", default_value_t = 8001)]
     pub port: u16,
     /// Open this streaming request (e.g. /events/probe) and keep it open while stopping.
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_HOLD_STREAM")]
     pub hold_stream: Option<String>,
     /// How long to wait for GET /health to answer 200.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RUNNER_WARDEN_HEALTH_TIMEOUT", default_value = "60s", value_parser = duration_arg)]
     pub health_timeout: Duration,
-    /// Exits later than this fraction of the grace period count as slow.
-    #[arg(long, default_value_t = 0.5)]
+    /// Exits later than this fraction of the grace period count as slow, in (0, 1].
+    #[arg(long, env = "RUNNER_WARDEN_SLOW_FRACTION", default_value = "0.5", value_parser = fraction_arg)]
     pub slow_fraction: f64,
     /// Record the stop request here, so a running agent times this stop too (its shutdown.stop_records).
     #[arg(long, env = "RUNNER_WARDEN_STOP_RECORDS", default_value = runner_warden::shutdown::stop_clock::DEFAULT_STOP_RECORDS)]
     pub stop_records: PathBuf,
     #[command(flatten)]
     pub containerd: ContainerdArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(clap::Args)]
 pub struct ScanArgs {
     /// Audit every container, not only runners (sidecars included).
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_ALL_CONTAINERS", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub all_containers: bool,
     /// Runner container names (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "ambient-code-runner")]
+    #[arg(
+        long,
+        env = "RUNNER_WARDEN_RUNNER_CONTAINERS",
+        value_delimiter = ',',
+        default_value = "ambient-code-runner"
+    )]
     pub containers: Vec<String>,
     /// Only this UID is allowed.
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_UID")]
     pub uid: Option<u32>,
     /// Allowed UID range: start/size (OpenShift's sa.scc.uid-range) or lo-hi.
-    #[arg(long, value_parser = parse_range_arg)]
+    #[arg(long, env = "RUNNER_WARDEN_UID_RANGE", value_parser = parse_range_arg)]
     pub uid_range: Option<(u32, u32)>,
     /// Do not report a non-empty capability bounding set.
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_IGNORE_BOUNDING_SET", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub ignore_bounding_set: bool,
     #[command(flatten)]
     pub containerd: ContainerdArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub fn parse_range_arg(s: &str) -> Result<(u32, u32), String> {
@@ -122,10 +170,24 @@ pub fn parse_range_arg(s: &str) -> Result<(u32, u32), String> {
         .ok_or_else(|| format!("{s:?} is neither start/size nor lo-hi"))
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
     Json,
+}
+
+/// `--output`: a table for people, or one JSON document on standard output — on failure too.
+#[derive(clap::Args)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(long = "output", env = "RUNNER_WARDEN_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+impl OutputArgs {
+    pub fn json(&self) -> bool {
+        self.format == OutputFormat::Json
+    }
 }
 
 #[derive(clap::Args)]
@@ -137,21 +199,21 @@ pub struct CheckImageArgs {
     pub secret: Option<PathBuf>,
     #[command(flatten)]
     pub containerd: ContainerdArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-    pub output: OutputFormat,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Contract major version expected in the image's label.
-    #[arg(long, default_value_t = runner_warden::contract::EXPECTED_MAJOR)]
+    #[arg(long, env = "RUNNER_WARDEN_EXPECTED_MAJOR", default_value_t = runner_warden::contract::EXPECTED_MAJOR)]
     pub expected_major: u64,
-    /// Report this check as a warning instead of a violation (repeatable), e.g. baked-platform-env.
-    #[arg(long = "warn", value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
+    /// Report this check as a warning instead of a violation (repeatable or comma-separated), e.g.
+    /// baked-platform-env.
+    #[arg(long = "warn", env = "RUNNER_WARDEN_WARN", value_delimiter = ',', value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
     pub warn: Vec<String>,
 }
 
 /// Where containerd is, for the one-shot commands.
 #[derive(clap::Args)]
 pub struct ContainerdArgs {
-    /// containerd socket.
+    /// containerd socket: a path or a unix:// URL.
     #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET", default_value = DEFAULT_SOCKET)]
     pub containerd_socket: PathBuf,
     /// containerd namespace (kubelet's is k8s.io).
@@ -169,10 +231,15 @@ impl ContainerdArgs {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Standalone configuration file (TOML); see deploy/standalone.example.toml.
-    #[arg(long, env = "RUNNER_WARDEN_CONFIG")]
-    pub config: PathBuf,
-    /// containerd socket (overrides containerd.socket).
+    /// Standalone configuration file (TOML); see deploy/standalone.example.toml. Optional with
+    /// --kubernetes (every setting then has its default and the cluster says what to prewarm).
+    #[arg(
+        long,
+        env = "RUNNER_WARDEN_CONFIG",
+        required_unless_present = "kubernetes"
+    )]
+    pub config: Option<PathBuf>,
+    /// containerd socket, a path or a unix:// URL (overrides containerd.socket).
     #[arg(long, env = "RUNNER_WARDEN_CONTAINERD_SOCKET")]
     pub containerd_socket: Option<PathBuf>,
     /// Address for /metrics, /healthz and /readyz (overrides report.metrics_address).
@@ -181,16 +248,23 @@ pub struct RunArgs {
     /// Where findings go: "-" for standard output or a file to append to (overrides report.findings).
     #[arg(long, env = "RUNNER_WARDEN_FINDINGS")]
     pub findings: Option<String>,
-    /// Pulls at once (overrides prewarm.concurrency).
-    #[arg(long, env = "RUNNER_WARDEN_CONCURRENCY")]
-    pub concurrency: Option<usize>,
+    /// Pulls at once, 1 to 64 (overrides prewarm.concurrency).
+    #[arg(long, env = "RUNNER_WARDEN_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: Option<u16>,
     /// Validate the configuration, print the result and exit (0 valid, 2 invalid).
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_CHECK_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub check_config: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Follow the cluster: ProjectSettings and their pull Secrets, runner pods on this node, findings as
-    /// Events (as kubernetes.enabled; in-cluster service account or KUBECONFIG; NODE_NAME required).
-    #[arg(long, env = "RUNNER_WARDEN_KUBERNETES")]
+    /// Events (as kubernetes.enabled; in-cluster service account, --kubeconfig or KUBECONFIG; NODE_NAME
+    /// required).
+    #[arg(long, env = "RUNNER_WARDEN_KUBERNETES", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub kubernetes: bool,
+    /// Kubeconfig file for --kubernetes outside a pod (default: in-cluster, then $KUBECONFIG, then
+    /// ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -204,22 +278,42 @@ pub struct PullArgs {
     pub containerd: ContainerdArgs,
     /// Do not pin the image against kubelet's image GC. (Pins made here are marked "manual": a running
     /// agent never removes them.)
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_NO_PIN", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub no_pin: bool,
     /// Pull even when the image is present (re-resolves a tag).
-    #[arg(long)]
+    #[arg(long, env = "RUNNER_WARDEN_FORCE", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub force: bool,
     /// Cancel and retry a pull whose downloaded bytes do not grow for this long.
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RUNNER_WARDEN_STALL_TIMEOUT", default_value = "2m", value_parser = duration_arg)]
     pub stall_timeout: Duration,
     /// Attempts for failures a retry can fix (network, stalled); auth and not-found fail at once.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, env = "RUNNER_WARDEN_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub attempts: u32,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Exit status 2: bad arguments, or the image could not be read or run.
 pub fn exit_unusable() -> std::process::ExitCode {
     std::process::ExitCode::from(2)
+}
+
+/// A command that could not do its job: the message once on standard error and, with `--output json`,
+/// a JSON document on standard output too (`{"error": …}` plus what the command knows), so scripts
+/// always get JSON.
+pub fn fail(
+    output: &OutputArgs,
+    message: &str,
+    mut doc: serde_json::Value,
+) -> std::process::ExitCode {
+    eprintln!("runner-warden: {message}");
+    if output.json() {
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("error".into(), message.into());
+        }
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    exit_unusable()
 }
 
 /// For the commands that need an image present: parse the reference and pull the image through the
@@ -229,24 +323,24 @@ pub async fn ensure_present(
     reference: &str,
     secret: Option<&std::path::Path>,
     verb: &str,
+    output: &OutputArgs,
 ) -> Result<runner_warden::reference::ImageRef, std::process::ExitCode> {
-    let image = runner_warden::reference::ImageRef::parse(reference).map_err(|e| {
-        eprintln!("runner-warden: {e}");
-        exit_unusable()
-    })?;
+    let doc = |class: Option<&str>| serde_json::json!({ "image": reference, "class": class });
+    let image = runner_warden::reference::ImageRef::parse(reference)
+        .map_err(|e| fail(output, &e.to_string(), doc(None)))?;
     runner_warden::prewarm::oneshot::ensure_present(runtime.clone(), &image, secret)
         .await
         .map_err(|f| {
-            match f.class {
-                FailureClass::Runtime => eprintln!("runner-warden: {}", f.message),
-                _ => eprintln!(
-                    "runner-warden: cannot {verb} {image}: pull failed [{}]: {} — {}",
+            let message = match f.class {
+                FailureClass::Runtime => f.message.clone(),
+                _ => format!(
+                    "cannot {verb} {image}: pull failed [{}]: {} — {}",
                     f.class,
                     f.message,
                     f.class.advice()
                 ),
-            }
-            exit_unusable()
+            };
+            fail(output, &message, doc(Some(f.class.as_str())))
         })?;
     Ok(image)
 }
@@ -263,4 +357,33 @@ pub fn named_source(
         Some(clap::parser::ValueSource::EnvVariable) => env,
         _ => flag,
     }
+}
+
+/// A clap error about a value that came from an environment variable, reworded to name the variable
+/// (clap names the flag, which the operator never typed). `None` when the flag was on the command line.
+pub fn env_error(cmd: &clap::Command, err: &clap::Error, argv: &[String]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    if argv.iter().any(|a| {
+        a.strip_prefix("--")
+            .is_some_and(|x| x == long || x.starts_with(&format!("{long}=")))
+    }) {
+        return None;
+    }
+    fn find<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .or_else(|| cmd.get_subcommands().find_map(|c| find(c, long)))
+    }
+    let env = find(cmd, long)?.get_env()?.to_string_lossy().into_owned();
+    std::env::var_os(&env)?;
+    let text = err.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let reworded = first
+        .trim_start_matches("error: ")
+        .replace(&format!("for '{arg}'"), &format!("in {env}"));
+    Some(reworded)
 }

@@ -9,23 +9,21 @@ use runner_warden::prewarm::{PrewarmSettings, PullOutcome};
 use runner_warden::reference::ImageRef;
 use runner_warden::runtime::errors::FailureClass;
 
-use super::{exit_unusable, PullArgs};
+use super::{fail, PullArgs};
 
 pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let doc = |class: Option<&str>| serde_json::json!({ "image": &args.image, "class": class });
     let image = match ImageRef::parse(&args.image) {
         Ok(i) => i,
-        Err(e) => {
-            eprintln!("runner-warden: {e}");
-            return Ok(exit_unusable());
-        }
+        Err(e) => return Ok(fail(&args.output, &e.to_string(), doc(None))),
     };
     if let Some(s) = &args.secret {
         if !Path::new(s).is_file() {
-            eprintln!(
-                "runner-warden: pull secret {} does not exist or is not a file",
+            let message = format!(
+                "pull secret {} does not exist or is not a file",
                 s.display()
             );
-            return Ok(exit_unusable());
+            return Ok(fail(&args.output, &message, doc(None)));
         }
     }
     let settings = PrewarmSettings {
@@ -45,36 +43,47 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
     .await;
     match result {
         Ok(Pulled { outcome, pinned }) => {
+            let id = outcome.image_id();
+            let (what, seconds) = match &outcome {
+                PullOutcome::Present { .. } => ("present", None),
+                PullOutcome::Pulled { seconds, .. } => ("pulled", Some(*seconds)),
+            };
+            if args.output.json() {
+                let doc = serde_json::json!({
+                    "image": image.as_str(),
+                    "outcome": what,
+                    "image_id": id,
+                    "seconds": seconds,
+                    "pinned": pinned,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             let pin_text = match pinned {
                 None => "not pinned (--no-pin)",
                 Some(true) => "pinned",
                 Some(false) => "NOT pinned: the runtime ignores pins (containerd < 1.7)",
             };
-            let id = outcome.image_id();
-            match outcome {
-                PullOutcome::Present { .. } => {
-                    println!("present {image} {id} (already present; {pin_text})")
-                }
-                PullOutcome::Pulled { seconds, .. } => {
-                    println!("pulled {image} {id} in {seconds:.1}s ({pin_text})")
-                }
+            match seconds {
+                None => println!("present {image} {id} (already present; {pin_text})"),
+                Some(s) => println!("pulled {image} {id} in {s:.1}s ({pin_text})"),
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(GaveUp { failure: f, .. }) if f.class == FailureClass::Runtime => {
-            eprintln!("runner-warden: {}", f.message);
-            Ok(exit_unusable())
+            Ok(fail(&args.output, &f.message, doc(Some(f.class.as_str()))))
         }
         Err(GaveUp {
             failure: f,
             attempts,
         }) => {
-            eprintln!(
-                "runner-warden: pull failed [{}] after {attempts} attempt(s): {} — {}",
+            let message = format!(
+                "pull failed [{}] after {attempts} attempt(s): {} — {}",
                 f.class,
                 f.message,
                 f.class.advice()
             );
+            let _ = fail(&args.output, &message, doc(Some(f.class.as_str())));
             Ok(ExitCode::from(1))
         }
     }

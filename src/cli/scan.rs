@@ -7,7 +7,7 @@ use std::sync::Arc;
 use runner_warden::process_audit::scanner::{ScanSettings, Scanner};
 use runner_warden::report::metrics::Metrics;
 
-use super::{OutputFormat, ScanArgs};
+use super::{fail, OutputFormat, ScanArgs};
 
 pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.containerd.runtime();
@@ -23,12 +23,9 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     let scanner = Scanner::new(runtime, settings, Arc::new(Metrics::new()), None);
     let result = match scanner.scan_all().await {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("runner-warden: {e}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return Ok(fail(&args.output, &e.to_string(), serde_json::json!({}))),
     };
-    match args.output {
+    match args.output.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&result)?),
         OutputFormat::Table => {
             println!(

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -12,11 +11,19 @@ use runner_warden::contract::shutdown::ShutdownOutcome;
 use runner_warden::shutdown::probe::{probe, ProbeOptions};
 use runner_warden::shutdown::stop_clock::RecordedStops;
 
-use super::{ensure_present, OutputFormat, VerifyShutdownArgs};
+use super::{ensure_present, fail, OutputFormat, VerifyShutdownArgs};
 
 pub async fn run(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.containerd.runtime();
-    let image = match ensure_present(&runtime, &args.image, args.secret.as_deref(), "run").await {
+    let image = match ensure_present(
+        &runtime,
+        &args.image,
+        args.secret.as_deref(),
+        "run",
+        &args.output,
+    )
+    .await
+    {
         Ok(i) => i,
         Err(code) => return Ok(code),
     };
@@ -29,14 +36,17 @@ pub async fn run(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
                 .and_then(|c| c.stop_signal().clone())
                 .unwrap_or_default(),
             Err(e) => {
-                eprintln!("runner-warden: cannot read {image}: {e}");
-                return Ok(ExitCode::from(2));
+                return Ok(fail(
+                    &args.output,
+                    &format!("cannot read {image}: {e}"),
+                    serde_json::json!({ "image": image.as_str() }),
+                ))
             }
         };
     let log_dir = tempfile_dir()?;
     let opts = ProbeOptions {
         image: image.to_string(),
-        grace: Duration::from_secs(args.grace),
+        grace: args.grace,
         port: args.port,
         hold_stream: args.hold_stream.clone(),
         health_timeout: args.health_timeout,
@@ -55,7 +65,7 @@ pub async fn run(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
     watcher.abort();
     let _ = std::fs::remove_dir_all(&log_dir);
 
-    match args.output {
+    match args.output.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Table => {
             let f = |v: Option<f64>| v.map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into());

@@ -71,6 +71,8 @@ pub struct KubernetesSettings {
     pub agent_registry: Option<(String, String)>,
     /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
     pub lease_namespace: String,
+    /// `--kubeconfig` / `KUBECONFIG`; `None`: in-cluster, then kube's own defaults.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Passive shutdown timing of runner containers (which containers are runners: `runtime_audit`'s list).
@@ -141,29 +143,36 @@ pub struct Overrides {
     pub concurrency: Option<usize>,
     /// `--kubernetes`: follow the cluster whatever the file says.
     pub kubernetes: bool,
+    /// `--kubeconfig` (else in-cluster, `$KUBECONFIG`, `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Settings {
     /// Reads, parses and validates the file, then overlays the platform's environment (`NODE_NAME`,
     /// `RUNNER_IMAGE_ALLOWED_REGISTRIES`, …) read through `env`; with a cluster, validates what talking
     /// to it needs.
+    /// Without a file (`run --kubernetes` alone), every setting has its default.
     pub fn load(
-        path: &Path,
+        path: Option<&Path>,
         overrides: &Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let base = path.and_then(Path::parent).unwrap_or(Path::new("."));
         let invalid = |problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
+            path: path.map(Path::to_path_buf).unwrap_or_default(),
             problems,
         };
         let mut s = Self::parse(&text, base, overrides).map_err(invalid)?;
         s.kubernetes.apply_env(env);
         s.kubernetes.enabled |= overrides.kubernetes;
+        s.kubernetes.kubeconfig = overrides.kubeconfig.clone();
         if s.kubernetes.enabled {
             s.kubernetes.validate().map_err(|p| invalid(vec![p]))?;
         }

@@ -248,6 +248,7 @@ pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> Kubernet
         lease_namespace: rk
             .lease_namespace
             .unwrap_or_else(|| super::DEFAULT_LEASE_NAMESPACE.into()),
+        kubeconfig: None,
     };
     for (i, d) in rk
         .default_images

@@ -153,7 +153,7 @@ fn overrides_win() {
         metrics_address: Some("127.0.0.1:1".into()),
         findings: Some("/tmp/f.jsonl".into()),
         concurrency: Some(5),
-        kubernetes: false,
+        ..Overrides::default()
     };
     let s = Settings::parse("[prewarm]\nconcurrency = 1\n", Path::new("/"), &o).unwrap();
     assert_eq!(s.containerd_socket, PathBuf::from("/tmp/c.sock"));
@@ -191,10 +191,10 @@ fn loading_overlays_the_platform_environment_and_validates_the_cluster_side() {
     let path = dir.path().join("c.toml");
     std::fs::write(&path, "[kubernetes]\nenabled = true\n").unwrap();
     let none = |_: &str| None;
-    let e = Settings::load(&path, &Overrides::default(), none).unwrap_err();
+    let e = Settings::load(Some(&path), &Overrides::default(), none).unwrap_err();
     assert!(e.to_string().contains("NODE_NAME"), "{e}");
     let env = |k: &str| (k == "NODE_NAME").then(|| "node-1".to_string());
-    let s = Settings::load(&path, &Overrides::default(), env).unwrap();
+    let s = Settings::load(Some(&path), &Overrides::default(), env).unwrap();
     assert_eq!(s.kubernetes.node_name, "node-1");
     // --kubernetes turns the cluster on whatever the file says.
     std::fs::write(&path, "").unwrap();
@@ -202,9 +202,14 @@ fn loading_overlays_the_platform_environment_and_validates_the_cluster_side() {
         kubernetes: true,
         ..Overrides::default()
     };
-    assert!(Settings::load(&path, &o, env).unwrap().kubernetes.enabled);
     assert!(
-        !Settings::load(&path, &Overrides::default(), env)
+        Settings::load(Some(&path), &o, env)
+            .unwrap()
+            .kubernetes
+            .enabled
+    );
+    assert!(
+        !Settings::load(Some(&path), &Overrides::default(), env)
             .unwrap()
             .kubernetes
             .enabled
