@@ -391,6 +391,26 @@ async fn progress_is_visible_while_a_large_image_pulls() {
 }
 
 #[tokio::test]
+async fn pull_without_a_terminal_prints_plain_progress_lines() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let (_proxy, image) = big_image_behind_throttle(&bed, 40_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let (code, out, err) = pull_cli(
+        &bed,
+        &[image, "--secret", secret.to_str().unwrap(), "--no-pin"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("pulled "), "{out}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with(&format!("pulling {image}: ")))
+        .unwrap_or_else(|| panic!("no progress line in:\n{err}"));
+    assert!(line.contains(" MiB (") && line.contains("MiB/s"), "{line}");
+}
+
+#[tokio::test]
 async fn stalled_registry_is_detected_cancelled_and_retried() {
     let _g = serial().await;
     let bed = Bed::get();

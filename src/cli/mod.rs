@@ -3,6 +3,7 @@
 
 pub mod check_image;
 pub mod logging;
+pub mod progress;
 pub mod pull;
 pub mod run;
 pub mod scan;

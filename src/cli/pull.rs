@@ -32,6 +32,8 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
         pin: !args.no_pin,
         ..PrewarmSettings::default()
     };
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
+    let drawer = tokio::spawn(super::progress::draw(progress_rx));
     let result = oneshot::pull(
         args.containerd.runtime(),
         &image,
@@ -39,8 +41,10 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
         settings,
         args.force,
         args.attempts,
+        Some(progress_tx),
     )
     .await;
+    let _ = drawer.await; // the sender went with the pull: the bar is cleared
     match result {
         Ok(Pulled { outcome, pinned }) => {
             let id = outcome.image_id();

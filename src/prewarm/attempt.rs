@@ -6,6 +6,7 @@
 use tokio::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+use super::rate::{rate_text, RateMeter};
 use super::store::{ImageStore, PullProgress};
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
@@ -15,6 +16,18 @@ use crate::runtime::errors::{classify_pull, redact, FailureClass};
 
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A running pull as the `pull` command draws it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PullProgressView {
+    pub image: ImageRef,
+    pub done: u64,
+    /// 0 until the manifest is in.
+    pub total: u64,
+    /// Bytes per second, when known.
+    pub rate: Option<f64>,
+    pub eta: Option<Duration>,
+}
 
 /// What a successful attempt found or did, with the image's status after it.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,6 +245,7 @@ impl<S: ImageStore> Prewarmer<S> {
         let mut last_done = 0u64;
         let mut last_change = Instant::now();
         let mut last_log = Instant::now();
+        let mut meter = RateMeter::default();
         let label = image.as_str();
         let stall_timeout = self.settings.stall_timeout;
         let result = loop {
@@ -254,9 +268,14 @@ impl<S: ImageStore> Prewarmer<S> {
                             let g = &self.metrics.prewarm_progress_bytes;
                             g.with_label_values(&[label, "done"]).set(p.done as i64);
                             g.with_label_values(&[label, "total"]).set(p.total as i64);
+                            meter.record(Instant::now(), p.done);
+                            let (rate, eta) = (meter.rate(), meter.eta(p.total));
+                            if let Some(tx) = &self.progress {
+                                tx.send_replace(Some(PullProgressView { image: image.clone(), done: p.done, total: p.total, rate, eta }));
+                            }
                             if last_log.elapsed() >= PROGRESS_LOG_EVERY {
                                 last_log = Instant::now();
-                                info!(image = %image, done_bytes = p.done, total_bytes = p.total, "pulling: {}", progress_text(p.done, p.total));
+                                info!(image = %image, done_bytes = p.done, total_bytes = p.total, "pulling: {}, {}", progress_text(p.done, p.total), rate_text(rate, eta));
                             }
                         }
                         Err(e) => debug!(image = %image, error = %e, "progress sample failed"),

@@ -15,6 +15,7 @@ mod desired;
 mod fake;
 pub mod oneshot;
 mod pins;
+mod rate;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -28,10 +29,11 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use attempt::{progress_text, Failure, PullOutcome};
+pub use attempt::{progress_text, Failure, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
 pub use desired::{ClusterSecret, DesiredImage, PrewarmSettings};
 pub use pins::MANUAL_PIN_OWNER;
+pub use rate::rate_text;
 use store::ImageStore;
 
 use crate::reference::ImageRef;
@@ -78,6 +80,7 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     findings: Option<FindingSink>,
     health: Arc<Health>,
     news: Option<mpsc::UnboundedSender<News>>,
+    progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
     states: Mutex<BTreeMap<ImageRef, State>>,
     examined: Mutex<HashSet<ImageRef>>,
@@ -102,6 +105,7 @@ impl<S: ImageStore> Prewarmer<S> {
             findings,
             health,
             news: None,
+            progress: None,
             states: Mutex::new(BTreeMap::new()),
             examined: Mutex::new(HashSet::new()),
             wanted: Mutex::new(BTreeSet::new()),
@@ -113,6 +117,12 @@ impl<S: ImageStore> Prewarmer<S> {
     /// Announce newly present content and departed images on `news`.
     pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
         self.news = Some(news);
+        self
+    }
+
+    /// Publish every progress sample of a running pull on `progress` (the `pull` command draws it).
+    pub fn with_progress(mut self, progress: watch::Sender<Option<PullProgressView>>) -> Self {
+        self.progress = Some(progress);
         self
     }
 

@@ -9,9 +9,10 @@ use super::attempt::{Failure, PullOutcome};
 use super::backoff::backoff_delay;
 use super::pins::MANUAL_PIN_OWNER;
 use super::store::ImageStore;
-use super::{DesiredImage, PrewarmSettings, Prewarmer};
+use super::{DesiredImage, PrewarmSettings, Prewarmer, PullProgressView};
 use crate::reference::ImageRef;
 use crate::runtime::errors::FailureClass;
+use tokio::sync::watch;
 
 /// What `pull` achieved.
 #[derive(Debug)]
@@ -37,8 +38,12 @@ pub async fn pull<S: ImageStore>(
     settings: PrewarmSettings,
     force: bool,
     attempts: u32,
+    progress: Option<watch::Sender<Option<PullProgressView>>>,
 ) -> Result<Pulled, GaveUp> {
-    let prewarmer = Prewarmer::one_shot(store, settings.clone());
+    let mut prewarmer = Prewarmer::one_shot(store, settings.clone());
+    if let Some(p) = progress {
+        prewarmer = prewarmer.with_progress(p);
+    }
     let desired = DesiredImage::new(image.clone(), secret, None);
     let mut attempt = 0;
     loop {
