@@ -396,12 +396,26 @@ async fn pull_without_a_terminal_prints_plain_progress_lines() {
     let bed = Bed::get();
     let (_proxy, image) = big_image_behind_throttle(&bed, 40_000_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = bed.good_secret(dir.path());
-    let (code, out, err) = pull_cli(
-        &bed,
-        &[image, "--secret", secret.to_str().unwrap(), "--no-pin"],
+    let host = image.split('/').next().unwrap();
+    let secret = bed.secret(dir.path(), "proxy.json", host, &bed.user, &bed.password);
+    // Awaited, not blocked on: the proxy serves on this test's runtime meanwhile.
+    let o = tokio::process::Command::new(BIN)
+        .args([
+            "pull",
+            image,
+            "--secret",
+            secret.to_str().unwrap(),
+            "--no-pin",
+        ])
+        .env("RUNNER_WARDEN_CONTAINERD_SOCKET", &bed.socket)
+        .output()
+        .await
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
     );
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(out.starts_with("pulled "), "{out}");
     let line = err
         .lines()
