@@ -126,6 +126,7 @@ async fn one_read_per_image_id_even_when_asked_at_once() {
     assert!(!fresh);
     assert_eq!(fake.reads(), 1);
     assert_eq!(gauge(&m, "non-root-user"), 2);
+    assert_eq!(gauge(&m, "stop-signal"), 0, "only the failing check counts");
     a.forget("a:v1");
     assert_eq!(gauge(&m, "non-root-user"), 1);
     a.forget("a:latest");

@@ -462,3 +462,104 @@ async fn a_runtime_that_ignores_pins_is_reported_on_the_finding_and_the_gauge() 
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn ready_once_containerd_answered_about_every_desired_image() {
+    let mut r = rig(settings());
+    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    r.store.script("r.io/team/slow:v1", [PullScript::Hang]);
+    r.store.state().progress_done = 1;
+    assert!(!health
+        .first_reconcile_done
+        .load(std::sync::atomic::Ordering::Relaxed));
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG), desired("r.io/team/slow:v1")], |r| {
+            r.images_in("ready") == 1 && r.images_in("pulling") == 1
+        })
+        .await;
+    // The second image is still pulling, but containerd has answered about both.
+    assert!(health
+        .first_reconcile_done
+        .load(std::sync::atomic::Ordering::Relaxed));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_ready_while_an_image_was_never_looked_at() {
+    let mut r = rig(PrewarmSettings {
+        concurrency: 1,
+        ..settings()
+    });
+    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    r.store.script(IMG, [PullScript::Hang]);
+    r.store.state().progress_done = 1;
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG), desired("r.io/team/second:v1")], |r| {
+            r.images_in("pulling") == 1
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !health
+            .first_reconcile_done
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "the second image waits for the only slot"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_entry_restarts_its_worker_with_the_new_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("s.json");
+    std::fs::write(
+        &secret,
+        r#"{"auths":{"r.io":{"username":"new","password":"pw-new-1"}}}"#,
+    )
+    .unwrap();
+    let mut r = rig(settings());
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::Unknown,
+            "401 Unauthorized".into(),
+        )],
+    );
+    let (tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| !r.store.pulls().is_empty())
+        .await;
+    let mut d = desired(IMG);
+    d.pull_secret = Some(secret);
+    tx.send_replace(vec![d]);
+    r.wait(|r| {
+        r.store
+            .pulls()
+            .contains(&Call::Pull(IMG.into(), Some("new".into())))
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn orphan_pins_are_removed_but_manual_and_wanted_ones_stay() {
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    {
+        let mut s = r.store.state();
+        s.pins.insert("r.io/old:v1".into(), "r.io/old:v1".into());
+        s.pins.insert("r.io/ops:v1".into(), MANUAL_PIN_OWNER.into());
+    }
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    let pins = r.store.state().pins.clone();
+    assert!(!pins.contains_key("r.io/old:v1"), "{pins:?}");
+    assert!(pins.contains_key("r.io/ops:v1"), "{pins:?}");
+    assert!(pins.contains_key(IMG), "{pins:?}");
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -17,6 +17,8 @@ struct Node {
     /// pids whose cgroup no longer names their container (reused between list and read)
     moved: Vec<u32>,
     list_pids_calls: usize,
+    /// Serve `cgroup.procs` files (named after the container id), as the host does.
+    cgroup_files: bool,
 }
 
 #[derive(Clone, Default)]
@@ -43,11 +45,20 @@ impl ProcFs for Fake {
     fn status(&self, pid: u32, _buf: &mut String) -> std::io::Result<Option<ProcFacts>> {
         Ok(self.node().procs.get(&pid).cloned())
     }
-    fn cgroup_procs_file(&self, _pid: u32, _id: &str) -> Option<std::path::PathBuf> {
-        None
+    fn cgroup_procs_file(&self, _pid: u32, id: &str) -> Option<std::path::PathBuf> {
+        self.node()
+            .cgroup_files
+            .then(|| std::path::PathBuf::from(format!("/cg/{id}/cgroup.procs")))
     }
-    fn read_cgroup_procs(&self, _file: &std::path::Path) -> std::io::Result<Vec<u32>> {
-        unreachable!("no cgroup files in the fake")
+    fn read_cgroup_procs(&self, file: &std::path::Path) -> std::io::Result<Vec<u32>> {
+        let id = file
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        Ok(self.node().pids.get(&id).cloned().unwrap_or_default())
     }
     fn container_of(&self, pid: u32, ids: &[String]) -> Option<String> {
         let n = self.node();
@@ -247,4 +258,54 @@ async fn sidecars_are_skipped_unless_all_containers_are_audited() {
         None,
     );
     assert_eq!(all.scan_all().await.unwrap().rows.len(), 1);
+}
+
+#[tokio::test]
+async fn a_known_container_s_pids_come_from_its_cgroup_not_containerd() {
+    let r = rig();
+    r.fake.node().cgroup_files = true;
+    r.add("c1", vec![process(10, 1001, 0)]);
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!((res.containers, res.processes), (1, 1));
+    r.scanner.scan_all().await.unwrap();
+    r.scanner.scan_container("c1").await.unwrap();
+    assert_eq!(r.fake.node().list_pids_calls, 1, "containerd asked once");
+    // An empty cgroup (moved, or gone): containerd is asked again.
+    r.fake.node().pids.insert("c1".into(), vec![]);
+    r.scanner.scan_all().await.unwrap();
+    assert_eq!(r.fake.node().list_pids_calls, 2);
+}
+
+#[tokio::test]
+async fn a_namespace_range_replaces_the_range_but_keeps_the_exact_uid() {
+    let fake = Fake::default();
+    let metrics = Arc::new(Metrics::new());
+    let ranges = Arc::new(NamespaceRanges::default());
+    let scanner = Scanner::with_sources(
+        fake.clone(),
+        fake.clone(),
+        ScanSettings::default(),
+        metrics.clone(),
+        None,
+    )
+    .with_namespace_ranges(ranges.clone());
+    {
+        let mut n = fake.node();
+        n.containers.push(container("c1"));
+        n.pids.insert("c1".into(), vec![10]);
+        n.procs.insert(10, process(10, 1001, 0));
+    }
+    assert!(
+        scanner.scan_all().await.unwrap().rows.is_empty(),
+        "any non-zero UID by default"
+    );
+    ranges.set("team", Some((1000680000, 1000689999)));
+    assert_eq!(ranges.get("team"), Some((1000680000, 1000689999)));
+    assert_eq!(ranges.get("other"), None);
+    let rows = scanner.scan_all().await.unwrap().rows;
+    assert_eq!(rows.len(), 1, "1001 is outside the namespace's range");
+    assert_eq!(rows[0].check, UID_DRIFT);
+    ranges.set("team", None);
+    assert_eq!(ranges.get("team"), None);
+    assert!(scanner.scan_all().await.unwrap().rows.is_empty());
 }

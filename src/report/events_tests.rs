@@ -235,3 +235,64 @@ async fn long_notes_are_cut_on_a_character_boundary() {
     r.stop.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn every_event_says_what_it_regards_and_which_action() {
+    let r = object_ref(
+        &Regarding::for_image("r.io/a:1", Some("team")),
+        Some("u1".into()),
+    );
+    assert_eq!(
+        r.api_version.as_deref(),
+        Some("vteam.ambient-code/v1alpha1")
+    );
+    assert_eq!(r.kind.as_deref(), Some("ProjectSettings"));
+    assert_eq!(
+        (r.namespace.as_deref(), r.name.as_deref()),
+        (Some("team"), Some("projectsettings"))
+    );
+    assert_eq!(r.uid.as_deref(), Some("u1"));
+    let p = object_ref(&Regarding::pod("ns", "p"), None);
+    assert_eq!(
+        (p.api_version.as_deref(), p.kind.as_deref()),
+        (Some("v1"), Some("Pod"))
+    );
+    assert_eq!(action("RunnerImagePullFailed"), "Prewarm");
+    assert_eq!(action("RunnerShutdownKilled"), "Stop");
+    assert_eq!(action("RunnerRunningAsRoot"), "Audit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_are_retried_with_a_growing_backoff_while_the_api_server_is_away() {
+    let mut r = rig(true);
+    r.api.api().away_for = 4; // 0.5 s, 1 s, 2 s, 4 s of backoff
+    let task = r.start();
+    r.queue.push(&pod_finding("p1"));
+    tokio::time::sleep(Duration::from_millis(7000)).await;
+    assert!(r.api.written().is_empty(), "still backing off at 7 s");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(r.api.written().len(), 1, "written after 7.5 s of backoff");
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deferred_findings_are_bounded_by_the_queue_size() {
+    let mut r = rig(false);
+    let task = r.start();
+    for i in 0..QUEUE + 5 {
+        r.queue
+            .push(&project_finding(CONTRACT_VIOLATION, &format!("p{i}")));
+        if i % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    r.settle().await;
+    r.leader.store(true, Ordering::Relaxed);
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(r.api.written().len(), QUEUE, "held back at most QUEUE");
+    r.stop.cancel();
+    task.await.unwrap();
+}

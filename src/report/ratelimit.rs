@@ -74,3 +74,36 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn a_token_comes_back_exactly_every_refill_period() {
+        let mut l = SpamLimit::new(2.0, Duration::from_secs(100));
+        let t0 = Instant::now();
+        assert!(l.allow(&1, t0) && l.allow(&1, t0) && !l.allow(&1, t0));
+        assert!(!l.allow(&1, t0 + Duration::from_secs(99)));
+        // The 99 s already waited count: one more second completes the token.
+        assert!(l.allow(&1, t0 + Duration::from_secs(100)));
+        assert!(!l.allow(&1, t0 + Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn idle_buckets_are_forgotten_only_when_many_and_old() {
+        let mut l = SpamLimit::new(1.0, Duration::from_secs(1));
+        let t0 = Instant::now();
+        for k in 0..=10_000u32 {
+            l.allow(&k, t0);
+        }
+        assert_eq!(l.buckets.len(), 10_001);
+        // Not yet idle long enough: kept.
+        l.allow(&99_999, t0 + IDLE_FORGET - Duration::from_secs(1));
+        assert_eq!(l.buckets.len(), 10_002);
+        // Idle long enough: the old ones go (only the newest two stay).
+        l.allow(&100_000, t0 + IDLE_FORGET + Duration::from_secs(1));
+        assert_eq!(l.buckets.len(), 2, "IDLE_FORGET is {IDLE_FORGET:?}");
+        assert_eq!(IDLE_FORGET, REFILL_EVERY * 25);
+    }
+}

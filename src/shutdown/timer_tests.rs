@@ -331,3 +331,134 @@ async fn sidecars_and_exec_exits_are_not_runners_exiting() {
     r.timer.on_tick().await;
     assert_eq!(r.total(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn reconcile_tracks_running_runners_it_was_not_told_about() {
+    let mut r = rig();
+    r.fake
+        .node()
+        .stop_signals
+        .insert("r.io/runner:v1".into(), "SIGINT".into());
+    let c = r.fake.add("c1", "r.io/runner:v1", true);
+    r.fake.add("done", "r.io/runner:v1", false);
+    r.timer.reconcile(None).await.unwrap();
+    assert!(r.timer.known.contains_key("c1"));
+    assert!(
+        !r.timer.known.contains_key("done"),
+        "exited containers are not tracked"
+    );
+    let t0 = SystemTime::now();
+    r.stop_requested(&c, t0, 3.0);
+    r.exit("c1", 137, t0 + secs(3.0)).await;
+    let f = &r.captured.findings()[0];
+    assert!(
+        f["shutdown"]["hints"][0]
+            .as_str()
+            .unwrap()
+            .contains("SIGINT"),
+        "{f}"
+    );
+    assert_eq!(r.metrics.shutdown_duration_seconds.get_sample_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconciled_exits_keep_cri_s_oom_reason_and_its_boundary() {
+    let mut r = rig();
+    let t0 = SystemTime::now();
+    r.fake.add("oom", "r.io/runner:v1", false);
+    r.fake.exited("oom", 137, "OOMKilled", t0);
+    r.fake.add("lost", "r.io/runner:v1", false);
+    r.fake.exited("lost", 255, "", t0 + secs(1.0));
+    r.fake.add("crash255", "r.io/runner:v1", false);
+    r.fake.exited("crash255", 255, "Error", t0 + secs(1.0));
+    // Exactly at the deaf moment counts.
+    r.timer.reconcile(Some(t0)).await.unwrap();
+    tokio::time::sleep(STOP_LOOKUP_WAIT * 2).await;
+    r.timer.on_tick().await;
+    assert_eq!(r.count("oom"), 1);
+    assert_eq!(r.count("unknown"), 1, "255 with no reason is a lost status");
+    assert_eq!(
+        r.count("crashed"),
+        1,
+        "255 with a reason is the runner's own exit"
+    );
+    assert_eq!(r.total(), 3);
+    // A second reconcile counts nothing again.
+    r.timer.reconcile(Some(t0)).await.unwrap();
+    assert_eq!(r.total(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_forgets_a_runner_unless_its_exit_still_waits() {
+    let mut r = rig();
+    let c = r.start("c1").await;
+    r.timer
+        .on_event(TaskEvent::Delete {
+            container_id: "c1".into(),
+        })
+        .await;
+    assert!(!r.timer.known.contains_key("c1"));
+    r.start("c2").await;
+    let t0 = SystemTime::now();
+    r.exit("c2", 0, t0).await; // waits for its stop request
+    r.timer
+        .on_event(TaskEvent::Delete {
+            container_id: "c2".into(),
+        })
+        .await;
+    assert!(
+        r.timer.known.contains_key("c2"),
+        "kept for the pending exit's hints"
+    );
+    r.stop_requested(&runner("c2"), t0 - secs(1.0), 30.0);
+    r.timer.on_tick().await;
+    assert_eq!(r.count("graceful"), 1);
+    let _ = c;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pid1_is_settled_when_it_forks_or_after_ten_seconds() {
+    let mut r = rig();
+    r.fake.node().pid1.insert(4242, ("runnerd".into(), false));
+    r.start("c1").await;
+    r.timer.on_tick().await;
+    assert!(
+        r.timer.known["c1"].pid1_pending.is_some(),
+        "not settled yet"
+    );
+    tokio::time::sleep(secs(9.0)).await;
+    r.timer.on_tick().await;
+    assert!(
+        r.timer.known["c1"].pid1_pending.is_some(),
+        "still within 10 s"
+    );
+    tokio::time::sleep(secs(2.0)).await;
+    r.timer.on_tick().await;
+    assert!(
+        r.timer.known["c1"].pid1_pending.is_none(),
+        "settled after 10 s"
+    );
+    r.fake.node().pid1.insert(4242, ("runnerd".into(), true));
+    r.start("c2").await;
+    r.timer.on_tick().await;
+    assert!(
+        r.timer.known["c2"].pid1_pending.is_none(),
+        "a non-shell with a child is settled"
+    );
+    assert!(r.timer.known["c2"].hints.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn counted_exits_are_remembered_for_an_hour() {
+    let mut r = rig();
+    let c = r.start("c1").await;
+    let t0 = SystemTime::now();
+    r.stop_requested(&c, t0, 10.0);
+    r.exit("c1", 0, t0 + secs(1.0)).await;
+    tokio::time::sleep(COUNTED_TTL - secs(10.0)).await;
+    r.timer.on_tick().await;
+    assert!(r.timer.counted.contains_key("c1"));
+    tokio::time::sleep(secs(20.0)).await;
+    r.timer.on_tick().await;
+    assert!(!r.timer.counted.contains_key("c1"));
+}
