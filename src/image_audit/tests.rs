@@ -151,6 +151,30 @@ async fn a_failed_read_is_not_cached() {
     assert_eq!(fake.reads(), 2);
 }
 
+/// The audit job running over `fake`, with its metrics, findings and news channel.
+struct Job {
+    m: Arc<Metrics>,
+    captured: crate::report::sink::Captured,
+    tx: mpsc::UnboundedSender<News>,
+    stop: CancellationToken,
+    job: tokio::task::JoinHandle<()>,
+}
+
+fn start(fake: &Fake) -> Job {
+    let m = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(m.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let job = tokio::spawn(follow(auditor(fake, &m), rx, sink, m.clone(), stop.clone()));
+    Job {
+        m,
+        captured,
+        tx,
+        stop,
+        job,
+    }
+}
+
 fn present(image: &str, project: &str, others: &[&str]) -> News {
     let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, Some(project.into()));
     d.other_projects = others.iter().map(|s| s.to_string()).collect();
@@ -170,17 +194,13 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
         .facts
         .insert(image.into(), root_user());
     fake.0.lock().unwrap().failures.insert(image.into(), 2);
-    let m = Arc::new(Metrics::new());
-    let (sink, captured) = FindingSink::capture(m.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let job = tokio::spawn(follow(
-        auditor(&fake, &m),
-        rx,
-        sink,
-        m.clone(),
-        stop.clone(),
-    ));
+    let Job {
+        m,
+        captured,
+        tx,
+        stop,
+        job,
+    } = start(&fake);
     tx.send(present(image, "a", &["b", "c"])).unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(fake.reads(), 3);
@@ -218,17 +238,13 @@ async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
         .facts
         .insert(image.into(), root_user());
     fake.0.lock().unwrap().failures.insert(image.into(), 100);
-    let m = Arc::new(Metrics::new());
-    let (sink, captured) = FindingSink::capture(m.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let job = tokio::spawn(follow(
-        auditor(&fake, &m),
-        rx,
-        sink,
-        m.clone(),
-        stop.clone(),
-    ));
+    let Job {
+        m,
+        captured,
+        tx,
+        stop,
+        job,
+    } = start(&fake);
     tx.send(present(image, "a", &[])).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     tx.send(News::Left {
@@ -247,17 +263,13 @@ async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
 async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
     let image = "r.io/team/runner:v1";
     let fake = Fake::default();
-    let m = Arc::new(Metrics::new());
-    let (sink, captured) = FindingSink::capture(m.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let job = tokio::spawn(follow(
-        auditor(&fake, &m),
-        rx,
-        sink,
-        m.clone(),
-        stop.clone(),
-    ));
+    let Job {
+        m,
+        captured,
+        tx,
+        stop,
+        job,
+    } = start(&fake);
     tx.send(present(image, "a", &[])).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(fake.reads(), 4, "one read and three retries");

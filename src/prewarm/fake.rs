@@ -60,14 +60,9 @@ impl FakeStore {
 
     /// `image` is present with content `id`.
     pub fn present(&self, image: &str, id: &str, digest: &str) {
-        let name = image.rsplit_once(':').map(|(n, _)| n).unwrap_or(image);
-        let img = Image {
-            id: id.into(),
-            repo_tags: vec![image.into()],
-            repo_digests: vec![format!("{name}@{digest}")],
-            ..Default::default()
-        };
-        self.state().images.insert(image.into(), img);
+        self.state()
+            .images
+            .insert(image.into(), record(image, id, digest));
     }
 
     pub fn script(&self, image: &str, scripts: impl IntoIterator<Item = PullScript>) {
@@ -94,6 +89,17 @@ impl FakeStore {
             .iter()
             .filter(|c| matches!(c, Call::Status(_)))
             .count()
+    }
+}
+
+/// CRI's record of `image` (a tag) holding content `id` from manifest `digest`.
+fn record(image: &str, id: &str, digest: &str) -> Image {
+    let name = image.rsplit_once(':').map(|(n, _)| n).unwrap_or(image);
+    Image {
+        id: id.into(),
+        repo_tags: vec![image.into()],
+        repo_digests: vec![format!("{name}@{digest}")],
+        ..Default::default()
     }
 }
 
@@ -146,14 +152,7 @@ impl ImageStore for FakeStore {
             Some(PullScript::Fail(code, msg)) => Err(tonic::Status::new(code, msg)),
             Some(PullScript::Hang) => std::future::pending().await,
             Some(PullScript::Content { id, digest }) => {
-                let name = image.rsplit_once(':').map(|(n, _)| n).unwrap_or(image);
-                let img = Image {
-                    id: id.clone(),
-                    repo_tags: vec![image.into()],
-                    repo_digests: vec![format!("{name}@{digest}")],
-                    ..Default::default()
-                };
-                self.state().images.insert(image.into(), img);
+                self.present(image, &id, &digest);
                 Ok(id)
             }
         }
