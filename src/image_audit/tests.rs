@@ -216,6 +216,18 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
         .reasons()
         .iter()
         .all(|r| r == "RunnerImageContractViolation"));
+    let f = captured.findings();
+    let outcome = |check: &str| {
+        f.iter()
+            .find(|f| f["check"] == check)
+            .map(|f| f["outcome"].as_str().unwrap().to_string())
+    };
+    assert_eq!(outcome("non-root-user").as_deref(), Some("violation"));
+    assert_eq!(
+        outcome("contract-label"),
+        None,
+        "passing checks are not reported"
+    );
     // The image leaves: it no longer counts.
     assert_eq!(gauge(&m, "non-root-user"), 1);
     tx.send(News::Left {

@@ -563,3 +563,29 @@ async fn orphan_pins_are_removed_but_manual_and_wanted_ones_stay() {
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn adding_an_image_leaves_the_other_workers_alone() {
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let other = "r.io/team/other:v1";
+    r.store.present(other, "sha256:bbb", "sha256:m2");
+    let (tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    tx.send_replace(vec![desired(IMG), desired(other)]);
+    r.wait(|r| r.images_in("ready") == 2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Only the new image is looked at: the first worker is not restarted (its attempt and the one
+    // "are pins honoured?" question are all it asked).
+    let asked = r
+        .store
+        .calls()
+        .iter()
+        .filter(|c| **c == Call::Status(IMG.into()))
+        .count();
+    assert_eq!(asked, 2, "{:?}", r.store.calls());
+    assert_eq!(r.captured.reasons().len(), 2, "one prewarmed finding each");
+    stop.cancel();
+    task.await.unwrap();
+}
