@@ -191,8 +191,17 @@ impl Agent {
             );
             tasks.spawn(timer.run(stop.clone()));
         }
-        let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut prewarmer = Prewarmer::new(
+            runtime.clone(),
+            settings.prewarm.clone(),
+            metrics.clone(),
+            Some(findings.clone()),
+            health,
+        );
         if settings.audit.enabled {
+            // The audit follows what the prewarmer makes present.
+            let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
+            prewarmer = prewarmer.with_news(news_tx);
             let auditor = Arc::new(Auditor::new(
                 runtime.clone(),
                 settings.audit.policy.clone(),
@@ -201,19 +210,11 @@ impl Agent {
             tasks.spawn(image_audit::follow(
                 auditor,
                 news_rx,
-                findings.clone(),
-                metrics.clone(),
+                findings,
+                metrics,
                 stop.clone(),
             ));
         }
-        let prewarmer = Prewarmer::new(
-            runtime,
-            settings.prewarm.clone(),
-            metrics,
-            Some(findings),
-            health,
-        )
-        .with_news(news_tx);
         tasks.spawn(prewarmer.run(desired_rx, stop.clone()));
 
         let mut term =
