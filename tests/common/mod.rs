@@ -506,9 +506,20 @@ impl Proxy {
     /// `rate`: bytes per second from upstream (0 = unlimited); while `stall` is set, a connection stops
     /// forwarding upstream bytes once it has sent `stall_after` of them (and keeps the socket open).
     pub async fn start(listen: u16, upstream: u16, rate: u64, stall_after: u64) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", listen))
-            .await
-            .expect("bind proxy port");
+        // The previous test's proxy on this port is aborted when it drops, but its socket closes only
+        // once that test's runtime has dropped the task: wait for the port, with a bound.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", listen)).await {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("bind proxy port {listen}: {e}"),
+            }
+        };
         let stall = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
         let (st, fw) = (stall.clone(), forwarded.clone());
