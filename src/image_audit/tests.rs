@@ -26,6 +26,17 @@ struct Table {
 struct Fake(Arc<Mutex<Table>>);
 
 impl Fake {
+    /// `image` has `facts`, and its first `failures` reads fail.
+    fn with(image: &str, facts: ImageFacts, failures: usize) -> Self {
+        let fake = Fake::default();
+        {
+            let mut t = fake.0.lock().unwrap();
+            t.facts.insert(image.into(), facts);
+            t.failures.insert(image.into(), failures);
+        }
+        fake
+    }
+
     fn reads(&self) -> usize {
         self.0.lock().unwrap().reads.load(Ordering::Relaxed)
     }
@@ -187,13 +198,7 @@ fn present(image: &str, project: &str, others: &[&str]) -> News {
 #[tokio::test(start_paused = true)]
 async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project() {
     let image = "r.io/team/runner:v1";
-    let fake = Fake::default();
-    fake.0
-        .lock()
-        .unwrap()
-        .facts
-        .insert(image.into(), root_user());
-    fake.0.lock().unwrap().failures.insert(image.into(), 2);
+    let fake = Fake::with(image, root_user(), 2);
     let Job {
         m,
         captured,
@@ -243,13 +248,7 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
 #[tokio::test(start_paused = true)]
 async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
     let image = "r.io/team/runner:v1";
-    let fake = Fake::default();
-    fake.0
-        .lock()
-        .unwrap()
-        .facts
-        .insert(image.into(), root_user());
-    fake.0.lock().unwrap().failures.insert(image.into(), 100);
+    let fake = Fake::with(image, root_user(), 100);
     let Job {
         m,
         captured,

@@ -25,6 +25,14 @@ fn content(id: &str, digest: &str) -> PullScript {
     }
 }
 
+/// A pull secret file holding `json`, in a directory that lives as long as the returned guard.
+fn secret_file(json: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.json");
+    std::fs::write(&path, json).unwrap();
+    (dir, path)
+}
+
 fn settings() -> PrewarmSettings {
     PrewarmSettings {
         stall_timeout: Duration::from_secs(30),
@@ -311,13 +319,9 @@ async fn a_moved_tag_is_pulled_again_and_the_old_digest_unpinned() {
 
 #[tokio::test(start_paused = true)]
 async fn credentials_are_tried_most_specific_first_then_anonymously() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("s.json");
-    std::fs::write(
-        &secret,
+    let (_dir, secret) = secret_file(
         r#"{"auths":{"r.io":{"username":"host","password":"pw-host-1"},"r.io/team":{"username":"team","password":"pw-team-2"}}}"#,
-    )
-    .unwrap();
+    );
     let r = rig(settings());
     let p = r.prewarmer.as_ref().unwrap();
     r.store.script(
@@ -513,13 +517,8 @@ async fn not_ready_while_an_image_was_never_looked_at() {
 
 #[tokio::test(start_paused = true)]
 async fn a_changed_entry_restarts_its_worker_with_the_new_settings() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("s.json");
-    std::fs::write(
-        &secret,
-        r#"{"auths":{"r.io":{"username":"new","password":"pw-new-1"}}}"#,
-    )
-    .unwrap();
+    let (_dir, secret) =
+        secret_file(r#"{"auths":{"r.io":{"username":"new","password":"pw-new-1"}}}"#);
     let mut r = rig(settings());
     r.store.script(
         IMG,

@@ -67,12 +67,7 @@ impl<S: ImageStore> Prewarmer<S> {
                     // The node's runtime is down: the image waits; the health probe says so once.
                     mem.outages += 1;
                     self.set_state(&image, State::Waiting);
-                    let delay = backoff_delay(
-                        self.settings.backoff_initial,
-                        self.settings.backoff_max,
-                        mem.outages,
-                        rand::rng().random_range(0.8..1.2),
-                    );
+                    let delay = self.retry_delay(mem.outages);
                     debug!(image = %image, retry_in = ?delay, "{}", f.message);
                     delay
                 }
@@ -141,12 +136,7 @@ impl<S: ImageStore> Prewarmer<S> {
             .prewarm_pulls_total
             .with_label_values(&[f.class.as_str()])
             .inc();
-        let delay = backoff_delay(
-            self.settings.backoff_initial,
-            self.settings.backoff_max,
-            mem.failures,
-            rand::rng().random_range(0.8..1.2),
-        );
+        let delay = self.retry_delay(mem.failures);
         warn!(
             image = %d.image,
             class = f.class.as_str(),
@@ -183,6 +173,16 @@ impl<S: ImageStore> Prewarmer<S> {
             );
         }
         delay
+    }
+
+    /// The jittered backoff before the next attempt after `n` in a row went wrong.
+    fn retry_delay(&self, n: u32) -> Duration {
+        backoff_delay(
+            self.settings.backoff_initial,
+            self.settings.backoff_max,
+            n,
+            rand::rng().random_range(0.8..1.2),
+        )
     }
 
     fn publish(&self, d: &DesiredImage, f: crate::report::findings::Finding) {
