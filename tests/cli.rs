@@ -213,3 +213,70 @@ fn version_names_the_commit() {
     assert_eq!(code, 0);
     assert!(out.contains("(commit "), "{out}");
 }
+
+/// What this CLI adds that speaks of pull secrets — `--check-config`'s problems, the JSON failure
+/// documents, the one-line errors — names the file and the rule, never what is in it.
+#[test]
+fn secrets_never_appear_in_check_config_or_json_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let password = "hunter2-Sup3rSecret";
+    // Not base64; a syntax error right after a password; a username without its password next to a token.
+    std::fs::write(
+        d.join("a.json"),
+        format!(r#"{{"auths":{{"r.io":{{"auth":"{password}"}}}}}}"#),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("b.json"),
+        format!(r#"{{"auths":{{"r.io":{{"username":"u","password":"{password}"}} oops"#),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("c.json"),
+        format!(r#"{{"auths":{{"r.io":{{"username":"{password}"}}}}}}"#),
+    )
+    .unwrap();
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        "[[images]]\nimage = \"r.io/a:1\"\npull_secret = \"a.json\"\n[[images]]\nimage = \"r.io/b:1\"\npull_secret = \"b.json\"\n[[images]]\nimage = \"r.io/c:1\"\npull_secret = \"c.json\"\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    for output in ["table", "json"] {
+        let (code, out, err) = run(
+            &["run", "--config", c, "--check-config", "--output", output],
+            &[],
+        );
+        assert_eq!(code, 2, "{err}");
+        for i in 0..3 {
+            assert!(err.contains(&format!("images[{i}].pull_secret")), "{err}");
+        }
+        assert!(
+            !out.contains(password) && !err.contains(password),
+            "{out}\n{err}"
+        );
+    }
+    let sock = "/nonexistent/runner-warden-test.sock";
+    for secret in ["a.json", "b.json"] {
+        let s = d.join(secret);
+        let (_, out, err) = run(
+            &[
+                "pull",
+                "r.io/a:1",
+                "--secret",
+                s.to_str().unwrap(),
+                "--output",
+                "json",
+                "--containerd-socket",
+                sock,
+            ],
+            &[],
+        );
+        assert!(
+            !out.contains(password) && !err.contains(password),
+            "{out}\n{err}"
+        );
+    }
+}
