@@ -5,6 +5,14 @@
 //! separate from the adapters that touch the node (`runtime`) and from reporting (`report`); `prewarm`
 //! ties them together.
 
+/// The version with the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RUNNER_WARDEN_COMMIT"),
+    ")"
+);
+
 pub mod agent;
 pub mod config;
 pub mod contract;

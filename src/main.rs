@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             Command::CheckImage(args) => cli::check_image::run(args).await,
             Command::Scan(args) => cli::scan::run(args).await,
             Command::VerifyShutdown(args) => cli::verify_shutdown::run(args).await,
+            Command::Status(args) => cli::status::run(args).await,
         }
     });
     // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.

@@ -280,3 +280,141 @@ fn secrets_never_appear_in_check_config_or_json_failures() {
         );
     }
 }
+
+/// A loopback port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn an_unreachable_api_server_is_one_outage_named_in_logs_readyz_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{api}\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let metrics = free_port();
+    let log = dir.path().join("agent.log");
+    let mut agent = Command::new(BIN)
+        .args([
+            "run",
+            "--kubernetes",
+            "--containerd-socket",
+            "/nonexistent/rw.sock",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--metrics-address", &format!("127.0.0.1:{metrics}")])
+        .env("NODE_NAME", "test-node")
+        .env_remove("RUNNER_WARDEN_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let address = format!("https://127.0.0.1:{api}");
+    let status_args = [
+        "status",
+        "--address",
+        &format!("127.0.0.1:{metrics}"),
+        "--output",
+        "json",
+    ];
+    let mut doc = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, out, _) = run(&status_args, &[]);
+        doc = serde_json::from_str(&out).unwrap_or_default();
+        if doc["api_server"]["reachable"] == false {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(doc["api_server"]["address"], address.as_str(), "{doc}");
+    assert_eq!(doc["api_server"]["reachable"], false, "{doc}");
+    assert_eq!(doc["ready"], false);
+    let (code, table, _) = run(&status_args[..3], &[]);
+    assert_eq!(code, 1, "not ready: exit 1");
+    assert!(
+        table.contains(&format!("API server {address} not reachable")),
+        "{table}"
+    );
+    let ready = http_get(metrics, "/readyz").unwrap();
+    assert!(
+        ready.starts_with("HTTP/1.0 503") || ready.starts_with("HTTP/1.1 503"),
+        "{ready}"
+    );
+    assert!(
+        ready.contains(&format!("API server {address} not reachable")),
+        "{ready}"
+    );
+    let up = http_get(metrics, "/metrics").unwrap();
+    assert!(up.contains("runner_warden_api_server_up 0"), "{up}");
+    // Five watches and the lease retry on their own backoff meanwhile; the log says it once.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let about_api: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("API server") || l.contains("Connect"))
+        .collect();
+    assert_eq!(about_api.len(), 1, "one line for the outage, got:\n{text}");
+    assert!(about_api[0].contains("API server unreachable") && about_api[0].contains(&address));
+    assert!(
+        !text.contains("failed with error"),
+        "kube's duplicate line:\n{text}"
+    );
+}
+
+#[test]
+fn status_without_an_agent_is_exit_2_with_a_json_error() {
+    let port = free_port().to_string();
+    let (code, out, err) = run(
+        &[
+            "status",
+            "--address",
+            &format!("localhost:{port}"),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("JSON on failure too");
+    assert!(
+        doc["error"].as_str().unwrap().contains("no agent answered"),
+        "{doc}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // The config file's address is used when no --address is given.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[report]\nmetrics_address = \"0.0.0.0:{port}\"\n"),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["status", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("http://127.0.0.1:{port}/status")),
+        "{err}"
+    );
+}

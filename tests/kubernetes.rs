@@ -324,6 +324,7 @@ spec:
             std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             std::sync::Arc::new(|_: &Regarding| None),
             metrics.clone(),
+            Default::default(),
             stop.clone(),
         );
         let f = Finding::new(

@@ -18,6 +18,7 @@ use crate::prewarm::DesiredImage;
 use crate::process_audit::scanner::NamespaceRanges;
 use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
+use crate::report::health::ApiHealth;
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
 use crate::shutdown::stop_clock::PodStops;
@@ -27,10 +28,13 @@ use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
     client: kube::Client,
+    api_health: Arc<ApiHealth>,
     /// The file's images merged with the cluster's.
     pub desired: watch::Receiver<Vec<DesiredImage>>,
     /// JSON lines and Events.
     pub findings: FindingSink,
+    /// When kubelet was asked to stop each runner pod (the shutdown timer's clock).
+    pub pod_stops: Arc<PodStops>,
 }
 
 impl Cluster {
@@ -43,6 +47,7 @@ impl Cluster {
         let ranges = Arc::new(NamespaceRanges::default());
         tasks.spawn(kubernetes::watch_namespace_ranges(
             self.client.clone(),
+            self.api_health.clone(),
             ranges.clone(),
             stop.clone(),
         ));
@@ -50,8 +55,9 @@ impl Cluster {
     }
 }
 
-/// In-cluster, or from `kubeconfig` when given (else kube's own inference: `$KUBECONFIG`, `~/.kube/config`).
-async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, StartError> {
+/// In-cluster, or from `kubeconfig` when given (else kube's own inference: `$KUBECONFIG`, `~/.kube/config`),
+/// with the API server's address for logs and `/readyz`.
+async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), StartError> {
     // A KUBECONFIG list (`a:b`) is kube's own business: it merges them.
     let config = match kubeconfig.filter(|p| !p.to_string_lossy().contains(':')) {
         Some(path) => {
@@ -65,27 +71,31 @@ async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, StartError> {
             .await
             .map_err(|e| StartError::Kube(e.to_string()))?,
     };
-    kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))
+    let address = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))?;
+    Ok((client, address.trim_end_matches('/').to_string()))
 }
 
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,
     findings: FindingSink,
-    pod_stops: Arc<PodStops>,
     metrics: Arc<Metrics>,
+    api_health: Arc<ApiHealth>,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<Cluster, StartError> {
-    let client = client(settings.kubernetes.kubeconfig.as_deref()).await?;
+    let (client, address) = client(settings.kubernetes.kubeconfig.as_deref()).await?;
     let k = &settings.kubernetes;
-    info!(node = %k.node_name, "following the cluster: ProjectSettings, runner pods on this node, Events");
+    info!(node = %k.node_name, api_server = %address, "following the cluster: ProjectSettings, runner pods on this node, Events");
+    api_health.follow(address, metrics.api_server_up.clone());
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),
         k.lease_namespace.clone(),
         format!("runner-warden-{}", k.node_name),
         is_leader.clone(),
+        api_health.clone(),
         stop.clone(),
     ));
     let source = KubeSource::new(
@@ -99,6 +109,7 @@ pub(super) async fn start(
             },
             agent_registry: k.agent_registry.clone(),
         },
+        api_health.clone(),
     );
     let store = source.store();
     let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
@@ -115,6 +126,7 @@ pub(super) async fn start(
         is_leader,
         uid_of,
         metrics,
+        api_health.clone(),
         stop.clone(),
     );
     tasks.spawn(async move {
@@ -123,17 +135,21 @@ pub(super) async fn start(
     let findings = findings.with_events(queue);
     let (cluster_tx, cluster_rx) = watch::channel(Vec::new());
     tasks.spawn(source.run(cluster_tx, findings.clone(), stop.clone()));
+    let pod_stops = Arc::new(PodStops::default());
     tasks.spawn(kubernetes::watch_runner_pods(
         client.clone(),
+        api_health.clone(),
         k.node_name.clone(),
-        pod_stops,
+        pod_stops.clone(),
         stop.clone(),
     ));
     let (merged_tx, merged_rx) = watch::channel(Vec::new());
     tasks.spawn(merge_desired(file, cluster_rx, merged_tx, stop.clone()));
     Ok(Cluster {
         client,
+        api_health,
         desired: merged_rx,
         findings,
+        pod_stops,
     })
 }

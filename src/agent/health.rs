@@ -1,20 +1,19 @@
-//! containerd's reachability, for `/readyz` and `runtime_up`: probed every `RUNTIME_PROBE`, logged once
-//! per change.
+//! containerd's reachability, for `/readyz` and `runtime_up`: probed every `RUNTIME_PROBE`; an outage
+//! is logged when it starts, at doubling intervals while it lasts, and when it ends (`Outage`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::report::health::{whole_seconds, Health, Outage, Report};
 use crate::report::metrics::Metrics;
-use crate::report::server::Health;
 use crate::runtime::Runtime;
 
 const RUNTIME_PROBE: Duration = Duration::from_secs(10);
-/// While containerd is down, the "still unreachable" line repeats at doubling intervals up to this.
-const DOWN_REPORT_MAX: Duration = Duration::from_secs(300);
 
 pub(super) async fn probe_runtime(
     runtime: Runtime,
@@ -22,40 +21,35 @@ pub(super) async fn probe_runtime(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let mut was_ok = health.runtime_ok.load(Ordering::Relaxed);
-    let mut down_since: Option<tokio::time::Instant> = None;
-    let mut next_report = RUNTIME_PROBE;
+    let mut outage = Outage::default();
+    if !health.runtime_ok.load(Ordering::Relaxed) {
+        // Start-up already said it could not connect.
+        outage.failed(Instant::now());
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RUNTIME_PROBE) => {}
         }
         let result = runtime.version().await;
-        let ok = result.is_ok();
-        health.runtime_ok.store(ok, Ordering::Relaxed);
-        metrics.runtime_up.set(ok as i64);
-        match (&result, was_ok) {
-            (Err(e), true) => {
-                error!("lost containerd: {e}; prewarm, audits and shutdown timing wait for it");
-                down_since = Some(tokio::time::Instant::now());
-                next_report = RUNTIME_PROBE * 2;
-            }
-            (Err(e), false) => {
-                let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= next_report {
-                    warn!(
-                        down_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
-                        "containerd still unreachable: {e}"
-                    );
-                    next_report = (next_report * 2).min(DOWN_REPORT_MAX);
+        health.runtime_ok.store(result.is_ok(), Ordering::Relaxed);
+        metrics.runtime_up.set(result.is_ok() as i64);
+        let now = Instant::now();
+        match &result {
+            Err(e) => match outage.failed(now) {
+                Some(Report::Lost) => {
+                    error!(error = %e, "lost containerd; prewarm, audits and shutdown timing wait for it")
+                }
+                Some(Report::StillDown(down)) => {
+                    warn!(down_for = %whole_seconds(down), error = %e, "containerd still unreachable")
+                }
+                _ => {}
+            },
+            Ok(v) => {
+                if let Some(Report::Back(down)) = outage.succeeded(now) {
+                    info!(version = %v, down_for = %whole_seconds(down), "containerd reachable");
                 }
             }
-            (Ok(v), false) => {
-                info!(version = %v, "containerd reachable");
-                down_since = None;
-            }
-            (Ok(_), true) => {}
         }
-        was_ok = ok;
     }
 }

@@ -21,11 +21,13 @@ use crate::image_audit::{self, Auditor};
 use crate::prewarm::Prewarmer;
 use crate::process_audit::scanner::Scanner;
 use crate::process_audit::watch as process_watch;
+use crate::report::health::Health;
 use crate::report::metrics::Metrics;
-use crate::report::server::{self, Health};
+use crate::report::server::{self, Served};
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
-use crate::shutdown::stop_clock::{Clocks, PodStops, RecordedStops};
+use crate::shutdown::stop_clock::{Clocks, RecordedStops};
 use crate::shutdown::timer::{ShutdownTimer, TimingSettings};
 
 /// How long shutdown may take before the process exits anyway (kubelet's grace is longer; we practise
@@ -71,13 +73,13 @@ impl Agent {
         } = self;
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
-        let findings =
-            FindingSink::open(&settings.findings, metrics.clone()).map_err(|source| {
-                StartError::Findings {
-                    target: settings.findings.clone(),
-                    source,
-                }
-            })?;
+        let board = Arc::new(StatusBoard::default());
+        let findings = FindingSink::open(&settings.findings, metrics.clone())
+            .map_err(|source| StartError::Findings {
+                target: settings.findings.clone(),
+                source,
+            })?
+            .with_board(board.clone());
         let listener = server::bind(settings.metrics_address)
             .await
             .map_err(|source| StartError::Listen {
@@ -104,15 +106,14 @@ impl Agent {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let (file_tx, file_rx) = watch::channel(settings.images.clone());
-        let pod_stops = Arc::new(PodStops::default());
         let cluster = match settings.kubernetes.enabled {
             true => Some(
                 cluster::start(
                     &settings,
                     file_rx.clone(),
                     findings.clone(),
-                    pod_stops.clone(),
                     metrics.clone(),
+                    health.api.clone(),
                     &mut tasks,
                     &stop,
                 )
@@ -125,11 +126,22 @@ impl Agent {
             None => (file_rx, findings),
         };
 
+        let served = Served {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            board: board.clone(),
+            node: settings
+                .kubernetes
+                .enabled
+                .then(|| settings.kubernetes.node_name.clone()),
+            socket: settings.containerd_socket.display().to_string(),
+            started: std::time::SystemTime::now(),
+        };
         tasks.spawn({
-            let (m, h, s) = (metrics.clone(), health.clone(), stop.clone());
+            let s = stop.clone();
             async move {
-                if let Err(e) = server::serve(listener, m, h, s).await {
-                    error!("metrics server failed: {e}");
+                if let Err(e) = server::serve(listener, served, s).await {
+                    error!(error = %e, "metrics server failed");
                 }
             }
         });
@@ -184,7 +196,11 @@ impl Agent {
                 },
                 Arc::new(Clocks(vec![
                     Arc::new(RecordedStops::new(&settings.shutdown.stop_records)),
-                    pod_stops,
+                    // Standalone, no pod is ever deleted: an empty clock.
+                    cluster
+                        .as_ref()
+                        .map(|c| c.pod_stops.clone())
+                        .unwrap_or_default(),
                 ])),
                 findings.clone(),
                 metrics.clone(),
@@ -197,7 +213,8 @@ impl Agent {
             metrics.clone(),
             Some(findings.clone()),
             health,
-        );
+        )
+        .with_board(board.clone());
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -212,6 +229,7 @@ impl Agent {
                 news_rx,
                 findings,
                 metrics,
+                board,
                 stop.clone(),
             ));
         }

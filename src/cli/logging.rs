@@ -3,6 +3,10 @@
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
+/// kube-client logs every failed request at ERROR without saying which; the agent's own line for the
+/// same failure names the call and the API server (`ApiHealth`), so this one is off under bare levels.
+const DUPLICATES_OFF: &str = "kube_client::client::builder=off";
+
 /// `--log-level` / `RUNNER_WARDEN_LOG` → a tracing filter. A bare level applies to runner-warden; the
 /// libraries (kube, tonic, hyper, …) stay at `warn` unless a directive names them. Full filter syntax
 /// (`runner_warden=debug,kube=info`) is accepted as written once every directive checks out.
@@ -20,8 +24,9 @@ pub fn log_filter(spec: &str) -> Result<String, String> {
     let lower = spec.to_ascii_lowercase();
     if LEVELS.contains(&lower.as_str()) {
         return Ok(match lower.as_str() {
-            "info" | "debug" | "trace" => format!("warn,runner_warden={lower}"),
-            _ => lower,
+            "off" => lower,
+            "info" | "debug" | "trace" => format!("warn,{DUPLICATES_OFF},runner_warden={lower}"),
+            _ => format!("{lower},{DUPLICATES_OFF}"),
         });
     }
     for directive in spec.split(',') {
@@ -45,9 +50,16 @@ mod tests {
 
     #[test]
     fn bare_levels_apply_to_the_agent_and_keep_libraries_quiet() {
-        assert_eq!(log_filter("info").unwrap(), "warn,runner_warden=info");
-        assert_eq!(log_filter("DEBUG").unwrap(), "warn,runner_warden=debug");
-        assert_eq!(log_filter("warn").unwrap(), "warn");
+        let quiet = DUPLICATES_OFF;
+        assert_eq!(
+            log_filter("info").unwrap(),
+            format!("warn,{quiet},runner_warden=info")
+        );
+        assert_eq!(
+            log_filter("DEBUG").unwrap(),
+            format!("warn,{quiet},runner_warden=debug")
+        );
+        assert_eq!(log_filter("warn").unwrap(), format!("warn,{quiet}"));
         assert_eq!(log_filter("off").unwrap(), "off");
     }
 

@@ -7,6 +7,7 @@ pub mod progress;
 pub mod pull;
 pub mod run;
 pub mod scan;
+pub mod status;
 pub mod verify_shutdown;
 
 use std::path::PathBuf;
@@ -18,14 +19,7 @@ use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use runner_warden::config::{DEFAULT_NAMESPACE, DEFAULT_SOCKET};
 use runner_warden::runtime::errors::FailureClass;
 use runner_warden::runtime::Runtime;
-
-/// The version with the commit it was built from (build.rs).
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("RUNNER_WARDEN_COMMIT"),
-    ")"
-);
+use runner_warden::VERSION;
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +66,27 @@ pub enum Command {
     /// it as kubelet does and time stop → exit. Exit status: 0 graceful, 1 slow or SIGKILLed, 2 could not
     /// run. Sandbox and container are always removed, Ctrl-C included.
     VerifyShutdown(VerifyShutdownArgs),
+    /// Ask the agent running on this node what it holds: each desired image (state, progress, pin,
+    /// audit result, last failure), containerd's and the API server's health, and the findings of the
+    /// last hour. In a cluster: kubectl exec ds/runner-warden -- runner-warden status. Exit status: 0
+    /// ready, 1 not ready, 2 no agent answered.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The agent's metrics address (its report.metrics_address; an agent on 0.0.0.0 is asked on
+    /// 127.0.0.1). Default: --config's report.metrics_address, else 127.0.0.1:9477.
+    #[arg(long, env = "RUNNER_WARDEN_METRICS_ADDRESS")]
+    pub address: Option<String>,
+    /// The agent's configuration file: only its report.metrics_address is read.
+    #[arg(long, env = "RUNNER_WARDEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How long to wait for the agent's answer.
+    #[arg(long, env = "RUNNER_WARDEN_STATUS_TIMEOUT", default_value = "5s", value_parser = duration_arg)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// A duration with a unit (`90s`, `2m`, `1h30m`), or bare seconds.

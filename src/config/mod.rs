@@ -24,6 +24,24 @@ use sections::Problems;
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9477";
+
+/// An address to listen on: `ip:port`, `[ipv6]:port`, or `localhost:port` (loopback; no name lookup,
+/// so the agent never depends on the node's resolver).
+pub fn listen_address(raw: &str) -> Result<SocketAddr, String> {
+    let raw = raw.trim();
+    let bad = || {
+        format!("{raw:?} is not host:port (e.g. \"127.0.0.1:9477\", \"0.0.0.0:9477\", \"localhost:9477\")")
+    };
+    if let Ok(a) = raw.parse() {
+        return Ok(a);
+    }
+    let port = raw
+        .strip_prefix("localhost:")
+        .ok_or_else(bad)?
+        .parse::<u16>()
+        .map_err(|_| bad())?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
 pub const DEFAULT_LEASE_NAMESPACE: &str = "runner-warden";
 
 #[derive(Debug, thiserror::Error)]

@@ -119,10 +119,8 @@ pub(super) fn report(
         .clone()
         .or(raw.metrics_address)
         .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
-    let metrics_address = metrics_raw.parse().unwrap_or_else(|_| {
-        problems.push(format!(
-            "report.metrics_address: {metrics_raw:?} is not host:port (e.g. \"127.0.0.1:9477\")"
-        ));
+    let metrics_address = super::listen_address(&metrics_raw).unwrap_or_else(|e| {
+        problems.push(format!("report.metrics_address: {e}"));
         DEFAULT_METRICS_ADDRESS.parse().expect("default parses")
     });
     let findings = o

@@ -250,3 +250,23 @@ fn a_broken_toml_line_is_reported_with_its_line() {
     assert_eq!(p.len(), 1, "{p:?}");
     assert!(p[0].starts_with("line 3:"), "{p:?}");
 }
+
+#[test]
+fn listen_addresses_take_ips_and_localhost_without_a_lookup() {
+    let a = |s: &str| super::listen_address(s);
+    assert_eq!(a("127.0.0.1:9477").unwrap().to_string(), "127.0.0.1:9477");
+    assert_eq!(a(" 0.0.0.0:1 ").unwrap().to_string(), "0.0.0.0:1");
+    assert_eq!(a("[::1]:9477").unwrap().to_string(), "[::1]:9477");
+    assert_eq!(a("localhost:9477").unwrap().to_string(), "127.0.0.1:9477");
+    for bad in [
+        "nowhere",
+        "localhost",
+        "localhost:",
+        "localhost:99999",
+        "example.com:80",
+        ":9477",
+    ] {
+        let e = a(bad).unwrap_err();
+        assert!(e.contains("is not host:port"), "{bad}: {e}");
+    }
+}

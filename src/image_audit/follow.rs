@@ -18,6 +18,7 @@ use crate::reference::ImageRef;
 use crate::report::messages::{self, ImageSubject};
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
+use crate::report::status::{AuditStatus, StatusBoard};
 
 const AUDIT_RETRIES: u32 = 3;
 const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -27,6 +28,7 @@ pub async fn follow<F: FactsSource>(
     mut news: mpsc::UnboundedReceiver<News>,
     findings: FindingSink,
     metrics: Arc<Metrics>,
+    board: Arc<StatusBoard>,
     stop: CancellationToken,
 ) {
     let mut running: HashMap<ImageRef, CancellationToken> = HashMap::new();
@@ -45,8 +47,14 @@ pub async fn follow<F: FactsSource>(
                 if let Some(old) = running.insert(desired.image.clone(), token.clone()) {
                     old.cancel(); // the tag moved again before the last audit finished
                 }
-                let (a, f, m) = (auditor.clone(), findings.clone(), metrics.clone());
-                tasks.spawn(async move { audit(&a, &desired, &image_id, &f, &m, &token).await });
+                let (a, f, m, b) = (
+                    auditor.clone(),
+                    findings.clone(),
+                    metrics.clone(),
+                    board.clone(),
+                );
+                tasks
+                    .spawn(async move { audit(&a, &desired, &image_id, &f, &m, &b, &token).await });
             }
             Some(News::Left { image }) => {
                 if let Some(t) = running.remove(&image) {
@@ -68,6 +76,7 @@ async fn audit<F: FactsSource>(
     image_id: &str,
     findings: &FindingSink,
     metrics: &Metrics,
+    board: &StatusBoard,
     cancel: &CancellationToken,
 ) {
     let image = d.image.as_str();
@@ -94,6 +103,7 @@ async fn audit<F: FactsSource>(
                 warnings = audit.count(Outcome::Warning),
                 "contract audit done"
             );
+            board.audited(image, audit_status(&audit));
             let subject = ImageSubject {
                 image,
                 project: d.project.as_deref(),
@@ -124,6 +134,45 @@ async fn audit<F: FactsSource>(
                 .with_label_values(&["error"])
                 .inc();
             warn!(image, error = %e, "contract audit could not read the image after {} attempts; it is tried again when the image changes", AUDIT_RETRIES + 1);
+            board.audited(
+                image,
+                AuditStatus {
+                    result: "error".into(),
+                    violations: 0,
+                    warnings: 0,
+                    details: vec![e.to_string()],
+                    at: now(),
+                },
+            );
         }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// An audit as `status` shows it: the outcome and the checks that did not pass.
+fn audit_status(audit: &super::Audit) -> AuditStatus {
+    let (violations, warnings) = (
+        audit.count(Outcome::Violation),
+        audit.count(Outcome::Warning),
+    );
+    AuditStatus {
+        result: match (violations, warnings) {
+            (0, 0) => "passed",
+            (0, _) => "warnings",
+            _ => "violations",
+        }
+        .into(),
+        violations,
+        warnings,
+        details: audit
+            .results
+            .iter()
+            .filter(|r| r.outcome != Outcome::Pass)
+            .map(|r| format!("{}: {}", r.check, r.detail))
+            .collect(),
+        at: now(),
     }
 }

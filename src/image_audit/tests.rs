@@ -13,6 +13,7 @@ use crate::contract::{Kind, PathMeta, LABEL_KEYS};
 use crate::prewarm::{DesiredImage, News};
 use crate::reference::ImageRef;
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
 
 #[derive(Default)]
 struct Table {
@@ -166,6 +167,7 @@ async fn a_failed_read_is_not_cached() {
 struct Job {
     m: Arc<Metrics>,
     captured: crate::report::sink::Captured,
+    board: Arc<StatusBoard>,
     tx: mpsc::UnboundedSender<News>,
     stop: CancellationToken,
     job: tokio::task::JoinHandle<()>,
@@ -176,10 +178,19 @@ fn start(fake: &Fake) -> Job {
     let (sink, captured) = FindingSink::capture(m.clone());
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let job = tokio::spawn(follow(auditor(fake, &m), rx, sink, m.clone(), stop.clone()));
+    let board = Arc::new(StatusBoard::default());
+    let job = tokio::spawn(follow(
+        auditor(fake, &m),
+        rx,
+        sink,
+        m.clone(),
+        board.clone(),
+        stop.clone(),
+    ));
     Job {
         m,
         captured,
+        board,
         tx,
         stop,
         job,
@@ -202,13 +213,18 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
     let Job {
         m,
         captured,
+        board,
         tx,
         stop,
         job,
     } = start(&fake);
+    board.track(image, vec!["a".into()]);
     tx.send(present(image, "a", &["b", "c"])).unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(fake.reads(), 3);
+    let audit = board.images()[0].audit.clone().expect("on the board");
+    assert_eq!((audit.result.as_str(), audit.violations), ("violations", 1));
+    assert!(audit.details[0].starts_with("non-root-user: "), "{audit:?}");
     assert_eq!(m.image_audits_total.with_label_values(&["ok"]).get(), 1);
     let projects: Vec<String> = captured
         .findings()
@@ -252,6 +268,7 @@ async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
     let Job {
         m,
         captured,
+        board: _,
         tx,
         stop,
         job,
@@ -277,13 +294,17 @@ async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
     let Job {
         m,
         captured,
+        board,
         tx,
         stop,
         job,
     } = start(&fake);
+    board.track(image, vec![]);
     tx.send(present(image, "a", &[])).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(fake.reads(), 4, "one read and three retries");
+    let audit = board.images()[0].audit.clone().expect("on the board");
+    assert_eq!((audit.result.as_str(), audit.details.len()), ("error", 1));
     assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 1);
     assert!(captured.reasons().is_empty());
     stop.cancel();

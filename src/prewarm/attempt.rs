@@ -11,6 +11,7 @@ use super::store::{ImageStore, PullProgress};
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
 use crate::reference::ImageRef;
+use crate::report::status::Progress;
 use crate::runtime::cri::Image;
 use crate::runtime::errors::{classify_pull, redact, FailureClass};
 
@@ -270,6 +271,12 @@ impl<S: ImageStore> Prewarmer<S> {
                             g.with_label_values(&[label, "total"]).set(p.total as i64);
                             meter.record(Instant::now(), p.done);
                             let (rate, eta) = (meter.rate(), meter.eta(p.total));
+                            self.board.set_progress(image.as_str(), Progress {
+                                done_bytes: p.done,
+                                total_bytes: p.total,
+                                bytes_per_second: rate,
+                                eta_seconds: eta.map(|e| e.as_secs()),
+                            });
                             if let Some(tx) = &self.progress {
                                 tx.send_replace(Some(PullProgressView { image: image.clone(), done: p.done, total: p.total, rate, eta }));
                             }

@@ -37,9 +37,10 @@ pub use rate::rate_text;
 use store::ImageStore;
 
 use crate::reference::ImageRef;
+use crate::report::health::Health;
 use crate::report::metrics::{Metrics, STATES};
-use crate::report::server::Health;
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
 
 /// What the prewarmer tells whoever follows the node's images (the image audit).
@@ -79,6 +80,7 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     metrics: Arc<Metrics>,
     findings: Option<FindingSink>,
     health: Arc<Health>,
+    board: Arc<StatusBoard>,
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
@@ -104,6 +106,7 @@ impl<S: ImageStore> Prewarmer<S> {
             metrics,
             findings,
             health,
+            board: Arc::new(StatusBoard::default()),
             news: None,
             progress: None,
             states: Mutex::new(BTreeMap::new()),
@@ -117,6 +120,12 @@ impl<S: ImageStore> Prewarmer<S> {
     /// Announce newly present content and departed images on `news`.
     pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
         self.news = Some(news);
+        self
+    }
+
+    /// Note each image's state, progress, pin and last failure on `board` (for `status`).
+    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
+        self.board = board;
         self
     }
 
@@ -164,6 +173,7 @@ impl<S: ImageStore> Prewarmer<S> {
                 if !want_refs.contains(&r) {
                     info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
                     me.states.lock().expect("states lock").remove(&r);
+                    me.board.forget(r.as_str());
                     me.examined.lock().expect("examined lock").remove(&r);
                     me.tell(News::Left { image: r });
                 }
@@ -175,6 +185,8 @@ impl<S: ImageStore> Prewarmer<S> {
                 }
                 let token = stop.child_token();
                 workers.insert(d.image.clone(), (d.clone(), token.clone()));
+                let projects = d.project.iter().chain(&d.other_projects).cloned();
+                me.board.track(d.image.as_str(), projects.collect());
                 me.set_state(&d.image, State::Waiting);
                 let worker = me.clone();
                 tasks.spawn(async move { worker.worker(d, token).await });
@@ -224,6 +236,7 @@ impl<S: ImageStore> Prewarmer<S> {
             .lock()
             .expect("states lock")
             .insert(image.clone(), state);
+        self.board.set_state(image.as_str(), state.label());
         self.publish_states();
     }
 

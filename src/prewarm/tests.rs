@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::fake::{Call, FakeStore, PullScript};
 use super::*;
 use crate::report::sink::{Captured, FindingSink};
+use crate::report::status::StatusBoard;
 use crate::runtime::errors::FailureClass;
 
 const IMG: &str = "r.io/team/runner:v1";
@@ -44,6 +45,7 @@ struct Rig {
     store: FakeStore,
     metrics: Arc<Metrics>,
     captured: Captured,
+    board: Arc<StatusBoard>,
     news: mpsc::UnboundedReceiver<News>,
     prewarmer: Option<Prewarmer<FakeStore>>,
 }
@@ -53,6 +55,7 @@ fn rig(settings: PrewarmSettings) -> Rig {
     let metrics = Arc::new(Metrics::new());
     let (sink, captured) = FindingSink::capture(metrics.clone());
     let (tx, news) = mpsc::unbounded_channel();
+    let board = Arc::new(StatusBoard::default());
     let prewarmer = Prewarmer::new(
         store.clone(),
         settings,
@@ -60,11 +63,13 @@ fn rig(settings: PrewarmSettings) -> Rig {
         Some(sink),
         Arc::new(Health::default()),
     )
-    .with_news(tx);
+    .with_news(tx)
+    .with_board(board.clone());
     Rig {
         store,
         metrics,
         captured,
+        board,
         news,
         prewarmer: Some(prewarmer),
     }
@@ -133,6 +138,16 @@ async fn a_present_image_is_skipped_pinned_and_announced_once() {
         "pinned for its own reference"
     );
     assert_eq!(r.captured.reasons(), ["RunnerImagePrewarmed"]);
+    let on_board = &r.board.images()[0];
+    assert_eq!(
+        (
+            on_board.state.as_str(),
+            on_board.image_id.as_deref(),
+            on_board.pin.as_deref()
+        ),
+        ("ready", Some("sha256:aaa"), Some("pinned"))
+    );
+    assert_eq!(on_board.projects, vec!["team".to_string()]);
     assert_eq!(
         r.news.recv().await,
         Some(News::Present {
@@ -197,6 +212,13 @@ async fn each_failure_class_is_counted_and_retried_with_backoff() {
             Some(class),
             "{class}"
         );
+        let failure = r.board.images()[0]
+            .last_failure
+            .clone()
+            .expect("on the board");
+        assert_eq!(failure.class, class);
+        assert!(failure.attempts >= 3, "{failure:?}");
+        assert!(failure.message.contains(message), "{failure:?}");
         stop.cancel();
         task.await.unwrap();
     }
@@ -376,8 +398,24 @@ async fn an_image_that_leaves_the_set_is_cancelled_unpinned_and_announced() {
         })
         .await;
     assert!(matches!(r.news.recv().await, Some(News::Present { .. })));
+    r.wait(|r| r.board.images().iter().any(|i| i.progress.is_some()))
+        .await;
+    let pulling = r
+        .board
+        .images()
+        .into_iter()
+        .find(|i| i.image == IMG)
+        .unwrap();
+    assert_eq!(pulling.state, "pulling");
+    assert_eq!(pulling.progress.unwrap().done_bytes, 1);
     tx.send_replace(vec![desired(IMG)]);
     r.wait(|r| !r.store.state().pins.contains_key(other)).await;
+    let left: Vec<String> = r.board.images().into_iter().map(|i| i.image).collect();
+    assert_eq!(
+        left,
+        vec![IMG.to_string()],
+        "the departed image left the board"
+    );
     assert_eq!(
         r.news.recv().await,
         Some(News::Left {

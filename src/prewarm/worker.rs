@@ -111,6 +111,7 @@ impl<S: ImageStore> Prewarmer<S> {
             },
         };
         let id = outcome.image_id().to_string();
+        self.board.present(image.as_str(), &id, pin.label());
         let how = arrival.describe();
         if last_id.as_deref() == Some(id.as_str()) {
             debug!(image = %image, image_id = %id, "{how}; unchanged");
@@ -137,6 +138,8 @@ impl<S: ImageStore> Prewarmer<S> {
             .with_label_values(&[f.class.as_str()])
             .inc();
         let delay = self.retry_delay(mem.failures);
+        self.board
+            .failed(d.image.as_str(), f.class.as_str(), &f.message, mem.failures);
         warn!(
             image = %d.image,
             class = f.class.as_str(),

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 use super::findings::{
     Finding, Kind, Level, Regarding, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
 };
+use super::health::ApiHealth;
 use super::messages::{truncate, MESSAGE_MAX};
 use super::metrics::Metrics;
 use super::ratelimit::SpamLimit;
@@ -92,13 +93,21 @@ pub trait EventApi: Send + 'static {
     ) -> impl std::future::Future<Output = Result<(), PublishError>> + Send;
 }
 
-impl EventApi for Recorder {
+/// kube-rs's `Recorder`, telling the API server's health how each write went.
+struct KubeEvents {
+    recorder: Recorder,
+    api: Arc<ApiHealth>,
+}
+
+impl EventApi for KubeEvents {
     async fn publish(
         &self,
         event: &Event,
         regarding: &ObjectReference,
     ) -> Result<(), PublishError> {
-        match Recorder::publish(self, event, regarding).await {
+        let result = self.recorder.publish(event, regarding).await;
+        self.api.observe("writing an Event", &result);
+        match result {
             Ok(()) => Ok(()),
             Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
                 Err(PublishError::Rejected {
@@ -118,6 +127,7 @@ pub fn spawn(
     leader: Arc<AtomicBool>,
     uid_of: UidLookup,
     metrics: Arc<Metrics>,
+    api: Arc<ApiHealth>,
     stop: CancellationToken,
 ) -> (EventQueue, tokio::task::JoinHandle<()>) {
     let recorder = Recorder::new(
@@ -128,7 +138,8 @@ pub fn spawn(
         },
     );
     let (queue, rx) = queue(metrics.clone());
-    let task = tokio::spawn(publish_loop(rx, recorder, leader, uid_of, metrics, stop));
+    let events = KubeEvents { recorder, api };
+    let task = tokio::spawn(publish_loop(rx, events, leader, uid_of, metrics, stop));
     (queue, task)
 }
 

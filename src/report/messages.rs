@@ -47,6 +47,17 @@ pub enum PinState {
     Disabled,
 }
 
+impl PinState {
+    /// As `status` shows it.
+    pub fn label(self) -> &'static str {
+        match self {
+            PinState::Pinned => "pinned",
+            PinState::Ignored => "not_honoured",
+            PinState::Disabled => "disabled",
+        }
+    }
+}
+
 /// The image a finding is about: its reference and the project that wants it (if any).
 #[derive(Clone, Copy, Debug)]
 pub struct ImageSubject<'a> {

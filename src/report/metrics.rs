@@ -33,6 +33,7 @@ pub struct Metrics {
     pub prewarm_progress_bytes: IntGaugeVec,
     pub pinning_honoured: IntGauge,
     pub runtime_up: IntGauge,
+    pub api_server_up: IntGauge,
     pub config_reloads_total: IntCounterVec,
     pub events_total: IntCounterVec,
     pub image_violations: IntGaugeVec,
@@ -103,6 +104,11 @@ impl Metrics {
         let runtime_up = IntGauge::new(
             name("runtime_up"),
             "1 when the last call to containerd succeeded.",
+        )
+        .expect("valid metric");
+        let api_server_up = IntGauge::new(
+            name("api_server_up"),
+            "With a cluster: 1 when the API server answered the last call, 0 when it could not be reached; -1 standalone or before the first call.",
         )
         .expect("valid metric");
         let config_reloads_total = IntCounterVec::new(
@@ -223,6 +229,7 @@ impl Metrics {
             Box::new(prewarm_progress_bytes.clone()),
             Box::new(pinning_honoured.clone()),
             Box::new(runtime_up.clone()),
+            Box::new(api_server_up.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(events_total.clone()),
             Box::new(image_violations.clone()),
@@ -271,6 +278,7 @@ impl Metrics {
             shutdowns_total.with_label_values(&[o]);
         }
         pinning_honoured.set(-1);
+        api_server_up.set(-1);
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -283,6 +291,7 @@ impl Metrics {
             prewarm_progress_bytes,
             pinning_honoured,
             runtime_up,
+            api_server_up,
             config_reloads_total,
             events_total,
             image_violations,

@@ -1,10 +1,12 @@
 //! Reporting: findings (JSON lines standalone, Kubernetes Events with a cluster), Prometheus metrics, and
-//! the HTTP server that exposes them with health and readiness.
+//! the HTTP server that exposes them with health, readiness and the agent's status.
 
 pub mod events;
 pub mod findings;
+pub mod health;
 pub mod messages;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod sink;
+pub mod status;

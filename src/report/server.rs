@@ -1,35 +1,34 @@
-//! `/metrics`, `/healthz` (the process answers) and `/readyz` (containerd reachable and the first
-//! reconcile done).
+//! `/metrics`, `/healthz` (the process answers), `/readyz` (containerd and, with a cluster, the API
+//! server reachable, and the first reconcile done) and `/status` (what `runner-warden status` shows).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+use super::health::Health;
 use super::metrics::Metrics;
+use super::status::{RuntimeStatus, StatusBoard, StatusDocument};
 
-#[derive(Default)]
-pub struct Health {
-    pub runtime_ok: AtomicBool,
-    pub first_reconcile_done: AtomicBool,
-}
+/// Where `/status` is served (the `status` command asks it).
+pub const STATUS_PATH: &str = "/status";
 
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.runtime_ok.load(Ordering::Relaxed) && self.first_reconcile_done.load(Ordering::Relaxed)
-    }
-}
-
+/// What the server reads: the jobs' shared state, and the facts fixed at start.
 #[derive(Clone)]
-struct AppState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+pub struct Served {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub board: Arc<StatusBoard>,
+    pub node: Option<String>,
+    pub socket: String,
+    pub started: SystemTime,
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -38,21 +37,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    served: Served,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, health });
+        .route(STATUS_PATH, get(status_handler))
+        .with_state(served);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }
 
-async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+async fn metrics_handler(State(s): State<Served>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
@@ -62,20 +61,36 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.ready() {
+async fn ready_handler(State(s): State<Served>) -> impl IntoResponse {
+    let why = s.health.not_ready_because();
+    if why.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        let mut why = Vec::new();
-        if !s.health.runtime_ok.load(Ordering::Relaxed) {
-            why.push("containerd not reachable");
-        }
-        if !s.health.first_reconcile_done.load(Ordering::Relaxed) {
-            why.push("first reconcile not done");
-        }
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", why.join(", ")),
         )
+    }
+}
+
+async fn status_handler(State(s): State<Served>) -> Json<StatusDocument> {
+    Json(document(&s))
+}
+
+pub fn document(s: &Served) -> StatusDocument {
+    let not_ready_because = s.health.not_ready_because();
+    StatusDocument {
+        version: crate::VERSION.to_string(),
+        node: s.node.clone(),
+        started: humantime::format_rfc3339_seconds(s.started).to_string(),
+        ready: not_ready_because.is_empty(),
+        not_ready_because,
+        runtime: RuntimeStatus {
+            socket: s.socket.clone(),
+            reachable: s.health.runtime_ok.load(Ordering::Relaxed),
+        },
+        api_server: s.health.api.snapshot(),
+        images: s.board.images(),
+        findings_last_hour: s.board.recent(),
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::events::EventQueue;
 use super::findings::{Finding, Level, Regarding};
 use super::metrics::Metrics;
+use super::status::StatusBoard;
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -23,6 +24,7 @@ pub struct FindingSink {
     out: Arc<Mutex<Box<dyn Write + Send>>>,
     metrics: Arc<Metrics>,
     events: Option<EventQueue>,
+    board: Option<Arc<StatusBoard>>,
 }
 
 impl FindingSink {
@@ -42,6 +44,7 @@ impl FindingSink {
             out: Arc::new(Mutex::new(out)),
             metrics,
             events: None,
+            board: None,
         })
     }
 
@@ -51,7 +54,16 @@ impl FindingSink {
         self
     }
 
+    /// Also keep every finding for `status` (the last hour's).
+    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
+        self.board = Some(board);
+        self
+    }
+
     pub fn publish(&self, finding: &Finding) {
+        if let Some(b) = &self.board {
+            b.record(finding);
+        }
         if let Some(ev) = &self.events {
             ev.push(finding);
         }
@@ -153,6 +165,7 @@ impl FindingSink {
             out: Arc::new(Mutex::new(Box::new(c.clone()))),
             metrics,
             events: None,
+            board: None,
         };
         (sink, c)
     }

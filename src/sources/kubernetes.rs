@@ -22,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::desired::{plan, ClusterPolicy, ProjectWant};
+use super::retry::WatchRetry;
 use crate::credentials::Keyring;
 use crate::prewarm::{ClusterSecret, DesiredImage};
 use crate::report::findings::PULL_SECRET_INVALID;
+use crate::report::health::{client_answered, ApiHealth};
 use crate::report::messages;
 use crate::report::sink::FindingSink;
 use crate::shutdown::stop_clock::{PodStops, StopRequest};
@@ -135,16 +137,18 @@ struct CachedSecret {
 /// Feeds the prewarmer and the shutdown timer from the cluster until `stop`.
 pub struct KubeSource {
     client: Client,
+    api_health: Arc<ApiHealth>,
     settings: KubeSettings,
     store: Store<ProjectSettings>,
     writer: Option<reflector::store::Writer<ProjectSettings>>,
 }
 
 impl KubeSource {
-    pub fn new(client: Client, settings: KubeSettings) -> Self {
+    pub fn new(client: Client, settings: KubeSettings, api_health: Arc<ApiHealth>) -> Self {
         let (store, writer) = reflector::store();
         Self {
             client,
+            api_health,
             settings,
             store,
             writer: Some(writer),
@@ -172,18 +176,24 @@ impl KubeSource {
         .modify(|ps: &mut ProjectSettings| {
             ps.managed_fields_mut().clear();
         })
-        .default_backoff()
         .reflect(writer);
         let reflect = tokio::spawn({
             let stop = stop.clone();
+            let mut retry = WatchRetry::new("ProjectSettings", self.api_health.clone());
             async move {
                 let mut stream = std::pin::pin!(stream);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         ev = stream.next() => match ev {
-                            Some(Ok(_)) => { let _ = changed_tx.send(()); }
-                            Some(Err(e)) => warn!(error = %e, "watching ProjectSettings failed; retrying with backoff"),
+                            Some(Ok(ev)) => {
+                                // `Init` comes before the list request: not an answer.
+                                if !matches!(ev, watcher::Event::Init) {
+                                    retry.answered();
+                                }
+                                let _ = changed_tx.send(());
+                            }
+                            Some(Err(e)) => if !retry.pause(&e, &stop).await { return },
                             None => return,
                         }
                     }
@@ -275,7 +285,12 @@ impl KubeSource {
                         Ok(s) => secret_problem(s.as_ref(), ns, name),
                         Err(e) => {
                             // Not the secret's fault: keep what we had, try again next round.
-                            warn!(secret = %format!("{ns}/{name}"), error = %e, "cannot read the pull secret; keeping the last copy");
+                            if client_answered(&e) {
+                                self.api_health.answered();
+                                warn!(secret = %format!("{ns}/{name}"), error = %e, "cannot read the pull secret; keeping the last copy");
+                            } else {
+                                self.api_health.unreachable("reading a pull secret", &e);
+                            }
                             continue;
                         }
                     };
@@ -338,8 +353,12 @@ impl KubeSource {
                 None => Vec::new(),
             },
             Ok(None) => Vec::new(),
-            Err(e) => {
+            Err(e) if client_answered(&e) => {
                 warn!(configmap = %format!("{ns}/{name}"), error = %e, "cannot read the agent registry");
+                Vec::new()
+            }
+            Err(e) => {
+                self.api_health.unreachable("reading the agent registry", &e);
                 Vec::new()
             }
         }
@@ -350,6 +369,7 @@ impl KubeSource {
 /// shutdown timer.
 pub async fn watch_runner_pods(
     client: Client,
+    api_health: Arc<ApiHealth>,
     node: String,
     stops: Arc<PodStops>,
     stop: CancellationToken,
@@ -362,16 +382,17 @@ pub async fn watch_runner_pods(
                 .fields(&format!("spec.nodeName={node}"))
                 .labels(sel),
         )
-        .default_backoff()
         .applied_objects()
         .boxed()
     });
     let mut merged = futures::stream::select_all(streams);
+    let mut retry = WatchRetry::new("runner pods on this node", api_health);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             ev = merged.try_next() => match ev {
                 Ok(Some(pod)) => {
+                    retry.answered();
                     if let Some(req) = stop_request(&pod) {
                         if let Some(uid) = pod.uid() {
                             debug!(pod = %pod.name_any(), "runner pod deleted; its stop clock runs");
@@ -380,7 +401,7 @@ pub async fn watch_runner_pods(
                     }
                 }
                 Ok(None) => return,
-                Err(e) => warn!(error = %e, "watching runner pods on this node failed; retrying with backoff"),
+                Err(e) => if !retry.pause(&e, &stop).await { return },
             }
         }
     }
@@ -392,12 +413,14 @@ pub const UID_RANGE_ANNOTATION: &str = "openshift.io/sa.scc.uid-range";
 /// Keeps every namespace's UID range for the runtime audit.
 pub async fn watch_namespace_ranges(
     client: Client,
+    api_health: Arc<ApiHealth>,
     ranges: Arc<crate::process_audit::scanner::NamespaceRanges>,
     stop: CancellationToken,
 ) {
     use k8s_openapi::api::core::v1::Namespace;
     let api: Api<Namespace> = Api::all(client);
-    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let mut retry = WatchRetry::new("namespaces (UID ranges)", api_health);
     let apply = |ns: &Namespace| {
         let name = ns.name_any();
         let raw = ns.annotations().get(UID_RANGE_ANNOTATION);
@@ -411,10 +434,16 @@ pub async fn watch_namespace_ranges(
         tokio::select! {
             _ = stop.cancelled() => return,
             ev = stream.next() => match ev {
-                Some(Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns))) => apply(&ns),
-                Some(Ok(watcher::Event::Delete(ns))) => ranges.set(&ns.name_any(), None),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => warn!(error = %e, "watching namespaces for UID ranges failed; retrying with backoff"),
+                Some(Ok(watcher::Event::Init)) => {}
+                Some(Ok(ev)) => {
+                    retry.answered();
+                    match ev {
+                        watcher::Event::Apply(ns) | watcher::Event::InitApply(ns) => apply(&ns),
+                        watcher::Event::Delete(ns) => ranges.set(&ns.name_any(), None),
+                        _ => {}
+                    }
+                }
+                Some(Err(e)) => if !retry.pause(&e, &stop).await { return },
                 None => return,
             }
         }

@@ -14,6 +14,8 @@ use kube::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::report::health::{client_answered, ApiHealth};
+
 pub const LEASE_NAME: &str = "runner-warden-reporter";
 const LEASE_SECONDS: i32 = 30;
 const RENEW_EVERY: Duration = Duration::from_secs(10);
@@ -38,16 +40,21 @@ pub async fn run(
     namespace: String,
     me: String,
     leader: Arc<AtomicBool>,
+    api_health: Arc<ApiHealth>,
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     loop {
-        let held = match try_hold(&api, &me).await {
+        let result = try_hold(&api, &me).await;
+        api_health.observe("renewing the reporter lease", &result);
+        let held = match result {
             Ok(h) => h,
-            Err(e) => {
+            Err(e) if client_answered(&e) => {
                 warn!(lease = %format!("{namespace}/{LEASE_NAME}"), error = %e, "cannot read or renew the reporter lease; cluster-wide findings are left to other nodes until it works");
                 false
             }
+            // Unreachable: ApiHealth says so once for every call.
+            Err(_) => false,
         };
         if held != leader.swap(held, Ordering::Relaxed) {
             info!(

@@ -4,6 +4,9 @@
 pub mod desired;
 pub mod kubernetes;
 pub mod leader;
+pub mod retry;
+
+pub use retry::WATCH_BACKOFF_MAX;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
