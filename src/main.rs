@@ -55,6 +55,8 @@ fn main() -> ExitCode {
             Command::Scan(args) => cli::scan::run(args).await,
             Command::VerifyShutdown(args) => cli::verify_shutdown::run(args).await,
             Command::Status(args) => cli::status::run(args).await,
+            Command::Completions(args) => cli::docs::completions(args),
+            Command::Man(args) => cli::docs::man(args),
         }
     });
     // Do not wait for blocking tasks (stdin readers etc.) beyond the deadline.

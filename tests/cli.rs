@@ -418,3 +418,33 @@ fn status_without_an_agent_is_exit_2_with_a_json_error() {
         "{err}"
     );
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_itself() {
+    let (code, bash, _) = run(&["completions", "bash"], &[]);
+    assert_eq!(code, 0);
+    for word in ["verify-shutdown", "check-image", "status", "--kubeconfig"] {
+        assert!(bash.contains(word), "{word} not in the bash completions");
+    }
+    let (code, zsh, _) = run(&["completions", "zsh"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        zsh.starts_with("#compdef runner-warden"),
+        "{}",
+        &zsh[..40.min(zsh.len())]
+    );
+    let (code, page, _) = run(&["man"], &[]);
+    assert_eq!(code, 0);
+    assert!(page.contains(".TH runner-warden 1"), "{page}");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&["man", "--dir", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let run_page = std::fs::read_to_string(dir.path().join("runner-warden-run.1")).unwrap();
+    assert!(
+        run_page.contains("RUNNER_WARDEN_CONFIG"),
+        "the variables are on the page"
+    );
+    let (code, _, err) = run(&["completions", "tcsh"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("possible values"), "{err}");
+}

@@ -389,7 +389,27 @@ spec:
                 },
             )
             .await;
+        // The outage is a state: /readyz and api_server_up say so, and the log says it once.
+        let why = agent
+            .wait(S(60), "/readyz naming the API server", || async {
+                let (code, body) = agent.get("/readyz").await?;
+                (code == 503 && body.contains("API server https://127.0.0.1:6443 not reachable"))
+                    .then_some(body)
+            })
+            .await;
+        assert!(!why.contains("containerd"), "{why}");
+        assert_eq!(
+            metric(&agent.metrics().await, "runner_warden_api_server_up"),
+            Some(0.0)
+        );
         run("start-apiserver");
+        agent
+            .wait_metric("runner_warden_api_server_up", S(90), |v| v == 1.0)
+            .await;
+        let logs = agent.logs();
+        assert!(logs.contains("API server reachable again"), "{logs}");
+        let lost = logs.matches("API server unreachable").count();
+        assert_eq!(lost, 1, "one line for one outage:\n{logs}");
         k.project_settings(
             "rw-after",
             &bed.image("runners/compliant:v1"),

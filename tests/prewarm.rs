@@ -371,6 +371,18 @@ async fn progress_is_visible_while_a_large_image_pulls() {
         .wait_metric(&total_series, S(30), |v| v > 100.0 * 1024.0 * 1024.0)
         .await;
     let first = agent.wait_metric(&done_series, S(30), |v| v > 0.0).await;
+    // `status` shows the same pull (tokio's Command: the throttling proxy runs in this process).
+    let out = tokio::process::Command::new(BIN)
+        .args(["status", "--output", "json", "--address"])
+        .arg(format!("127.0.0.1:{}", agent.port))
+        .output()
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let progress = &doc["images"][0]["progress"];
+    assert_eq!(doc["images"][0]["state"], "pulling", "{doc}");
+    assert!(progress["done_bytes"].as_u64().unwrap() > 0, "{doc}");
+    assert!(progress["total_bytes"].as_f64().unwrap() >= total, "{doc}");
     let later = agent.wait_metric(&done_series, S(30), |v| v > first).await;
     assert!(later <= total);
     agent
@@ -634,4 +646,111 @@ async fn sigterm_during_a_pull_cancels_it_and_exits_quickly() {
         !bed.cri_status(image).await.0,
         "the pull must have been cancelled"
     );
+}
+
+#[tokio::test]
+async fn status_shows_each_image_its_health_and_the_last_hours_findings() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let root = bed.image("runners/audit-root:v1");
+    let refused = bed.image("runners/demo-b:v1");
+    bed.remove_repo(&bed.image("runners/demo-b")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = bed.good_secret(dir.path());
+    let bad = bed.secret(dir.path(), "bad.json", &bed.registry, &bed.user, "wrong");
+    let agent = Agent::start_in(
+        &bed,
+        dir,
+        "failure_finding_after = 1",
+        &format!(
+            "[[images]]\nimage = \"{root}\"\npull_secret = \"{}\"\nproject = \"team-a\"\n\
+             [[images]]\nimage = \"{refused}\"\npull_secret = \"{}\"\nproject = \"team-b\"\n",
+            good.display(),
+            bad.display()
+        ),
+    );
+    agent
+        .wait_finding("RunnerImageContractViolation", &root, S(90))
+        .await;
+    agent
+        .wait_finding("RunnerImagePullFailed", &refused, S(60))
+        .await;
+    let status = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("status")
+            .args(args)
+            .output()
+            .expect("run runner-warden status");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // Found through the agent's own config file, as an operator on the node would.
+    let (code, out) = status(&[
+        "--config",
+        agent.config.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "the agent is ready: {out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["runtime"]["reachable"], true);
+    assert!(doc.get("api_server").is_none(), "standalone: {doc}");
+    let image = |r: &str| {
+        doc["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["image"] == r)
+            .cloned()
+            .unwrap_or_else(|| panic!("{r} not in {doc}"))
+    };
+    let r = image(&root);
+    assert_eq!(r["state"], "ready", "{r}");
+    assert_eq!(r["pin"], "pinned", "{r}");
+    assert_eq!(r["projects"][0], "team-a");
+    assert!(
+        r["image_id"].as_str().unwrap().starts_with("sha256:"),
+        "{r}"
+    );
+    assert_eq!(r["audit"]["result"], "violations", "{r}");
+    assert!(
+        r["audit"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d.as_str().unwrap().starts_with("non-root-user")),
+        "{r}"
+    );
+    let f = image(&refused);
+    assert_eq!(f["state"], "failed", "{f}");
+    assert_eq!(f["last_failure"]["class"], "auth", "{f}");
+    assert!(f["last_failure"]["attempts"].as_u64().unwrap() >= 1);
+    let reasons: Vec<&str> = doc["findings_last_hour"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    for want in [
+        "RunnerImagePrewarmed",
+        "RunnerImageContractViolation",
+        "RunnerImagePullFailed",
+    ] {
+        assert!(reasons.contains(&want), "{want} not in {reasons:?}");
+    }
+    assert!(!out.contains("wrong\""), "the password stays out: {out}");
+
+    let (code, table) = status(&["--address", &format!("127.0.0.1:{}", agent.port)]);
+    assert_eq!(code, 0);
+    for want in [
+        root.as_str(),
+        "pinned",
+        "violations",
+        "auth ×",
+        "Findings in the last hour",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
 }

@@ -2,6 +2,7 @@
 //! adapter over the library: it calls one job and prints what it returns.
 
 pub mod check_image;
+pub mod docs;
 pub mod logging;
 pub mod progress;
 pub mod pull;
@@ -71,6 +72,26 @@ pub enum Command {
     /// last hour. In a cluster: kubectl exec ds/runner-warden -- runner-warden status. Exit status: 0
     /// ready, 1 not ready, 2 no agent answered.
     Status(StatusArgs),
+    /// Print a shell completion script: e.g. runner-warden completions bash >
+    /// /etc/bash_completion.d/runner-warden.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on standard output, or with --dir write one page per command there
+    /// (runner-warden.1, runner-warden-run.1, …).
+    Man(ManArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(clap::Args)]
+pub struct ManArgs {
+    /// Write every page into this directory instead of printing the main one.
+    #[arg(long, env = "RUNNER_WARDEN_MAN_DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -402,4 +423,35 @@ pub fn env_error(cmd: &clap::Command, err: &clap::Error, argv: &[String]) -> Opt
         .trim_start_matches("error: ")
         .replace(&format!("for '{arg}'"), &format!("in {env}"));
     Some(reworded)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// The README promises it, and the DaemonSet sets options this way.
+    #[test]
+    fn every_option_of_every_command_has_an_environment_variable() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if a.get_long().is_some() && !builtin && a.get_env().is_none() {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        check(&Cli::command(), "runner-warden", &mut missing);
+        assert!(missing.is_empty(), "no environment variable: {missing:?}");
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
