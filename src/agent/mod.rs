@@ -93,7 +93,7 @@ impl Agent {
                 health.runtime_ok.store(true, Ordering::Relaxed);
                 metrics.runtime_up.set(1);
             }
-            Err(e) => warn!("{e}; will keep trying"),
+            Err(e) => warn!(error = %e, "containerd not reachable yet; will keep trying"),
         }
         info!(
             images = settings.images.len(),

@@ -31,7 +31,7 @@ pub(super) async fn watch_config(
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            warn!("cannot install the SIGHUP handler ({e}); the config file is still polled");
+            warn!(error = %e, "cannot install the SIGHUP handler; the config file is still polled");
             None
         }
     };

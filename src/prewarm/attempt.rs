@@ -16,7 +16,9 @@ use crate::runtime::cri::Image;
 use crate::runtime::errors::{classify_pull, redact, FailureClass};
 
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
-const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// The agent's log line for a running pull: steady, and rare enough that a multi-GB pull stays a few
+/// lines (the `pull` command and `status` show every sample).
+pub(super) const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// A running pull as the `pull` command draws it.
 #[derive(Clone, Debug, PartialEq)]

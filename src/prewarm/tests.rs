@@ -626,3 +626,55 @@ async fn adding_an_image_leaves_the_other_workers_alone() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Log lines written while a test runs, for the few tests that check what the operator reads.
+#[derive(Clone, Default)]
+struct LogLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogLines {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_pull_is_logged_at_a_steady_cadence_with_its_rate() {
+    let lines = LogLines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let r = rig(settings());
+    let p = r.prewarmer.as_ref().unwrap();
+    r.store.script(IMG, [PullScript::Hang]);
+    let store = r.store.clone();
+    // 1 MiB/s for 95 s, then the pull hangs until the stall timeout ends it.
+    let feeder = tokio::spawn(async move {
+        for i in 1..=95u64 {
+            store.state().progress_done = i << 20;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let f = p.attempt(&desired(IMG), false).await.unwrap_err();
+    assert_eq!(f.class, FailureClass::Stalled);
+    feeder.await.unwrap();
+    let text = lines.text();
+    let progress: Vec<&str> = text.lines().filter(|l| l.contains("pulling: ")).collect();
+    // At 30, 60 and 90 s while bytes arrive, then 120 s while stalled (before the 30 s stall timeout).
+    assert_eq!(progress.len(), 4, "{text}");
+    assert!(progress[0].contains("MiB/s"), "{}", progress[0]);
+    assert!(progress[0].contains(IMG), "{}", progress[0]);
+}

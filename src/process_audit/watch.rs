@@ -64,7 +64,7 @@ pub async fn run(
                 match scanner.container_of(pid) {
                     Some(id) => {
                         if let Err(e) = scanner.scan_container(&id).await {
-                            warn!("runtime rescan failed: {e}");
+                            warn!(container = %id, error = %e, "runtime rescan failed");
                         }
                         false
                     }
@@ -97,7 +97,7 @@ pub async fn run(
                 }
                 Err(e) if !containerd_down => {
                     containerd_down = true;
-                    warn!("runtime audit scan failed: {e}; retrying every interval");
+                    warn!(error = %e, "runtime audit scan failed; retrying every interval");
                 }
                 Err(_) => {}
             }

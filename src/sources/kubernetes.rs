@@ -347,7 +347,7 @@ impl KubeSource {
         match api.get_opt(name).await {
             Ok(Some(cm)) => match cm.data.as_ref().and_then(|d| d.get("agent-registry.json")) {
                 Some(json) => agent_registry_images(json).unwrap_or_else(|e| {
-                    warn!(configmap = %format!("{ns}/{name}"), "agent-registry.json is {e}; its images are not prewarmed");
+                    warn!(configmap = %format!("{ns}/{name}"), error = %e, "agent-registry.json is unusable; its images are not prewarmed");
                     Vec::new()
                 }),
                 None => Vec::new(),
