@@ -108,6 +108,7 @@ pub(super) async fn start(
                 default_images: k.default_images.clone(),
             },
             agent_registry: k.agent_registry.clone(),
+            agent_namespace: k.lease_namespace.clone(),
         },
         api_health.clone(),
     );

@@ -14,6 +14,7 @@ use crate::report::metrics::Metrics;
 use crate::runtime::Runtime;
 
 const RUNTIME_PROBE: Duration = Duration::from_secs(10);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) async fn probe_runtime(
     runtime: Runtime,
@@ -21,6 +22,7 @@ pub(super) async fn probe_runtime(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
+    health.beat();
     let mut outage = Outage::default();
     if !health.runtime_ok.load(Ordering::Relaxed) {
         // Start-up already said it could not connect.
@@ -31,7 +33,15 @@ pub(super) async fn probe_runtime(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RUNTIME_PROBE) => {}
         }
-        let result = runtime.version().await;
+        // A containerd that accepts but never answers must not wedge the probe (and so liveness).
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, runtime.version()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "containerd did not answer Version within {}s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        };
+        health.beat();
         health.runtime_ok.store(result.is_ok(), Ordering::Relaxed);
         metrics.runtime_up.set(result.is_ok() as i64);
         let now = Instant::now();

@@ -15,15 +15,31 @@ pub const FIRST_REMINDER: Duration = Duration::from_secs(20);
 /// Reminders never come further apart than this.
 pub const REMINDER_MAX: Duration = Duration::from_secs(300);
 
+/// `/healthz` fails once the agent's own probe loop has not come round for this long: the process
+/// answers HTTP but its jobs are stuck (a wedged runtime), and a restart is the cure.
+pub const STUCK_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
 pub struct Health {
     pub runtime_ok: AtomicBool,
     pub first_reconcile_done: AtomicBool,
     /// Followed only with a cluster (`ApiHealth::follow`).
     pub api: Arc<ApiHealth>,
+    heartbeat: Mutex<Option<Instant>>,
 }
 
 impl Health {
+    /// The probe loop came round.
+    pub fn beat(&self) {
+        *self.heartbeat.lock().expect("heartbeat lock") = Some(Instant::now());
+    }
+
+    /// How long the loop has been stuck, once that is longer than `STUCK_AFTER`.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        let last = (*self.heartbeat.lock().expect("heartbeat lock"))?;
+        Some(last.elapsed()).filter(|d| *d > STUCK_AFTER)
+    }
+
     pub fn ready(&self) -> bool {
         self.not_ready_because().is_empty()
     }
@@ -259,6 +275,19 @@ mod tests {
         );
         assert_eq!(o.failed(t0 + Duration::from_secs(139)), None);
         assert!(o.failed(t0 + Duration::from_secs(140)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_fails_only_when_the_loop_stopped_coming_round() {
+        let h = Health::default();
+        assert_eq!(h.stuck_for(), None, "before the first round");
+        h.beat();
+        tokio::time::advance(STUCK_AFTER).await;
+        assert_eq!(h.stuck_for(), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.stuck_for(), Some(STUCK_AFTER + Duration::from_secs(1)));
+        h.beat();
+        assert_eq!(h.stuck_for(), None);
     }
 
     #[tokio::test]

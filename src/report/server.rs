@@ -1,4 +1,4 @@
-//! `/metrics`, `/healthz` (the process answers), `/readyz` (containerd and, with a cluster, the API
+//! `/metrics`, `/healthz` (the agent's loop comes round), `/readyz` (containerd and, with a cluster, the API
 //! server reachable, and the first reconcile done) and `/status` (what `runner-warden status` shows).
 
 use std::net::SocketAddr;
@@ -42,7 +42,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live_handler))
         .route("/readyz", get(ready_handler))
         .route(STATUS_PATH, get(status_handler))
         .with_state(served);
@@ -59,6 +59,19 @@ async fn metrics_handler(State(s): State<Served>) -> impl IntoResponse {
         )],
         s.metrics.render(),
     )
+}
+
+async fn live_handler(State(s): State<Served>) -> impl IntoResponse {
+    match s.health.stuck_for() {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stuck: the agent's probe loop has not run for {}s\n",
+                d.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn ready_handler(State(s): State<Served>) -> impl IntoResponse {

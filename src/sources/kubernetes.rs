@@ -85,6 +85,8 @@ pub struct KubeSettings {
     pub policy: ClusterPolicy,
     /// `namespace/name` of the agent-registry ConfigMap (`agent-registry.json`), if used.
     pub agent_registry: Option<(String, String)>,
+    /// Where the agent's ServiceAccount lives (POD_NAMESPACE), for the RoleBinding a project needs.
+    pub agent_namespace: String,
 }
 
 /// Images named by the agent registry: `[].container.image` and `[].sandbox.stateSyncImage`.
@@ -125,6 +127,16 @@ fn secret_problem(secret: Option<&Secret>, ns: &str, name: &str) -> Result<Keyri
         .and_then(|d| d.get(".dockerconfigjson"))
         .ok_or_else(|| format!("Secret {ns}/{name} has no .dockerconfigjson key"))?;
     Keyring::parse(&data.0).map_err(|e| format!("Secret {ns}/{name}: .dockerconfigjson {e}"))
+}
+
+/// The ClusterRole deploy/overlays/namespaced-secrets gives the platform to bind in each project namespace.
+pub const PROJECT_SECRETS_ROLE: &str = "runner-warden-project-secrets";
+
+/// A Secret the agent may not read (the namespaced-secrets install): what to create so it can.
+pub fn secret_forbidden(ns: &str, name: &str, agent_namespace: &str) -> String {
+    format!(
+        "runner-warden may not read Secret {ns}/{name} (Forbidden): bind ClusterRole {PROJECT_SECRETS_ROLE} to its ServiceAccount in namespace {ns}: kubectl -n {ns} create rolebinding runner-warden-secrets --clusterrole={PROJECT_SECRETS_ROLE} --serviceaccount={agent_namespace}:runner-warden"
+    )
 }
 
 struct CachedSecret {
@@ -283,6 +295,11 @@ impl KubeSource {
                     let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
                     let result = match api.get_opt(name).await {
                         Ok(s) => secret_problem(s.as_ref(), ns, name),
+                        // Not bound in this namespace (namespaced-secrets): the project must act.
+                        Err(kube::Error::Api(st)) if st.code == 403 => {
+                            self.api_health.answered();
+                            Err(secret_forbidden(ns, name, &self.settings.agent_namespace))
+                        }
                         Err(e) => {
                             // Not the secret's fault: keep what we had, try again next round.
                             if client_answered(&e) {
@@ -488,6 +505,16 @@ mod tests {
             ["quay.io/a/claude:1", "quay.io/a/sync:1"]
         );
         assert!(agent_registry_images("{}").is_err());
+    }
+
+    #[test]
+    fn a_forbidden_secret_names_the_rolebinding_to_create() {
+        let m = secret_forbidden("team-a", "pull", "runner-warden");
+        assert!(m.contains("Secret team-a/pull (Forbidden)"), "{m}");
+        assert!(
+            m.contains("kubectl -n team-a create rolebinding runner-warden-secrets --clusterrole=runner-warden-project-secrets --serviceaccount=runner-warden:runner-warden"),
+            "{m}"
+        );
     }
 
     #[test]
