@@ -9,7 +9,7 @@ mod common;
 mod on_a_cluster {
     use std::time::Duration;
 
-    use crate::common::cluster::Cluster;
+    use crate::common::cluster::{runner_pod, Cluster, COMPLIANT};
     use crate::common::*;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::Api;
@@ -20,31 +20,6 @@ mod on_a_cluster {
         ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
         ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
     ];
-
-    fn runner_pod(ns: &str, name: &str, image: &str, extra_spec: &str, security: &str) -> String {
-        let node = Cluster::get().node;
-        format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: {ns}
-  labels: {{app: ambient-code-runner, agentic-session: {name}}}
-spec:
-  nodeName: {node}
-  imagePullSecrets: [{{name: pull}}]
-  {extra_spec}
-  containers:
-  - name: ambient-code-runner
-    image: "{image}"
-    imagePullPolicy: IfNotPresent
-    securityContext: {security}
-"#
-        )
-    }
-
-    const COMPLIANT: &str =
-        "{runAsUser: 1001, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
 
     #[tokio::test]
     async fn project_images_are_prewarmed_pinned_and_start_without_a_pull() {

@@ -251,6 +251,14 @@ impl<A: EventApi> Writer<A> {
                     self.count("written");
                     return true;
                 }
+                // A namespace being deleted takes no new Events: its objects are going too.
+                Err(PublishError::Rejected { code: 403, message })
+                    if message.contains("because it is being terminated") =>
+                {
+                    self.count("no_object");
+                    debug!(reason = f.reason, object = %key.0, "namespace is being deleted; event not written");
+                    return true;
+                }
                 Err(PublishError::Rejected { code, message }) => {
                     self.count("failed");
                     warn!(reason = f.reason, object = %key.0, code, error = %message, "the API server rejected the event");

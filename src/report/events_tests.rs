@@ -16,6 +16,8 @@ struct Api {
     /// Transient failures still to answer before writes succeed again.
     away_for: usize,
     reject: bool,
+    /// Answer as the API server does for a namespace being deleted.
+    terminating: bool,
 }
 
 impl FakeApi {
@@ -33,6 +35,12 @@ impl EventApi for FakeApi {
         if a.away_for > 0 {
             a.away_for -= 1;
             return Err(PublishError::Transient("connection refused".into()));
+        }
+        if a.terminating {
+            return Err(PublishError::Rejected {
+                code: 403,
+                message: "events.events.k8s.io \"x\" is forbidden: unable to create new content in namespace ns because it is being terminated".into(),
+            });
         }
         if a.reject {
             return Err(PublishError::Rejected {
@@ -197,6 +205,19 @@ async fn a_rejected_event_is_counted_and_the_queue_goes_on() {
     r.queue.push(&pod_finding("p2"));
     r.settle().await;
     assert_eq!(r.api.written().len(), 1);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_for_a_namespace_being_deleted_is_not_a_failure() {
+    let mut r = rig(true);
+    r.api.api().terminating = true;
+    let task = r.start();
+    r.queue.push(&pod_finding("p1"));
+    r.settle().await;
+    assert_eq!(r.counted("failed"), 0);
+    assert_eq!(r.counted("no_object"), 1);
     r.stop.cancel();
     task.await.unwrap();
 }

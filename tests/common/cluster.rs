@@ -13,6 +13,33 @@ use kube::Client;
 
 use super::{wait_for, Agent, Bed, BIN};
 
+/// A runner pod pinned to the node, in the platform's shape (labels, container name, the `pull` Secret).
+pub fn runner_pod(ns: &str, name: &str, image: &str, extra_spec: &str, security: &str) -> String {
+    let node = Cluster::get().node;
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{app: ambient-code-runner, agentic-session: {name}}}
+spec:
+  nodeName: {node}
+  imagePullSecrets: [{{name: pull}}]
+  {extra_spec}
+  containers:
+  - name: ambient-code-runner
+    image: "{image}"
+    imagePullPolicy: IfNotPresent
+    securityContext: {security}
+"#
+    )
+}
+
+/// What the contract asks of a runner's securityContext.
+pub const COMPLIANT: &str =
+    "{runAsUser: 1001, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
+
 pub struct Cluster {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
