@@ -154,6 +154,18 @@ mod as_a_daemonset {
             ev.reporting_instance.as_deref(),
             Some(format!("runner-warden-{}", k.node).as_str())
         );
+        // The README's query finds them.
+        let listed = k.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "rw-ds",
+            "--field-selector",
+            "reportingComponent=ambient-code.io/runner-warden",
+            "-o",
+            "name",
+        ]);
+        assert!(!listed.trim().is_empty(), "no events by reportingComponent");
         // The static audit of that (root) image.
         let violation = k
             .wait_event(
