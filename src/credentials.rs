@@ -346,22 +346,110 @@ impl Pattern {
     }
 }
 
-/// `*` and `?` within one host label, like Go's `filepath.Match` on a label.
+/// The longest host label DNS allows; a longer key or image label never matches (and bounds the work).
+const LABEL_MAX: usize = 63;
+
+/// `*` and `?` within one host label, like Go's `filepath.Match` on a label. Iterative, remembering only the
+/// last `*`: at most `pattern × text` steps (a recursive matcher backtracks exponentially on `*a*a*a…`, and
+/// a workspace admin writes the pattern).
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    match (pattern.first(), text.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => {
-            glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
-        }
-        (Some(b'?'), Some(_)) => glob_match(&pattern[1..], &text[1..]),
-        (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
-        _ => false,
+    if pattern.len() > LABEL_MAX || text.len() > LABEL_MAX {
+        return false;
     }
+    let (mut p, mut t) = (0, 0);
+    // Where the last `*` was, and the text position it now stands for the end of.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // Let the last `*` swallow one more byte and retry from after it.
+                Some((sp, st)) => {
+                    star = Some((sp, st + 1));
+                    p = sp + 1;
+                    t = st + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The recursive definition, for comparison on small inputs.
+    fn glob_reference(pattern: &[u8], text: &[u8]) -> bool {
+        match (pattern.first(), text.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => {
+                glob_reference(&pattern[1..], text)
+                    || (!text.is_empty() && glob_reference(pattern, &text[1..]))
+            }
+            (Some(b'?'), Some(_)) => glob_reference(&pattern[1..], &text[1..]),
+            (Some(p), Some(t)) if p == t => glob_reference(&pattern[1..], &text[1..]),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn glob_matching_agrees_with_the_definition_on_every_small_case() {
+        // Every pattern over {a, b, *, ?} up to 5 long against every text over {a, b} up to 6 long.
+        fn words(alphabet: &[u8], max: usize) -> Vec<Vec<u8>> {
+            let mut all = vec![vec![]];
+            let mut layer = vec![vec![]];
+            for _ in 0..max {
+                layer = layer
+                    .iter()
+                    .flat_map(|w: &Vec<u8>| {
+                        alphabet.iter().map(move |&c| {
+                            let mut w = w.clone();
+                            w.push(c);
+                            w
+                        })
+                    })
+                    .collect();
+                all.extend(layer.iter().cloned());
+            }
+            all
+        }
+        let (patterns, texts) = (words(b"ab*?", 5), words(b"ab", 6));
+        for p in &patterns {
+            for t in &texts {
+                assert_eq!(
+                    glob_match(p, t),
+                    glob_reference(p, t),
+                    "{:?} vs {:?}",
+                    String::from_utf8_lossy(p),
+                    String::from_utf8_lossy(t)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_hostile_glob_ends_and_labels_are_capped() {
+        // `*a*a*…*b` against `aaaa…`: 2^31 steps for a backtracking matcher (this test would not end),
+        // at most 63 × 63 here (timed in benches/keyring.rs).
+        let pattern = "*a".repeat(31) + "b";
+        let text = "a".repeat(63);
+        assert!(!glob_match(pattern.as_bytes(), text.as_bytes()));
+        let long = "a".repeat(64);
+        assert!(
+            !glob_match(b"*", long.as_bytes()),
+            "longer than a DNS label"
+        );
+        assert!(glob_match(b"*", "a".repeat(63).as_bytes()));
+    }
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
