@@ -9,7 +9,7 @@ use containerd_client::services::v1::GetImageRequest;
 use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
 use tokio_util::io::SyncIoBridge;
 
-use super::layers::{classify, FsBuilder, PASSWD_MAX};
+use super::layers::{classify, clean, FsBuilder, PASSWD_MAX};
 use crate::contract::{ImageFacts, Kind, PathMeta};
 use crate::runtime::errors::RuntimeError;
 use crate::runtime::Runtime;
@@ -252,6 +252,12 @@ pub fn walk_layer<R: Read>(
         let size = header.size()?;
         let path = entry.path()?.to_string_lossy().into_owned();
         let change = classify(&path);
+        if header.entry_type() == tar::EntryType::Link {
+            if let (super::layers::Change::Add(p), Some(target)) = (&change, entry.link_name()?) {
+                fs.link(p.clone(), &clean(&target.to_string_lossy()), meta);
+                continue;
+            }
+        }
         let wants = matches!(&change, super::layers::Change::Add(p) if FsBuilder::wants_content(p, kind, size));
         fs.apply(change, meta);
         if wants {

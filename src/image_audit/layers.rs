@@ -32,14 +32,28 @@ pub enum Change {
     Opaque(String),
 }
 
-/// Normalises a tar path (`./app/`, `app`, `/app`) to `/app`, and recognises whiteouts.
+/// A tar path as containerd applies it: `filepath.Clean` (empty and `.` components dropped, `..` taking
+/// the previous one), then resolved under the root with `..` clamped at `/` (`fs.RootPath`). So
+/// `./app/`, `app`, `etc//passwd`, `a/../etc/passwd` and `../../etc/passwd` name what containerd writes:
+/// `/app`, `/etc/passwd`. (Only `./` stripped let a later `etc//passwd` replace `/etc/passwd` for containerd
+/// while the audit kept the first.)
+pub fn clean(raw: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in raw.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Normalises a tar path (`clean`) and recognises whiteouts.
 pub fn classify(raw: &str) -> Change {
-    let trimmed = raw.trim_start_matches("./").trim_matches('/');
-    let path = if trimmed.is_empty() || trimmed == "." {
-        "/".to_string()
-    } else {
-        format!("/{trimmed}")
-    };
+    let path = clean(raw);
     let (dir, name) = path.rsplit_once('/').unwrap_or(("", &path));
     let dir = if dir.is_empty() { "/" } else { dir };
     if name == OPAQUE {
@@ -82,6 +96,20 @@ impl FsBuilder {
             Change::Add(path) => self.add(path, meta),
             Change::Whiteout(target) => self.remove(|p| p == target || under(p, &target), false),
             Change::Opaque(dir) => self.remove(|p| under(p, &dir), true),
+        }
+    }
+
+    /// A hard link at `path` to `target` (both as `clean` gives them): containerd makes it the same inode,
+    /// so it is setuid, or a credential, when its target is — whatever its own header says.
+    pub fn link(&mut self, path: String, target: &str, meta: PathMeta) {
+        let setuid_target = self.setuid.contains_key(target);
+        let credential_target = self.credentials.contains_key(target);
+        self.add(path.clone(), meta);
+        if setuid_target {
+            self.setuid.insert(path.clone(), self.layer);
+        }
+        if credential_target {
+            self.credentials.insert(path, self.layer);
         }
     }
 
@@ -250,6 +278,51 @@ mod tests {
         ]);
         assert!(f.setuid_files.is_empty());
         assert_eq!(f.paths["/tmp"].mode, 0o1777);
+    }
+
+    #[test]
+    fn paths_are_cleaned_as_containerd_applies_them() {
+        for (raw, want) in [
+            ("etc//passwd", "/etc/passwd"),
+            ("a/../etc/passwd", "/etc/passwd"),
+            ("../../etc/passwd", "/etc/passwd"),
+            ("/etc/./passwd/", "/etc/passwd"),
+            ("./", "/"),
+            ("..", "/"),
+            ("usr/bin/../../bin/su", "/bin/su"),
+        ] {
+            assert_eq!(clean(raw), want, "{raw}");
+        }
+        // A later layer's `etc//su` replaces `/etc/su` for containerd: so for the audit.
+        let f = build(&[
+            &[("usr/bin/su", file(0o4755))],
+            &[("usr//bin/./su", file(0o755))],
+        ]);
+        assert!(f.setuid_files.is_empty(), "{:?}", f.setuid_files);
+        let f = build(&[&[("x/../usr/bin/.wh.su", file(0))], &[]]);
+        assert!(f.setuid_files.is_empty());
+    }
+
+    #[test]
+    fn a_hard_link_to_a_setuid_file_is_setuid_whatever_its_header_says() {
+        let mut b = FsBuilder::new();
+        b.begin_layer(0);
+        b.apply(classify("usr/bin/su"), file(0o4755));
+        b.apply(classify("root/.docker/config.json"), file(0o600));
+        b.begin_layer(1);
+        b.link("/opt/helper".into(), "/usr/bin/su", file(0o644));
+        b.link(
+            "/opt/creds".into(),
+            "/root/.docker/config.json",
+            file(0o644),
+        );
+        b.link("/opt/plain".into(), "/etc/hostname", file(0o644));
+        let mut f = ImageFacts::default();
+        b.finish(&mut f);
+        let setuid: Vec<&str> = f.setuid_files.iter().map(String::as_str).collect();
+        assert_eq!(setuid, ["/opt/helper", "/usr/bin/su"]);
+        assert!(f.credential_files.contains(&"/opt/creds".to_string()));
+        assert!(!f.credential_files.contains(&"/opt/plain".to_string()));
     }
 
     #[test]
