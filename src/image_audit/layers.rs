@@ -321,8 +321,8 @@ mod tests {
         b.finish(&mut f);
         let setuid: Vec<&str> = f.setuid_files.iter().map(String::as_str).collect();
         assert_eq!(setuid, ["/opt/helper", "/usr/bin/su"]);
-        assert!(f.credential_files.contains(&"/opt/creds".to_string()));
-        assert!(!f.credential_files.contains(&"/opt/plain".to_string()));
+        assert!(f.credential_files.contains("/opt/creds"));
+        assert!(!f.credential_files.contains("/opt/plain"));
     }
 
     #[test]
