@@ -119,15 +119,20 @@ impl ProcConnector {
         Ok(())
     }
 
-    /// Blocks up to the receive timeout; returns the credential events of one datagram (possibly none).
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Vec<CredentialEvent>> {
-        // SAFETY: receives into our own buffer, bounded by its length.
+    /// Blocks up to the receive timeout; returns what one datagram said.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        // SAFETY: zeroed sockaddr_nl is a valid value; recvfrom fills at most its length.
+        let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: receives into our own buffer, bounded by its length, and our own address struct.
         let n = unsafe {
-            libc::recv(
+            libc::recvfrom(
                 self.fd.as_raw_fd(),
                 buf.as_mut_ptr() as *mut libc::c_void,
                 buf.len(),
                 0,
+                &mut from as *mut libc::sockaddr_nl as *mut libc::sockaddr,
+                &mut from_len,
             )
         };
         if n < 0 {
@@ -135,11 +140,34 @@ impl ProcConnector {
             return match e.kind() {
                 io::ErrorKind::WouldBlock
                 | io::ErrorKind::TimedOut
-                | io::ErrorKind::Interrupted => Ok(Vec::new()),
+                | io::ErrorKind::Interrupted => Ok(Received::Events(Vec::new())),
+                // The kernel dropped events our buffer had no room for: the caller rescans.
+                _ if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
                 _ => Err(e),
             };
         }
-        Ok(parse(&buf[..n as usize]))
+        Ok(judge(from.nl_pid, &buf[..n as usize]))
+    }
+}
+
+/// What one receive gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    Events(Vec<CredentialEvent>),
+    /// Events were lost (ENOBUFS): only a full scan knows what happened meanwhile.
+    Overrun,
+    /// A datagram that did not come from the kernel (port id ≠ 0): another process on the host may send
+    /// to our port; it is never believed.
+    NotKernel {
+        sender: u32,
+    },
+}
+
+/// Believes a datagram only from the kernel.
+pub fn judge(sender: u32, datagram: &[u8]) -> Received {
+    match sender {
+        0 => Received::Events(parse(datagram)),
+        sender => Received::NotKernel { sender },
     }
 }
 
@@ -178,25 +206,48 @@ pub fn parse(buf: &[u8]) -> Vec<CredentialEvent> {
     out
 }
 
-/// Runs the connector on its own thread until `stop`, sending each credential event's pid to `tx`.
+/// What the reader thread tells the rescan loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectorEvent {
+    /// A process exec'd or changed UID or GID.
+    Credentials { tgid: u32 },
+    /// Events were lost: rescan everything.
+    Overrun,
+}
+
+/// Runs the connector on its own thread until `stop`, sending each credential event's pid (and each
+/// overrun) to `tx`. `up` goes to 0 if the socket fails for good (the loop then polls only).
 pub fn spawn(
     conn: ProcConnector,
-    tx: tokio::sync::mpsc::Sender<u32>,
+    tx: tokio::sync::mpsc::Sender<ConnectorEvent>,
+    up: prometheus::IntGauge,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("proc-connector".into())
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut spoofed_said = false;
             while !stop.load(Ordering::Relaxed) {
                 match conn.recv(&mut buf) {
-                    Ok(events) => {
+                    Ok(Received::Events(events)) => {
                         for e in events {
                             // A full queue means a rescan is pending anyway: drop, never block.
-                            let _ = tx.try_send(e.tgid);
+                            let _ = tx.try_send(ConnectorEvent::Credentials { tgid: e.tgid });
+                        }
+                    }
+                    Ok(Received::Overrun) => {
+                        tracing::debug!("proc connector overrun (events lost); a full rescan follows");
+                        let _ = tx.try_send(ConnectorEvent::Overrun);
+                    }
+                    Ok(Received::NotKernel { sender }) => {
+                        if !spoofed_said {
+                            spoofed_said = true;
+                            tracing::warn!(sender, "ignoring proc connector messages that do not come from the kernel (another process on the host sends to the agent's netlink port)");
                         }
                     }
                     Err(e) => {
+                        up.set(0);
                         tracing::warn!(error = %e, "proc connector read failed; falling back to polling");
                         return;
                     }
@@ -235,5 +286,15 @@ mod tests {
             [CredentialEvent { tgid: 10 }, CredentialEvent { tgid: 30 }]
         );
         assert!(parse(&buf[..10]).is_empty());
+    }
+
+    #[test]
+    fn only_the_kernel_is_believed() {
+        let buf = event(PROC_EVENT_UID, 11, 10);
+        assert_eq!(
+            judge(0, &buf),
+            Received::Events(vec![CredentialEvent { tgid: 10 }])
+        );
+        assert_eq!(judge(4242, &buf), Received::NotKernel { sender: 4242 });
     }
 }

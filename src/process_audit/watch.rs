@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::proc_connector::{self, ProcConnector};
+use super::proc_connector::{self, ConnectorEvent, ProcConnector};
 use super::scanner::Scanner;
 use crate::report::metrics::Metrics;
 
@@ -29,7 +29,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(4096);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ConnectorEvent>(4096);
     let stop_flag = Arc::new(AtomicBool::new(false));
     let mut reader = None;
     if settings.proc_connector {
@@ -37,7 +37,12 @@ pub async fn run(
             Ok(conn) => {
                 metrics.proc_connector_up.set(1);
                 info!("process events from the kernel's proc connector drive runtime rescans");
-                reader = Some(proc_connector::spawn(conn, tx, stop_flag.clone()));
+                reader = Some(proc_connector::spawn(
+                    conn,
+                    tx,
+                    metrics.proc_connector_up.clone(),
+                    stop_flag.clone(),
+                ));
             }
             Err(e) => {
                 metrics.proc_connector_up.set(0);
@@ -60,16 +65,22 @@ pub async fn run(
             _ = stop.cancelled() => break,
             _ = tick.tick() => true,
             _ = tokio::time::sleep_until(deferred.unwrap_or_else(Instant::now)), if deferred.is_some() => true,
-            Some(pid) = rx.recv() => {
-                match scanner.container_of(pid) {
+            Some(event) = rx.recv() => {
+                let pid = match event {
+                    ConnectorEvent::Credentials { tgid } => tgid,
+                    // Events were lost: what changed meanwhile is only known to a full scan (spaced
+                    // like the others, so a storm of overruns is not a storm of scans).
+                    ConnectorEvent::Overrun => 0,
+                };
+                match (pid != 0).then(|| scanner.container_of(pid)).flatten() {
                     Some(id) => {
                         if let Err(e) = scanner.scan_container(&id).await {
                             warn!(container = %id, error = %e, "runtime rescan failed");
                         }
                         false
                     }
-                    // Maybe a container the last full scan did not see yet.
-                    None if is_containerized(pid) => {
+                    // An overrun, or maybe a container the last full scan did not see yet.
+                    None if pid == 0 || is_containerized(pid) => {
                         let due = last_full + MIN_FULL_SCAN_GAP;
                         if Instant::now() >= due {
                             true
