@@ -63,12 +63,28 @@ impl PullOutcome {
 #[error("{message} [{class}]")]
 pub struct Failure {
     pub class: FailureClass,
+    /// For the operator (logs, `status`, the one-shot commands): names every secret tried.
     pub message: String,
+    /// For each project that has its own secret for the image, the message naming only that project's
+    /// secrets and keys: a finding on one project never tells it about another's.
+    pub per_project: Vec<(String, String)>,
 }
 
 impl Failure {
     fn new(class: FailureClass, message: String) -> Self {
-        Self { class, message }
+        Self {
+            class,
+            message,
+            per_project: Vec::new(),
+        }
+    }
+
+    /// What a finding on `project` says.
+    pub fn message_for(&self, project: Option<&str>) -> &str {
+        project
+            .and_then(|p| self.per_project.iter().find(|(q, _)| q == p))
+            .map(|(_, m)| m.as_str())
+            .unwrap_or(&self.message)
     }
 }
 
@@ -77,6 +93,8 @@ impl Failure {
 struct Credentials {
     keyring: Option<Keyring>,
     secret_names: Vec<String>,
+    /// Each project's own secrets (cluster secrets are `namespace/name`), for per-project messages.
+    by_project: Vec<(String, Credentials)>,
 }
 
 impl Credentials {
@@ -107,9 +125,33 @@ impl Credentials {
                     .map(|s| format!("secret {}", s.name)),
             )
             .collect();
+        let mut projects: Vec<&str> = d
+            .cluster_secrets
+            .iter()
+            .filter_map(|s| s.name.split_once('/').map(|(ns, _)| ns))
+            .collect();
+        projects.sort_unstable();
+        projects.dedup();
+        let by_project = projects
+            .into_iter()
+            .map(|p| {
+                let own: Vec<_> = d
+                    .cluster_secrets
+                    .iter()
+                    .filter(|s| s.name.split_once('/').map(|(ns, _)| ns) == Some(p))
+                    .collect();
+                let c = Credentials {
+                    keyring: Some(Keyring::merged(own.iter().map(|s| &s.keyring))),
+                    secret_names: own.iter().map(|s| format!("secret {}", s.name)).collect(),
+                    by_project: Vec::new(),
+                };
+                (p.to_string(), c)
+            })
+            .collect();
         Ok(Self {
             keyring,
             secret_names,
+            by_project,
         })
     }
 
@@ -198,15 +240,21 @@ impl<S: ImageStore> Prewarmer<S> {
             }
         }
         let f = first_auth.expect("the anonymous attempt always runs");
-        Err(Failure::new(
-            FailureClass::Auth,
+        let refused = |c: &Credentials, creds: &[&Credential]| {
             format!(
                 "registry {} refused {image}: {}; {}",
                 image.registry(),
-                credentials.tried(image, &creds),
+                c.tried(image, creds),
                 f.message
-            ),
-        ))
+            )
+        };
+        let mut failure = Failure::new(FailureClass::Auth, refused(&credentials, &creds));
+        failure.per_project = credentials
+            .by_project
+            .iter()
+            .map(|(p, c)| (p.clone(), refused(c, &c.matching(image))))
+            .collect();
+        Err(failure)
     }
 
     /// CRI's status of `image`; keeps `runtime_up` and readiness in step with what containerd answers.

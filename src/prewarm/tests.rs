@@ -374,6 +374,58 @@ async fn credentials_are_tried_most_specific_first_then_anonymously() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_project_is_told_only_of_its_own_secret() {
+    let secret = |ns: &str, key: &str, user: &str| ClusterSecret {
+        name: format!("{ns}/pull"),
+        keyring: crate::credentials::Keyring::parse(
+            format!(r#"{{"auths":{{"{key}":{{"username":"{user}","password":"pw-{user}"}}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap(),
+    };
+    let mut r = rig(PrewarmSettings {
+        failure_finding_after: 1,
+        ..settings()
+    });
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::Unknown,
+            "failed with status code [manifests v1]: 401 Unauthorized".into(),
+        )],
+    );
+    let mut d = desired(IMG);
+    d.project = Some("team-a".into());
+    d.other_projects = vec!["team-b".into()];
+    d.cluster_secrets = vec![
+        secret("team-a", "r.io/team", "alice"),
+        secret("team-b", "r.io", "bob"),
+    ];
+    let (_tx, stop, task) = r
+        .run_until(vec![d], |r| r.captured.reasons().len() == 2)
+        .await;
+    for f in r.captured.findings() {
+        let ns = f["regarding"]["namespace"].as_str().unwrap().to_string();
+        let (own, own_keys, other) = match ns.as_str() {
+            "team-a" => ("team-a/pull", "(keys: r.io/team)", "team-b/pull"),
+            _ => ("team-b/pull", "(keys: r.io)", "team-a/pull"),
+        };
+        let m = f["message"].as_str().unwrap();
+        assert!(m.contains(own) && m.contains(own_keys), "{ns}: {m}");
+        assert!(!m.contains(other), "{ns} learns of the other: {m}");
+        assert!(m.contains("tried 1 credential(s)"), "{ns}: {m}");
+    }
+    // The operator's log line (and status) names both.
+    let all = r.board.images()[0].last_failure.clone().unwrap().message;
+    assert!(
+        all.contains("team-a/pull") && all.contains("team-b/pull"),
+        "{all}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_secret_that_cannot_be_read_is_reported_once_and_never_pulled_with() {
     let mut r = rig(settings());
     let mut d = desired(IMG);

@@ -164,16 +164,31 @@ impl<S: ImageStore> Prewarmer<S> {
                 );
             }
         } else if mem.failures == self.settings.failure_finding_after {
-            self.publish(
-                d,
-                messages::pull_failed(
-                    subject(d),
-                    mem.failures,
-                    f.class.as_str(),
-                    &f.message,
-                    f.class.advice(),
-                ),
-            );
+            if let Some(sink) = &self.findings {
+                // One finding per project, each naming only that project's own secrets.
+                for p in d.project.iter().chain(&d.other_projects) {
+                    let s = ImageSubject {
+                        image: d.image.as_str(),
+                        project: Some(p),
+                    };
+                    sink.publish(&messages::pull_failed(
+                        s,
+                        mem.failures,
+                        f.class.as_str(),
+                        f.message_for(Some(p)),
+                        f.class.advice(),
+                    ));
+                }
+                if d.project.is_none() {
+                    sink.publish(&messages::pull_failed(
+                        subject(d),
+                        mem.failures,
+                        f.class.as_str(),
+                        &f.message,
+                        f.class.advice(),
+                    ));
+                }
+            }
         }
         delay
     }
