@@ -24,7 +24,7 @@ fn scan(bed: &Bed, pod: &str, extra: &[&str]) -> (i32, Vec<(String, String)>) {
         .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
     let rows = v["rows"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no rows: {text}{}", String::from_utf8_lossy(&out.stderr)))
         .iter()
         .filter(|r| r["container"]["pod"] == pod)
         .map(|r| {

@@ -174,9 +174,18 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             ..ScanResult::default()
         };
         for c in &containers {
-            let (rows, n) = self.scan_one(c).await?;
-            result.processes += n;
-            result.rows.extend(rows);
+            match self.scan_one(c).await {
+                Ok((rows, n)) => {
+                    result.processes += n;
+                    result.rows.extend(rows);
+                }
+                Err(e) if e.is_unreachable() => return Err(e),
+                // One container going away mid-scan (its shim gone, its task stopping) must not cost the
+                // others their audit: it is looked at again next scan, if it is still there.
+                Err(e) => {
+                    debug!(pod = %c.pod, container = %c.name, error = %e, "container not scanned this time")
+                }
+            }
         }
         {
             // Containers that are gone no longer count.

@@ -19,6 +19,8 @@ struct Node {
     list_pids_calls: usize,
     /// Serve `cgroup.procs` files (named after the container id), as the host does.
     cgroup_files: bool,
+    /// ListPids of these containers fails with this code (a task going away, containerd going down).
+    pids_fail: HashMap<String, tonic::Code>,
 }
 
 #[derive(Clone, Default)]
@@ -37,6 +39,13 @@ impl ContainerLister for Fake {
     async fn container_pids(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {
         let mut n = self.node();
         n.list_pids_calls += 1;
+        if let Some(code) = n.pids_fail.get(id) {
+            return Err(RuntimeError::call(
+                "tasks.ListPids",
+                std::path::Path::new("/fake.sock"),
+                tonic::Status::new(*code, "ttrpc: closed"),
+            ));
+        }
         Ok(n.pids.get(id).cloned().unwrap_or_default())
     }
 }
@@ -308,4 +317,24 @@ async fn a_namespace_range_replaces_the_range_but_keeps_the_exact_uid() {
     ranges.set("team", None);
     assert_eq!(ranges.get("team"), None);
     assert!(scanner.scan_all().await.unwrap().rows.is_empty());
+}
+
+#[tokio::test]
+async fn a_container_going_away_mid_scan_costs_the_others_nothing() {
+    let r = rig();
+    r.add("gone", vec![process(10, 1001, 0)]);
+    r.add("root", vec![process(20, 0, 0)]);
+    r.fake
+        .node()
+        .pids_fail
+        .insert("gone".into(), tonic::Code::Unknown);
+    let result = r.scanner.scan_all().await.expect("the scan goes on");
+    assert_eq!(result.rows.len(), 1, "{:?}", result.rows);
+    assert_eq!(result.rows[0].container.id, "root");
+    // containerd itself away is the scan's failure (the caller says so once).
+    r.fake
+        .node()
+        .pids_fail
+        .insert("gone".into(), tonic::Code::Unavailable);
+    assert!(r.scanner.scan_all().await.unwrap_err().is_unreachable());
 }
