@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format, &filter);
+    if let Err(e) = runner_warden::credentials::forbid_core_dumps() {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable; a core dump could hold pull secrets");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

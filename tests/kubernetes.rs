@@ -332,6 +332,60 @@ mod on_a_cluster {
     }
 
     #[tokio::test]
+    async fn the_agent_registry_keeps_its_images_through_a_broken_edit() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        k.project(&bed, "rw-registry").await;
+        let image = bed.image("runners/compliant:v1");
+        let registry = |json: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ambient-agent-registry, namespace: rw-registry}}\ndata:\n  agent-registry.json: '{json}'\n")
+        };
+        k.apply(&registry(&format!(
+            r#"[{{"container":{{"image":"{image}"}}}}]"#
+        )));
+        let agent = k
+            .agent_with(
+                &bed,
+                &ENV,
+                "[kubernetes]\nagent_registry = \"rw-registry/ambient-agent-registry\"\n",
+            )
+            .await;
+        let desired = || async {
+            let out = tokio::process::Command::new(BIN)
+                .args(["status", "--output", "json", "--address"])
+                .arg(format!("127.0.0.1:{}", agent.port))
+                .output()
+                .await
+                .ok()?;
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            doc["images"]
+                .as_array()?
+                .iter()
+                .any(|i| i["image"] == image.as_str())
+                .then_some(())
+        };
+        agent
+            .wait(S(60), "the registry's image desired", desired)
+            .await;
+        // A broken edit (or a failed read) keeps what the registry named before.
+        k.apply(&registry("[not json"));
+        agent
+            .wait(S(60), "the broken edit noticed", || async {
+                agent
+                    .logs()
+                    .contains("keeping the images it named before")
+                    .then_some(())
+            })
+            .await;
+        assert!(
+            desired().await.is_some(),
+            "the image left the desired set:\n{}",
+            agent.logs()
+        );
+        k.kubectl(&["delete", "namespace", "rw-registry", "--wait=false"]);
+    }
+
+    #[tokio::test]
     async fn the_agent_recovers_when_the_api_server_comes_back() {
         let _g = serial().await;
         let (bed, k) = (Bed::get(), Cluster::get());

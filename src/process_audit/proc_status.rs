@@ -10,15 +10,17 @@ use std::io::Read;
 use crate::contract::process::ProcFacts;
 
 pub fn read(pid: u32) -> std::io::Result<Option<ProcFacts>> {
-    let mut buf = String::with_capacity(2048);
+    let mut buf = Vec::with_capacity(2048);
     read_with(pid, &mut buf)
 }
 
-/// `read` with a caller-owned buffer (one allocation per scan, not per process).
-pub fn read_with(pid: u32, buf: &mut String) -> std::io::Result<Option<ProcFacts>> {
+/// `read` with a caller-owned buffer (one allocation per scan, not per process). Bytes, not text: the
+/// kernel copies a process's name as it was set (`prctl(PR_SET_NAME, "\xff…")`), so the file need not be
+/// UTF-8 — and a runner must not escape the audit by renaming itself.
+pub fn read_with(pid: u32, buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
     buf.clear();
     let opened = std::fs::File::open(format!("/proc/{pid}/status"));
-    let result = opened.and_then(|mut f| f.read_to_string(buf));
+    let result = opened.and_then(|mut f| f.read_to_end(buf));
     match result {
         Ok(_) => {}
         // Gone (ENOENT), or exiting while read (ESRCH): churn.
@@ -44,26 +46,34 @@ fn hex(v: &str) -> Option<u64> {
     u64::from_str_radix(v.trim(), 16).ok()
 }
 
-/// Parses the fields the checks need; `None` when a mandatory one is missing.
-pub fn parse_status(pid: u32, text: &str) -> Option<ProcFacts> {
+/// Parses the fields the checks need; `None` when a mandatory one is missing. Only the name may hold
+/// bytes that are not UTF-8 (shown with U+FFFD); every other field the kernel writes is ASCII.
+pub fn parse_status(pid: u32, text: &[u8]) -> Option<ProcFacts> {
     let (mut comm, mut uids, mut gids) = (None, None, None);
     let (mut eff, mut prm, mut inh, mut amb, mut bnd) = (None, None, None, 0, 0);
     let (mut nnp, mut seccomp) = (None, None);
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else {
+    for line in text.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (k, raw) = (&line[..colon], &line[colon + 1..]);
+        if k == b"Name" {
+            comm = Some(String::from_utf8_lossy(raw).trim().to_string());
+            continue;
+        }
+        let Ok(v) = std::str::from_utf8(raw) else {
             continue;
         };
         match k {
-            "Name" => comm = Some(v.trim().to_string()),
-            "Uid" => uids = ids(v),
-            "Gid" => gids = ids(v),
-            "CapInh" => inh = hex(v),
-            "CapPrm" => prm = hex(v),
-            "CapEff" => eff = hex(v),
-            "CapBnd" => bnd = hex(v).unwrap_or(0),
-            "CapAmb" => amb = hex(v).unwrap_or(0),
-            "NoNewPrivs" => nnp = v.trim().parse::<u8>().ok().map(|n| n != 0),
-            "Seccomp" => seccomp = v.trim().parse().ok(),
+            b"Uid" => uids = ids(v),
+            b"Gid" => gids = ids(v),
+            b"CapInh" => inh = hex(v),
+            b"CapPrm" => prm = hex(v),
+            b"CapEff" => eff = hex(v),
+            b"CapBnd" => bnd = hex(v).unwrap_or(0),
+            b"CapAmb" => amb = hex(v).unwrap_or(0),
+            b"NoNewPrivs" => nnp = v.trim().parse::<u8>().ok().map(|n| n != 0),
+            b"Seccomp" => seccomp = v.trim().parse().ok(),
             _ => {}
         }
     }
@@ -143,13 +153,37 @@ mod tests {
         let text = "Name:\tsleep\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t1001\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
                     CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000001000\n\
                     CapBnd:\t00000000a80425fb\nCapAmb:\t0000000000000000\nNoNewPrivs:\t0\nSeccomp:\t2\n";
-        let p = parse_status(7, text).unwrap();
+        let p = parse_status(7, text.as_bytes()).unwrap();
         assert_eq!(
             (p.comm.as_str(), p.uids, p.cap_eff, p.cap_bnd),
             ("sleep", [1001, 0, 0, 0], 0x1000, 0xa80425fb)
         );
         assert_eq!((p.no_new_privs, p.seccomp), (Some(false), Some(2)));
-        assert_eq!(parse_status(7, "Name:\tx\n"), None);
+        assert_eq!(parse_status(7, b"Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_process_that_renames_itself_to_bytes_that_are_not_utf8_is_still_read() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: PR_SET_NAME copies at most 16 bytes from a NUL-terminated buffer we own.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"\xff\xferunner".as_ptr()) };
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let raw = std::fs::read(format!("/proc/self/task/{tid}/status")).unwrap();
+        assert!(
+            std::str::from_utf8(&raw).is_err(),
+            "the kernel kept the raw bytes"
+        );
+        let p = parse_status(tid as u32, &raw).expect("parsed");
+        assert_eq!(p.comm, "\u{FFFD}\u{FFFD}runner");
+        assert_eq!(p.uids[0], unsafe { libc::getuid() });
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]

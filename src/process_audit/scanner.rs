@@ -255,7 +255,7 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             });
         let pids = self.pids(c).await?;
         let mut procs = Vec::with_capacity(pids.len());
-        let mut buf = String::with_capacity(2048);
+        let mut buf = Vec::with_capacity(2048);
         for pid in pids {
             match self.proc.status(pid, &mut buf) {
                 Ok(Some(p)) => procs.push(p),

@@ -51,7 +51,7 @@ impl ContainerLister for Fake {
 }
 
 impl ProcFs for Fake {
-    fn status(&self, pid: u32, _buf: &mut String) -> std::io::Result<Option<ProcFacts>> {
+    fn status(&self, pid: u32, _buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
         Ok(self.node().procs.get(&pid).cloned())
     }
     fn cgroup_procs_file(&self, _pid: u32, id: &str) -> Option<std::path::PathBuf> {

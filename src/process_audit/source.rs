@@ -35,7 +35,7 @@ impl ContainerLister for Runtime {
 /// The kernel's view of processes.
 pub trait ProcFs: Send + Sync + 'static {
     /// `/proc/<pid>/status`, `Ok(None)` when the process is gone (churn, never a finding).
-    fn status(&self, pid: u32, buf: &mut String) -> io::Result<Option<ProcFacts>>;
+    fn status(&self, pid: u32, buf: &mut Vec<u8>) -> io::Result<Option<ProcFacts>>;
     /// The `cgroup.procs` file listing `container_id`'s processes, found from one of them.
     fn cgroup_procs_file(&self, pid: u32, container_id: &str) -> Option<PathBuf>;
     fn read_cgroup_procs(&self, file: &Path) -> io::Result<Vec<u32>>;
@@ -48,7 +48,7 @@ pub trait ProcFs: Send + Sync + 'static {
 pub struct HostProc;
 
 impl ProcFs for HostProc {
-    fn status(&self, pid: u32, buf: &mut String) -> io::Result<Option<ProcFacts>> {
+    fn status(&self, pid: u32, buf: &mut Vec<u8>) -> io::Result<Option<ProcFacts>> {
         proc_status::read_with(pid, buf)
     }
 

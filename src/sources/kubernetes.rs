@@ -150,6 +150,8 @@ struct CachedSecret {
 pub struct KubeSource {
     client: Client,
     api_health: Arc<ApiHealth>,
+    /// The agent registry's images as last read.
+    last_registry: std::sync::Mutex<Vec<String>>,
     settings: KubeSettings,
     store: Store<ProjectSettings>,
     writer: Option<reflector::store::Writer<ProjectSettings>>,
@@ -161,6 +163,7 @@ impl KubeSource {
         Self {
             client,
             api_health,
+            last_registry: Default::default(),
             settings,
             store,
             writer: Some(writer),
@@ -359,26 +362,38 @@ impl KubeSource {
         });
     }
 
+    /// The agent registry's images. A read that fails or a broken edit keeps the last good list: an API
+    /// server blip must not drop (and unpin) the platform's default images on every node.
     async fn agent_registry(&self, ns: &str, name: &str) -> Vec<String> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        match api.get_opt(name).await {
+        let last = || self.last_registry.lock().expect("registry lock").clone();
+        let fresh = match api.get_opt(name).await {
             Ok(Some(cm)) => match cm.data.as_ref().and_then(|d| d.get("agent-registry.json")) {
-                Some(json) => agent_registry_images(json).unwrap_or_else(|e| {
-                    warn!(configmap = %format!("{ns}/{name}"), error = %e, "agent-registry.json is unusable; its images are not prewarmed");
-                    Vec::new()
-                }),
+                Some(json) => match agent_registry_images(json) {
+                    Ok(images) => images,
+                    Err(e) => {
+                        warn!(configmap = %format!("{ns}/{name}"), error = %e, "agent-registry.json is unusable; keeping the images it named before");
+                        return last();
+                    }
+                },
                 None => Vec::new(),
             },
             Ok(None) => Vec::new(),
             Err(e) if client_answered(&e) => {
-                warn!(configmap = %format!("{ns}/{name}"), error = %e, "cannot read the agent registry");
-                Vec::new()
+                warn!(configmap = %format!("{ns}/{name}"), error = %e, "cannot read the agent registry; keeping the images it named before");
+                return last();
             }
             Err(e) => {
-                self.api_health.unreachable("reading the agent registry", &e);
-                Vec::new()
+                self.api_health
+                    .unreachable("reading the agent registry", &e);
+                return last();
             }
-        }
+        };
+        self.last_registry
+            .lock()
+            .expect("registry lock")
+            .clone_from(&fresh);
+        fresh
     }
 }
 

@@ -197,6 +197,11 @@ impl Cluster {
 
     /// `runner-warden run --kubernetes` as the ServiceAccount, with the platform's environment.
     pub async fn agent(&self, bed: &Bed, env: &[(&str, &str)]) -> Agent {
+        self.agent_with(bed, env, "").await
+    }
+
+    /// `agent` with more TOML appended to its config file.
+    pub async fn agent_with(&self, bed: &Bed, env: &[(&str, &str)], extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = self.agent_kubeconfig(dir.path()).await;
         let port = super::free_port();
@@ -204,7 +209,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "{}[runtime_audit]\ninterval = \"2s\"\nnamespace_uid_range = true\n",
+                "{}[runtime_audit]\ninterval = \"2s\"\nnamespace_uid_range = true\n{extra}",
                 Agent::config_text(bed, port, dir.path(), "", "")
             ),
         )
