@@ -296,32 +296,44 @@ impl KubeSource {
                     .is_some_and(|c| c.fetched.elapsed() < SECRET_TTL && c.for_version == version);
                 if !fresh {
                     let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-                    let result = match api.get_opt(name).await {
-                        Ok(s) => secret_problem(s.as_ref(), ns, name),
+                    let fetched = match api.get_opt(name).await {
+                        Ok(s) => Some(secret_problem(s.as_ref(), ns, name)),
                         // Not bound in this namespace (namespaced-secrets): the project must act.
                         Err(kube::Error::Api(st)) if st.code == 403 => {
                             self.api_health.answered();
-                            Err(secret_forbidden(ns, name, &self.settings.agent_namespace))
+                            Some(Err(secret_forbidden(
+                                ns,
+                                name,
+                                &self.settings.agent_namespace,
+                            )))
                         }
                         Err(e) => {
-                            // Not the secret's fault: keep what we had, try again next round.
                             if client_answered(&e) {
                                 self.api_health.answered();
                                 warn!(secret = %format!("{ns}/{name}"), error = %e, "cannot read the pull secret; keeping the last copy");
                             } else {
                                 self.api_health.unreachable("reading a pull secret", &e);
                             }
-                            continue;
+                            None
                         }
                     };
-                    secrets.insert(
-                        (ns.clone(), name.clone()),
-                        CachedSecret {
-                            fetched: Instant::now(),
-                            for_version: version,
-                            result,
-                        },
-                    );
+                    let key = (ns.clone(), name.clone());
+                    match fetched {
+                        Some(result) => {
+                            secrets.insert(
+                                key,
+                                CachedSecret {
+                                    fetched: Instant::now(),
+                                    for_version: version,
+                                    result,
+                                },
+                            );
+                        }
+                        // Not the secret's fault: the last copy stays in use, even past its TTL, until a
+                        // read succeeds (dropping it would send the next pull anonymous).
+                        None if secrets.contains_key(&key) => {}
+                        None => continue,
+                    }
                 }
                 match &secrets[&(ns.clone(), name.clone())].result {
                     Ok(k) => cluster_secrets.push(ClusterSecret {
