@@ -219,20 +219,101 @@ pub fn compression_of(media: &MediaType) -> Option<Compression> {
     }
 }
 
+/// What one layer may cost the audit. An image is the workspace admin's: without bounds a crafted layer
+/// (a decompression bomb, millions of entries, a zstd frame asking for a 2 GiB window) could hold the
+/// agent's memory or the blocking pool on every node. A layer over a bound is not audited, and the
+/// audit's error says which bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerBounds {
+    pub max_uncompressed_bytes: u64,
+    pub max_entries: u64,
+    /// log2 of the largest zstd window accepted (zstd's own default limit is 27: 128 MiB).
+    pub zstd_window_log_max: u32,
+}
+
+impl Default for LayerBounds {
+    fn default() -> Self {
+        Self {
+            // Runner images carry multi-GB layers; a bomb is orders of magnitude beyond.
+            max_uncompressed_bytes: 64 << 30,
+            max_entries: 2_000_000,
+            // 32 MiB: every zstd level up to 19 (8 MiB windows) and `--long` up to 25; inside the
+            // DaemonSet's 128 MiB limit with room for the rest of the agent.
+            zstd_window_log_max: 25,
+        }
+    }
+}
+
+/// Counts decompressed bytes and fails past the bound.
+struct Bounded<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+    zstd_window_log_max: u32,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| {
+            // libzstd's words for a window over `window_log_max`.
+            match e.to_string().contains("Frame requires too much memory") {
+                true => std::io::Error::other(format!(
+                    "its zstd frames need a window over {} MiB (the audit's bound); not audited",
+                    (1u64 << self.zstd_window_log_max) >> 20
+                )),
+                false => e,
+            }
+        })?;
+        self.read += n as u64;
+        if self.read > self.max {
+            return Err(std::io::Error::other(format!(
+                "it is larger than {} GiB uncompressed (the audit's bound); not audited",
+                self.max >> 30
+            )));
+        }
+        Ok(n)
+    }
+}
+
 /// Reads one layer's tar stream into the builder.
 pub fn walk_layer<R: Read>(
     raw: R,
     compression: Compression,
+    fs: FsBuilder,
+) -> std::io::Result<FsBuilder> {
+    walk_layer_bounded(raw, compression, fs, LayerBounds::default())
+}
+
+pub fn walk_layer_bounded<R: Read>(
+    raw: R,
+    compression: Compression,
     mut fs: FsBuilder,
+    bounds: LayerBounds,
 ) -> std::io::Result<FsBuilder> {
     let raw = std::io::BufReader::with_capacity(64 * 1024, raw);
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+        Compression::Zstd => {
+            let mut d = zstd::stream::read::Decoder::with_buffer(raw)?;
+            d.window_log_max(bounds.zstd_window_log_max)?;
+            Box::new(d)
+        }
+    };
+    let reader = Bounded {
+        inner: reader,
+        read: 0,
+        max: bounds.max_uncompressed_bytes,
+        zstd_window_log_max: bounds.zstd_window_log_max,
     };
     let mut archive = tar::Archive::new(reader);
-    for entry in archive.entries()? {
+    for (n, entry) in archive.entries()?.enumerate() {
+        if n as u64 >= bounds.max_entries {
+            return Err(std::io::Error::other(format!(
+                "it has more than {} entries (the audit's bound); not audited",
+                bounds.max_entries
+            )));
+        }
         let mut entry = entry?;
         let header = entry.header();
         let kind = match header.entry_type() {
@@ -267,4 +348,91 @@ pub fn walk_layer<R: Read>(
         }
     }
     Ok(fs)
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    /// A tar of `files` (name, size of zeros).
+    fn tar_of(files: &[(&str, usize)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, size) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(*size as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, std::io::repeat(0).take(*size as u64))
+                .unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn bounds(bytes: u64, entries: u64) -> LayerBounds {
+        LayerBounds {
+            max_uncompressed_bytes: bytes,
+            max_entries: entries,
+            ..LayerBounds::default()
+        }
+    }
+
+    #[test]
+    fn a_layer_within_its_bounds_is_read() {
+        let tar = tar_of(&[("etc/passwd", 10), ("usr/bin/x", 100)]);
+        let fs = walk_layer_bounded(
+            &tar[..],
+            Compression::None,
+            FsBuilder::new(),
+            bounds(1 << 20, 10),
+        );
+        assert!(fs.is_ok());
+    }
+
+    #[test]
+    fn too_many_entries_or_bytes_end_the_audit_of_that_layer_with_the_bound_named() {
+        let many: Vec<(String, usize)> = (0..11).map(|i| (format!("f{i}"), 0)).collect();
+        let many: Vec<(&str, usize)> = many.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let e = walk_layer_bounded(
+            &tar_of(&many)[..],
+            Compression::None,
+            FsBuilder::new(),
+            bounds(1 << 30, 10),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("more than 10 entries"), "{e}");
+
+        // 4 MiB of zeros gzip to a few KiB: a bomb in miniature.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &tar_of(&[("big", 4 << 20)])).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(gz.len() < 64 << 10);
+        let e = walk_layer_bounded(
+            &gz[..],
+            Compression::Gzip,
+            FsBuilder::new(),
+            bounds(2 << 20, 10),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_window_over_the_bound_is_refused() {
+        let tar = tar_of(&[("a", 1 << 20)]);
+        let frame = |window_log: u32| {
+            let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+            enc.window_log(window_log).unwrap();
+            enc.long_distance_matching(true).unwrap();
+            std::io::Write::write_all(&mut enc, &tar).unwrap();
+            enc.finish().unwrap()
+        };
+        let b = LayerBounds::default();
+        assert!(walk_layer_bounded(&frame(20)[..], Compression::Zstd, FsBuilder::new(), b).is_ok());
+        let e =
+            walk_layer_bounded(&frame(27)[..], Compression::Zstd, FsBuilder::new(), b).unwrap_err();
+        assert!(e.to_string().contains("window over 32 MiB"), "{e}");
+    }
 }

@@ -21,6 +21,9 @@ use crate::report::sink::FindingSink;
 use crate::report::status::{AuditStatus, StatusBoard};
 
 const AUDIT_RETRIES: u32 = 3;
+/// Audits at once. Each reads and inflates whole layers: after a restart every present image is news,
+/// and unbounded audits beside the pulls were the prewarm benchmark's memory peak (BENCHMARKS.md).
+const AUDITS_AT_ONCE: usize = 1;
 const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 pub async fn follow<F: FactsSource>(
@@ -32,6 +35,7 @@ pub async fn follow<F: FactsSource>(
     stop: CancellationToken,
 ) {
     let mut running: HashMap<ImageRef, CancellationToken> = HashMap::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(AUDITS_AT_ONCE));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let next = tokio::select! {
@@ -53,8 +57,14 @@ pub async fn follow<F: FactsSource>(
                     metrics.clone(),
                     board.clone(),
                 );
-                tasks
-                    .spawn(async move { audit(&a, &desired, &image_id, &f, &m, &b, &token).await });
+                let slots = slots.clone();
+                tasks.spawn(async move {
+                    let _slot = tokio::select! {
+                        s = slots.acquire_owned() => s.expect("never closed"),
+                        _ = token.cancelled() => return,
+                    };
+                    audit(&a, &desired, &image_id, &f, &m, &b, &token).await
+                });
             }
             Some(News::Left { image }) => {
                 if let Some(t) = running.remove(&image) {

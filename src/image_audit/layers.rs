@@ -16,7 +16,7 @@ pub const PASSWD: &str = "/etc/passwd";
 pub const PASSWD_MAX: u64 = 1 << 20;
 
 /// Accumulates tracked entries; each remembers the layer that wrote it (opaque dirs only hide lower ones).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FsBuilder {
     layer: usize,
     required: BTreeMap<String, (usize, PathMeta)>,

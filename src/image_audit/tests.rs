@@ -21,6 +21,9 @@ struct Table {
     /// Reads still to fail per image (a layer blob not there yet).
     failures: HashMap<String, usize>,
     reads: AtomicUsize,
+    /// Reads in flight now, and the most ever at once.
+    in_flight: usize,
+    most_in_flight: usize,
 }
 
 #[derive(Clone, Default)]
@@ -45,9 +48,15 @@ impl Fake {
 
 impl FactsSource for Fake {
     async fn read_facts(&self, image: &str) -> Result<(ImageSummary, ImageFacts), InspectError> {
-        // A read takes a while (it streams every layer): concurrent audits overlap.
+        // A read takes a while (it streams every layer): concurrent audits would overlap.
+        {
+            let mut t = self.0.lock().unwrap();
+            t.in_flight += 1;
+            t.most_in_flight = t.most_in_flight.max(t.in_flight);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut t = self.0.lock().unwrap();
+        t.in_flight -= 1;
         t.reads.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = t.failures.get_mut(image).filter(|n| **n > 0) {
             *n -= 1;
@@ -307,6 +316,46 @@ async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
     assert_eq!((audit.result.as_str(), audit.details.len()), ("error", 1));
     assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 1);
     assert!(captured.reasons().is_empty());
+    stop.cancel();
+    job.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn audits_run_one_at_a_time_beside_the_pulls() {
+    let fake = Fake::default();
+    for i in 0..4 {
+        let image = format!("r.io/team/runner-{i}:v1");
+        let mut t = fake.0.lock().unwrap();
+        t.facts.insert(image.clone(), root_user());
+        t.failures.insert(image, 0);
+    }
+    let Job {
+        m,
+        captured: _,
+        board: _,
+        tx,
+        stop,
+        job,
+    } = start(&fake);
+    for i in 0..4 {
+        // Distinct content each: no audit is a cache hit.
+        let News::Present { desired, .. } = present(&format!("r.io/team/runner-{i}:v1"), "a", &[])
+        else {
+            unreachable!()
+        };
+        tx.send(News::Present {
+            desired,
+            image_id: format!("sha256:{i}"),
+        })
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        m.image_audits_total.with_label_values(&["ok"]).get()
+            + m.image_audits_total.with_label_values(&["cached"]).get(),
+        4
+    );
+    assert_eq!(fake.0.lock().unwrap().most_in_flight, 1);
     stop.cancel();
     job.await.unwrap();
 }
