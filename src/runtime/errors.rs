@@ -121,6 +121,57 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
     for s in secrets.iter().filter(|s| s.len() >= 3) {
         out = out.replace(s, "<redacted>");
     }
+    redact_derived(&out)
+}
+
+/// Credentials containerd derived itself and may quote: a bearer token after `Bearer `, and the query of
+/// any URL (registries redirect blob fetches to URLs signed in their query, e.g. `X-Amz-Signature=`, and
+/// token endpoints take `access_token=`). Paths stay: they name the repository and digest, which the
+/// operator needs.
+pub fn redact_derived(text: &str) -> String {
+    let token_char = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let bearer = rest.find("Bearer ").map(|i| (i, "Bearer ".len()));
+        let bearer = bearer.or_else(|| rest.find("bearer ").map(|i| (i, "bearer ".len())));
+        let query = ["https://", "http://"]
+            .iter()
+            .filter_map(|scheme| rest.find(scheme))
+            .min()
+            .and_then(|at| {
+                let mut url_end = rest[at..]
+                    .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '>')
+                    .map_or(rest.len(), |e| at + e);
+                // Punctuation after a URL in prose ("…?a=b: 401") is not part of it.
+                while rest[..url_end].ends_with([':', ',', ';', ')']) {
+                    url_end -= 1;
+                }
+                rest[at..url_end].find('?').map(|q| (at + q, url_end))
+            });
+        match (bearer, query) {
+            (Some((b, skip)), q) if q.is_none_or(|(qs, _)| b < qs) => {
+                let token_at = b + skip;
+                let token_len = rest[token_at..]
+                    .find(|c: char| !token_char(c))
+                    .unwrap_or(rest.len() - token_at);
+                out.push_str(&rest[..token_at]);
+                if token_len > 0 {
+                    out.push_str("<redacted>");
+                }
+                rest = &rest[token_at + token_len..];
+            }
+            (_, Some((qs, end))) => {
+                out.push_str(&rest[..qs]);
+                out.push_str("?<redacted>");
+                rest = &rest[end..];
+            }
+            _ => {
+                out.push_str(rest);
+                rest = "";
+            }
+        }
+    }
     out
 }
 
@@ -187,5 +238,31 @@ mod tests {
             redact("user warden pw s3cret! again s3cret!", &["s3cret!", ""]),
             "user warden pw <redacted> again <redacted>"
         );
+    }
+
+    #[test]
+    fn redacts_tokens_containerd_derived_itself() {
+        let cases = [
+            (
+                r#"failed to fetch anonymous token: unexpected status from GET request to https://auth.r.io/token?scope=repository%3Ateam%2Frunner%3Apull&service=r.io: 401 Unauthorized"#,
+                "failed to fetch anonymous token: unexpected status from GET request to https://auth.r.io/token?<redacted>: 401 Unauthorized",
+            ),
+            (
+                "failed to copy: httpReadSeeker: failed open: unexpected status code https://cdn.r.io/blobs/sha256:ab?X-Amz-Signature=deadbeef&X-Amz-Expires=60 403 Forbidden",
+                "failed to copy: httpReadSeeker: failed open: unexpected status code https://cdn.r.io/blobs/sha256:ab?<redacted> 403 Forbidden",
+            ),
+            (
+                "authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln, then bearer abc+/= done",
+                "authorization: Bearer <redacted>, then bearer <redacted> done",
+            ),
+            (
+                "pulling from host r.io failed with status code [manifests v1]: 401 Unauthorized",
+                "pulling from host r.io failed with status code [manifests v1]: 401 Unauthorized",
+            ),
+            ("https://r.io/v2/ and Bearer", "https://r.io/v2/ and Bearer"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(redact(raw, &[]), want, "{raw}");
+        }
     }
 }
