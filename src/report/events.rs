@@ -170,14 +170,14 @@ pub async fn publish_loop<A: EventApi>(
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let f = tokio::select! {
-            _ = stop.cancelled() => return,
-            f = rx.recv() => match f { Some(f) => f, None => return },
+            _ = stop.cancelled() => break,
+            f = rx.recv() => match f { Some(f) => f, None => break },
             _ = tick.tick() => {
                 if leader.load(Ordering::Relaxed) && !deferred.is_empty() {
                     debug!(findings = deferred.len(), "reporter lease taken: writing the cluster-wide findings held back");
                     for (_, f) in deferred.drain() {
                         if !w.write(f, &stop).await {
-                            return;
+                            break;
                         }
                     }
                 }
@@ -197,8 +197,51 @@ pub async fn publish_loop<A: EventApi>(
             continue;
         }
         if !w.write(f, &stop).await {
-            return;
+            // Stopped while it waited for the API server: that one is lost.
+            w.count("dropped");
+            break;
         }
+    }
+    drain(&mut w, &mut rx, &leader).await;
+}
+
+/// At SIGTERM, what is queued is written within this (the agent's whole shutdown budget is 4 s); what is
+/// left after it is counted as dropped.
+const DRAIN_BUDGET: Duration = Duration::from_secs(2);
+
+async fn drain<A: EventApi>(
+    w: &mut Writer<A>,
+    rx: &mut mpsc::Receiver<Finding>,
+    leader: &AtomicBool,
+) {
+    let queued = rx.len();
+    if queued == 0 {
+        return;
+    }
+    // Writes retry transient errors until cancelled: the budget is what ends them here.
+    let keep_trying = CancellationToken::new();
+    let mut handled = 0;
+    let _ = tokio::time::timeout(DRAIN_BUDGET, async {
+        while let Ok(f) = rx.try_recv() {
+            let ours = f.regarding.kind != Kind::Image
+                && (!cluster_wide(f.reason) || leader.load(Ordering::Relaxed));
+            if ours {
+                w.write(f, &keep_trying).await;
+            }
+            handled += 1;
+        }
+    })
+    .await;
+    let left = queued - handled;
+    if left > 0 {
+        w.metrics
+            .events_total
+            .with_label_values(&["dropped"])
+            .inc_by(left as u64);
+        warn!(
+            left,
+            "shutting down: findings not written as Events within the drain budget (the API server is away?)"
+        );
     }
 }
 

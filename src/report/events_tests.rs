@@ -210,6 +210,34 @@ async fn a_rejected_event_is_counted_and_the_queue_goes_on() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn what_is_queued_at_shutdown_is_written_before_the_loop_ends() {
+    let mut r = rig(true);
+    for p in ["p1", "p2", "p3"] {
+        r.queue.push(&pod_finding(p));
+    }
+    r.stop.cancel();
+    let task = r.start();
+    task.await.unwrap();
+    assert_eq!(r.api.written().len(), 3);
+    assert_eq!(r.counted("written"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_an_absent_api_server_costs_the_drain_budget_then_the_rest_is_dropped() {
+    let mut r = rig(true);
+    r.api.api().away_for = usize::MAX;
+    for p in ["p1", "p2"] {
+        r.queue.push(&pod_finding(p));
+    }
+    r.stop.cancel();
+    let started = tokio::time::Instant::now();
+    r.start().await.unwrap();
+    assert!(started.elapsed() <= Duration::from_secs(3));
+    assert_eq!(r.api.written().len(), 0);
+    assert_eq!(r.counted("dropped"), 2, "both lost, and said so");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_event_for_a_namespace_being_deleted_is_not_a_failure() {
     let mut r = rig(true);
     r.api.api().terminating = true;
