@@ -11,7 +11,7 @@ mod as_a_daemonset {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::cluster::{runner_pod, Cluster, COMPLIANT};
+    use crate::common::cluster::{runner_pod, stubborn_runner_pod, Cluster};
     use crate::common::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -227,27 +227,13 @@ mod as_a_daemonset {
 
         // A runner that ignores SIGTERM, deleted with a 3 s grace → RunnerShutdownKilled.
         let port = free_port();
-        k.apply(
-            &runner_pod(
-                "rw-ds",
-                "session-stubborn-runner",
-                &bed.image("runners/shutdown-ignore:v1"),
-                "terminationGracePeriodSeconds: 3",
-                COMPLIANT,
-            )
-            .replace(
-                "    imagePullPolicy: IfNotPresent\n",
-                &format!("    imagePullPolicy: IfNotPresent\n    env: [{{name: AGUI_PORT, value: \"{port}\"}}]\n"),
-            ),
-        );
-        wait_for(S(60), "the stubborn runner's SIGTERM handler", || async {
-            k.try_kubectl(&["-n", "rw-ds", "logs", "session-stubborn-runner"])
-                .stdout
-                .windows(9)
-                .any(|w| w == b"listening")
-                .then_some(())
-        })
-        .await;
+        k.apply(&stubborn_runner_pod(
+            &bed,
+            "rw-ds",
+            "session-stubborn-runner",
+            port,
+        ));
+        k.wait_listening("rw-ds", "session-stubborn-runner").await;
         k.kubectl(&[
             "-n",
             "rw-ds",

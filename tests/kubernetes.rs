@@ -9,7 +9,7 @@ mod common;
 mod on_a_cluster {
     use std::time::Duration;
 
-    use crate::common::cluster::{runner_pod, Cluster, COMPLIANT};
+    use crate::common::cluster::{runner_pod, stubborn_runner_pod, Cluster, COMPLIANT};
     use crate::common::*;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::Api;
@@ -188,16 +188,12 @@ mod on_a_cluster {
             "{runAsUser: 0, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}",
         ));
         let port = free_port();
-        k.apply(&runner_pod(
-        "rw-pods",
-        "session-stubborn-runner",
-        &bed.image("runners/shutdown-ignore:v1"),
-        "terminationGracePeriodSeconds: 3",
-        COMPLIANT,
-    ).replace(
-        "    imagePullPolicy: IfNotPresent\n",
-        &format!("    imagePullPolicy: IfNotPresent\n    env: [{{name: AGUI_PORT, value: \"{port}\"}}]\n"),
-    ));
+        k.apply(&stubborn_runner_pod(
+            &bed,
+            "rw-pods",
+            "session-stubborn-runner",
+            port,
+        ));
         // A namespace with an OpenShift UID range the runner's UID 1001 is outside of.
         k.project(&bed, "rw-range").await;
         k.kubectl(&[
@@ -235,14 +231,7 @@ mod on_a_cluster {
         })
         .await;
         // The runner says "listening" once its SIGTERM handler is installed.
-        wait_for(S(30), "the stubborn runner's SIGTERM handler", || async {
-            k.try_kubectl(&["-n", "rw-pods", "logs", "session-stubborn-runner"])
-                .stdout
-                .windows(9)
-                .any(|w| w == b"listening")
-                .then_some(())
-        })
-        .await;
+        k.wait_listening("rw-pods", "session-stubborn-runner").await;
         k.kubectl(&[
             "-n",
             "rw-pods",

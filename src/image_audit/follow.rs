@@ -159,7 +159,7 @@ async fn audit<F: FactsSource>(
 }
 
 fn now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    crate::report::status::stamp(std::time::SystemTime::now())
 }
 
 /// An audit as `status` shows it: the outcome and the checks that did not pass.

@@ -95,7 +95,7 @@ pub fn document(s: &Served) -> StatusDocument {
     StatusDocument {
         version: crate::VERSION.to_string(),
         node: s.node.clone(),
-        started: humantime::format_rfc3339_seconds(s.started).to_string(),
+        started: super::status::stamp(s.started),
         ready: not_ready_because.is_empty(),
         not_ready_because,
         runtime: RuntimeStatus {

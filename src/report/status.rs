@@ -105,7 +105,8 @@ pub struct StatusDocument {
     pub findings_last_hour: Vec<RecentFinding>,
 }
 
-fn stamp(t: SystemTime) -> String {
+/// A time as `status` and its documents write it (RFC 3339, seconds).
+pub fn stamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

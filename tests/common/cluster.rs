@@ -36,6 +36,21 @@ spec:
     )
 }
 
+/// A runner that ignores SIGTERM (the bed's `shutdown-ignore`) with a 3 s grace period, on `port`.
+pub fn stubborn_runner_pod(bed: &Bed, ns: &str, name: &str, port: u16) -> String {
+    runner_pod(
+        ns,
+        name,
+        &bed.image("runners/shutdown-ignore:v1"),
+        "terminationGracePeriodSeconds: 3",
+        COMPLIANT,
+    )
+    .replace(
+        "    imagePullPolicy: IfNotPresent\n",
+        &format!("    imagePullPolicy: IfNotPresent\n    env: [{{name: AGUI_PORT, value: \"{port}\"}}]\n"),
+    )
+}
+
 /// What the contract asks of a runner's securityContext.
 pub const COMPLIANT: &str =
     "{runAsUser: 1001, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
@@ -253,6 +268,22 @@ impl Cluster {
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
             })
             .collect()
+    }
+
+    /// Waits until the runnerd stand-in in `pod` says "listening": its SIGTERM handler is installed.
+    pub async fn wait_listening(&self, ns: &str, pod: &str) {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{pod}'s SIGTERM handler"),
+            || async {
+                self.try_kubectl(&["-n", ns, "logs", pod])
+                    .stdout
+                    .windows(9)
+                    .any(|w| w == b"listening")
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     pub async fn wait_event(&self, ns: &str, reason: &str, name: &str, limit: Duration) -> Event {
