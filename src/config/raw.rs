@@ -43,6 +43,8 @@ pub(super) struct RawPrewarm {
     pub(super) backoff_initial: Option<String>,
     pub(super) backoff_max: Option<String>,
     pub(super) failure_finding_after: Option<i64>,
+    pub(super) max_images: Option<i64>,
+    pub(super) max_pinned_bytes: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

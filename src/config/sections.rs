@@ -14,7 +14,7 @@ use super::{
 };
 use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};
-use crate::prewarm::{DesiredImage, PrewarmSettings};
+use crate::prewarm::{Caps, DesiredImage, PrewarmSettings};
 use crate::reference::ImageRef;
 
 /// Every problem found in the file, each naming its key.
@@ -98,7 +98,37 @@ pub(super) fn prewarm(raw: RawPrewarm, o: &Overrides, problems: &mut Problems) -
             d.failure_finding_after
         }
     };
+    let max_images = match raw.max_images {
+        None => d.caps.images,
+        Some(n) if (1..=10_000).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(format!(
+                "prewarm.max_images: {n} is out of range; use 1 to 10000"
+            ));
+            d.caps.images
+        }
+    };
+    let max_pinned_bytes = match raw.max_pinned_bytes.as_deref().map(str::trim) {
+        None | Some("") => d.caps.bytes,
+        Some(s) => match s.parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => Some(b.as_u64()),
+            Ok(_) => {
+                problems.push("prewarm.max_pinned_bytes: must be greater than zero; leave it out for no byte cap");
+                d.caps.bytes
+            }
+            Err(_) => {
+                problems.push(format!(
+                    "prewarm.max_pinned_bytes: {s:?} is not a size; write e.g. \"200GiB\" or \"500GB\""
+                ));
+                d.caps.bytes
+            }
+        },
+    };
     PrewarmSettings {
+        caps: Caps {
+            images: max_images,
+            bytes: max_pinned_bytes,
+        },
         concurrency,
         stall_timeout,
         resolve_interval,

@@ -270,3 +270,29 @@ fn listen_addresses_take_ips_and_localhost_without_a_lookup() {
         assert!(e.contains("is not host:port"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_node_caps_are_validated() {
+    let s = parse("[prewarm]\nmax_images = 7\nmax_pinned_bytes = \"200GiB\"").unwrap();
+    assert_eq!(s.prewarm.caps.images, 7);
+    assert_eq!(s.prewarm.caps.bytes, Some(200 << 30));
+    let s = parse("[prewarm]\nmax_pinned_bytes = \"500 GB\"").unwrap();
+    assert_eq!(s.prewarm.caps.bytes, Some(500_000_000_000));
+    assert_eq!(s.prewarm.caps.images, 50, "the default image cap");
+    let problems = parse("[prewarm]\nmax_images = 0\nmax_pinned_bytes = \"lots\"").unwrap_err();
+    assert!(
+        problems.contains(&"prewarm.max_images: 0 is out of range; use 1 to 10000".to_string()),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("prewarm.max_pinned_bytes: \"lots\" is not a size")),
+        "{problems:?}"
+    );
+    let problems = parse("[prewarm]\nmax_pinned_bytes = \"0\"").unwrap_err();
+    assert!(
+        problems[0].contains("must be greater than zero"),
+        "{problems:?}"
+    );
+}

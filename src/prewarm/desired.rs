@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::caps::Caps;
 use crate::credentials::Keyring;
 use crate::reference::ImageRef;
 
@@ -50,6 +51,8 @@ pub struct PrewarmSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub failure_finding_after: u32,
+    /// How many images, and how many bytes of them, the node holds at most.
+    pub caps: Caps,
 }
 
 impl Default for PrewarmSettings {
@@ -62,6 +65,7 @@ impl Default for PrewarmSettings {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             failure_finding_after: 3,
+            caps: Caps::default(),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct State {
     pub calls: Vec<Call>,
     /// Bytes each progress sample reports.
     pub progress_done: u64,
+    /// The size an image's record gets when it is pulled or made present (0 otherwise).
+    pub sizes: HashMap<String, u64>,
 }
 
 #[derive(Clone, Default)]
@@ -60,9 +62,15 @@ impl FakeStore {
 
     /// `image` is present with content `id`.
     pub fn present(&self, image: &str, id: &str, digest: &str) {
-        self.state()
-            .images
-            .insert(image.into(), record(image, id, digest));
+        let mut s = self.state();
+        let mut r = record(image, id, digest);
+        r.size = s.sizes.get(image).copied().unwrap_or(0);
+        s.images.insert(image.into(), r);
+    }
+
+    /// `image`'s record takes `size` bytes from its next pull (or `present`) on.
+    pub fn size(&self, image: &str, size: u64) {
+        self.state().sizes.insert(image.into(), size);
     }
 
     pub fn script(&self, image: &str, scripts: impl IntoIterator<Item = PullScript>) {

@@ -10,6 +10,7 @@
 
 mod attempt;
 mod backoff;
+mod caps;
 mod desired;
 #[cfg(test)]
 mod fake;
@@ -23,14 +24,15 @@ mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 pub use attempt::{progress_text, Failure, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
+pub use caps::{allot, rank, Allotment, Caps, OverCap};
 pub use desired::{ClusterSecret, DesiredImage, PrewarmSettings};
 pub use pins::MANUAL_PIN_OWNER;
 pub use rate::rate_text;
@@ -38,6 +40,7 @@ use store::ImageStore;
 
 use crate::reference::ImageRef;
 use crate::report::health::Health;
+use crate::report::messages;
 use crate::report::metrics::{Metrics, STATES};
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
@@ -61,6 +64,8 @@ enum State {
     Pulling,
     Ready,
     Failed,
+    /// Not held: over the node's caps.
+    OverCap,
 }
 
 impl State {
@@ -70,6 +75,7 @@ impl State {
             State::Pulling => "pulling",
             State::Ready => "ready",
             State::Failed => "failed",
+            State::OverCap => "over_cap",
         }
     }
 }
@@ -87,6 +93,18 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     states: Mutex<BTreeMap<ImageRef, State>>,
     examined: Mutex<HashSet<ImageRef>>,
     wanted: Mutex<BTreeSet<ImageRef>>,
+    /// The desired set as last received (the byte cap is judged against it).
+    desired_now: Mutex<Vec<DesiredImage>>,
+    /// Each image's size as CRI last reported it.
+    sizes: Mutex<BTreeMap<ImageRef, u64>>,
+    /// A size changed: the run loop allots again.
+    resized: Notify,
+    /// The content each image was last announced as (a restarted worker does not announce it again).
+    announced: Mutex<BTreeMap<ImageRef, String>>,
+    /// This agent's pins as they were when it started (what an earlier run had announced).
+    pins_at_start: OnceLock<BTreeMap<String, String>>,
+    /// Images whose first success of this run was seen.
+    sighted: Mutex<HashSet<ImageRef>>,
     pins_honoured: AtomicBool,
     pin_warned: AtomicBool,
 }
@@ -112,6 +130,12 @@ impl<S: ImageStore> Prewarmer<S> {
             states: Mutex::new(BTreeMap::new()),
             examined: Mutex::new(HashSet::new()),
             wanted: Mutex::new(BTreeSet::new()),
+            desired_now: Mutex::new(Vec::new()),
+            sizes: Mutex::new(BTreeMap::new()),
+            resized: Notify::new(),
+            announced: Mutex::new(BTreeMap::new()),
+            pins_at_start: OnceLock::new(),
+            sighted: Mutex::new(HashSet::new()),
             pins_honoured: AtomicBool::new(false),
             pin_warned: AtomicBool::new(false),
         }
@@ -152,15 +176,31 @@ impl<S: ImageStore> Prewarmer<S> {
         mut desired: watch::Receiver<Vec<DesiredImage>>,
         stop: CancellationToken,
     ) {
+        if self.settings.pin {
+            match self.store.owned_pins().await {
+                Ok(p) => {
+                    let _ = self.pins_at_start.set(p);
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot list this agent's pins at start; present images are announced again")
+                }
+            }
+        }
         let me = Arc::new(self);
         let mut workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)> = BTreeMap::new();
         let mut tasks = tokio::task::JoinSet::new();
+        // Images over a cap, and which cap, as last reported (a finding once per change).
+        let mut over_reported: BTreeMap<ImageRef, &'static str> = BTreeMap::new();
         loop {
-            let want: Vec<DesiredImage> = desired.borrow_and_update().clone();
+            let all: Vec<DesiredImage> = desired.borrow_and_update().clone();
+            *me.desired_now.lock().expect("desired lock") = all.clone();
+            let Allotment { held: want, over } = me.allot(&all);
             let want_refs: BTreeSet<ImageRef> = want.iter().map(|d| d.image.clone()).collect();
+            let all_refs: BTreeSet<ImageRef> = all.iter().map(|d| d.image.clone()).collect();
             *me.wanted.lock().expect("wanted lock") = want_refs.clone();
 
-            // Stop workers whose image left the set (or whose entry changed: they restart below).
+            // Stop workers whose image left the set or went over a cap (or whose entry changed: they
+            // restart below).
             let gone: Vec<ImageRef> = workers
                 .iter()
                 .filter(|(r, (d, _))| !want.iter().any(|w| &w.image == *r && w == d))
@@ -171,14 +211,29 @@ impl<S: ImageStore> Prewarmer<S> {
                     token.cancel();
                 }
                 if !want_refs.contains(&r) {
-                    info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
-                    me.states.lock().expect("states lock").remove(&r);
-                    me.board.forget(r.as_str());
                     me.examined.lock().expect("examined lock").remove(&r);
-                    me.tell(News::Left { image: r });
+                    // Not held any more (left, or over a cap now): the audit stops following it.
+                    me.tell(News::Left { image: r.clone() });
                 }
             }
+            // Forget what left the set (workers' images and held-back ones alike).
+            let left: Vec<ImageRef> = me
+                .states
+                .lock()
+                .expect("states lock")
+                .keys()
+                .filter(|r| !all_refs.contains(*r))
+                .cloned()
+                .collect();
+            for r in left {
+                info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
+                me.states.lock().expect("states lock").remove(&r);
+                me.announced.lock().expect("announced lock").remove(&r);
+                me.board.forget(r.as_str());
+            }
+            me.hold_back(&over, &mut over_reported);
             me.unpin_orphans(&want_refs).await;
+            me.publish_held_bytes(&want_refs);
             for d in want {
                 if workers.contains_key(&d.image) {
                     continue;
@@ -197,12 +252,84 @@ impl<S: ImageStore> Prewarmer<S> {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 changed = desired.changed() => if changed.is_err() { break },
+                _ = me.resized.notified() => {}
             }
         }
         for (_, (_, token)) in workers {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// True the first time this run sees `image` present.
+    fn first_sight(&self, image: &ImageRef) -> bool {
+        self.sighted
+            .lock()
+            .expect("sighted lock")
+            .insert(image.clone())
+    }
+
+    /// The current desired set split by the caps, with the sizes known now.
+    fn allot(&self, all: &[DesiredImage]) -> Allotment {
+        let sizes = self.sizes.lock().expect("sizes lock");
+        caps::allot(all, self.settings.caps, &sizes)
+    }
+
+    /// Whether `image` is over a cap now that its size is `size` (recorded for the run loop, which is
+    /// told to allot again when a size changed).
+    fn over_cap_at(&self, image: &ImageRef, size: u64) -> Option<OverCap> {
+        let old = self
+            .sizes
+            .lock()
+            .expect("sizes lock")
+            .insert(image.clone(), size);
+        if old != Some(size) {
+            self.resized.notify_one();
+        }
+        let all = self.desired_now.lock().expect("desired lock").clone();
+        self.allot(&all)
+            .over
+            .into_iter()
+            .find(|(d, _)| &d.image == image)
+            .map(|(_, cap)| cap)
+    }
+
+    /// Images over a cap: no worker, state `over_cap`, a finding per project once per change.
+    fn hold_back(
+        &self,
+        over: &[(DesiredImage, OverCap)],
+        reported: &mut BTreeMap<ImageRef, &'static str>,
+    ) {
+        reported.retain(|r, _| over.iter().any(|(d, _)| &d.image == r));
+        for (d, cap) in over {
+            let projects = d.project.iter().chain(&d.other_projects).cloned();
+            self.board.track(d.image.as_str(), projects.collect());
+            self.set_state(&d.image, State::OverCap);
+            if reported.get(&d.image) == Some(&cap.label()) {
+                continue;
+            }
+            reported.insert(d.image.clone(), cap.label());
+            let f = messages::over_cap(worker::subject(d), *cap);
+            warn!(image = %d.image, cap = cap.label(), "{}", f.message);
+            self.board
+                .failed(d.image.as_str(), "over_cap", &f.message, 0);
+            if let Some(sink) = &self.findings {
+                sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
+            }
+        }
+        for c in ["images", "bytes"] {
+            let n = over.iter().filter(|(_, cap)| cap.label() == c).count();
+            self.metrics
+                .prewarm_images_over_cap
+                .with_label_values(&[c])
+                .set(n as i64);
+        }
+    }
+
+    fn publish_held_bytes(&self, held: &BTreeSet<ImageRef>) {
+        let sizes = self.sizes.lock().expect("sizes lock");
+        let bytes: u64 = held.iter().filter_map(|r| sizes.get(r)).sum();
+        self.metrics.prewarm_held_bytes.set(bytes as i64);
     }
 
     fn tell(&self, news: News) {

@@ -730,3 +730,219 @@ async fn a_long_pull_is_logged_at_a_steady_cadence_with_its_rate() {
     assert!(progress[0].contains("MiB/s"), "{}", progress[0]);
     assert!(progress[0].contains(IMG), "{}", progress[0]);
 }
+
+fn wanted_by(image: &str, projects: &[&str]) -> DesiredImage {
+    let mut d = DesiredImage::new(
+        ImageRef::parse(image).unwrap(),
+        None,
+        projects.first().map(|p| p.to_string()),
+    );
+    d.other_projects = projects.iter().skip(1).map(|p| p.to_string()).collect();
+    d
+}
+
+impl Rig {
+    fn over_cap(&self, cap: &str) -> i64 {
+        self.metrics
+            .prewarm_images_over_cap
+            .with_label_values(&[cap])
+            .get()
+    }
+
+    fn findings_of(&self, reason: &str) -> Vec<serde_json::Value> {
+        self.captured
+            .findings()
+            .into_iter()
+            .filter(|f| f["reason"] == reason)
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_image_cap_the_least_wanted_waits_and_is_pulled_once_room_is_made() {
+    let (a, b, c) = ("r.io/a:v1", "r.io/b:v1", "r.io/c:v1");
+    let mut s = settings();
+    s.caps.images = 2;
+    let mut r = rig(s);
+    for (i, img) in [a, b, c].into_iter().enumerate() {
+        r.store.script(
+            img,
+            [content(&format!("sha256:{i}"), &format!("sha256:m{i}"))],
+        );
+    }
+    // a: the cluster default; b: two projects; c: one project — c is over the cap.
+    let set = vec![
+        wanted_by(c, &["p3"]),
+        wanted_by(b, &["p1", "p2"]),
+        wanted_by(a, &[]),
+    ];
+    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let (tx, stop, task) = r
+        .run_until(set, |r| {
+            r.images_in("ready") == 2 && r.images_in("over_cap") == 1
+        })
+        .await;
+    let pulled: Vec<Call> = r.store.pulls();
+    assert!(
+        !pulled
+            .iter()
+            .any(|p| matches!(p, Call::Pull(i, _) if i == c)),
+        "{pulled:?}"
+    );
+    assert_eq!(r.over_cap("images"), 1);
+    assert!(
+        health
+            .first_reconcile_done
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "an image held back is not one to wait for"
+    );
+    let held_back = r.findings_of("RunnerImageNotPrewarmed");
+    assert_eq!(held_back.len(), 1, "{held_back:?}");
+    assert_eq!(held_back[0]["regarding"]["namespace"], "p3");
+    let text = held_back[0]["message"].as_str().unwrap();
+    assert!(
+        text.contains("at most 2 runner images (prewarm.max_images)"),
+        "{text}"
+    );
+    let on_board = r.board.images();
+    let entry = on_board.iter().find(|i| i.image == c).unwrap();
+    assert_eq!(entry.state, "over_cap");
+    assert_eq!(entry.last_failure.as_ref().unwrap().class, "over_cap");
+
+    // b leaves: c fits now, is pulled, pinned, announced; b's pin goes.
+    tx.send_replace(vec![wanted_by(c, &["p3"]), wanted_by(a, &[])]);
+    r.wait(|r| r.images_in("ready") == 2 && r.images_in("over_cap") == 0)
+        .await;
+    assert!(r.store.state().pins.contains_key(c));
+    assert!(!r.store.state().pins.contains_key(b));
+    assert_eq!(r.over_cap("images"), 0);
+    assert_eq!(
+        r.findings_of("RunnerImageNotPrewarmed").len(),
+        1,
+        "said once"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_byte_cap_a_pulled_image_is_not_pinned_nor_announced() {
+    let (a, b) = ("r.io/default:v1", "r.io/big:v1");
+    let mut s = settings();
+    s.caps.bytes = Some(100);
+    let mut r = rig(s);
+    r.store.size(a, 60);
+    r.store.size(b, 50);
+    r.store.script(a, [content("sha256:a", "sha256:ma")]);
+    r.store.script(b, [content("sha256:b", "sha256:mb")]);
+    let (_tx, stop, task) = r
+        .run_until(vec![wanted_by(b, &["team"]), wanted_by(a, &[])], |r| {
+            r.images_in("ready") == 1 && r.images_in("over_cap") == 1
+        })
+        .await;
+    let pins = r.store.state().pins.clone();
+    assert!(pins.contains_key(a), "{pins:?}");
+    assert!(!pins.keys().any(|k| k.starts_with("r.io/big")), "{pins:?}");
+    assert_eq!(r.over_cap("bytes"), 1);
+    assert_eq!(r.metrics.prewarm_held_bytes.get(), 60);
+    let prewarmed = r.findings_of("RunnerImagePrewarmed");
+    assert_eq!(
+        prewarmed.len(),
+        1,
+        "only the held image is announced: {prewarmed:?}"
+    );
+    let held_back = r.findings_of("RunnerImageNotPrewarmed");
+    assert_eq!(held_back.len(), 1, "{held_back:?}");
+    assert_eq!(held_back[0]["class"], "bytes");
+    assert_eq!(held_back[0]["regarding"]["namespace"], "team");
+    // Not pulled again and again: the worker is gone until the set changes.
+    let pulls_of_b = |r: &Rig| {
+        r.store
+            .pulls()
+            .iter()
+            .filter(|p| matches!(p, Call::Pull(i, _) if i == b))
+            .count()
+    };
+    let before = pulls_of_b(&r);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(pulls_of_b(&r), before);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_worker_does_not_announce_the_same_content_again() {
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let (tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    // Another project wants it too: the entry changed, so its worker restarts.
+    let mut d = desired(IMG);
+    d.other_projects = vec!["second".into()];
+    tx.send_replace(vec![d]);
+    r.wait(|r| r.store.status_calls() >= 3 && r.images_in("ready") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.findings_of("RunnerImagePrewarmed").len(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_an_agent_restart_content_it_had_pinned_is_audited_but_not_announced_again() {
+    let other = "r.io/team/other:v1";
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    r.store.present(other, "sha256:bbb", "sha256:m2");
+    // The earlier run pinned IMG's content; `other` was pulled by someone else.
+    {
+        let mut s = r.store.state();
+        s.pins.insert(IMG.into(), IMG.into());
+        s.pins
+            .insert("r.io/team/runner@sha256:m1".into(), IMG.into());
+    }
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG), desired(other)], |r| {
+            r.images_in("ready") == 2
+        })
+        .await;
+    let prewarmed = r.findings_of("RunnerImagePrewarmed");
+    assert_eq!(prewarmed.len(), 1, "{prewarmed:?}");
+    assert!(prewarmed[0]["message"].as_str().unwrap().contains(other));
+    let mut news = Vec::new();
+    while let Ok(n) = r.news.try_recv() {
+        news.push(n);
+    }
+    assert_eq!(news.len(), 2, "both are handed to the audit: {news:?}");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn auth_and_not_found_back_off_longer_than_per_node_failures() {
+    for (code, message, first_gap) in [
+        (
+            tonic::Code::Unknown,
+            "401 Unauthorized",
+            Duration::from_secs(12),
+        ),
+        (tonic::Code::NotFound, "not found", Duration::from_secs(12)),
+        (tonic::Code::Unknown, "connection refused", Duration::ZERO),
+    ] {
+        let mut r = rig(settings());
+        r.store
+            .script(IMG, [PullScript::Fail(code, message.into())]);
+        let started = tokio::time::Instant::now();
+        let (_tx, stop, task) = r
+            .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 2)
+            .await;
+        let gap = started.elapsed();
+        assert!(gap >= first_gap, "{message}: second attempt after {gap:?}");
+        if first_gap.is_zero() {
+            assert!(gap < Duration::from_secs(3), "{message}: {gap:?}");
+        }
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

@@ -17,6 +17,10 @@ use super::{DesiredImage, News, Prewarmer, State};
 use crate::report::messages::{self, Arrival, ImageSubject, PinState};
 use crate::runtime::errors::FailureClass;
 
+/// Factors on `backoff_initial` and `backoff_max` for failures alike on every node.
+const ALIKE_SLOWER_START: u32 = 16;
+const ALIKE_HIGHER_CAP: u32 = 4;
+
 /// What a worker remembers between attempts.
 #[derive(Default)]
 struct Memory {
@@ -29,7 +33,7 @@ struct Memory {
     force: bool,
 }
 
-fn subject(d: &DesiredImage) -> ImageSubject<'_> {
+pub(super) fn subject(d: &DesiredImage) -> ImageSubject<'_> {
     ImageSubject {
         image: d.image.as_str(),
         project: d.project.as_deref(),
@@ -39,7 +43,16 @@ fn subject(d: &DesiredImage) -> ImageSubject<'_> {
 impl<S: ImageStore> Prewarmer<S> {
     pub(super) async fn worker(self: Arc<Self>, desired: DesiredImage, cancel: CancellationToken) {
         let image = desired.image.clone();
-        let mut mem = Memory::default();
+        // A restarted worker (its entry changed) does not announce content it announced before.
+        let mut mem = Memory {
+            last_id: self
+                .announced
+                .lock()
+                .expect("announced lock")
+                .get(&image)
+                .cloned(),
+            ..Memory::default()
+        };
         loop {
             self.set_state(&image, State::Waiting);
             let permit = tokio::select! {
@@ -57,6 +70,12 @@ impl<S: ImageStore> Prewarmer<S> {
                     mem.failures = 0;
                     mem.outages = 0;
                     mem.last_secret_error = None;
+                    if let Some(cap) = self.over_cap_at(&image, outcome.status().size) {
+                        // Pulled, but holding it would break the byte cap: the run loop takes it out
+                        // of the held set (and says so); it is never pinned.
+                        debug!(image = %image, cap = cap.label(), "over a cap once its size is known");
+                        return;
+                    }
                     self.on_success(&desired, &outcome, &mut mem.last_id).await;
                     self.set_state(&image, State::Ready);
                     // Tags are re-resolved; digests only re-checked for presence.
@@ -120,9 +139,21 @@ impl<S: ImageStore> Prewarmer<S> {
         if let Some(old) = last_id.as_deref() {
             info!(image = %image, old_id = %old, new_id = %id, "tag moved; new content prewarmed");
         }
-        info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
         *last_id = Some(id.clone());
-        self.publish(d, messages::prewarmed(subject(d), arrival, &id, pin));
+        self.announced
+            .lock()
+            .expect("announced lock")
+            .insert(image.clone(), id.clone());
+        if matches!(arrival, Arrival::AlreadyPresent)
+            && self.pinned_before(d, outcome.status()).await
+        {
+            // An earlier run of the agent pinned exactly this content, so it announced it then: a
+            // restart is not news to the project.
+            info!(image = %image, image_id = %id, "{how}; prewarmed before this agent started (its pin is ours)");
+        } else {
+            info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
+            self.publish(d, messages::prewarmed(subject(d), arrival, &id, pin));
+        }
         // "Present" first, then the audit: it reads every layer and must never hold up the state.
         self.set_state(image, State::Ready);
         self.tell(News::Present {
@@ -131,13 +162,31 @@ impl<S: ImageStore> Prewarmer<S> {
         });
     }
 
+    /// Whether this agent (an earlier run of it) had pinned `status`'s content for `d` before this
+    /// run first saw it: one of its digest records carries our pin for `d`'s reference.
+    async fn pinned_before(&self, d: &DesiredImage, status: &crate::runtime::cri::Image) -> bool {
+        if !self.settings.pin || !self.first_sight(&d.image) {
+            return false;
+        }
+        let Some(owned) = self.pins_at_start.get() else {
+            return false;
+        };
+        status
+            .repo_digests
+            .iter()
+            .any(|r| owned.get(r).map(String::as_str) == Some(d.image.as_str()))
+    }
+
     /// Counts and reports a failure; returns how long to wait before the next attempt.
     fn on_failure(&self, d: &DesiredImage, f: &Failure, mem: &mut Memory) -> Duration {
         self.metrics
             .prewarm_pulls_total
             .with_label_values(&[f.class.as_str()])
             .inc();
-        let delay = self.retry_delay(mem.failures);
+        let delay = match f.class.alike_on_every_node() {
+            true => self.alike_retry_delay(mem.failures),
+            false => self.retry_delay(mem.failures),
+        };
         self.board
             .failed(d.image.as_str(), f.class.as_str(), &f.message, mem.failures);
         warn!(
@@ -198,6 +247,17 @@ impl<S: ImageStore> Prewarmer<S> {
         backoff_delay(
             self.settings.backoff_initial,
             self.settings.backoff_max,
+            n,
+            rand::rng().random_range(0.8..1.2),
+        )
+    }
+
+    /// Auth and not-found failures are the registry's answer to every node: a retry every second from
+    /// a thousand nodes would only hammer it. They back off from 16× the initial delay to 4× the cap.
+    fn alike_retry_delay(&self, n: u32) -> Duration {
+        backoff_delay(
+            self.settings.backoff_initial * ALIKE_SLOWER_START,
+            self.settings.backoff_max * ALIKE_HIGHER_CAP,
             n,
             rand::rng().random_range(0.8..1.2),
         )

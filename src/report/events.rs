@@ -15,26 +15,40 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::findings::{
-    Finding, Kind, Level, Regarding, CONTRACT_VIOLATION, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED,
+    Finding, Kind, Level, Regarding, CONTRACT_VIOLATION, PULL_FAILED, PULL_SECRET_INVALID,
+    REGISTRY_NOT_ALLOWED,
 };
 use super::health::ApiHealth;
 use super::messages::{truncate, MESSAGE_MAX};
 use super::metrics::Metrics;
 use super::ratelimit::SpamLimit;
+use crate::runtime::errors::FailureClass;
 
 pub const CONTROLLER: &str = "ambient-code.io/runner-warden";
 /// Findings waiting for the API server beyond this are dropped (and counted).
 pub const QUEUE: usize = 1000;
 
-/// Reasons whose findings every node would find alike.
-pub fn cluster_wide(reason: &str) -> bool {
+/// Findings every node would find alike: problems of the project's settings, secrets and image
+/// content, and pulls the registry refused or does not know (per-node failures — network, stalls —
+/// stay with each node).
+pub fn cluster_wide(f: &Finding) -> bool {
     [
         PULL_SECRET_INVALID,
         REGISTRY_NOT_ALLOWED,
         CONTRACT_VIOLATION,
     ]
-    .contains(&reason)
+    .contains(&f.reason)
+        || (f.reason == PULL_FAILED
+            && f.class.is_some_and(|c| {
+                FailureClass::ALIKE_ON_EVERY_NODE
+                    .iter()
+                    .any(|a| a.as_str() == c)
+            }))
 }
+
+/// How long a cluster-wide finding held back for the lease holder is kept for a takeover: the lease
+/// changes hands within its 15 s duration when a holder dies, so anything older was the holder's to write.
+pub const DEFERRED_FOR: Duration = Duration::from_secs(300);
 
 /// Looks up the uid of a regarded object (`kubectl describe` matches events by uid).
 pub type UidLookup = Arc<dyn Fn(&Regarding) -> Option<String> + Send + Sync>;
@@ -165,17 +179,22 @@ pub async fn publish_loop<A: EventApi>(
         limit: SpamLimit::default(),
     };
     // Cluster-wide findings seen while another node holds the lease: kept (latest per object, reason and
-    // message, bounded) and written if this node takes the lease over, so none is lost with the old holder.
-    let mut deferred: HashMap<(String, &'static str, String), Finding> = HashMap::new();
+    // message, bounded) and written if this node takes the lease over, so none is lost with the old holder
+    // — for `DEFERRED_FOR`: older ones the holder has written long since, and replaying them would be stale.
+    let mut deferred: HashMap<(String, &'static str, String), (tokio::time::Instant, Finding)> =
+        HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let f = tokio::select! {
             _ = stop.cancelled() => break,
             f = rx.recv() => match f { Some(f) => f, None => break },
             _ = tick.tick() => {
+                let before = deferred.len();
+                deferred.retain(|_, (at, _)| at.elapsed() < DEFERRED_FOR);
+                w.count_n("expired", before - deferred.len());
                 if leader.load(Ordering::Relaxed) && !deferred.is_empty() {
                     debug!(findings = deferred.len(), "reporter lease taken: writing the cluster-wide findings held back");
-                    for (_, f) in deferred.drain() {
+                    for (_, (_, f)) in deferred.drain() {
                         if !w.write(f, &stop).await {
                             break;
                         }
@@ -189,10 +208,13 @@ pub async fn publish_loop<A: EventApi>(
             w.count("no_object");
             continue;
         }
-        if cluster_wide(f.reason) && !leader.load(Ordering::Relaxed) {
+        if cluster_wide(&f) && !leader.load(Ordering::Relaxed) {
             w.count("other_node");
             if deferred.len() < QUEUE {
-                deferred.insert((object_key(&f.regarding), f.reason, f.message.clone()), f);
+                deferred.insert(
+                    (object_key(&f.regarding), f.reason, f.message.clone()),
+                    (tokio::time::Instant::now(), f),
+                );
             }
             continue;
         }
@@ -224,7 +246,7 @@ async fn drain<A: EventApi>(
     let _ = tokio::time::timeout(DRAIN_BUDGET, async {
         while let Ok(f) = rx.try_recv() {
             let ours = f.regarding.kind != Kind::Image
-                && (!cluster_wide(f.reason) || leader.load(Ordering::Relaxed));
+                && (!cluster_wide(&f) || leader.load(Ordering::Relaxed));
             if ours {
                 w.write(f, &keep_trying).await;
             }
@@ -264,6 +286,15 @@ struct Writer<A> {
 impl<A: EventApi> Writer<A> {
     fn count(&self, result: &str) {
         self.metrics.events_total.with_label_values(&[result]).inc();
+    }
+
+    fn count_n(&self, result: &str, n: usize) {
+        if n > 0 {
+            self.metrics
+                .events_total
+                .with_label_values(&[result])
+                .inc_by(n as u64);
+        }
     }
 
     /// Spam limit, then the API write (retried while the API server is away). False when stopping.

@@ -345,3 +345,50 @@ async fn deferred_findings_are_bounded_by_the_queue_size() {
     r.stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn findings_held_back_for_a_takeover_expire_and_are_not_replayed_stale() {
+    let mut r = rig(false);
+    let task = r.start();
+    r.queue.push(&project_finding(CONTRACT_VIOLATION, "old"));
+    r.settle().await;
+    tokio::time::sleep(DEFERRED_FOR).await;
+    r.queue.push(&project_finding(CONTRACT_VIOLATION, "fresh"));
+    r.settle().await;
+    r.leader.store(true, Ordering::Relaxed);
+    r.settle().await;
+    assert_eq!(
+        r.api.written(),
+        [(
+            CONTRACT_VIOLATION.to_string(),
+            "fresh/projectsettings".to_string()
+        )]
+    );
+    assert_eq!(r.counted("expired"), 1);
+    r.stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn pull_failures_alike_on_every_node_are_the_lease_holders_and_per_node_ones_each_nodes() {
+    let failed = |class: &'static str, ns: &str| project_finding(PULL_FAILED, ns).class(class);
+    let mut r = rig(false);
+    let task = r.start();
+    r.queue.push(&failed("auth", "a"));
+    r.queue.push(&failed("not_found", "b"));
+    r.queue.push(&failed("network", "c"));
+    r.queue.push(&failed("stalled", "d"));
+    r.settle().await;
+    let mut written = r.api.written();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            (PULL_FAILED.to_string(), "c/projectsettings".to_string()),
+            (PULL_FAILED.to_string(), "d/projectsettings".to_string())
+        ]
+    );
+    assert_eq!(r.counted("other_node"), 2);
+    r.stop.cancel();
+    task.await.unwrap();
+}

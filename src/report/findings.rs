@@ -8,6 +8,8 @@ pub const PULL_FAILED: &str = "RunnerImagePullFailed";
 pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
 pub const CONTRACT_VIOLATION: &str = "RunnerImageContractViolation";
 pub const REGISTRY_NOT_ALLOWED: &str = "RunnerImageRegistryNotAllowed";
+/// Over the node's caps (`prewarm.max_images`, `prewarm.max_pinned_bytes`): not held on this node.
+pub const NOT_PREWARMED: &str = "RunnerImageNotPrewarmed";
 pub const SHUTDOWN_SLOW: &str = "RunnerShutdownSlow";
 pub const SHUTDOWN_KILLED: &str = "RunnerShutdownKilled";
 

@@ -1,10 +1,11 @@
 //! Every finding's text. Jobs hand over typed outcomes; the words a human reads are chosen here, once.
 
 use super::findings::{
-    Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, PREWARMED, PULL_FAILED,
-    PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
+    Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, NOT_PREWARMED, PREWARMED,
+    PULL_FAILED, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
+use crate::prewarm::OverCap;
 use crate::runtime::containers::ContainerRef;
 
 /// Longest finding message (an Event's note is limited to 1 kB).
@@ -125,6 +126,31 @@ pub fn pull_failed(
         ),
     )
     .class(class)
+}
+
+/// An image the node's caps keep out: not pulled (image cap) or pulled but not kept pinned (byte cap).
+pub fn over_cap(s: ImageSubject, cap: OverCap) -> Finding {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let why = match cap {
+        OverCap::Images { limit } => format!(
+            "this node holds at most {limit} runner images (prewarm.max_images) and {limit} rank before it; it is not pulled ahead of sessions"
+        ),
+        OverCap::Bytes { limit, size, held } => format!(
+            "it takes {:.1} GiB and the runner images ranked before it already take {:.1} GiB of the {:.1} GiB this node pins (prewarm.max_pinned_bytes); it is not pinned and kubelet's image GC may remove it",
+            size as f64 / GIB,
+            held as f64 / GIB,
+            limit as f64 / GIB
+        ),
+    };
+    s.finding(
+        NOT_PREWARMED,
+        Level::Warning,
+        format!(
+            "Runner image {} is not prewarmed on this node: {why}. Cluster default images rank first, then the images most projects want; ask the platform admin to raise the cap, or use an image other projects use.",
+            s.image
+        ),
+    )
+    .class(cap.label())
 }
 
 /// One failing contract check of an image; `outcome` is `violation` or `warning`.

@@ -10,7 +10,7 @@ use prometheus::{
 pub const PREFIX: &str = "runner_warden";
 
 /// Pull states for `prewarm_images{state}`.
-pub const STATES: [&str; 4] = ["waiting", "pulling", "ready", "failed"];
+pub const STATES: [&str; 5] = ["waiting", "pulling", "ready", "failed", "over_cap"];
 
 /// Pull results for `prewarm_pulls_total{result}`: `success`, `skipped`, or a failure class.
 pub const RESULTS: [&str; 8] = [
@@ -31,6 +31,8 @@ pub struct Metrics {
     pub prewarm_pull_duration_seconds: Histogram,
     pub prewarm_bytes_total: IntCounter,
     pub prewarm_progress_bytes: IntGaugeVec,
+    pub prewarm_images_over_cap: IntGaugeVec,
+    pub prewarm_held_bytes: IntGauge,
     pub pinning_honoured: IntGauge,
     pub runtime_up: IntGauge,
     pub api_server_up: IntGauge,
@@ -96,6 +98,19 @@ impl Metrics {
             &["image", "kind"],
         )
         .expect("valid metric");
+        let prewarm_images_over_cap = IntGaugeVec::new(
+            Opts::new(
+                name("prewarm_images_over_cap"),
+                "Desired runner images not held on this node because of a cap: images (prewarm.max_images) or bytes (prewarm.max_pinned_bytes).",
+            ),
+            &["cap"],
+        )
+        .expect("valid metric");
+        let prewarm_held_bytes = IntGauge::new(
+            name("prewarm_held_bytes"),
+            "Bytes of the runner images this node holds (CRI's image sizes), what prewarm.max_pinned_bytes caps.",
+        )
+        .expect("valid metric");
         let pinning_honoured = IntGauge::new(
             name("runtime_pinning_honoured"),
             "1 when the runtime reports pinned images as pinned through CRI, 0 when it ignores the pin label (containerd < 1.7), -1 before the first pin.",
@@ -122,7 +137,7 @@ impl Metrics {
         let events_total = IntCounterVec::new(
             Opts::new(
                 name("events_total"),
-                "Findings by result: written (JSON line, or Event with a cluster), failed (write or API rejection), dropped (event queue full), spam_limited, other_node (cluster-wide finding left to the lease holder), no_object.",
+                "Findings by result: written (JSON line, or Event with a cluster), failed (write or API rejection), dropped (event queue full), spam_limited, other_node (cluster-wide finding left to the lease holder), expired (held back for a takeover that did not come within 5 min), no_object.",
             ),
             &["result"],
         )
@@ -227,6 +242,8 @@ impl Metrics {
             Box::new(prewarm_pull_duration_seconds.clone()),
             Box::new(prewarm_bytes_total.clone()),
             Box::new(prewarm_progress_bytes.clone()),
+            Box::new(prewarm_images_over_cap.clone()),
+            Box::new(prewarm_held_bytes.clone()),
             Box::new(pinning_honoured.clone()),
             Box::new(runtime_up.clone()),
             Box::new(api_server_up.clone()),
@@ -251,6 +268,9 @@ impl Metrics {
         for s in STATES {
             prewarm_images.with_label_values(&[s]).set(0);
         }
+        for c in ["images", "bytes"] {
+            prewarm_images_over_cap.with_label_values(&[c]).set(0);
+        }
         for r in RESULTS {
             prewarm_pulls_total.with_label_values(&[r]);
         }
@@ -260,6 +280,7 @@ impl Metrics {
             "dropped",
             "spam_limited",
             "other_node",
+            "expired",
             "no_object",
         ] {
             events_total.with_label_values(&[r]);
@@ -289,6 +310,8 @@ impl Metrics {
             prewarm_pull_duration_seconds,
             prewarm_bytes_total,
             prewarm_progress_bytes,
+            prewarm_images_over_cap,
+            prewarm_held_bytes,
             pinning_honoured,
             runtime_up,
             api_server_up,

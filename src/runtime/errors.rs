@@ -22,6 +22,14 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
+    /// Failures the registry gives every node alike (it refused the credentials, or has no such image):
+    /// retried less often, and reported by one node only.
+    pub const ALIKE_ON_EVERY_NODE: [FailureClass; 2] = [FailureClass::Auth, FailureClass::NotFound];
+
+    pub fn alike_on_every_node(self) -> bool {
+        Self::ALIKE_ON_EVERY_NODE.contains(&self)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureClass::Auth => "auth",
