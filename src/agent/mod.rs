@@ -51,6 +51,8 @@ pub enum StartError {
     Kube(String),
     #[error("cannot install the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
+    #[error(transparent)]
+    AuditCache(#[from] image_audit::CacheError),
 }
 
 /// The agent as `run` starts it: a validated configuration, where it came from (for reloads) and the
@@ -219,11 +221,15 @@ impl Agent {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
             prewarmer = prewarmer.with_news(news_tx);
-            let auditor = Arc::new(Auditor::new(
+            let mut auditor = Auditor::new(
                 runtime.clone(),
                 settings.audit.policy.clone(),
                 metrics.clone(),
-            ));
+            );
+            if let Some(dir) = &settings.audit.cache_dir {
+                auditor = auditor.with_disk_cache(image_audit::DiskCache::open(dir)?);
+            }
+            let auditor = Arc::new(auditor);
             tasks.spawn(image_audit::follow(
                 auditor,
                 news_rx,

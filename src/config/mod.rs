@@ -141,6 +141,8 @@ impl Default for RuntimeAuditSettings {
 pub struct AuditSettings {
     pub enabled: bool,
     pub policy: Policy,
+    /// Where audits are kept across restarts (facts by image id); `None`: memory only.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for AuditSettings {
@@ -148,6 +150,7 @@ impl Default for AuditSettings {
         Self {
             enabled: true,
             policy: Policy::default(),
+            cache_dir: None,
         }
     }
 }

@@ -58,6 +58,7 @@ pub(super) struct RawReport {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAudit {
     pub(super) enabled: Option<bool>,
+    pub(super) cache_dir: Option<PathBuf>,
     pub(super) label_keys: Option<Vec<String>>,
     pub(super) expected_major: Option<u64>,
     #[serde(default)]

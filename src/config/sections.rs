@@ -334,8 +334,18 @@ pub(super) fn audit(raw: RawAudit, problems: &mut Problems) -> AuditSettings {
         }
         policy.severities.insert(check, sev);
     }
+    let cache_dir = raw.cache_dir.filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = &cache_dir {
+        if !d.is_absolute() {
+            problems.push(format!(
+                "audit.cache_dir: {} must be an absolute path (e.g. /var/lib/runner-warden/audits)",
+                d.display()
+            ));
+        }
+    }
     AuditSettings {
         enabled: raw.enabled.unwrap_or(true),
         policy,
+        cache_dir,
     }
 }

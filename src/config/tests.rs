@@ -296,3 +296,18 @@ fn the_node_caps_are_validated() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn the_audit_cache_is_an_absolute_directory_or_none() {
+    assert_eq!(parse("").unwrap().audit.cache_dir, None);
+    let s = parse("[audit]\ncache_dir = \"/var/lib/runner-warden/audits\"").unwrap();
+    assert_eq!(
+        s.audit.cache_dir.as_deref(),
+        Some(Path::new("/var/lib/runner-warden/audits"))
+    );
+    let problems = parse("[audit]\ncache_dir = \"audits\"").unwrap_err();
+    assert!(
+        problems[0].starts_with("audit.cache_dir: audits must be an absolute path"),
+        "{problems:?}"
+    );
+}

@@ -114,7 +114,7 @@ impl Policy {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Dir,
     File,
@@ -123,7 +123,7 @@ pub enum Kind {
 }
 
 /// One entry of the final filesystem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathMeta {
     pub kind: Kind,
     pub mode: u32,
@@ -133,7 +133,7 @@ pub struct PathMeta {
 
 /// What the static checks need from the image config and its final filesystem (all layers applied,
 /// whiteouts and opaque directories honoured).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ImageFacts {
     pub labels: BTreeMap<String, String>,
     pub user: String,

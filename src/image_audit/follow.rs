@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::facts::InspectError;
 use super::{Auditor, FactsSource};
 use crate::contract::Outcome;
 use crate::prewarm::{DesiredImage, News};
@@ -144,6 +145,18 @@ async fn audit<F: FactsSource>(
                 .with_label_values(&["error"])
                 .inc();
             warn!(image, error = %e, "contract audit could not read the image after {} attempts; it is tried again when the image changes", AUDIT_RETRIES + 1);
+            // containerd away or the image gone meanwhile is the node's state, not the image's.
+            if !matches!(e, InspectError::Runtime(_) | InspectError::NotPresent(_)) {
+                let subject = ImageSubject {
+                    image,
+                    project: d.project.as_deref(),
+                };
+                findings.publish_to_projects(
+                    messages::not_audited(subject, &e.to_string()),
+                    image,
+                    &d.other_projects,
+                );
+            }
             board.audited(
                 image,
                 AuditStatus {

@@ -2,10 +2,12 @@
 //! filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The checks
 //! themselves are pure, in `contract`.
 
+mod cache;
 pub mod facts;
 mod follow;
 pub mod layers;
 
+pub use cache::{CacheError, DiskCache};
 pub use follow::follow;
 
 use std::collections::{BTreeMap, HashMap};
@@ -54,6 +56,7 @@ pub struct Auditor<F: FactsSource = Runtime> {
     metrics: Arc<Metrics>,
     by_id: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Audit>>>>>,
     by_image: Mutex<BTreeMap<String, Arc<Audit>>>,
+    disk: Option<DiskCache>,
 }
 
 impl<F: FactsSource> Auditor<F> {
@@ -64,7 +67,53 @@ impl<F: FactsSource> Auditor<F> {
             metrics,
             by_id: Mutex::new(HashMap::new()),
             by_image: Mutex::new(BTreeMap::new()),
+            disk: None,
         }
+    }
+
+    /// Keep the facts of each audit on disk too (`audit.cache_dir`).
+    pub fn with_disk_cache(mut self, disk: DiskCache) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Facts from the disk cache, or read from the image (under the disk's marker, recorded after).
+    async fn facts(
+        &self,
+        image: &str,
+        image_id: &str,
+        fresh: &AtomicBool,
+    ) -> Result<(ImageSummary, ImageFacts), InspectError> {
+        let Some(disk) = &self.disk else {
+            fresh.store(true, Ordering::Relaxed);
+            return self.read_timed(image).await;
+        };
+        if let Some(found) = disk.load(image_id) {
+            return Ok(found);
+        }
+        if disk.interrupted(image_id) {
+            return Err(InspectError::Interrupted {
+                image: image.to_string(),
+                marker: disk.marker(image_id),
+            });
+        }
+        fresh.store(true, Ordering::Relaxed);
+        let _marker = disk.begin(image_id);
+        let (summary, facts) = self.read_timed(image).await?;
+        // Content is addressed by the config digest: a record under another id is of other content.
+        if summary.image_id == image_id {
+            disk.store(&summary, &facts);
+        }
+        Ok((summary, facts))
+    }
+
+    async fn read_timed(&self, image: &str) -> Result<(ImageSummary, ImageFacts), InspectError> {
+        let started = std::time::Instant::now();
+        let read = self.source.read_facts(image).await?;
+        self.metrics
+            .image_audit_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(read)
     }
 
     /// Audits `image` (present in containerd) unless its id was audited before; returns the audit and
@@ -86,12 +135,7 @@ impl<F: FactsSource> Auditor<F> {
         // empty so the next request tries again.
         let audit = cell
             .get_or_try_init(|| async {
-                fresh.store(true, Ordering::Relaxed);
-                let started = std::time::Instant::now();
-                let (summary, facts) = self.source.read_facts(image).await?;
-                self.metrics
-                    .image_audit_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                let (summary, facts) = self.facts(image, image_id, &fresh).await?;
                 Ok::<_, InspectError>(Arc::new(Audit {
                     results: audit(&facts, &self.policy),
                     summary,

@@ -71,7 +71,7 @@ impl FactsSource for Fake {
             ImageSummary {
                 image: image.into(),
                 manifest: "sha256:m".into(),
-                image_id: "sha256:id".into(),
+                image_id: "sha256:1d".into(),
                 platform: "linux/amd64".into(),
                 layers: 1,
             },
@@ -356,6 +356,92 @@ async fn audits_run_one_at_a_time_beside_the_pulls() {
         4
     );
     assert_eq!(fake.0.lock().unwrap().most_in_flight, 1);
+    stop.cancel();
+    job.await.unwrap();
+}
+
+fn cached_auditor(
+    fake: &Fake,
+    m: &Arc<Metrics>,
+    dir: &std::path::Path,
+    policy: Policy,
+) -> Auditor<Fake> {
+    Auditor::new(fake.clone(), policy, m.clone()).with_disk_cache(DiskCache::open(dir).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_judges_the_facts_it_kept_on_disk_under_its_current_policy() {
+    let cache = tempfile::tempdir().unwrap();
+    let fake = Fake::with("a:v1", root_user(), 0);
+    let m = Arc::new(Metrics::new());
+    let first = cached_auditor(&fake, &m, cache.path(), Policy::default());
+    let (audit, fresh) = first.audit("a:v1", "sha256:1d").await.unwrap();
+    assert!(fresh);
+    assert_eq!(audit.count(Outcome::Violation), 1);
+    drop(first);
+
+    // The agent restarts, with non-root-user now a warning: no read, the new severity applies.
+    let mut policy = Policy::default();
+    policy
+        .severities
+        .insert("non-root-user".into(), crate::contract::Severity::Warning);
+    let again = cached_auditor(&fake, &m, cache.path(), policy);
+    let (audit, fresh) = again.audit("a:v1", "sha256:1d").await.unwrap();
+    assert!(!fresh, "from the disk");
+    assert_eq!(fake.reads(), 1);
+    assert_eq!(
+        (
+            audit.count(Outcome::Violation),
+            audit.count(Outcome::Warning)
+        ),
+        (0, 1)
+    );
+    assert!(
+        std::fs::read_dir(cache.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".auditing")),
+        "no marker is left behind"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_whose_audit_killed_the_agent_is_not_audited_again_and_says_so() {
+    let cache = tempfile::tempdir().unwrap();
+    // The last agent died (OOM-killed) while it audited this content: its marker stayed.
+    std::fs::write(cache.path().join("sha256-1.auditing"), b"").unwrap();
+    let image = "r.io/team/runner:v1";
+    let fake = Fake::with(image, root_user(), 0);
+    let m = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(m.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let board = Arc::new(StatusBoard::default());
+    board.track(image, vec!["a".into()]);
+    let job = tokio::spawn(follow(
+        Arc::new(cached_auditor(&fake, &m, cache.path(), Policy::default())),
+        rx,
+        sink,
+        m.clone(),
+        board.clone(),
+        stop.clone(),
+    ));
+    tx.send(present(image, "a", &["b"])).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.reads(), 0, "never read again");
+    let f = captured.findings();
+    let not_audited: Vec<_> = f
+        .iter()
+        .filter(|f| f["reason"] == "RunnerImageNotAudited")
+        .collect();
+    assert_eq!(not_audited.len(), 2, "one per project: {f:?}");
+    let text = not_audited[0]["message"].as_str().unwrap();
+    assert!(
+        text.contains(image) && text.contains("sha256-1.auditing"),
+        "{text}"
+    );
+    assert_eq!(board.images()[0].audit.as_ref().unwrap().result, "error");
     stop.cancel();
     job.await.unwrap();
 }

@@ -10,6 +10,8 @@ pub const CONTRACT_VIOLATION: &str = "RunnerImageContractViolation";
 pub const REGISTRY_NOT_ALLOWED: &str = "RunnerImageRegistryNotAllowed";
 /// Over the node's caps (`prewarm.max_images`, `prewarm.max_pinned_bytes`): not held on this node.
 pub const NOT_PREWARMED: &str = "RunnerImageNotPrewarmed";
+/// The static audit could not judge the image (a bound or the time cap, an unreadable layer).
+pub const NOT_AUDITED: &str = "RunnerImageNotAudited";
 pub const SHUTDOWN_SLOW: &str = "RunnerShutdownSlow";
 pub const SHUTDOWN_KILLED: &str = "RunnerShutdownKilled";
 

@@ -1,8 +1,9 @@
 //! Every finding's text. Jobs hand over typed outcomes; the words a human reads are chosen here, once.
 
 use super::findings::{
-    Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, NOT_PREWARMED, PREWARMED,
-    PULL_FAILED, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED, SHUTDOWN_KILLED, SHUTDOWN_SLOW,
+    Finding, Level, Regarding, ShutdownFacts, CONTRACT_VIOLATION, NOT_AUDITED, NOT_PREWARMED,
+    PREWARMED, PULL_FAILED, PULL_SECRET_INVALID, REGISTRY_NOT_ALLOWED, SHUTDOWN_KILLED,
+    SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
 use crate::prewarm::OverCap;
@@ -151,6 +152,19 @@ pub fn over_cap(s: ImageSubject, cap: OverCap) -> Finding {
         ),
     )
     .class(cap.label())
+}
+
+/// The static audit could not read `s.image`; `why` is the audit's error (it names image, layer and
+/// bound).
+pub fn not_audited(s: ImageSubject, why: &str) -> Finding {
+    s.finding(
+        NOT_AUDITED,
+        Level::Warning,
+        format!(
+            "Runner image {} was not checked against the runner image contract on this node: {why}. Sessions may still use it; `runner-warden check-image {}` on a node shows the same.",
+            s.image, s.image
+        ),
+    )
 }
 
 /// One failing contract check of an image; `outcome` is `violation` or `warning`.

@@ -1,0 +1,238 @@
+//! The audit's results on the node's disk, by image id (config digest): an agent that restarts — after an
+//! upgrade, or killed while it audited — does not read every layer of every image again. What is kept is
+//! the facts (not the verdicts), so a changed policy still applies; a file per id, written atomically.
+//!
+//! A marker file is written while an image is audited and removed when it ends (or is cancelled): one
+//! found at start means the agent died during that audit (an OOM kill, typically), and that image is not
+//! audited again automatically — the crash loop an image could otherwise cause on every node.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use super::facts::ImageSummary;
+use crate::contract::ImageFacts;
+
+/// Layout version of the files: another one is ignored (and overwritten).
+const FORMAT: u32 = 1;
+/// Entries not used for this long are removed at start.
+const KEEP_UNUSED: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    format: u32,
+    summary: ImageSummary,
+    facts: ImageFacts,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit cache directory {}: {source}; set audit.cache_dir to a writable directory or leave it out", dir.display())]
+pub struct CacheError {
+    dir: PathBuf,
+    source: std::io::Error,
+}
+
+/// The cache directory; markers of audits a dead agent left are read when it opens.
+pub struct DiskCache {
+    dir: PathBuf,
+    interrupted: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// File name for an image id: `sha256:ab…` → `sha256-ab…` (ids are digests; anything else is refused).
+fn stem(id: &str) -> Option<String> {
+    let (algo, hex) = id.split_once(':')?;
+    let ok = !algo.is_empty()
+        && algo.bytes().all(|b| b.is_ascii_alphanumeric())
+        && !hex.is_empty()
+        && hex.len() <= 128
+        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    ok.then(|| format!("{algo}-{hex}"))
+}
+
+impl DiskCache {
+    /// Opens (creating, mode 0700) `dir`, removes entries unused for 30 days and notes the markers.
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        let err = |source| CacheError {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        let mut interrupted = std::collections::BTreeSet::new();
+        let now = SystemTime::now();
+        for e in std::fs::read_dir(dir).map_err(err)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".auditing") {
+                interrupted.insert(id.to_string());
+            } else if name.ends_with(".json") {
+                let unused = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age > KEEP_UNUSED);
+                if unused {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            } else if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            interrupted: std::sync::Mutex::new(interrupted),
+        })
+    }
+
+    fn path(&self, id: &str, ext: &str) -> Option<PathBuf> {
+        stem(id).map(|s| self.dir.join(format!("{s}.{ext}")))
+    }
+
+    /// The facts recorded for `id`, if any (an unreadable or other-format file counts as none).
+    pub fn load(&self, id: &str) -> Option<(ImageSummary, ImageFacts)> {
+        let path = self.path(id, "json")?;
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice::<Entry>(&bytes) {
+            Ok(e) if e.format == FORMAT && e.summary.image_id == id => {
+                // Used: keep it past the next pruning.
+                if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
+                Some((e.summary, e.facts))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                debug!(file = %path.display(), error = %e, "audit cache entry unreadable; auditing again");
+                None
+            }
+        }
+    }
+
+    /// Records `id`'s facts (best effort: a full disk costs a re-audit, never the audit).
+    pub fn store(&self, summary: &ImageSummary, facts: &ImageFacts) {
+        let Some(path) = self.path(&summary.image_id, "json") else {
+            return;
+        };
+        let entry = Entry {
+            format: FORMAT,
+            summary: summary.clone(),
+            facts: facts.clone(),
+        };
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&entry)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!(file = %path.display(), error = %e, "cannot record the audit on disk; it is redone after a restart");
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Whether an earlier agent died while auditing `id` (its marker was there at start).
+    pub fn interrupted(&self, id: &str) -> bool {
+        stem(id).is_some_and(|s| self.interrupted.lock().expect("markers").contains(&s))
+    }
+
+    /// The marker file of `id` (what an operator deletes to have it audited again).
+    pub fn marker(&self, id: &str) -> String {
+        self.path(id, "auditing")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Marks `id` as being audited until the guard drops (an audit that ends or is cancelled).
+    pub fn begin(&self, id: &str) -> Marker {
+        let path = self.path(id, "auditing");
+        if let Some(p) = &path {
+            if let Err(e) = std::fs::write(p, b"") {
+                debug!(file = %p.display(), error = %e, "cannot write the audit marker");
+            }
+        }
+        Marker(path)
+    }
+}
+
+/// Removes its marker file when dropped.
+pub struct Marker(Option<PathBuf>);
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(id: &str) -> ImageSummary {
+        ImageSummary {
+            image: "r.io/a:v1".into(),
+            manifest: "sha256:m".into(),
+            image_id: id.into(),
+            platform: "linux/amd64".into(),
+            layers: 2,
+        }
+    }
+
+    const ID: &str = "sha256:0123abcd";
+
+    #[test]
+    fn facts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let facts = ImageFacts {
+            user: "1001".into(),
+            passwd: Some("root:x:0:0::/root:/bin/sh\n".into()),
+            ..Default::default()
+        };
+        DiskCache::open(dir.path())
+            .unwrap()
+            .store(&summary(ID), &facts);
+        let again = DiskCache::open(dir.path()).unwrap();
+        assert_eq!(again.load(ID), Some((summary(ID), facts)));
+        assert_eq!(again.load("sha256:ffff"), None);
+    }
+
+    #[test]
+    fn an_audit_a_dead_agent_left_is_not_retried_but_a_finished_or_cancelled_one_is_no_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path()).unwrap();
+        drop(cache.begin("sha256:aa"));
+        let dead = cache.begin(ID);
+        std::mem::forget(dead); // the process died: nothing removed the marker
+        let again = DiskCache::open(dir.path()).unwrap();
+        assert!(again.interrupted(ID));
+        assert!(!again.interrupted("sha256:aa"));
+        std::fs::remove_file(again.marker(ID)).unwrap();
+        assert!(!DiskCache::open(dir.path()).unwrap().interrupted(ID));
+    }
+
+    #[test]
+    fn a_corrupt_other_format_or_mismatched_entry_is_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("sha256-0123abcd.json"), b"{not json").unwrap();
+        assert_eq!(cache.load(ID), None);
+        cache.store(&summary("sha256:beef"), &ImageFacts::default());
+        std::fs::rename(
+            dir.path().join("sha256-beef.json"),
+            dir.path().join("sha256-0123abcd.json"),
+        )
+        .unwrap();
+        assert_eq!(cache.load(ID), None, "the entry is of another id");
+    }
+
+    #[test]
+    fn only_digests_name_files() {
+        assert_eq!(stem("sha256:ab12"), Some("sha256-ab12".into()));
+        for bad in ["", "sha256:", ":ab", "sha256:../x", "a/b:cd", "sha256:zz"] {
+            assert_eq!(stem(bad), None, "{bad}");
+        }
+    }
+}
