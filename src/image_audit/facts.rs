@@ -70,7 +70,7 @@ pub async fn resolve(runtime: &Runtime, name: &str) -> Result<Resolved, InspectE
     };
     let record = match runtime
         .images()
-        .get(runtime.request(GetImageRequest {
+        .get(runtime.unary(GetImageRequest {
             name: name.to_string(),
         }))
         .await

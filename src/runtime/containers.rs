@@ -67,14 +67,14 @@ impl Runtime {
     ) -> Result<Vec<ContainerRef>, RuntimeError> {
         let resp = self
             .cri_runtime()
-            .list_containers(ListContainersRequest {
+            .list_containers(self.timed(ListContainersRequest {
                 filter: Some(ContainerFilter {
                     state: Some(ContainerStateValue {
                         state: state as i32,
                     }),
                     ..Default::default()
                 }),
-            })
+            }))
             .await
             .map_err(|s| RuntimeError::call("ListContainers", self.socket(), s))?;
         Ok(resp
@@ -97,10 +97,10 @@ impl Runtime {
     ) -> Result<Option<(ContainerRef, ContainerStatus)>, RuntimeError> {
         let resp = self
             .cri_runtime()
-            .container_status(ContainerStatusRequest {
+            .container_status(self.timed(ContainerStatusRequest {
                 container_id: id.to_string(),
                 verbose: false,
-            })
+            }))
             .await;
         let status = match resp {
             Ok(r) => r.into_inner().status,
@@ -129,10 +129,10 @@ impl Runtime {
     pub async fn container_init_pid(&self, id: &str) -> Option<u32> {
         let resp = self
             .cri_runtime()
-            .container_status(ContainerStatusRequest {
+            .container_status(self.timed(ContainerStatusRequest {
                 container_id: id.to_string(),
                 verbose: true,
-            })
+            }))
             .await
             .ok()?
             .into_inner();
@@ -143,7 +143,7 @@ impl Runtime {
     /// Host pids of every process of a container; empty when its task is gone.
     pub async fn container_pids(&self, container_id: &str) -> Result<Vec<u32>, RuntimeError> {
         let resp = TasksClient::new(self.channel.clone())
-            .list_pids(self.request(ListPidsRequest {
+            .list_pids(self.unary(ListPidsRequest {
                 container_id: container_id.to_string(),
             }))
             .await;

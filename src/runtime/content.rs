@@ -36,7 +36,7 @@ impl Runtime {
     pub async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
         match self
             .content()
-            .info(self.request(InfoRequest {
+            .info(self.unary(InfoRequest {
                 digest: digest.to_string(),
             }))
             .await

@@ -67,10 +67,10 @@ impl Runtime {
     ) -> Result<ImageStatusResponse, RuntimeError> {
         Ok(self
             .cri_images()
-            .image_status(ImageStatusRequest {
+            .image_status(self.timed(ImageStatusRequest {
                 image: Some(spec(image)),
                 verbose,
-            })
+            }))
             .await
             .map_err(|s| RuntimeError::call("ImageStatus", self.socket(), s))?
             .into_inner())

@@ -185,7 +185,7 @@ pub fn redact_derived(text: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("containerd {call} via {socket}: {message} (code {code:?}); is containerd running and is the socket path right?")]
+    #[error("containerd {call} via {}: {message} (code {code:?}){}", socket.display(), hint(*code))]
     Call {
         call: &'static str,
         socket: PathBuf,
@@ -196,13 +196,32 @@ pub enum RuntimeError {
     Data { call: &'static str, message: String },
 }
 
+/// What to check, for errors that say containerd is not there (an answer it gave needs no such advice).
+fn hint(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unavailable => "; is containerd running and is the socket path right?",
+        _ => "",
+    }
+}
+
 impl RuntimeError {
     pub fn call(call: &'static str, socket: &Path, status: tonic::Status) -> Self {
+        // tonic's client-side deadline (`Runtime::unary`) ends a call as Cancelled "Timeout expired": a
+        // containerd that does not answer is as good as gone, and is treated as unreachable.
+        let timed_out = status.code() == tonic::Code::DeadlineExceeded
+            || (status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired");
+        let (code, message) = match timed_out {
+            true => (
+                tonic::Code::Unavailable,
+                "no answer before the call's deadline (containerd hung or overloaded)".to_string(),
+            ),
+            false => (status.code(), status.message().to_string()),
+        };
         RuntimeError::Call {
             call,
             socket: socket.to_path_buf(),
-            code: status.code(),
-            message: status.message().to_string(),
+            code,
+            message,
         }
     }
 

@@ -31,7 +31,7 @@ impl Runtime {
     async fn set_pin(&self, name: &str, owner: Option<&str>) -> Result<(), RuntimeError> {
         let mut images = self.images();
         let got = images
-            .get(self.request(GetImageRequest {
+            .get(self.unary(GetImageRequest {
                 name: name.to_string(),
             }))
             .await;
@@ -62,7 +62,7 @@ impl Runtime {
             ],
         };
         images
-            .update(self.request(UpdateImageRequest {
+            .update(self.unary(UpdateImageRequest {
                 image: Some(image),
                 update_mask: Some(mask),
                 source_date_epoch: None,
@@ -76,7 +76,7 @@ impl Runtime {
     pub async fn owned_pins(&self) -> Result<BTreeMap<String, String>, RuntimeError> {
         let resp = self
             .images()
-            .list(self.request(ListImagesRequest {
+            .list(self.unary(ListImagesRequest {
                 filters: vec![format!("labels.\"{OWNER_LABEL}\"")],
             }))
             .await

@@ -200,7 +200,7 @@ impl ProgressProbe {
         let rt = &self.runtime;
         let statuses = rt
             .content()
-            .list_statuses(rt.request(ListStatusesRequest { filters: vec![] }))
+            .list_statuses(rt.unary(ListStatusesRequest { filters: vec![] }))
             .await
             .map_err(|s| RuntimeError::call("content.ListStatuses", rt.socket(), s))?
             .into_inner()
