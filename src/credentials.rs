@@ -18,6 +18,7 @@ use std::path::Path;
 
 use base64::Engine;
 use serde::Deserialize;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialsError {
@@ -34,8 +35,10 @@ pub enum CredentialsError {
     Empty,
 }
 
-/// One registry login taken from a pull secret.
-#[derive(Clone, PartialEq, Eq)]
+/// One registry login taken from a pull secret. Wiped from memory when dropped (every copy: keyrings are
+/// cloned into merged keyrings and workers), so a core dump or a later heap read finds no tenant's
+/// password in freed memory.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub struct Credential {
     /// The key it came from (registry host and optional path); not secret.
     pub key: String,
@@ -55,7 +58,7 @@ impl fmt::Debug for Credential {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
 struct RawEntry {
     #[serde(default)]
     auth: Option<String>,
@@ -191,30 +194,38 @@ fn json_error(e: serde_json::Error) -> CredentialsError {
     }
 }
 
-fn credential_from(key: &str, raw: RawEntry) -> Result<Credential, CredentialsError> {
-    let mut username = raw.username.unwrap_or_default();
-    let mut password = raw.password.unwrap_or_default();
-    if let Some(auth) = raw.auth.filter(|a| !a.is_empty()) {
+fn credential_from(key: &str, mut raw: RawEntry) -> Result<Credential, CredentialsError> {
+    let mut username = raw.username.take().unwrap_or_default();
+    let mut password = raw.password.take().unwrap_or_default();
+    if let Some(auth) = raw.auth.as_deref().filter(|a| !a.is_empty()) {
         // kubelet: a non-empty `auth` wins over username/password.
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|_| CredentialsError::Entry {
-                key: key.to_string(),
-                problem: "auth is not valid base64 of user:password",
-            })?;
-        let decoded = String::from_utf8(decoded).map_err(|_| CredentialsError::Entry {
-            key: key.to_string(),
-            problem: "auth does not decode to UTF-8 text",
-        })?;
+        let decoded = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|_| CredentialsError::Entry {
+                    key: key.to_string(),
+                    problem: "auth is not valid base64 of user:password",
+                })?,
+        );
+        let decoded = Zeroizing::new(
+            std::str::from_utf8(&decoded)
+                .map_err(|_| CredentialsError::Entry {
+                    key: key.to_string(),
+                    problem: "auth does not decode to UTF-8 text",
+                })?
+                .to_string(),
+        );
         let (u, p) = decoded.split_once(':').ok_or(CredentialsError::Entry {
             key: key.to_string(),
             problem: "auth must decode to user:password (no colon found)",
         })?;
+        username.zeroize();
+        password.zeroize();
         username = u.to_string();
         password = p.to_string();
     }
-    let identity_token = raw.identitytoken.unwrap_or_default();
-    let registry_token = raw.registrytoken.unwrap_or_default();
+    let identity_token = raw.identitytoken.take().unwrap_or_default();
+    let registry_token = raw.registrytoken.take().unwrap_or_default();
     if !username.is_empty()
         && password.is_empty()
         && identity_token.is_empty()
@@ -396,6 +407,22 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// Credentials, the parse's intermediate and the CRI copy are all wiped on drop: removing it is a
+    /// compile error here.
+    #[test]
+    fn every_credential_holder_is_wiped_on_drop() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<Credential>();
+        wiped_on_drop::<RawEntry>();
+        let mut c = Keyring::parse(br#"{"auths":{"r.io":{"auth":"dTpwdy1zZWNyZXQ="}}}"#)
+            .unwrap()
+            .lookup("r.io/a")[0]
+            .clone();
+        assert_eq!(c.password, "pw-secret");
+        c.zeroize();
+        assert!(c.password.is_empty() && c.username.is_empty());
+    }
+
     use super::*;
 
     /// The recursive definition, for comparison on small inputs.

@@ -19,6 +19,17 @@ impl fmt::Debug for AuthConfig {
     }
 }
 
+/// The copy handed to CRI is wiped once the request is encoded and dropped, like the credential itself.
+impl Drop for AuthConfig {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.password.zeroize();
+        self.auth.zeroize();
+        self.identity_token.zeroize();
+        self.registry_token.zeroize();
+    }
+}
+
 impl From<&Credential> for AuthConfig {
     fn from(c: &Credential) -> Self {
         AuthConfig {

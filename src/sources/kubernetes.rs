@@ -287,9 +287,12 @@ impl KubeSource {
         }
 
         let mut images = Vec::new();
+        // The Secrets some wanted image still names: the cache keeps only those.
+        let mut in_use: std::collections::HashSet<(String, String)> = Default::default();
         for w in wants {
             let mut cluster_secrets = Vec::new();
             for (ns, name) in &w.secrets {
+                in_use.insert((ns.clone(), name.clone()));
                 let version = versions.get(ns).cloned().unwrap_or_default();
                 let fresh = secrets
                     .get(&(ns.clone(), name.clone()))
@@ -359,7 +362,8 @@ impl KubeSource {
         }
         // A problem that went away may be reported again if it comes back.
         *reported = now_reported;
-        secrets.retain(|(ns, _), _| versions.contains_key(ns));
+        // A project that no longer wants an image (or changed its secret) leaves no credentials here.
+        secrets.retain(|key, _| in_use.contains(key));
         desired.send_if_modified(|cur| {
             if *cur == images {
                 false
