@@ -7,11 +7,15 @@ pub const RUNNING_AS_ROOT: &str = "RunnerRunningAsRoot";
 pub const UID_DRIFT: &str = "RunnerUIDDrift";
 pub const CAPABILITY_DRIFT: &str = "RunnerCapabilityDrift";
 pub const PRIVILEGE_ESCALATION: &str = "RunnerPrivilegeEscalationAllowed";
-pub const PROCESS_CHECKS: [&str; 4] = [
+/// A runner process that exists but whose status cannot be read or parsed: it cannot be audited, and a
+/// process able to hide its state is not given the benefit of the doubt.
+pub const PROCESS_UNREADABLE: &str = "RunnerProcessUnreadable";
+pub const PROCESS_CHECKS: [&str; 5] = [
     RUNNING_AS_ROOT,
     UID_DRIFT,
     CAPABILITY_DRIFT,
     PRIVILEGE_ESCALATION,
+    PROCESS_UNREADABLE,
 ];
 
 /// Linux capability names by bit (include/uapi/linux/capability.h).

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::source::{ContainerLister, HostProc, ProcFs};
-use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS};
+use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS, PROCESS_UNREADABLE};
 use crate::report::messages;
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
@@ -255,16 +255,36 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             });
         let pids = self.pids(c).await?;
         let mut procs = Vec::with_capacity(pids.len());
+        let mut unreadable = Vec::new();
         let mut buf = Vec::with_capacity(2048);
         for pid in pids {
             match self.proc.status(pid, &mut buf) {
                 Ok(Some(p)) => procs.push(p),
                 Ok(None) => {} // exited between list and read
-                Err(e) => debug!(pid, error = %e, "unreadable /proc entry; skipped this scan"),
+                Err(e) => unreadable.push((pid, e)),
             }
         }
+        let ids = [c.id.clone()];
+        let mut rows = Vec::new();
+        for (pid, e) in unreadable {
+            // Still this container's (not gone, not a reused pid): a process the audit cannot see.
+            if self.proc.container_of(pid, &ids).is_none() {
+                debug!(pid, error = %e, "unreadable /proc entry of a process that left; skipped");
+                continue;
+            }
+            rows.push(Row {
+                container: c.clone(),
+                pid,
+                command: "?".into(),
+                check: PROCESS_UNREADABLE,
+                detail: format!(
+                    "/proc/{pid}/status cannot be read ({e}), so this process cannot be audited; a runner process must not hide its UIDs and capabilities"
+                ),
+            });
+        }
         if procs.is_empty() {
-            return Ok((Vec::new(), 0));
+            self.update(c, &rows);
+            return Ok((rows, 0));
         }
         // The lowest pid is the container's first process: its UIDs at first sight are the baseline.
         procs.sort_by_key(|p| p.pid);
@@ -275,8 +295,6 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             };
             *t.first_uids.get_or_insert(procs[0].uids)
         };
-        let mut rows = Vec::new();
-        let ids = [c.id.clone()];
         let ns_range = self
             .namespace_ranges
             .as_ref()

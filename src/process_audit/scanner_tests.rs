@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::contract::process::{ProcFacts, CAPABILITY_DRIFT, RUNNING_AS_ROOT, UID_DRIFT};
+use crate::contract::process::{
+    ProcFacts, CAPABILITY_DRIFT, PROCESS_UNREADABLE, RUNNING_AS_ROOT, UID_DRIFT,
+};
 use crate::report::sink::{Captured, FindingSink};
 
 #[derive(Default)]
@@ -21,6 +23,8 @@ struct Node {
     cgroup_files: bool,
     /// ListPids of these containers fails with this code (a task going away, containerd going down).
     pids_fail: HashMap<String, tonic::Code>,
+    /// pids whose status cannot be read (not valid, or EACCES).
+    unreadable: Vec<u32>,
 }
 
 #[derive(Clone, Default)]
@@ -52,6 +56,12 @@ impl ContainerLister for Fake {
 
 impl ProcFs for Fake {
     fn status(&self, pid: u32, _buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
+        if self.node().unreadable.contains(&pid) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "Uid line is not four numbers",
+            ));
+        }
         Ok(self.node().procs.get(&pid).cloned())
     }
     fn cgroup_procs_file(&self, _pid: u32, id: &str) -> Option<std::path::PathBuf> {
@@ -337,4 +347,42 @@ async fn a_container_going_away_mid_scan_costs_the_others_nothing() {
         .pids_fail
         .insert("gone".into(), tonic::Code::Unavailable);
     assert!(r.scanner.scan_all().await.unwrap_err().is_unreachable());
+}
+
+#[tokio::test]
+async fn a_process_whose_status_cannot_be_read_is_itself_a_finding_unless_it_left() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0), process(11, 1001, 0)]);
+    r.add("c2", vec![process(20, 1001, 0)]);
+    r.fake.node().unreadable.extend([11, 20]);
+    r.fake.node().moved.push(20); // 20 left its container between list and read
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!(res.rows.len(), 1, "{:?}", res.rows);
+    assert_eq!(
+        (
+            res.rows[0].check,
+            res.rows[0].pid,
+            res.rows[0].container.id.as_str()
+        ),
+        (PROCESS_UNREADABLE, 11, "c1")
+    );
+    assert!(res.rows[0]
+        .detail
+        .contains("/proc/11/status cannot be read"));
+    assert_eq!(r.captured.reasons(), [PROCESS_UNREADABLE]);
+    assert_eq!(r.gauge(PROCESS_UNREADABLE), 1);
+    // Readable again: the container complies; the gauge drops.
+    r.fake.node().unreadable.clear();
+    assert!(r.scanner.scan_all().await.unwrap().rows.is_empty());
+    assert_eq!(r.gauge(PROCESS_UNREADABLE), 0);
+}
+
+#[tokio::test]
+async fn a_container_of_only_unreadable_processes_is_still_reported() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0)]);
+    r.fake.node().unreadable.push(10);
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!(res.rows.len(), 1);
+    assert_eq!(r.captured.reasons(), [PROCESS_UNREADABLE]);
 }
