@@ -436,6 +436,14 @@ impl Agent {
         .await
     }
 
+    /// Whether the agent process still runs (not exited, not a zombie).
+    pub fn child_alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    }
+
     /// SIGTERM and wait; returns (exit code, seconds taken).
     pub fn terminate(&mut self) -> (Option<i32>, f64) {
         let start = Instant::now();
@@ -499,8 +507,17 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub struct Proxy {
     pub stall: Arc<AtomicBool>,
     pub forwarded: Arc<AtomicU64>,
+    /// A fault for every new connection: `FAULT_NONE`, `FAULT_500` or `FAULT_RESET`.
+    pub fault: Arc<std::sync::atomic::AtomicU8>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Forward to the registry.
+pub const FAULT_NONE: u8 = 0;
+/// Answer every request `500 Internal Server Error` (a registry whose storage is failing).
+pub const FAULT_500: u8 = 1;
+/// Reset every connection as soon as it is accepted (a load balancer dropping the backend).
+pub const FAULT_RESET: u8 = 2;
 
 impl Proxy {
     /// `rate`: bytes per second from upstream (0 = unlimited); while `stall` is set, a connection stops
@@ -522,12 +539,32 @@ impl Proxy {
         };
         let stall = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
-        let (st, fw) = (stall.clone(), forwarded.clone());
+        let fault = Arc::new(std::sync::atomic::AtomicU8::new(FAULT_NONE));
+        let (st, fw, fa) = (stall.clone(), forwarded.clone(), fault.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else {
+                let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
+                match fa.load(Ordering::Relaxed) {
+                    FAULT_500 => {
+                        tokio::spawn(async move {
+                            let mut req = vec![0u8; 8192];
+                            let _ = client.read(&mut req).await;
+                            let _ = client
+                                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await;
+                        });
+                        continue;
+                    }
+                    FAULT_RESET => {
+                        // Linger 0: closing sends RST, not FIN.
+                        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                        drop(client);
+                        continue;
+                    }
+                    _ => {}
+                }
                 let (st, fw) = (st.clone(), fw.clone());
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
@@ -570,6 +607,7 @@ impl Proxy {
         Proxy {
             stall,
             forwarded,
+            fault,
             task,
         }
     }
