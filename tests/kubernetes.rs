@@ -445,6 +445,78 @@ mod on_a_cluster {
         k.kubectl(&["delete", "namespace", "rw-after", "--wait=false"]);
     }
 
+    /// Fault drill: findings made while the API server is away for a minute are Events once it is back.
+    #[tokio::test]
+    async fn findings_made_while_the_api_server_is_away_are_delivered_when_it_returns() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let ns = "rw-queued";
+        k.project(&bed, ns).await;
+        // The image is behind a proxy port that is closed for now: pulls fail (network) until it opens.
+        k.kubectl(&[
+            "-n",
+            ns,
+            "create",
+            "secret",
+            "docker-registry",
+            "pull-proxy",
+            "--docker-server=127.0.0.1:5004",
+            &format!("--docker-username={}", bed.user),
+            &format!("--docker-password={}", bed.password),
+        ]);
+        let image = "127.0.0.1:5004/runners/compliant:v1";
+        bed.remove_repo("127.0.0.1:5004/runners/compliant").await;
+        k.project_settings(ns, image, Some("pull-proxy"));
+        let agent = k.agent(&bed, &ENV).await;
+        agent
+            .wait_metric(
+                "runner_warden_prewarm_pulls_total{result=\"network\"}",
+                S(60),
+                |v| v >= 1.0,
+            )
+            .await;
+        let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster");
+        let run = |cmd: &str| {
+            assert!(std::process::Command::new(cluster)
+                .arg(cmd)
+                .status()
+                .unwrap()
+                .success())
+        };
+        run("stop-apiserver");
+        let stopped = std::time::Instant::now();
+        agent
+            .wait_metric("runner_warden_api_server_up", S(60), |v| v == 0.0)
+            .await;
+        // The registry path heals while the API server is away: the image is prewarmed, the finding queued.
+        let _proxy = Proxy::start(5004, bed.registry_port(), 0, 0).await;
+        agent
+            .wait_finding("RunnerImagePrewarmed", image, S(60))
+            .await;
+        if let Some(rest) = S(60).checked_sub(stopped.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        run("start-apiserver");
+        let ev = k
+            .wait_event(ns, "RunnerImagePrewarmed", "projectsettings", S(120))
+            .await;
+        assert!(ev.note.unwrap_or_default().contains(image));
+        let m = agent.metrics().await;
+        assert_eq!(
+            metric(&m, "runner_warden_events_total{result=\"dropped\"}"),
+            Some(0.0),
+            "nothing dropped"
+        );
+        assert_eq!(
+            k.events(ns, "RunnerImagePrewarmed", "projectsettings")
+                .await
+                .len(),
+            1,
+            "delivered once"
+        );
+        k.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+    }
+
     #[tokio::test]
     async fn one_node_writes_cluster_wide_findings_and_another_takes_over() {
         let _g = serial().await;
