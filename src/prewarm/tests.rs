@@ -946,3 +946,77 @@ async fn auth_and_not_found_back_off_longer_than_per_node_failures() {
         task.await.unwrap();
     }
 }
+
+/// The scale drill on the desired set's logic: 200 projects over 20 images and 5 secrets (one per
+/// registry) become exactly 20 pulls, each with the credential of its image's registry.
+#[tokio::test(start_paused = true)]
+async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_right_credential() {
+    use crate::credentials::Keyring;
+    use crate::sources::desired::{plan, ClusterPolicy, ProjectWant};
+    let host = |i: usize| format!("r{}.io", i % 5);
+    let image_of = |i: usize| format!("{}/team/runner-{}:v1", host(i), i % 20);
+    let projects: Vec<ProjectWant> = (0..200)
+        .map(|j| ProjectWant {
+            namespace: format!("p{j:03}"),
+            runner_image: Some(image_of(j)),
+            pull_secret: Some(format!("pull-{}", j % 5)),
+        })
+        .collect();
+    let policy = ClusterPolicy {
+        custom_images_enabled: true,
+        ..Default::default()
+    };
+    let (wants, problems) = plan(&projects, &policy);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(wants.len(), 20);
+    // Each namespace's Secret `pull-N` logs in to rN.io as userN (what the cluster source reads).
+    let keyring = |secret: &str| {
+        let n = secret.trim_start_matches("pull-");
+        Keyring::parse(
+            format!(r#"{{"auths":{{"r{n}.io":{{"username":"user{n}","password":"pw-{n}"}}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+    };
+    let set: Vec<DesiredImage> = wants
+        .into_iter()
+        .map(|w| {
+            let mut projects = w.projects.into_iter();
+            DesiredImage {
+                cluster_secrets: w
+                    .secrets
+                    .iter()
+                    .map(|(ns, s)| ClusterSecret {
+                        name: format!("{ns}/{s}"),
+                        keyring: keyring(s),
+                    })
+                    .collect(),
+                image: w.image,
+                pull_secret: None,
+                project: projects.next(),
+                other_projects: projects.collect(),
+            }
+        })
+        .collect();
+    assert!(set.iter().all(|d| d.other_projects.len() == 9));
+    let mut r = rig(settings());
+    for i in 0..20 {
+        r.store.script(
+            &image_of(i),
+            [content(&format!("sha256:{i}"), &format!("sha256:m{i}"))],
+        );
+    }
+    let (_tx, stop, task) = r.run_until(set, |r| r.images_in("ready") == 20).await;
+    let pulls = r.store.pulls();
+    assert_eq!(pulls.len(), 20, "{pulls:?}");
+    for i in 0..20 {
+        let want = Call::Pull(image_of(i), Some(format!("user{}", i % 5)));
+        assert!(pulls.contains(&want), "{want:?} in {pulls:?}");
+    }
+    assert_eq!(
+        r.findings_of("RunnerImagePrewarmed").len(),
+        20 * crate::report::sink::NORMAL_FANOUT
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
