@@ -229,6 +229,33 @@ mod tests {
     }
 
     #[test]
+    fn entries_unused_for_thirty_days_are_pruned_at_start_and_a_use_keeps_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path()).unwrap();
+        cache.store(&summary("sha256:01"), &ImageFacts::default());
+        cache.store(&summary("sha256:02"), &ImageFacts::default());
+        let age = |id: &str, days: u64| {
+            let f = std::fs::File::options()
+                .append(true)
+                .open(cache.path(id, "json").unwrap())
+                .unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(days * 24 * 3600))
+                .unwrap();
+        };
+        age("sha256:01", 31);
+        age("sha256:02", 29);
+        let again = DiskCache::open(dir.path()).unwrap();
+        assert_eq!(again.load("sha256:01"), None, "unused for 31 days: pruned");
+        assert!(again.load("sha256:02").is_some(), "29 days: kept");
+        // The load refreshed it: another 29 days later it is still there.
+        let mtime = std::fs::metadata(again.path("sha256:02", "json").unwrap())
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(SystemTime::now().duration_since(mtime).unwrap() < Duration::from_secs(60));
+    }
+
+    #[test]
     fn only_digests_name_files() {
         assert_eq!(stem("sha256:ab12"), Some("sha256-ab12".into()));
         for bad in ["", "sha256:", ":ab", "sha256:../x", "a/b:cd", "sha256:zz"] {
