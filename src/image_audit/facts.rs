@@ -174,6 +174,7 @@ pub async fn read_facts(
             ..LayerBounds::default()
         };
         fs = tokio::task::spawn_blocking(move || {
+            let _idle = IdlePriority::enter();
             walk_layer_bounded(reader, compression, fs, bounds)
         })
         .await
@@ -225,6 +226,41 @@ pub fn compression_of(media: &MediaType) -> Option<Compression> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// The calling thread at nice 19 until dropped: inflating a layer must not take CPU from the pulls
+/// (containerd unpacking beside it) or from the node's pods; it only has to finish eventually. Blocking-pool
+/// threads are reused, so the old priority is restored (raising it back needs CAP_SYS_NICE, which the
+/// agent has as root; without it the thread just stays idle-priority).
+struct IdlePriority(Option<libc::c_int>);
+
+impl IdlePriority {
+    fn enter() -> Self {
+        // SAFETY: plain syscalls on the calling thread's own id.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if *libc::__errno_location() != 0 {
+                return Self(None);
+            }
+            match libc::setpriority(libc::PRIO_PROCESS, tid, 19) {
+                0 => Self(Some(old)),
+                _ => Self(None),
+            }
+        }
+    }
+}
+
+impl Drop for IdlePriority {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, old);
+            }
+        }
     }
 }
 
@@ -441,6 +477,22 @@ mod bounds_tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn a_layer_is_inflated_at_idle_priority_and_the_thread_gets_its_priority_back() {
+        let nice =
+            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        std::thread::spawn(move || {
+            let before = nice();
+            {
+                let _idle = IdlePriority::enter();
+                assert_eq!(nice(), 19);
+            }
+            assert_eq!(nice(), before, "restored (the tests run as root)");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
