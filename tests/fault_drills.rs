@@ -174,6 +174,15 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
         .status()
         .expect("kill");
     assert!(killed.success());
+    // Gone (or a zombie) before it is started again.
+    let stat = format!("/proc/{}/stat", pid.trim());
+    agent
+        .wait(S(10), "containerd gone", || async {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            (s.is_empty() || s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+                .then_some(())
+        })
+        .await;
     agent
         .wait_metric("runner_warden_runtime_up", S(30), |v| v == 0.0)
         .await;

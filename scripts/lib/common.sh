@@ -3,7 +3,12 @@
 log() { echo "${LOG_PREFIX:-runner-warden}: $*" >&2; }
 
 # alive <pidfile>: the process it names is running.
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process runs (a zombie — killed, not yet reaped by a PID 1 that may never reap — does not).
+alive() {
+  [ -f "$1" ] || return 1
+  local stat; stat=$(cat "/proc/$(cat "$1")/stat" 2>/dev/null) || return 1
+  [ "$(echo "${stat##*) }" | cut -d' ' -f1)" != Z ]
+}
 
 # wait_for <seconds> <description> <command...>: every wait has a bound (an unbounded one once hung a run).
 wait_for() {
