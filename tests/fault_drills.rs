@@ -162,8 +162,20 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
     let _g = serial().await;
     let bed = Bed::get();
     let _proxy = Proxy::start(PORT, bed.registry_port(), 8_000_000, 0).await;
-    let image = "127.0.0.1:5004/runners/big-progress:v1";
-    bed.remove_repo("127.0.0.1:5004/runners/big-progress").await;
+    // Content of its own: containerd keeps what a pull it was killed in had fetched under that pull's
+    // lease (24 h), so a fixture another run had pulled would already be there.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let repo = format!("drills/killed-{nanos}");
+    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+        .args(["push-random", &format!("{repo}:v1"), "40", "40"])
+        .status()
+        .expect("scripts/testbed push-random")
+        .success();
+    assert!(pushed, "push a fresh image");
+    let image = &format!("127.0.0.1:5004/{repo}:v1");
     let agent = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent.wait_metric(&done, S(30), |v| v > 1e6).await;
