@@ -88,6 +88,25 @@ async fn healed(bed: &Bed, agent: &Agent, image: &str) {
     assert!(agent.child_alive(), "recovered without a restart");
 }
 
+/// A freshly pushed image (two random layers, ~60 MB on the wire) behind the drills' proxy port. A pull
+/// that is cancelled (or that containerd is killed in) leaves its lease behind, holding what it fetched for
+/// 24 h: content of its own keeps the drills from turning another test's pull of a shared fixture into a
+/// no-op (or a hang).
+fn fresh_image(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let repo = format!("drills/{what}-{nanos}");
+    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+        .args(["push-random", &format!("{repo}:v1"), "40", "40"])
+        .status()
+        .expect("scripts/testbed push-random")
+        .success();
+    assert!(pushed, "push a fresh image");
+    format!("127.0.0.1:{PORT}/{repo}:v1")
+}
+
 fn pulls_failed(m: &str) -> f64 {
     ["auth", "not_found", "network", "stalled", "other"]
         .iter()
@@ -106,8 +125,7 @@ async fn a_registry_answering_500s_then_resetting_connections_heals_into_one_pre
     let bed = Bed::get();
     let proxy = Proxy::start(PORT, bed.registry_port(), 0, 0).await;
     proxy.fault.store(FAULT_500, Ordering::Relaxed);
-    let image = "127.0.0.1:5004/runners/big-stall:v1";
-    bed.remove_repo("127.0.0.1:5004/runners/big-stall").await;
+    let image = &fresh_image("flaky");
     let agent = Agent::with_image(&bed, "", image);
     agent
         .wait(S(30), "pulls failing on 500s", || async {
@@ -139,8 +157,7 @@ async fn an_agent_stopped_mid_pull_and_started_again_finishes_with_nothing_leake
     let _g = serial().await;
     let bed = Bed::get();
     let _proxy = Proxy::start(PORT, bed.registry_port(), 8_000_000, 0).await;
-    let image = "127.0.0.1:5004/runners/big-restart:v1";
-    bed.remove_repo("127.0.0.1:5004/runners/big-restart").await;
+    let image = &fresh_image("stopped");
     let mut first = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     first.wait_metric(&done, S(30), |v| v > 1e6).await;
@@ -162,20 +179,7 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
     let _g = serial().await;
     let bed = Bed::get();
     let _proxy = Proxy::start(PORT, bed.registry_port(), 8_000_000, 0).await;
-    // Content of its own: containerd keeps what a pull it was killed in had fetched under that pull's
-    // lease (24 h), so a fixture another run had pulled would already be there.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let repo = format!("drills/killed-{nanos}");
-    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
-        .args(["push-random", &format!("{repo}:v1"), "40", "40"])
-        .status()
-        .expect("scripts/testbed push-random")
-        .success();
-    assert!(pushed, "push a fresh image");
-    let image = &format!("127.0.0.1:5004/{repo}:v1");
+    let image = &fresh_image("killed");
     let agent = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent.wait_metric(&done, S(30), |v| v > 1e6).await;
