@@ -161,7 +161,9 @@ impl Cluster {
             &format!("--docker-password={}", bed.password),
         ]);
         let sa: Api<ServiceAccount> = Api::namespaced(self.admin().await, ns);
-        wait_for(Duration::from_secs(30), "ServiceAccount default", || {
+        // The controller-manager makes it; right after a test stopped the API server its informers may
+        // still be in their relist backoff, which took over 30 s here.
+        wait_for(Duration::from_secs(120), "ServiceAccount default", || {
             let sa = sa.clone();
             async move { sa.get_opt("default").await.ok().flatten() }
         })
