@@ -16,6 +16,17 @@ mod on_a_cluster {
     use kube::ResourceExt;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// `scripts/cluster CMD` (the API-server drills stop and start it), which must succeed.
+    fn cluster(cmd: &str) {
+        let ok =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster"))
+                .arg(cmd)
+                .status()
+                .expect("run scripts/cluster")
+                .success();
+        assert!(ok, "scripts/cluster {cmd} failed");
+    }
     const ENV: [(&str, &str); 2] = [
         ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
         ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
@@ -388,15 +399,7 @@ mod on_a_cluster {
                     .then_some(())
             })
             .await;
-        let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster");
-        let run = |cmd: &str| {
-            assert!(std::process::Command::new(cluster)
-                .arg(cmd)
-                .status()
-                .unwrap()
-                .success())
-        };
-        run("stop-apiserver");
+        cluster("stop-apiserver");
         // Still serving metrics and alive while the API server is away.
         agent
             .holds(
@@ -420,7 +423,7 @@ mod on_a_cluster {
             metric(&agent.metrics().await, "runner_warden_api_server_up"),
             Some(0.0)
         );
-        run("start-apiserver");
+        cluster("start-apiserver");
         agent
             .wait_metric("runner_warden_api_server_up", S(90), |v| v == 1.0)
             .await;
@@ -475,15 +478,7 @@ mod on_a_cluster {
                 |v| v >= 1.0,
             )
             .await;
-        let cluster = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster");
-        let run = |cmd: &str| {
-            assert!(std::process::Command::new(cluster)
-                .arg(cmd)
-                .status()
-                .unwrap()
-                .success())
-        };
-        run("stop-apiserver");
+        cluster("stop-apiserver");
         let stopped = std::time::Instant::now();
         agent
             .wait_metric("runner_warden_api_server_up", S(60), |v| v == 0.0)
@@ -496,7 +491,7 @@ mod on_a_cluster {
         if let Some(rest) = S(60).checked_sub(stopped.elapsed()) {
             tokio::time::sleep(rest).await;
         }
-        run("start-apiserver");
+        cluster("start-apiserver");
         let ev = k
             .wait_event(ns, "RunnerImagePrewarmed", "projectsettings", S(120))
             .await;
