@@ -219,3 +219,47 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
         .wait_metric("runner_warden_runtime_up", S(10), |v| v == 1.0)
         .await;
 }
+
+/// A registry that trades the pull secret for a bearer token and redirects blob fetches to signed URLs,
+/// whose "CDN" is down at first: containerd's error quotes the signed URL. The agent's finding keeps the
+/// URL's path (which blob failed) and drops its query; neither the token, the signature nor the password
+/// reaches a finding, a log line or a metric — then, with the CDN back, the image is prewarmed through
+/// the same token flow.
+#[tokio::test]
+async fn a_token_registry_with_signed_redirects_leaks_neither_token_nor_signature() {
+    use common::token_registry::{TokenRegistry, SIGNATURE, TOKEN};
+    let _g = serial().await;
+    let bed = Bed::get();
+    let front = TokenRegistry::start(PORT, bed.registry_port(), &bed.user, &bed.password).await;
+    let image = &fresh_image("token");
+    let agent = Agent::with_image(&bed, "", image);
+    let failed = agent
+        .wait_finding("RunnerImagePullFailed", image, S(60))
+        .await;
+    let message = failed["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("/cdn/v2/"),
+        "containerd quoted the redirect target (else this drill proves nothing): {message}"
+    );
+    assert!(
+        front.tokens_issued.load(Ordering::Relaxed) >= 1
+            && front.bearer_requests.load(Ordering::Relaxed) >= 1,
+        "containerd went through the token flow"
+    );
+    let leaked = |what: &str| {
+        let everything = [agent.findings_raw(), agent.logs()];
+        [TOKEN, SIGNATURE, bed.password.as_str()]
+            .iter()
+            .find(|secret| everything.iter().any(|text| text.contains(*secret)))
+            .map(|secret| format!("{what}: {secret:?} leaked"))
+    };
+    assert_eq!(leaked("while failing"), None, "{}", agent.logs());
+    let m = agent.metrics().await;
+    assert!(!m.contains(TOKEN) && !m.contains(SIGNATURE), "{m}");
+
+    front.cdn_down.store(false, Ordering::Relaxed);
+    healed(&bed, &agent, image).await;
+    assert_eq!(leaked("after healing"), None, "{}", agent.logs());
+    let m = agent.metrics().await;
+    assert!(!m.contains(TOKEN) && !m.contains(SIGNATURE), "{m}");
+}

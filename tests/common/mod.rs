@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub mod cluster;
 pub mod pods;
+pub mod token_registry;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runner-warden");
 
