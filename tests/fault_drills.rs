@@ -227,7 +227,7 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
 /// the same token flow.
 #[tokio::test]
 async fn a_token_registry_with_signed_redirects_leaks_neither_token_nor_signature() {
-    use common::token_registry::{TokenRegistry, SIGNATURE, TOKEN};
+    use common::registry_front::{TokenRegistry, SIGNATURE, TOKEN};
     let _g = serial().await;
     let bed = Bed::get();
     let front = TokenRegistry::start(PORT, bed.registry_port(), &bed.user, &bed.password).await;

@@ -27,6 +27,37 @@ mod on_a_cluster {
                 .success();
         assert!(ok, "scripts/cluster {cmd} failed");
     }
+    /// The API server stopped (a drill); started again by `restart` or, if the test fails first, on
+    /// drop — so a failing drill does not fail every later test with it.
+    struct ApiServerAway {
+        restarted: bool,
+    }
+
+    impl ApiServerAway {
+        fn stop() -> Self {
+            cluster("stop-apiserver");
+            Self { restarted: false }
+        }
+
+        fn restart(mut self) {
+            self.restarted = true;
+            cluster("start-apiserver");
+        }
+    }
+
+    impl Drop for ApiServerAway {
+        fn drop(&mut self) {
+            if !self.restarted {
+                let _ = std::process::Command::new(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/scripts/cluster"
+                ))
+                .arg("start-apiserver")
+                .status();
+            }
+        }
+    }
+
     const ENV: [(&str, &str); 2] = [
         ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
         ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
@@ -385,6 +416,221 @@ mod on_a_cluster {
         k.kubectl(&["delete", "namespace", "rw-registry", "--wait=false"]);
     }
 
+    /// The agent's desired images and their states, from `runner-warden status --output json`.
+    async fn image_states(agent: &Agent) -> Option<std::collections::HashMap<String, String>> {
+        let out = tokio::process::Command::new(BIN)
+            .args(["status", "--output", "json", "--address"])
+            .arg(format!("127.0.0.1:{}", agent.port))
+            .output()
+            .await
+            .ok()?;
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(
+            doc["images"]
+                .as_array()?
+                .iter()
+                .filter_map(|i| Some((i["image"].as_str()?.into(), i["state"].as_str()?.into())))
+                .collect(),
+        )
+    }
+
+    fn pulled(agent_metrics: &str) -> f64 {
+        metric(
+            agent_metrics,
+            "runner_warden_prewarm_pulls_total{result=\"success\"}",
+        )
+        .unwrap_or(0.0)
+    }
+
+    /// Fault drill: the API server is away past the pull secret's refresh time. The failed Secret read
+    /// keeps the last copy — the tag's re-resolutions during the outage still authenticate (a dropped copy
+    /// would send them anonymous: 401) — and the failed agent-registry read keeps its image desired.
+    #[tokio::test]
+    async fn reads_that_fail_while_the_api_server_is_away_keep_the_last_secret_and_registry() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let ns = "rw-kept";
+        k.project(&bed, ns).await;
+        retag(&bed, "runners/compliant:v1", "k8s/kept:v1");
+        let image = bed.image("k8s/kept:v1");
+        bed.remove_repo(&format!("{}/k8s/kept", bed.registry)).await;
+        // The registry's image has no secret: its pulls fail (auth); only its place in the set matters.
+        let default_image = bed.image("k8s/kept-default:v1");
+        k.apply(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ambient-agent-registry, namespace: {ns}}}\ndata:\n  agent-registry.json: '[{{\"container\":{{\"image\":\"{default_image}\"}}}}]'\n"
+        ));
+        k.project_settings(ns, &image, Some("pull"));
+        let agent = k
+            .agent_configured(
+                &bed,
+                &ENV,
+                "resolve_interval = \"3s\"\n",
+                &format!(
+                    "[kubernetes]\nsecret_refresh = \"2s\"\nagent_registry = \"{ns}/ambient-agent-registry\"\n"
+                ),
+            )
+            .await;
+        agent
+            .wait_finding("RunnerImagePrewarmed", &image, S(60))
+            .await;
+        let desired = || async {
+            image_states(&agent)
+                .await
+                .is_some_and(|s| s.contains_key(&default_image))
+        };
+        agent
+            .wait(S(30), "the registry's image desired", || async {
+                desired().await.then_some(())
+            })
+            .await;
+
+        let away = ApiServerAway::stop();
+        agent
+            .wait_metric("runner_warden_api_server_up", S(60), |v| v == 0.0)
+            .await;
+        // The next reconcile (at most 30 s on) finds the copy past its refresh time and cannot read it.
+        agent
+            .wait(
+                S(90),
+                "a failed Secret read and a failed registry read",
+                || async {
+                    let logs = agent.logs();
+                    (logs.contains("pull secret not refreshed; keeping the last copy")
+                        && logs.contains(
+                            "agent registry not read; keeping the images it named before",
+                        ))
+                    .then_some(())
+                },
+            )
+            .await;
+        let before = pulled(&agent.metrics().await);
+        agent
+            .wait(
+                S(60),
+                "two authenticated re-resolutions during the outage",
+                || async { (pulled(&agent.metrics().await) >= before + 2.0).then_some(()) },
+            )
+            .await;
+        let failed = agent
+            .findings()
+            .into_iter()
+            .filter(|f| f["reason"] == "RunnerImagePullFailed" && f["image"] == image.as_str())
+            .count();
+        assert_eq!(
+            failed,
+            0,
+            "a pull went without the secret:\n{}",
+            agent.logs()
+        );
+        assert!(
+            desired().await,
+            "the agent registry's image left the desired set"
+        );
+        assert_eq!(
+            bed.cri_status(&image).await,
+            (true, true),
+            "still present and pinned"
+        );
+        away.restart();
+        agent
+            .wait_metric("runner_warden_api_server_up", S(90), |v| v == 1.0)
+            .await;
+        k.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+    }
+
+    /// Fault drill at scale: 200 ProjectSettings over 20 images and 5 credentials (an image's projects
+    /// share one; a front before the registry accepts each credential for its own images only) → exactly
+    /// 20 pulls, each resolved with its image's credential, no credential refused.
+    #[tokio::test]
+    async fn two_hundred_projects_over_twenty_images_pull_each_once_with_its_own_secret() {
+        use crate::common::registry_front::CredentialFront;
+        use base64::Engine;
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let tenant = |j: usize| format!("tenant-{}", j % 5);
+        let users: std::collections::HashMap<String, String> = (0..5)
+            .map(|c| (tenant(c), format!("pw-{c}-{run}")))
+            .collect();
+        let front = CredentialFront::start(
+            5003,
+            bed.registry_port(),
+            &bed.user,
+            &bed.password,
+            users.clone(),
+            move |user, repo| {
+                repo.rsplit_once("/img-")
+                    .and_then(|(_, j)| j.parse::<usize>().ok())
+                    .is_some_and(|j| user == tenant(j))
+            },
+        )
+        .await;
+        let repo = |j: usize| format!("many-{run}/img-{j}");
+        for j in 0..20 {
+            retag(&bed, "runners/compliant:v1", &format!("{}:v1", repo(j)));
+        }
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let mut yaml = String::new();
+        for p in 0..200 {
+            let j = p % 20;
+            let user = tenant(j);
+            let config = serde_json::json!({"auths": {"127.0.0.1:5003": {
+                "auth": b64(&format!("{user}:{}", users[&user]))
+            }}})
+            .to_string();
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: rw-many-{run}-{p}\n  labels: {{rw-drill: many}}\n\
+                 ---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: pull\n  namespace: rw-many-{run}-{p}\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {}\n\
+                 ---\napiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: rw-many-{run}-{p}\nspec:\n  runnerImage: \"127.0.0.1:5003/{}:v1\"\n  runnerImagePullSecret: pull\n",
+                b64(&config),
+                repo(j)
+            );
+        }
+        k.apply(&yaml);
+        let agent = k.agent(&bed, &ENV).await;
+        let ours: Vec<String> = (0..20)
+            .map(|j| format!("127.0.0.1:5003/{}:v1", repo(j)))
+            .collect();
+        agent
+            .wait(S(300), "all 20 images ready", || async {
+                let states = image_states(&agent).await?;
+                ours.iter()
+                    .all(|i| states.get(i).is_some_and(|s| s == "ready"))
+                    .then_some(())
+            })
+            .await;
+        // A few more seconds: nothing is pulled again.
+        tokio::time::sleep(S(5)).await;
+        assert_eq!(front.refused.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let mut resolved = front.resolved.lock().unwrap().clone();
+        resolved.sort();
+        let mut expected: Vec<(String, String)> = (0..20).map(|j| (repo(j), tenant(j))).collect();
+        expected.sort();
+        assert_eq!(
+            resolved, expected,
+            "one resolution per image, each with its own credential"
+        );
+        assert!(pulled(&agent.metrics().await) >= 20.0);
+        for i in &ours {
+            assert_eq!(
+                bed.cri_status(i).await,
+                (true, true),
+                "{i} present and pinned"
+            );
+        }
+        let logs = agent.logs();
+        for password in users.values() {
+            assert!(
+                !logs.contains(password.as_str()),
+                "a tenant's password leaked"
+            );
+        }
+        k.kubectl(&["delete", "namespace", "-l", "rw-drill=many", "--wait=false"]);
+    }
+
     #[tokio::test]
     async fn the_agent_recovers_when_the_api_server_comes_back() {
         let _g = serial().await;
@@ -399,7 +645,7 @@ mod on_a_cluster {
                     .then_some(())
             })
             .await;
-        cluster("stop-apiserver");
+        let away = ApiServerAway::stop();
         // Still serving metrics and alive while the API server is away.
         agent
             .holds(
@@ -423,7 +669,7 @@ mod on_a_cluster {
             metric(&agent.metrics().await, "runner_warden_api_server_up"),
             Some(0.0)
         );
-        cluster("start-apiserver");
+        away.restart();
         agent
             .wait_metric("runner_warden_api_server_up", S(90), |v| v == 1.0)
             .await;
@@ -478,7 +724,7 @@ mod on_a_cluster {
                 |v| v >= 1.0,
             )
             .await;
-        cluster("stop-apiserver");
+        let away = ApiServerAway::stop();
         let stopped = std::time::Instant::now();
         agent
             .wait_metric("runner_warden_api_server_up", S(60), |v| v == 0.0)
@@ -491,7 +737,7 @@ mod on_a_cluster {
         if let Some(rest) = S(60).checked_sub(stopped.elapsed()) {
             tokio::time::sleep(rest).await;
         }
-        cluster("start-apiserver");
+        away.restart();
         let ev = k
             .wait_event(ns, "RunnerImagePrewarmed", "projectsettings", S(120))
             .await;

@@ -109,6 +109,7 @@ pub(super) async fn start(
             },
             agent_registry: k.agent_registry.clone(),
             agent_namespace: k.lease_namespace.clone(),
+            secret_ttl: k.secret_refresh,
         },
         api_health.clone(),
     );

@@ -43,6 +43,8 @@ pub fn listen_address(raw: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 pub const DEFAULT_LEASE_NAMESPACE: &str = "runner-warden";
+/// A rotated pull secret is picked up within this (at once when its ProjectSettings changes).
+pub const DEFAULT_SECRET_REFRESH: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,6 +91,8 @@ pub struct KubernetesSettings {
     pub agent_registry: Option<(String, String)>,
     /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
     pub lease_namespace: String,
+    /// How long a pull secret read from the cluster is used before it is read again.
+    pub secret_refresh: Duration,
     /// `--kubeconfig` / `KUBECONFIG`; `None`: in-cluster, then kube's own defaults.
     pub kubeconfig: Option<PathBuf>,
 }

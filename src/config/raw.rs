@@ -89,6 +89,7 @@ pub(super) struct RawKubernetes {
     pub(super) default_images: Option<Vec<String>>,
     pub(super) agent_registry: Option<String>,
     pub(super) lease_namespace: Option<String>,
+    pub(super) secret_refresh: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

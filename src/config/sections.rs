@@ -276,8 +276,20 @@ pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> Kubernet
         lease_namespace: rk
             .lease_namespace
             .unwrap_or_else(|| super::DEFAULT_LEASE_NAMESPACE.into()),
+        secret_refresh: super::DEFAULT_SECRET_REFRESH,
         kubeconfig: None,
     };
+    if let Some(s) = rk.secret_refresh {
+        match humantime::parse_duration(&s) {
+            Ok(d) if d >= Duration::from_secs(1) => k.secret_refresh = d,
+            Ok(_) => problems.push(format!(
+                "kubernetes.secret_refresh: {s:?} is under a second (every reconcile would read every pull secret)"
+            )),
+            Err(e) => problems.push(format!(
+                "kubernetes.secret_refresh: {s:?} is not a duration ({e}); write e.g. \"5m\""
+            )),
+        }
+    }
     for (i, d) in rk
         .default_images
         .unwrap_or_default()

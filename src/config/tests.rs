@@ -122,6 +122,20 @@ fn kubernetes_section_and_the_platform_environment() {
 }
 
 #[test]
+fn secret_refresh_defaults_to_five_minutes_and_is_at_least_a_second() {
+    let k = |text: &str| parse(text).map(|s| s.kubernetes.secret_refresh);
+    assert_eq!(k("").unwrap(), Duration::from_secs(300));
+    assert_eq!(
+        k("[kubernetes]\nsecret_refresh = \"90s\"\n").unwrap(),
+        Duration::from_secs(90)
+    );
+    for bad in ["\"500ms\"", "\"soon\""] {
+        let e = k(&format!("[kubernetes]\nsecret_refresh = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("kubernetes.secret_refresh"), "{e:?}");
+    }
+}
+
+#[test]
 fn shutdown_section_is_validated() {
     let s = parse("[shutdown]\nslow_fraction = 0.8\nstop_records = \"stops\"\n").unwrap();
     assert_eq!(s.shutdown.slow_fraction, 0.8);

@@ -32,7 +32,6 @@ use crate::report::sink::FindingSink;
 use crate::shutdown::stop_clock::{PodStops, StopRequest};
 
 pub const PROJECT_SETTINGS_NAME: &str = "projectsettings";
-const SECRET_TTL: Duration = Duration::from_secs(300);
 const RESYNC: Duration = Duration::from_secs(30);
 /// Runner pods of both provisioning paths (docs/contract.md): the control plane's and the legacy operator's.
 pub const RUNNER_POD_SELECTORS: [&str; 2] =
@@ -87,6 +86,8 @@ pub struct KubeSettings {
     pub agent_registry: Option<(String, String)>,
     /// Where the agent's ServiceAccount lives (POD_NAMESPACE), for the RoleBinding a project needs.
     pub agent_namespace: String,
+    /// How long a pull secret is used before it is read again (`kubernetes.secret_refresh`).
+    pub secret_ttl: Duration,
 }
 
 /// Images named by the agent registry: `[].container.image` and `[].sandbox.stateSyncImage`.
@@ -294,9 +295,9 @@ impl KubeSource {
             for (ns, name) in &w.secrets {
                 in_use.insert((ns.clone(), name.clone()));
                 let version = versions.get(ns).cloned().unwrap_or_default();
-                let fresh = secrets
-                    .get(&(ns.clone(), name.clone()))
-                    .is_some_and(|c| c.fetched.elapsed() < SECRET_TTL && c.for_version == version);
+                let fresh = secrets.get(&(ns.clone(), name.clone())).is_some_and(|c| {
+                    c.fetched.elapsed() < self.settings.secret_ttl && c.for_version == version
+                });
                 if !fresh {
                     let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
                     let fetched = match api.get_opt(name).await {
@@ -334,7 +335,9 @@ impl KubeSource {
                         }
                         // Not the secret's fault: the last copy stays in use, even past its TTL, until a
                         // read succeeds (dropping it would send the next pull anonymous).
-                        None if secrets.contains_key(&key) => {}
+                        None if secrets.contains_key(&key) => {
+                            debug!(secret = %format!("{ns}/{name}"), "pull secret not refreshed; keeping the last copy");
+                        }
                         None => continue,
                     }
                 }
@@ -402,6 +405,7 @@ impl KubeSource {
             Err(e) => {
                 self.api_health
                     .unreachable("reading the agent registry", &e);
+                debug!(configmap = %format!("{ns}/{name}"), "agent registry not read; keeping the images it named before");
                 return last();
             }
         };

@@ -219,6 +219,17 @@ impl Cluster {
 
     /// `agent` with more TOML appended to its config file.
     pub async fn agent_with(&self, bed: &Bed, env: &[(&str, &str)], extra: &str) -> Agent {
+        self.agent_configured(bed, env, "", extra).await
+    }
+
+    /// `agent_with` plus extra `[prewarm]` keys.
+    pub async fn agent_configured(
+        &self,
+        bed: &Bed,
+        env: &[(&str, &str)],
+        prewarm: &str,
+        extra: &str,
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = self.agent_kubeconfig(dir.path()).await;
         let port = super::free_port();
@@ -227,7 +238,7 @@ impl Cluster {
             &config,
             format!(
                 "{}[runtime_audit]\ninterval = \"2s\"\nnamespace_uid_range = true\n{extra}",
-                Agent::config_text(bed, port, dir.path(), "", "")
+                Agent::config_text(bed, port, dir.path(), prewarm, "")
             ),
         )
         .unwrap();

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub mod cluster;
 pub mod pods;
-pub mod token_registry;
+pub mod registry_front;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runner-warden");
 
