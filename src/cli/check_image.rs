@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
-use runner_warden::image_audit::facts::read_facts;
+use runner_warden::image_audit::facts::{read_facts_from, FsChoice};
 
-use super::{ensure_present, fail, CheckImageArgs, OutputFormat};
+use super::{ensure_present, fail, CheckImageArgs, OutputFormat, ReadFromArg};
 
 pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.containerd.runtime();
@@ -22,7 +22,12 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
         Ok(i) => i,
         Err(code) => return Ok(code),
     };
-    let (summary, facts) = match read_facts(&runtime, image.as_str()).await {
+    let choice = match args.read_from {
+        ReadFromArg::Auto => FsChoice::Auto,
+        ReadFromArg::Snapshot => FsChoice::Snapshot,
+        ReadFromArg::Blobs => FsChoice::Blobs,
+    };
+    let (summary, facts) = match read_facts_from(&runtime, image.as_str(), choice).await {
         Ok(r) => r,
         Err(e) => {
             return Ok(fail(
@@ -65,6 +70,7 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
                 "config    {} ({}, {} layers)",
                 summary.image_id, summary.platform, summary.layers
             );
+            println!("read from {}", summary.read_from.describe());
             println!();
             println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");
             for r in &results {

@@ -245,6 +245,17 @@ pub struct CheckImageArgs {
     /// baked-platform-env.
     #[arg(long = "warn", env = "RUNNER_WARDEN_WARN", value_delimiter = ',', value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
     pub warn: Vec<String>,
+    /// Where to read the image's filesystem: auto (the unpacked overlayfs snapshot when there is one, else
+    /// the layer blobs), snapshot or blobs only.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub read_from: ReadFromArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReadFromArg {
+    Auto,
+    Snapshot,
+    Blobs,
 }
 
 /// Where containerd is, for the one-shot commands.

@@ -178,6 +178,7 @@ mod tests {
             image_id: id.into(),
             platform: "linux/amd64".into(),
             layers: 2,
+            read_from: super::super::facts::FsSource::Snapshot,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Gathers `ImageFacts` for an image present in containerd: resolves an index to this node's platform,
-//! reads the manifest and config blobs, and streams every layer through the right decompressor into a tar
-//! reader — straight from the content store, never unpacked to disk, never downloaded again.
+//! reads the manifest and config blobs, then the final filesystem — from the unpacked snapshot when the
+//! image is unpacked with overlayfs (`snapshot`: nothing inflated, and the only way where layer blobs are
+//! discarded), else by streaming every layer blob through the right decompressor into a tar reader,
+//! straight from the content store, never downloaded again.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -10,9 +12,12 @@ use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Media
 use tokio_util::io::SyncIoBridge;
 
 use super::layers::{classify, clean, FsBuilder, PASSWD_MAX};
+use super::snapshot;
 use crate::contract::{ImageFacts, Kind, PathMeta};
 use crate::runtime::errors::RuntimeError;
+use crate::runtime::snapshots::SNAPSHOT_REF_LABEL;
 use crate::runtime::Runtime;
+use tracing::debug;
 
 const JSON_MAX: usize = 4 << 20;
 
@@ -44,6 +49,29 @@ pub struct ImageSummary {
     pub image_id: String,
     pub platform: String,
     pub layers: usize,
+    /// Where the filesystem was read from (records cached before the snapshot path say blobs).
+    #[serde(default)]
+    pub read_from: FsSource,
+}
+
+/// Where an audit read an image's filesystem from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsSource {
+    /// The layer blobs in containerd's content store, inflated and read as tar.
+    #[default]
+    Blobs,
+    /// The unpacked layer directories of the overlayfs snapshotter.
+    Snapshot,
+}
+
+impl FsSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FsSource::Blobs => "the layer blobs",
+            FsSource::Snapshot => "the unpacked overlayfs snapshot",
+        }
+    }
 }
 
 /// The node's platform as OCI names it.
@@ -115,9 +143,27 @@ pub async fn resolve(runtime: &Runtime, name: &str) -> Result<Resolved, InspectE
     })
 }
 
+/// Which of the two sources `read_facts_from` may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsChoice {
+    /// The unpacked snapshot when there is one (cheaper: nothing is inflated), else the layer blobs.
+    Auto,
+    Snapshot,
+    Blobs,
+}
+
+/// The image's facts, its filesystem from the snapshot when unpacked, else from the blobs.
 pub async fn read_facts(
     runtime: &Runtime,
     name: &str,
+) -> Result<(ImageSummary, ImageFacts), InspectError> {
+    read_facts_from(runtime, name, FsChoice::Auto).await
+}
+
+pub async fn read_facts_from(
+    runtime: &Runtime,
+    name: &str,
+    choice: FsChoice,
 ) -> Result<(ImageSummary, ImageFacts), InspectError> {
     let Resolved {
         manifest_digest,
@@ -138,8 +184,55 @@ pub async fn read_facts(
         facts.stop_signal = c.stop_signal().clone();
     }
 
-    let mut fs = FsBuilder::new();
     let deadline = std::time::Instant::now() + AUDIT_TIME_CAP;
+    let diff_ids = config.rootfs().diff_ids().clone();
+    let snapshot = match choice {
+        FsChoice::Blobs => Ok(None),
+        _ => from_snapshot(runtime, name, &config_digest, &diff_ids, deadline).await,
+    };
+    let (fs, read_from) = match snapshot {
+        Ok(Some(fs)) => (fs, FsSource::Snapshot),
+        Ok(None) if choice == FsChoice::Snapshot => {
+            return Err(InspectError::Format {
+                image: name.to_string(),
+                what: "it is not unpacked with the overlayfs snapshotter (no snapshot to read); try --read-from blobs".into(),
+            })
+        }
+        Err(e) if choice == FsChoice::Snapshot => return Err(e),
+        Ok(None) => (
+            from_blobs(runtime, name, &manifest, deadline).await?,
+            FsSource::Blobs,
+        ),
+        Err(snapshot_err) => {
+            // The blobs may still be there (discard off): use them, and say why if they are not.
+            debug!(image = name, error = %snapshot_err, "the unpacked snapshot could not be read; reading layer blobs");
+            match from_blobs(runtime, name, &manifest, deadline).await {
+                Ok(fs) => (fs, FsSource::Blobs),
+                Err(_) => return Err(snapshot_err),
+            }
+        }
+    };
+    fs.finish(&mut facts);
+
+    let summary = ImageSummary {
+        image: name.to_string(),
+        manifest: manifest_digest,
+        image_id: config_digest,
+        platform: format!("{}/{}", config.os(), config.architecture()),
+        layers: manifest.layers().len(),
+        read_from,
+    };
+    Ok((summary, facts))
+}
+
+/// The filesystem from the layer blobs (tar through the right decompressor, at idle priority).
+async fn from_blobs(
+    runtime: &Runtime,
+    name: &str,
+    manifest: &ImageManifest,
+    deadline: std::time::Instant,
+) -> Result<FsBuilder, InspectError> {
+    let mut fs = FsBuilder::new();
     for (index, layer) in manifest.layers().iter().enumerate() {
         let digest = layer.digest().to_string();
         let layer_err = |what: String| InspectError::Layer {
@@ -160,8 +253,8 @@ pub async fn read_facts(
             // deletes blobs after unpacking: the content store then simply lacks it.
             return Err(layer_err(
                 "its blob is not in containerd's content store (containerd unpacked identical content \
-                 from another image, or discards layers after unpacking); the static audit reads layer \
-                 blobs and cannot check this image here"
+                 from another image, or discards layers after unpacking) and the image has no readable \
+                 overlayfs snapshot: the audit cannot read this image's filesystem here"
                     .into(),
             ));
         }
@@ -181,16 +274,77 @@ pub async fn read_facts(
         .map_err(|e| layer_err(format!("reader task failed: {e}")))?
         .map_err(|e| layer_err(e.to_string()))?;
     }
-    fs.finish(&mut facts);
+    Ok(fs)
+}
 
-    let summary = ImageSummary {
-        image: name.to_string(),
-        manifest: manifest_digest,
-        image_id: config_digest,
-        platform: format!("{}/{}", config.os(), config.architecture()),
-        layers: manifest.layers().len(),
+/// The filesystem from the unpacked snapshot: `Ok(None)` when the image is not unpacked with overlayfs
+/// (the blobs are then the only source); an error names the layer and why it could not be read.
+async fn from_snapshot(
+    runtime: &Runtime,
+    name: &str,
+    config_digest: &str,
+    diff_ids: &[String],
+    deadline: std::time::Instant,
+) -> Result<Option<FsBuilder>, InspectError> {
+    let Some(top) = snapshot::chain_ids(diff_ids).pop() else {
+        return Ok(None);
     };
-    Ok((summary, facts))
+    let labels = runtime.blob_labels(config_digest).await?;
+    let unpacked = labels
+        .iter()
+        .any(|(k, v)| k == &format!("{SNAPSHOT_REF_LABEL}overlayfs") && *v == top);
+    if !unpacked || !runtime.snapshot_exists("overlayfs", &top).await? {
+        return Ok(None);
+    }
+    let view = runtime.view_snapshot("overlayfs", &top).await?;
+    let dirs = snapshot::layer_dirs(&view.mounts);
+    let result = match dirs {
+        Err(what) => Err(InspectError::Format {
+            image: name.to_string(),
+            what,
+        }),
+        Ok(dirs) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
+            image: name.to_string(),
+            what: format!(
+                "its snapshot has {} layer directories for {} layers",
+                dirs.len(),
+                diff_ids.len()
+            ),
+        }),
+        Ok(dirs) => {
+            let ids = diff_ids.to_vec();
+            let image = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                let _idle = IdlePriority::enter();
+                let bounds = LayerBounds {
+                    deadline: Some(deadline),
+                    ..LayerBounds::default()
+                };
+                let mut fs = FsBuilder::new();
+                for (index, dir) in dirs.iter().enumerate() {
+                    fs.begin_layer(index);
+                    fs = snapshot::walk_dir_layer(dir, fs, &bounds).map_err(|e| {
+                        InspectError::Layer {
+                            image: image.clone(),
+                            index,
+                            digest: ids[index].clone(),
+                            what: format!("its unpacked directory {}: {e}", dir.display()),
+                        }
+                    })?;
+                }
+                Ok(fs)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(InspectError::Format {
+                    image: name.to_string(),
+                    what: format!("snapshot reader task failed: {e}"),
+                })
+            })
+        }
+    };
+    runtime.drop_view(view).await;
+    result.map(Some)
 }
 
 fn is_index(media_type: &str, bytes: &[u8]) -> bool {

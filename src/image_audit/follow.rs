@@ -112,6 +112,7 @@ async fn audit<F: FactsSource>(
                 image,
                 violations = audit.count(Outcome::Violation),
                 warnings = audit.count(Outcome::Warning),
+                read_from = audit.summary.read_from.describe(),
                 "contract audit done"
             );
             board.audited(image, audit_status(&audit));
@@ -133,7 +134,13 @@ async fn audit<F: FactsSource>(
                     r.detail
                 );
                 findings.publish_to_projects(
-                    messages::contract_check(subject, r.check, outcome, &r.detail),
+                    messages::contract_check(
+                        subject,
+                        r.check,
+                        outcome,
+                        &r.detail,
+                        audit.summary.read_from.describe(),
+                    ),
                     image,
                     &d.other_projects,
                 );

@@ -74,6 +74,7 @@ impl FactsSource for Fake {
                 image_id: "sha256:1d".into(),
                 platform: "linux/amd64".into(),
                 layers: 1,
+                read_from: Default::default(),
             },
             facts,
         ))

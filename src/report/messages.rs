@@ -173,12 +173,13 @@ pub fn contract_check(
     check: &'static str,
     outcome: &'static str,
     detail: &str,
+    read_from: &str,
 ) -> Finding {
     s.finding(
         CONTRACT_VIOLATION,
         Level::Warning,
         format!(
-            "Runner image {} fails contract check {check} ({outcome}): {detail}.",
+            "Runner image {} fails contract check {check} ({outcome}): {detail} (filesystem read from {read_from}).",
             s.image
         ),
     )
@@ -372,7 +373,16 @@ mod tests {
             "Pulling runner image r.io/a:v1 failed 3 times (auth): registry refused — fix the secret."
         );
         assert_eq!(f.class, Some("auth"));
-        let f = contract_check(s, "stop-signal", "violation", "STOPSIGNAL SIGINT");
+        let f = contract_check(
+            s,
+            "stop-signal",
+            "violation",
+            "STOPSIGNAL SIGINT",
+            "the layer blobs",
+        );
+        assert!(f
+            .message
+            .ends_with("(filesystem read from the layer blobs)."));
         assert_eq!(
             (f.check, f.outcome),
             (Some("stop-signal"), Some("violation"))

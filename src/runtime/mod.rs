@@ -9,6 +9,7 @@ pub mod errors;
 pub mod events;
 pub mod images;
 pub mod progress;
+pub mod snapshots;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,308 @@
+//! The audit's snapshot path: an unpacked image's final filesystem read from its layer directories as
+//! the overlayfs snapshotter left them — nothing inflated, and it works where the layer blobs are gone
+//! (`discard_unpacked_layers`, or content that arrived in another compression).
+//!
+//! Each layer directory holds what that layer changed, in overlayfs's own encoding, which the walk
+//! turns into the same `Change`s a tar entry gives: a whiteout is a character device 0/0 (tar:
+//! `.wh.<name>`), an opaque directory carries `trusted.overlay.opaque=y` (or `user.overlay.opaque` when
+//! the snapshotter runs with userxattr; tar: `.wh..wh..opq`). So both paths feed one `FsBuilder` and the
+//! checks see identical facts.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use containerd_client::types::Mount;
+use sha2::{Digest, Sha256};
+
+use super::facts::{LayerBounds, AUDIT_TIME_CAP};
+use super::layers::{Change, FsBuilder, PASSWD_MAX};
+use crate::contract::{is_credential_path, Kind, PathMeta};
+
+/// The chain id of each layer (OCI image spec, "Layer ChainID"): the first layer's diff id, then
+/// `sha256(parent chain id + " " + diff id)`. The snapshotter names committed snapshots by it.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(parent) => format!(
+                "sha256:{:x}",
+                Sha256::digest(format!("{parent} {d}").as_bytes())
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// The layer directories of a view's mounts, bottom layer first; an error names what is not overlayfs.
+pub fn layer_dirs(mounts: &[Mount]) -> Result<Vec<PathBuf>, String> {
+    match mounts {
+        [m] if m.r#type == "bind" => Ok(vec![PathBuf::from(&m.source)]),
+        [m] if m.r#type == "overlay" => {
+            let lower = m
+                .options
+                .iter()
+                .find_map(|o| o.strip_prefix("lowerdir="))
+                .ok_or_else(|| {
+                    format!(
+                        "its overlay mount has no lowerdir (options {:?})",
+                        m.options
+                    )
+                })?;
+            // overlayfs lists the top layer first.
+            Ok(lower.split(':').rev().map(PathBuf::from).collect())
+        }
+        other => Err(format!(
+            "its snapshot mounts as {:?}, not overlayfs directories",
+            other.iter().map(|m| m.r#type.as_str()).collect::<Vec<_>>()
+        )),
+    }
+}
+
+fn opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| matches!(xattr::get(dir, name), Ok(Some(v)) if v == b"y"))
+}
+
+/// Reads one unpacked layer directory into the builder (the caller has called `begin_layer`).
+pub fn walk_dir_layer(
+    root: &Path,
+    mut fs: FsBuilder,
+    bounds: &LayerBounds,
+) -> std::io::Result<FsBuilder> {
+    // Paths of files with more than one link, by inode: a hard link shares its target's inode (so its
+    // mode), but a credential is one by path, as tar's link entries say.
+    let mut linked: HashMap<(u64, u64), Vec<(String, PathMeta)>> = HashMap::new();
+    let walk = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by_file_name();
+    for (n, entry) in walk.into_iter().enumerate() {
+        if n as u64 >= bounds.max_entries {
+            return Err(std::io::Error::other(format!(
+                "it has more than {} entries (the audit's bound); not audited",
+                bounds.max_entries
+            )));
+        }
+        if bounds
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() > d)
+        {
+            return Err(std::io::Error::other(format!(
+                "the audit took longer than {} (the audit's time cap); not audited",
+                humantime::format_duration(AUDIT_TIME_CAP)
+            )));
+        }
+        let entry = entry.map_err(std::io::Error::other)?;
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .map_err(std::io::Error::other)?;
+        let path = format!("/{}", rel.to_string_lossy());
+        let md = entry.metadata().map_err(std::io::Error::other)?;
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            Kind::File
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else {
+            Kind::Other
+        };
+        let meta = PathMeta {
+            kind,
+            mode: md.mode() & 0o7777,
+            uid: md.uid().into(),
+            gid: md.gid().into(),
+        };
+        if ft.is_char_device() && md.rdev() == 0 {
+            fs.apply(Change::Whiteout(path), meta);
+            continue;
+        }
+        fs.apply(Change::Add(path.clone()), meta);
+        if kind == Kind::Dir && opaque(entry.path()) {
+            fs.apply(Change::Opaque(path.clone()), meta);
+        }
+        if kind == Kind::File && md.nlink() > 1 {
+            linked
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .push((path.clone(), meta));
+        }
+        if FsBuilder::wants_content(&path, kind, md.len()) {
+            let mut text = String::new();
+            std::fs::File::open(entry.path())?
+                .take(PASSWD_MAX)
+                .read_to_string(&mut text)?;
+            fs.set_passwd(text);
+        }
+    }
+    for group in linked.values() {
+        if let Some((target, _)) = group.iter().find(|(p, _)| is_credential_path(p)) {
+            for (p, m) in group.iter().filter(|(p, _)| p != target) {
+                fs.link(p.clone(), target, *m);
+            }
+        }
+    }
+    Ok(fs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::ImageFacts;
+    use std::ffi::CString;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let ids = chain_ids(&["sha256:a".into(), "sha256:b".into(), "sha256:c".into()]);
+        assert_eq!(ids[0], "sha256:a");
+        let second = format!("sha256:{:x}", Sha256::digest(b"sha256:a sha256:b"));
+        assert_eq!(ids[1], second);
+        let third = format!(
+            "sha256:{:x}",
+            Sha256::digest(format!("{second} sha256:c").as_bytes())
+        );
+        assert_eq!(ids[2], third);
+        assert!(chain_ids(&[]).is_empty());
+    }
+
+    fn mount(kind: &str, source: &str, options: &[&str]) -> Mount {
+        Mount {
+            r#type: kind.into(),
+            source: source.into(),
+            target: String::new(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn layer_dirs_are_bottom_first() {
+        let m = mount(
+            "overlay",
+            "overlay",
+            &["index=off", "lowerdir=/s/3/fs:/s/2/fs:/s/1/fs"],
+        );
+        assert_eq!(
+            layer_dirs(&[m]).unwrap(),
+            ["/s/1/fs", "/s/2/fs", "/s/3/fs"].map(PathBuf::from)
+        );
+        let b = mount("bind", "/s/1/fs", &["ro", "rbind"]);
+        assert_eq!(layer_dirs(&[b]).unwrap(), [PathBuf::from("/s/1/fs")]);
+        let e = layer_dirs(&[mount("overlay", "overlay", &["ro"])]).unwrap_err();
+        assert!(e.contains("no lowerdir"), "{e}");
+        let e = layer_dirs(&[mount("zfs", "pool/x", &[])]).unwrap_err();
+        assert!(e.contains("not overlayfs"), "{e}");
+        assert!(layer_dirs(&[]).is_err());
+    }
+
+    fn mknod_whiteout(path: &Path) -> bool {
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a plain syscall on a path we own.
+        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o000, 0) == 0 }
+    }
+
+    fn walk(layers: &[&Path]) -> ImageFacts {
+        let mut fs = FsBuilder::new();
+        for (i, dir) in layers.iter().enumerate() {
+            fs.begin_layer(i);
+            fs = walk_dir_layer(dir, fs, &LayerBounds::default()).unwrap();
+        }
+        let mut facts = ImageFacts::default();
+        fs.finish(&mut facts);
+        facts
+    }
+
+    /// Layer directories as the overlayfs snapshotter writes them: whiteouts are character devices,
+    /// opaque directories carry the xattr. Needs root (mknod, trusted.* xattrs), as the agent has.
+    #[test]
+    fn overlay_encoding_gives_the_same_changes_as_tar() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (l0, l1) = (tmp.path().join("0"), tmp.path().join("1"));
+        for d in ["etc", "usr/bin", "app", "home/u/.docker"] {
+            std::fs::create_dir_all(l0.join(d)).unwrap();
+        }
+        std::fs::write(l0.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        std::fs::write(l0.join("usr/bin/su"), "").unwrap();
+        std::fs::set_permissions(
+            l0.join("usr/bin/su"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        std::fs::write(l0.join("usr/bin/keep-suid"), "").unwrap();
+        std::fs::set_permissions(
+            l0.join("usr/bin/keep-suid"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        std::fs::write(l0.join("home/u/.docker/config.json"), "{}").unwrap();
+        // A hard link to a credential is one too, whatever its name.
+        std::fs::hard_link(
+            l0.join("home/u/.docker/config.json"),
+            l0.join("app/innocent"),
+        )
+        .unwrap();
+        std::fs::write(l0.join("app/old"), "").unwrap();
+
+        for d in ["usr/bin", "app"] {
+            std::fs::create_dir_all(l1.join(d)).unwrap();
+        }
+        if !mknod_whiteout(&l1.join("usr/bin/su")) {
+            eprintln!("skipped: mknod needs root");
+            return;
+        }
+        xattr::set(l1.join("app"), "trusted.overlay.opaque", b"y").unwrap();
+        std::fs::write(l1.join("app/new"), "").unwrap();
+
+        let facts = walk(&[&l0, &l1]);
+        assert_eq!(
+            facts.setuid_files.iter().collect::<Vec<_>>(),
+            ["/usr/bin/keep-suid"],
+            "the whiteout removed su"
+        );
+        assert_eq!(
+            facts.credential_files.iter().collect::<Vec<_>>(),
+            ["/home/u/.docker/config.json"],
+            "the opaque /app hides the lower link; the config itself stays"
+        );
+        assert!(facts.passwd.unwrap().starts_with("root:"));
+
+        // Without the upper layer: the hard link counts as a credential.
+        let facts = walk(&[&l0]);
+        assert_eq!(
+            facts.credential_files.iter().collect::<Vec<_>>(),
+            ["/app/innocent", "/home/u/.docker/config.json"]
+        );
+    }
+
+    #[test]
+    fn a_missing_layer_directory_is_an_error_naming_it() {
+        let e = walk_dir_layer(
+            Path::new("/nonexistent/snapshots/7/fs"),
+            FsBuilder::new(),
+            &LayerBounds::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/snapshots/7/fs"), "{e}");
+    }
+
+    #[test]
+    fn the_entry_bound_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::write(tmp.path().join(format!("f{i}")), "").unwrap();
+        }
+        let bounds = LayerBounds {
+            max_entries: 3,
+            ..LayerBounds::default()
+        };
+        let e = walk_dir_layer(tmp.path(), FsBuilder::new(), &bounds).unwrap_err();
+        assert!(e.to_string().contains("more than 3 entries"), "{e}");
+    }
+}
