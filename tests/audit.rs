@@ -45,8 +45,51 @@ fn failures(json: &str) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// Layers whose content arrived earlier in another compression were never fetched by containerd: put
+/// those blobs into the content store (nothing else is touched — `ctr content fetch` would re-label the
+/// config blob and so drop its snapshot reference), so the blob path can read every fixture.
+async fn ingest_missing_layer_blobs(bed: &Bed, fixture: &str) {
+    use containerd_client::services::v1::content_client::ContentClient;
+    use containerd_client::services::v1::InfoRequest;
+    let rt = runner_warden::runtime::Runtime::new(&bed.socket, "k8s.io");
+    let image = bed.image(&format!("runners/{fixture}:v1"));
+    let resolved = runner_warden::image_audit::facts::resolve(&rt, &image)
+        .await
+        .expect("resolve");
+    let mut content = ContentClient::new(containerd_client::connect(&bed.socket).await.unwrap());
+    for layer in resolved.manifest.layers() {
+        let digest = layer.digest().to_string();
+        let present = content
+            .info(ns(InfoRequest {
+                digest: digest.clone(),
+            }))
+            .await
+            .is_ok();
+        if present {
+            continue;
+        }
+        let script = format!(
+            "curl -sf -u \"$RW_U:$RW_P\" http://{}/v2/runners/{fixture}/blobs/{digest} | {} -a {} -n k8s.io content ingest --expected-digest {digest} test-ingest-{digest}",
+            bed.registry,
+            bed.ctr.display(),
+            bed.socket.display()
+        );
+        let ok = Command::new("sh")
+            .args(["-c", &script])
+            .env("RW_U", &bed.user)
+            .env("RW_P", &bed.password)
+            .status()
+            .expect("sh")
+            .success();
+        assert!(ok, "ingest {digest} of {fixture}");
+    }
+}
+
 #[tokio::test]
 async fn check_image_reports_exactly_the_fixtures_failures() {
+    // Serial: other tests' removals trigger content GC, which must not run between an ingest and the
+    // blob path's read.
+    let _g = serial().await;
     let bed = Bed::get();
     // (fixture, exit status, failing checks with their outcome)
     type Expected<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
@@ -69,15 +112,36 @@ async fn check_image_reports_exactly_the_fixtures_failures() {
         ("audit-creds", 0, &[("credentials-baked", "warning")]),
         ("audit-index", 0, &[]),
     ];
+    // Every fixture through both paths: the same facts, so the same results (CRI pulls unpack, so
+    // each has a snapshot; its blobs are kept unless discard_unpacked_layers is on).
+    let discard = std::env::var("RW_DISCARD_UNPACKED_LAYERS").is_ok_and(|v| v == "true");
+    let paths: &[&str] = if discard {
+        &["snapshot"]
+    } else {
+        &["snapshot", "blobs"]
+    };
     for (fixture, code, want) in table {
         let image = bed.image(&format!("runners/{fixture}:v1"));
-        let (got_code, out, err) = check_image(&bed, &image, &["--output", "json"]);
-        assert_eq!(got_code, *code, "{fixture}: {err}{out}");
-        let want: BTreeSet<(String, String)> = want
-            .iter()
-            .map(|(c, o)| (c.to_string(), o.to_string()))
-            .collect();
-        assert_eq!(failures(&out), want, "{fixture}: {out}");
+        // Left to choose (and pulling it first), the audit reads the snapshot.
+        let (_, out, err) = check_image(&bed, &image, &["--output", "json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{fixture}: {e}: {err}"));
+        assert_eq!(v["image"]["read_from"], "snapshot", "{fixture}");
+        if !discard {
+            ingest_missing_layer_blobs(&bed, fixture).await;
+        }
+        for path in paths {
+            let (got_code, out, err) =
+                check_image(&bed, &image, &["--output", "json", "--read-from", path]);
+            assert_eq!(got_code, *code, "{fixture} from {path}: {err}{out}");
+            let want: BTreeSet<(String, String)> = want
+                .iter()
+                .map(|(c, o)| (c.to_string(), o.to_string()))
+                .collect();
+            assert_eq!(failures(&out), want, "{fixture} from {path}: {out}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["image"]["read_from"], *path, "{fixture}");
+        }
     }
 }
 
@@ -166,20 +230,112 @@ async fn unreadable_images_exit_2_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_layer_containerd_never_fetched_is_a_clear_cannot_read() {
+async fn a_layer_containerd_never_fetched_is_read_from_the_snapshot() {
     let _g = serial().await;
     let bed = Bed::get();
-    // audit-twin's gzip layer has the same uncompressed content as audit-compliant's plain one.
+    // audit-twin's gzip layer has the same uncompressed content as audit-compliant's plain one:
+    // containerd never fetches its blob, but the unpacked snapshot is there.
     bed.remove_repo(&bed.image("runners/audit-twin")).await;
     let (code, _, err) = check_image(&bed, &bed.image("runners/audit-compliant:v1"), &[]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = check_image(&bed, &bed.image("runners/audit-twin:v1"), &[]);
+    let twin = bed.image("runners/audit-twin:v1");
+    let (code, out, err) = check_image(&bed, &twin, &[]);
+    assert_eq!(code, 0, "{err}{out}");
+    assert!(
+        out.contains("read from the unpacked overlayfs snapshot"),
+        "{out}"
+    );
+    // The blob path alone still cannot, and says why.
+    let (code, _, err) = check_image(&bed, &twin, &["--read-from", "blobs"]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("is not in containerd's content store"),
         "{err}"
     );
     assert!(err.contains("layer 1 (sha256:"), "{err}");
+}
+
+/// What `discard_unpacked_layers` leaves (layer blobs deleted after unpacking), then a snapshot half
+/// removed under it (a layer directory gone): the first still audits, from the snapshot; the second is
+/// one clear cannot-read naming the image, the layer and the directory — and no view or lease is left.
+#[tokio::test]
+async fn discarded_blobs_audit_from_the_snapshot_and_a_half_removed_one_says_which_layer() {
+    use containerd_client::services::v1::content_client::ContentClient;
+    use containerd_client::services::v1::leases_client::LeasesClient;
+    use containerd_client::services::v1::{DeleteContentRequest, ListRequest};
+    use runner_warden::image_audit::facts::resolve;
+    use runner_warden::image_audit::snapshot::{chain_ids, layer_dirs};
+    use runner_warden::runtime::Runtime;
+
+    let _g = serial().await;
+    let bed = Bed::get();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let repo_tag = format!("audit/discarded-{nanos}:v1");
+    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+        .args(["push-random", &repo_tag, "1", "1"])
+        .status()
+        .expect("scripts/testbed push-random")
+        .success();
+    assert!(pushed);
+    let image = bed.image(&repo_tag);
+    let (code, before, err) = check_image(&bed, &image, &["--output", "json"]);
+    assert!(code == 0 || code == 1, "{err}");
+
+    let rt = Runtime::new(&bed.socket, "k8s.io");
+    let resolved = resolve(&rt, &image).await.expect("resolve");
+    let mut content = ContentClient::new(containerd_client::connect(&bed.socket).await.unwrap());
+    for layer in resolved.manifest.layers() {
+        content
+            .delete(ns(DeleteContentRequest {
+                digest: layer.digest().to_string(),
+            }))
+            .await
+            .expect("delete a layer blob");
+    }
+    let (code, after, err) = check_image(&bed, &image, &["--output", "json"]);
+    assert!(code == 0 || code == 1, "{err}");
+    assert_eq!(failures(&after), failures(&before), "{after}");
+    let v: serde_json::Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(v["image"]["read_from"], "snapshot");
+
+    let top = chain_ids(resolved.config.rootfs().diff_ids())
+        .pop()
+        .unwrap();
+    let view = rt.view_snapshot("overlayfs", &top).await.expect("view");
+    let dirs = layer_dirs(&view.mounts).expect("overlay dirs");
+    rt.drop_view(view).await;
+    // A lower layer's directory gone (the walk finds it missing), then the top one's (containerd's View
+    // does).
+    for layer in [0, dirs.len() - 1] {
+        let dir = dirs[layer].clone();
+        let moved = dir.with_extension("moved-by-test");
+        std::fs::rename(&dir, &moved).unwrap();
+        let (code, _, err) = check_image(&bed, &image, &[]);
+        std::fs::rename(&moved, &dir).unwrap();
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!("layer {layer} (sha256:"))
+                && err.contains(&dir.display().to_string())
+                && err.contains(&image),
+            "{err}"
+        );
+    }
+
+    let leases = LeasesClient::new(containerd_client::connect(&bed.socket).await.unwrap())
+        .list(ns(ListRequest { filters: vec![] }))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert!(
+        !leases
+            .iter()
+            .any(|l| l.id.starts_with("runner-warden-audit-")),
+        "an audit lease was left: {leases:?}"
+    );
 }
 
 #[tokio::test]

@@ -175,9 +175,12 @@ mod as_a_daemonset {
                 S(60),
             )
             .await;
+        let note = violation.note.unwrap_or_default();
+        assert!(note.contains("root"), "the non-root-user check");
+        // The pod sees the snapshotter's layer directories (the hostPath at the path containerd names).
         assert!(
-            violation.note.unwrap_or_default().contains("root"),
-            "the non-root-user check"
+            note.contains("filesystem read from the unpacked overlayfs snapshot"),
+            "{note}"
         );
 
         // A root runner → RunnerRunningAsRoot on the Pod.

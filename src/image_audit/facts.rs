@@ -289,14 +289,32 @@ async fn from_snapshot(
     let Some(top) = snapshot::chain_ids(diff_ids).pop() else {
         return Ok(None);
     };
-    let labels = runtime.blob_labels(config_digest).await?;
-    let unpacked = labels
-        .iter()
-        .any(|(k, v)| k == &format!("{SNAPSHOT_REF_LABEL}overlayfs") && *v == top);
-    if !unpacked || !runtime.snapshot_exists("overlayfs", &top).await? {
+    // The snapshot itself decides: the config blob's gc.ref.snapshot label says who unpacked it, but
+    // any content writer that re-labels the blob (`ctr content fetch` does) drops it.
+    if !runtime.snapshot_exists("overlayfs", &top).await? {
+        let others: Vec<String> = runtime
+            .blob_labels(config_digest)
+            .await?
+            .into_keys()
+            .filter_map(|k| k.strip_prefix(SNAPSHOT_REF_LABEL).map(str::to_owned))
+            .collect();
+        debug!(image = name, snapshotters = ?others, "no overlayfs snapshot of this image; reading layer blobs");
         return Ok(None);
     }
-    let view = runtime.view_snapshot("overlayfs", &top).await?;
+    let top_layer = diff_ids.len() - 1;
+    let view = match runtime.view_snapshot("overlayfs", &top).await {
+        Ok(v) => v,
+        // containerd stats the parent's directory: a half-removed snapshot fails here.
+        Err(RuntimeError::Call { message, .. }) => {
+            return Err(InspectError::Layer {
+                image: name.to_string(),
+                index: top_layer,
+                digest: diff_ids[top_layer].clone(),
+                what: format!("its unpacked snapshot {top} cannot be opened: {message}"),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     let dirs = snapshot::layer_dirs(&view.mounts);
     let result = match dirs {
         Err(what) => Err(InspectError::Format {

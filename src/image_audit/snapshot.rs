@@ -204,7 +204,7 @@ mod tests {
     fn mknod_whiteout(path: &Path) -> bool {
         let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a plain syscall on a path we own.
-        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o000, 0) == 0 }
+        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) == 0 }
     }
 
     fn walk(layers: &[&Path]) -> ImageFacts {

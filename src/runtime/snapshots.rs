@@ -1,8 +1,10 @@
 //! Read-only views of unpacked images through containerd's Snapshots service, for the audit's snapshot
 //! path. Facts behind it (docs/containerd.md):
 //! - Unpacking labels the image's config blob `containerd.io/gc.ref.snapshot.<snapshotter>` = the top
-//!   layer's chain id (containerd 1.6–2.1, CRI and the transfer service alike): the label says whether and
-//!   with which snapshotter an image is unpacked, and survives `discard_unpacked_layers`.
+//!   layer's chain id: it says with which snapshotter an image was unpacked, and survives
+//!   `discard_unpacked_layers` — but not a content writer that re-labels the blob (`ctr content fetch`
+//!   replaces its labels), so whether a snapshot exists is asked of the snapshotter (`Stat` of the chain
+//!   id), and the label only explains why there is none.
 //! - `View` of a committed snapshot returns its mounts without mounting anything: for overlayfs an
 //!   `overlay` mount whose `lowerdir=` lists the layer directories top first, or a read-only `bind` of the
 //!   one directory of a single-layer image.

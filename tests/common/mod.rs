@@ -36,6 +36,8 @@ pub struct Bed {
     pub user: String,
     pub password: String,
     pub registry_config_template: PathBuf,
+    /// The bed's `ctr`.
+    pub ctr: PathBuf,
 }
 
 impl Bed {
@@ -69,6 +71,7 @@ impl Bed {
             user: v("RW_REGISTRY_USER"),
             password: v("RW_REGISTRY_PASSWORD"),
             registry_config_template: v("RW_REGISTRY_CONFIG_TEMPLATE").into(),
+            ctr: PathBuf::from(v("RW_CONTAINERD_BIN")).join("ctr"),
             dir,
         }
     }
