@@ -38,6 +38,8 @@ pub struct Bed {
     pub registry_config_template: PathBuf,
     /// The bed's `ctr`.
     pub ctr: PathBuf,
+    /// containerd deletes layer blobs after unpacking (`RW_DISCARD_UNPACKED_LAYERS=true scripts/testbed up`).
+    pub discard_unpacked_layers: bool,
 }
 
 impl Bed {
@@ -72,6 +74,7 @@ impl Bed {
             password: v("RW_REGISTRY_PASSWORD"),
             registry_config_template: v("RW_REGISTRY_CONFIG_TEMPLATE").into(),
             ctr: PathBuf::from(v("RW_CONTAINERD_BIN")).join("ctr"),
+            discard_unpacked_layers: vars.get("RW_DISCARD_UNPACKED_LAYERS") == Some(&"true"),
             dir,
         }
     }
