@@ -247,7 +247,12 @@ pub struct CheckImageArgs {
     pub warn: Vec<String>,
     /// Where to read the image's filesystem: auto (the unpacked overlayfs snapshot when there is one, else
     /// the layer blobs), snapshot or blobs only.
-    #[arg(long, env = "RUNNER_WARDEN_READ_FROM", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "RUNNER_WARDEN_READ_FROM",
+        value_enum,
+        default_value = "auto"
+    )]
     pub read_from: ReadFromArg,
 }
 
