@@ -86,6 +86,58 @@ async fn agent_prewarms_private_image_pins_it_and_serves_metrics() {
     assert!(secs < 5.0, "took {secs}s to stop");
 }
 
+/// containerd 1.6 ignores the pin label: the image is still prewarmed, the agent says once that its pins
+/// are not honoured, and the gauge says 0. Runs on a 1.6 bed (`RW_CONTAINERD=1.6 scripts/testbed up`, a
+/// phase of `scripts/test`); on the others it has nothing to check and says so.
+#[tokio::test]
+async fn on_containerd_1_6_pins_are_not_honoured_but_images_are_prewarmed() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    if bed.containerd != "1.6" {
+        eprintln!(
+            "skipped: the bed runs containerd {} (this test is for 1.6)",
+            bed.containerd
+        );
+        return;
+    }
+    let images: Vec<String> = ["runners/compliant:v1", "runners/runtime:v1"]
+        .iter()
+        .map(|i| bed.image(i))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = bed.good_secret(dir.path());
+    let entries: String = images
+        .iter()
+        .map(|i| {
+            format!(
+                "[[images]]\nimage = \"{i}\"\npull_secret = \"{}\"\n",
+                secret.display()
+            )
+        })
+        .collect();
+    let agent = Agent::start_in(&bed, dir, "", &entries);
+    for image in &images {
+        agent
+            .wait_finding("RunnerImagePrewarmed", image, S(60))
+            .await;
+        assert_eq!(
+            bed.cri_status(image).await,
+            (true, false),
+            "present; 1.6's CRI does not report it pinned"
+        );
+    }
+    agent
+        .wait_metric("runner_warden_runtime_pinning_honoured", S(10), |v| {
+            v == 0.0
+        })
+        .await;
+    let warnings = agent
+        .logs()
+        .matches("the runtime does not report pinned images as pinned")
+        .count();
+    assert_eq!(warnings, 1, "said once, not per image:\n{}", agent.logs());
+}
+
 #[tokio::test]
 async fn pull_command_skips_an_image_already_present() {
     let bed = Bed::get();

@@ -289,6 +289,16 @@ async fn from_snapshot(
     let Some(top) = snapshot::chain_ids(diff_ids).pop() else {
         return Ok(None);
     };
+    let missing = snapshot::missing_capabilities(snapshot::own_capabilities());
+    if !missing.is_empty() {
+        return Err(InspectError::Format {
+            image: name.to_string(),
+            what: format!(
+                "reading its unpacked snapshot needs {} (this process lacks it; the DaemonSet adds both)",
+                missing.join(" and ")
+            ),
+        });
+    }
     // The snapshot itself decides: the config blob's gc.ref.snapshot label says who unpacked it, but
     // any content writer that re-labels the blob (`ctr content fetch` does) drops it.
     if !runtime.snapshot_exists("overlayfs", &top).await? {

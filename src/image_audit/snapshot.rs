@@ -62,6 +62,32 @@ pub fn layer_dirs(mounts: &[Mount]) -> Result<Vec<PathBuf>, String> {
     }
 }
 
+/// Linux capabilities the snapshot path needs beyond being root: `CAP_DAC_READ_SEARCH` (layer directories
+/// and files keep their image's owners and modes, e.g. a 0700 home) and `CAP_SYS_ADMIN` (only it can read
+/// `trusted.*` xattrs: without it every opaque marker reads as absent and the audit would report files
+/// that are hidden). With `effective` lacking either, the audit reads blobs instead.
+pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    const DAC_READ_SEARCH: u64 = 1 << 2;
+    const SYS_ADMIN: u64 = 1 << 21;
+    [
+        (DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+        (SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| effective & bit == 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// This process's effective capabilities (`CapEff` of /proc/self/status).
+pub fn own_capabilities() -> u64 {
+    let pid = std::process::id();
+    crate::process_audit::proc_status::read(pid)
+        .ok()
+        .flatten()
+        .map_or(0, |f| f.cap_eff)
+}
+
 fn opaque(dir: &Path) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"]
         .iter()
@@ -279,6 +305,17 @@ mod tests {
             facts.credential_files.iter().collect::<Vec<_>>(),
             ["/app/innocent", "/home/u/.docker/config.json"]
         );
+    }
+
+    #[test]
+    fn both_capabilities_are_needed() {
+        assert!(missing_capabilities(u64::MAX).is_empty());
+        assert_eq!(
+            missing_capabilities(1 << 12),
+            ["CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN"]
+        );
+        assert_eq!(missing_capabilities(1 << 21), ["CAP_DAC_READ_SEARCH"]);
+        assert_eq!(missing_capabilities(1 << 2), ["CAP_SYS_ADMIN"]);
     }
 
     #[test]

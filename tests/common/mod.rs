@@ -40,6 +40,8 @@ pub struct Bed {
     pub ctr: PathBuf,
     /// containerd deletes layer blobs after unpacking (`RW_DISCARD_UNPACKED_LAYERS=true scripts/testbed up`).
     pub discard_unpacked_layers: bool,
+    /// The bed's containerd: `1.7` (default), `2.1` or `1.6` (`RW_CONTAINERD=… scripts/testbed up`).
+    pub containerd: String,
 }
 
 impl Bed {
@@ -75,6 +77,7 @@ impl Bed {
             registry_config_template: v("RW_REGISTRY_CONFIG_TEMPLATE").into(),
             ctr: PathBuf::from(v("RW_CONTAINERD_BIN")).join("ctr"),
             discard_unpacked_layers: vars.get("RW_DISCARD_UNPACKED_LAYERS") == Some(&"true"),
+            containerd: vars.get("RW_CONTAINERD").unwrap_or(&"1.7").to_string(),
             dir,
         }
     }
