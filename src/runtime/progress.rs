@@ -3,8 +3,8 @@
 //! CRI's `PullImage` says nothing until it returns, but containerd's content service shows what it is
 //! doing: active ingests (`layer-sha256:<hex>` refs with growing offsets) and committed blobs. Blobs
 //! fetched for `host/repo` carry the label `containerd.io/distribution.source.<host>=<repo>[,…]`, and an
-//! image manifest carries `containerd.io/gc.ref.content.l.<n>` labels for its layers; its JSON gives each
-//! blob's size. A manifest of this repository with a blob still missing or being written belongs to the
+//! image manifest carries `containerd.io/gc.ref.content.l.<n>` labels for its layers (with CRI's
+//! `discard_unpacked_layers` only `containerd.io/gc.ref.content.config`); its JSON gives each blob's size. A manifest of this repository with a blob still missing or being written belongs to the
 //! pull in progress. (containerd's List answers carry no timestamps, so "touched since" cannot be used.)
 //! The blobs present when the probe started tell, after the pull, exactly how many bytes came over the
 //! wire.
@@ -20,6 +20,7 @@ use super::Runtime;
 
 const SOURCE_LABEL: &str = "containerd.io/distribution.source.";
 const LAYER_REF_LABEL: &str = "containerd.io/gc.ref.content.l.";
+const CONFIG_REF_LABEL: &str = "containerd.io/gc.ref.content.config";
 const MANIFEST_MAX: i64 = 4 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,7 +101,12 @@ impl ProgressProbe {
         let mut committed = HashSet::new();
         let mut manifests = Vec::new();
         for (digest, size, labels) in ours {
-            if labels.keys().any(|k| k.starts_with(LAYER_REF_LABEL)) {
+            // With discard_unpacked_layers a manifest references only its config (the layers must be
+            // collectable once unpacked): either label marks a manifest, whose JSON lists the layers.
+            if labels
+                .keys()
+                .any(|k| k.starts_with(LAYER_REF_LABEL) || k == CONFIG_REF_LABEL)
+            {
                 manifests.push((digest.clone(), size));
             }
             committed.insert(digest);
