@@ -400,12 +400,24 @@ async fn pins_follow_the_config_file() {
     assert_eq!(bed.cri_status(&a).await, (true, true));
 }
 
-/// The 110 MiB fixture, absent from containerd, pulled through a proxy throttled to `rate` bytes/s.
-async fn big_image_behind_throttle(bed: &Bed, rate: u64) -> (Proxy, &'static str) {
+/// A freshly pushed image of two random layers (~120 MB on the wire), absent from containerd, pulled
+/// through a proxy throttled to `rate` bytes/s. Fresh content each time: a pull another test cancelled
+/// leaves its lease (24 h) holding what it fetched, and a shared fixture's next pull would then be a no-op
+/// with no progress to see.
+async fn big_image_behind_throttle(bed: &Bed, rate: u64) -> (Proxy, String) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let repo = format!("prewarm/big-{nanos}");
+    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+        .args(["push-random", &format!("{repo}:v1"), "80", "80"])
+        .status()
+        .expect("scripts/testbed push-random")
+        .success();
+    assert!(pushed, "push a fresh big image");
     let proxy = Proxy::start(5003, bed.registry_port(), rate, 0).await;
-    let image = "127.0.0.1:5003/runners/big-progress:v1";
-    bed.remove_repo("127.0.0.1:5003/runners/big-progress").await;
-    (proxy, image)
+    (proxy, format!("127.0.0.1:5003/{repo}:v1"))
 }
 
 #[tokio::test]
@@ -414,6 +426,7 @@ async fn progress_is_visible_while_a_large_image_pulls() {
     let bed = Bed::get();
     // Throttled to ~40 MB/s through a proxy so the 110 MiB pull takes a few seconds.
     let (_proxy, image) = big_image_behind_throttle(&bed, 40_000_000).await;
+    let image = image.as_str();
     let agent = Agent::with_image(&bed, "", image);
     let done_series =
         format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
@@ -459,6 +472,7 @@ async fn pull_without_a_terminal_prints_plain_progress_lines() {
     let _g = serial().await;
     let bed = Bed::get();
     let (_proxy, image) = big_image_behind_throttle(&bed, 40_000_000).await;
+    let image = image.as_str();
     let dir = tempfile::tempdir().unwrap();
     let host = image.split('/').next().unwrap();
     let secret = bed.secret(dir.path(), "proxy.json", host, &bed.user, &bed.password);
@@ -688,6 +702,7 @@ async fn sigterm_during_a_pull_cancels_it_and_exits_quickly() {
     let bed = Bed::get();
     // Slow enough (5 MB/s) that the pull is certainly running when the signal arrives.
     let (_proxy, image) = big_image_behind_throttle(&bed, 5_000_000).await;
+    let image = image.as_str();
     let mut agent = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent.wait_metric(&done, S(30), |v| v > 0.0).await;
