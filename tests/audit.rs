@@ -276,17 +276,7 @@ async fn discarded_blobs_audit_from_the_snapshot_and_a_half_removed_one_says_whi
 
     let _g = serial().await;
     let bed = Bed::get();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let repo_tag = format!("audit/discarded-{nanos}:v1");
-    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
-        .args(["push-random", &repo_tag, "1", "1"])
-        .status()
-        .expect("scripts/testbed push-random")
-        .success();
-    assert!(pushed);
+    let repo_tag = bed.push_fresh("audit/discarded", &["1", "1"]);
     let image = bed.image(&repo_tag);
     let (code, before, err) = check_image(&bed, &image, &["--output", "json"]);
     assert!(code == 0 || code == 1, "{err}");

@@ -92,19 +92,9 @@ async fn healed(bed: &Bed, agent: &Agent, image: &str) {
 /// that is cancelled (or that containerd is killed in) leaves its lease behind, holding what it fetched for
 /// 24 h: content of its own keeps the drills from turning another test's pull of a shared fixture into a
 /// no-op (or a hang).
-fn fresh_image(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let repo = format!("drills/{what}-{nanos}");
-    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
-        .args(["push-random", &format!("{repo}:v1"), "40", "40"])
-        .status()
-        .expect("scripts/testbed push-random")
-        .success();
-    assert!(pushed, "push a fresh image");
-    format!("127.0.0.1:{PORT}/{repo}:v1")
+fn fresh_image(bed: &Bed, what: &str) -> String {
+    let repo_tag = bed.push_fresh(&format!("drills/{what}"), &["40", "40"]);
+    format!("127.0.0.1:{PORT}/{repo_tag}")
 }
 
 fn pulls_failed(m: &str) -> f64 {
@@ -125,7 +115,7 @@ async fn a_registry_answering_500s_then_resetting_connections_heals_into_one_pre
     let bed = Bed::get();
     let proxy = Proxy::start(PORT, bed.registry_port(), 0, 0).await;
     proxy.fault.store(FAULT_500, Ordering::Relaxed);
-    let image = &fresh_image("flaky");
+    let image = &fresh_image(&bed, "flaky");
     let agent = Agent::with_image(&bed, "", image);
     agent
         .wait(S(30), "pulls failing on 500s", || async {
@@ -157,7 +147,7 @@ async fn an_agent_stopped_mid_pull_and_started_again_finishes_with_nothing_leake
     let _g = serial().await;
     let bed = Bed::get();
     let _proxy = Proxy::start(PORT, bed.registry_port(), 8_000_000, 0).await;
-    let image = &fresh_image("stopped");
+    let image = &fresh_image(&bed, "stopped");
     let mut first = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     first.wait_metric(&done, S(30), |v| v > 1e6).await;
@@ -179,7 +169,7 @@ async fn containerd_killed_mid_pull_is_an_outage_not_a_failure_and_the_pull_comp
     let _g = serial().await;
     let bed = Bed::get();
     let _proxy = Proxy::start(PORT, bed.registry_port(), 8_000_000, 0).await;
-    let image = &fresh_image("killed");
+    let image = &fresh_image(&bed, "killed");
     let agent = Agent::with_image(&bed, "", image);
     let done = format!("runner_warden_prewarm_progress_bytes{{image=\"{image}\",kind=\"done\"}}");
     agent.wait_metric(&done, S(30), |v| v > 1e6).await;
@@ -231,7 +221,7 @@ async fn a_token_registry_with_signed_redirects_leaks_neither_token_nor_signatur
     let _g = serial().await;
     let bed = Bed::get();
     let front = TokenRegistry::start(PORT, bed.registry_port(), &bed.user, &bed.password).await;
-    let image = &fresh_image("token");
+    let image = &fresh_image(&bed, "token");
     let agent = Agent::with_image(&bed, "", image);
     let failed = agent
         .wait_finding("RunnerImagePullFailed", image, S(60))

@@ -382,18 +382,10 @@ mod on_a_cluster {
             )
             .await;
         let desired = || async {
-            let out = tokio::process::Command::new(BIN)
-                .args(["status", "--output", "json", "--address"])
-                .arg(format!("127.0.0.1:{}", agent.port))
-                .output()
+            image_states(&agent)
                 .await
-                .ok()?;
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            doc["images"]
-                .as_array()?
-                .iter()
-                .any(|i| i["image"] == image.as_str())
-                .then_some(())
+                .filter(|s| s.contains_key(&image))
+                .map(|_| ())
         };
         agent
             .wait(S(60), "the registry's image desired", desired)

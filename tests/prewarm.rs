@@ -405,19 +405,9 @@ async fn pins_follow_the_config_file() {
 /// leaves its lease (24 h) holding what it fetched, and a shared fixture's next pull would then be a no-op
 /// with no progress to see.
 async fn big_image_behind_throttle(bed: &Bed, rate: u64) -> (Proxy, String) {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let repo = format!("prewarm/big-{nanos}");
-    let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
-        .args(["push-random", &format!("{repo}:v1"), "80", "80"])
-        .status()
-        .expect("scripts/testbed push-random")
-        .success();
-    assert!(pushed, "push a fresh big image");
+    let repo_tag = bed.push_fresh("prewarm/big", &["80", "80"]);
     let proxy = Proxy::start(5003, bed.registry_port(), rate, 0).await;
-    (proxy, format!("127.0.0.1:5003/{repo}:v1"))
+    (proxy, format!("127.0.0.1:5003/{repo_tag}"))
 }
 
 #[tokio::test]

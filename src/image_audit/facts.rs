@@ -15,7 +15,6 @@ use super::layers::{classify, clean, FsBuilder, PASSWD_MAX};
 use super::snapshot;
 use crate::contract::{ImageFacts, Kind, PathMeta};
 use crate::runtime::errors::RuntimeError;
-use crate::runtime::snapshots::SNAPSHOT_REF_LABEL;
 use crate::runtime::Runtime;
 use tracing::debug;
 
@@ -188,7 +187,7 @@ pub async fn read_facts_from(
     let diff_ids = config.rootfs().diff_ids().clone();
     let snapshot = match choice {
         FsChoice::Blobs => Ok(None),
-        _ => from_snapshot(runtime, name, &config_digest, &diff_ids, deadline).await,
+        _ => from_snapshot(runtime, name, &diff_ids, deadline).await,
     };
     let (fs, read_from) = match snapshot {
         Ok(Some(fs)) => (fs, FsSource::Snapshot),
@@ -277,19 +276,22 @@ async fn from_blobs(
     Ok(fs)
 }
 
+/// The agent's effective capabilities: they do not change while it runs, so read once.
+static OWN_CAPABILITIES: std::sync::LazyLock<u64> =
+    std::sync::LazyLock::new(snapshot::own_capabilities);
+
 /// The filesystem from the unpacked snapshot: `Ok(None)` when the image is not unpacked with overlayfs
 /// (the blobs are then the only source); an error names the layer and why it could not be read.
 async fn from_snapshot(
     runtime: &Runtime,
     name: &str,
-    config_digest: &str,
     diff_ids: &[String],
     deadline: std::time::Instant,
 ) -> Result<Option<FsBuilder>, InspectError> {
     let Some(top) = snapshot::chain_ids(diff_ids).pop() else {
         return Ok(None);
     };
-    let missing = snapshot::missing_capabilities(snapshot::own_capabilities());
+    let missing = snapshot::missing_capabilities(*OWN_CAPABILITIES);
     if !missing.is_empty() {
         return Err(InspectError::Format {
             image: name.to_string(),
@@ -299,16 +301,13 @@ async fn from_snapshot(
             ),
         });
     }
-    // The snapshot itself decides: the config blob's gc.ref.snapshot label says who unpacked it, but
-    // any content writer that re-labels the blob (`ctr content fetch` does) drops it.
+    // The snapshotter decides, not the config blob's gc.ref.snapshot label: any content writer that
+    // re-labels the blob (`ctr content fetch` does) drops it.
     if !runtime.snapshot_exists("overlayfs", &top).await? {
-        let others: Vec<String> = runtime
-            .blob_labels(config_digest)
-            .await?
-            .into_keys()
-            .filter_map(|k| k.strip_prefix(SNAPSHOT_REF_LABEL).map(str::to_owned))
-            .collect();
-        debug!(image = name, snapshotters = ?others, "no overlayfs snapshot of this image; reading layer blobs");
+        debug!(
+            image = name,
+            "no overlayfs snapshot of this image; reading layer blobs"
+        );
         return Ok(None);
     }
     let top_layer = diff_ids.len() - 1;

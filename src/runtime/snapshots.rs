@@ -4,7 +4,7 @@
 //!   layer's chain id: it says with which snapshotter an image was unpacked, and survives
 //!   `discard_unpacked_layers` — but not a content writer that re-labels the blob (`ctr content fetch`
 //!   replaces its labels), so whether a snapshot exists is asked of the snapshotter (`Stat` of the chain
-//!   id), and the label only explains why there is none.
+//!   id).
 //! - `View` of a committed snapshot returns its mounts without mounting anything: for overlayfs an
 //!   `overlay` mount whose `lowerdir=` lists the layer directories top first, or a read-only `bind` of the
 //!   one directory of a single-layer image.
@@ -19,14 +19,12 @@ use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClien
 use containerd_client::services::v1::snapshots::{
     RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
 };
-use containerd_client::services::v1::{CreateRequest, DeleteRequest, InfoRequest};
+use containerd_client::services::v1::{CreateRequest, DeleteRequest};
 use containerd_client::types::Mount;
 
 use super::errors::RuntimeError;
 use super::Runtime;
 
-/// The label prefix unpacking puts on the config blob.
-pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/gc.ref.snapshot.";
 /// A view left behind by a killed agent goes with its lease after this.
 const VIEW_LEASE_EXPIRY: Duration = Duration::from_secs(30 * 60);
 
@@ -42,21 +40,6 @@ pub struct View {
 impl Runtime {
     fn snapshots(&self) -> SnapshotsClient<tonic::transport::Channel> {
         SnapshotsClient::new(self.channel.clone())
-    }
-
-    /// A blob's labels (empty when the blob is absent).
-    pub async fn blob_labels(&self, digest: &str) -> Result<HashMap<String, String>, RuntimeError> {
-        match self
-            .content()
-            .info(self.unary(InfoRequest {
-                digest: digest.to_string(),
-            }))
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().info.map(|i| i.labels).unwrap_or_default()),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(HashMap::new()),
-            Err(s) => Err(RuntimeError::call("content.Info", self.socket(), s)),
-        }
     }
 
     /// Whether `snapshotter` holds the committed snapshot `name` (a chain id).

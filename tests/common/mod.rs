@@ -82,6 +82,26 @@ impl Bed {
         }
     }
 
+    /// Pushes an image of random layers (`scripts/testbed push-random`, one per size in MiB) under
+    /// `<prefix>-<nanos>:v1` and returns that repo:tag: content no other test shares (a pull another test
+    /// cancelled leaves a 24 h lease holding what it fetched).
+    pub fn push_fresh(&self, prefix: &str, mib: &[&str]) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let repo_tag = format!("{prefix}-{nanos}:v1");
+        let pushed = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+            .arg("push-random")
+            .arg(&repo_tag)
+            .args(mib)
+            .status()
+            .expect("scripts/testbed push-random")
+            .success();
+        assert!(pushed, "push {repo_tag}");
+        repo_tag
+    }
+
     pub fn image(&self, repo_tag: &str) -> String {
         format!("{}/{repo_tag}", self.registry)
     }
@@ -512,6 +532,22 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Listens on 127.0.0.1:`port`. The previous test's proxy or front on this port is aborted when it
+/// drops, but its socket closes only once that test's runtime has dropped the task: wait for the port,
+/// with a bound.
+pub async fn bind_loopback(port: u16) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => return l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("bind 127.0.0.1:{port}: {e}"),
+        }
+    }
+}
+
 /// A TCP proxy in front of a registry that can throttle and stall responses, for faults a real registry
 /// cannot be made to produce on demand.
 pub struct Proxy {
@@ -533,20 +569,7 @@ impl Proxy {
     /// `rate`: bytes per second from upstream (0 = unlimited); while `stall` is set, a connection stops
     /// forwarding upstream bytes once it has sent `stall_after` of them (and keeps the socket open).
     pub async fn start(listen: u16, upstream: u16, rate: u64, stall_after: u64) -> Proxy {
-        // The previous test's proxy on this port is aborted when it drops, but its socket closes only
-        // once that test's runtime has dropped the task: wait for the port, with a bound.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", listen)).await {
-                Ok(l) => break l,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("bind proxy port {listen}: {e}"),
-            }
-        };
+        let listener = bind_loopback(listen).await;
         let stall = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
         let fault = Arc::new(std::sync::atomic::AtomicU8::new(FAULT_NONE));

@@ -10,11 +10,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The token the front issues, and the signature it puts in every redirect: neither may be repeated.
 pub const TOKEN: &str = "tok3n-9f8e7d6c5b4a39281706";
@@ -46,7 +45,7 @@ impl TokenRegistry {
     /// Listens on `listen` (one of the bed's plain-HTTP proxy ports) in front of the registry on
     /// `upstream`, whose `user`/`password` are also the credentials the token endpoint accepts.
     pub async fn start(listen: u16, upstream: u16, user: &str, password: &str) -> TokenRegistry {
-        let listener = bind(listen).await;
+        let listener = super::bind_loopback(listen).await;
         let shared = Arc::new(Shared {
             listen,
             upstream,
@@ -135,20 +134,6 @@ async fn serve(mut client: TcpStream, s: Arc<Shared>) {
         return answer(&mut client, "307 Temporary Redirect", &[&location], "").await;
     }
     forward(client, s.upstream, &s.basic, method, path, headers).await
-}
-
-async fn bind(listen: u16) -> TcpListener {
-    // The previous test's front on this port closes once that test's runtime drops it: wait, bounded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpListener::bind(("127.0.0.1", listen)).await {
-            Ok(l) => return l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("bind registry front port {listen}: {e}"),
-        }
-    }
 }
 
 /// A request's head (registry requests containerd sends have no body that matters here).
@@ -271,7 +256,7 @@ impl CredentialFront {
         users: HashMap<String, String>,
         allowed: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
     ) -> CredentialFront {
-        let listener = bind(listen).await;
+        let listener = super::bind_loopback(listen).await;
         let b64 =
             |u: &str, p: &str| base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
         let basic = Arc::new(b64(bed_user, bed_password));
