@@ -262,6 +262,57 @@ async fn a_layer_containerd_never_fetched_is_read_from_the_snapshot() {
     assert!(err.contains(&named) && err.contains("(sha256:"), "{err}");
 }
 
+/// An image unpacked by containerd's `native` snapshotter only (each snapshot a full copy, its view a
+/// read-only bind of one directory): audited from that directory, with the same results as its blobs.
+#[tokio::test]
+async fn an_image_unpacked_by_the_native_snapshotter_is_read_from_its_copy() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let repo_tag = bed.push_fresh("audit/native", &["1", "1"]);
+    let image = bed.image(&repo_tag);
+    let pulled = Command::new(&bed.ctr)
+        .arg("--address")
+        .arg(&bed.socket)
+        // --local: 2.x's transfer-service pull refuses --snapshotter ("no unpack platforms defined").
+        .args([
+            "-n",
+            "k8s.io",
+            "images",
+            "pull",
+            "--local",
+            "--snapshotter",
+            "native",
+            "--plain-http",
+        ])
+        .arg("--user")
+        .arg(format!("{}:{}", bed.user, bed.password))
+        .arg(&image)
+        .output()
+        .expect("ctr images pull");
+    assert!(
+        pulled.status.success(),
+        "ctr pull --snapshotter native: {}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let (code, out, err) = check_image(&bed, &image, &[]);
+    assert!(code == 0 || code == 1, "{err}{out}");
+    assert!(
+        out.contains("read from the unpacked native snapshot"),
+        "{out}"
+    );
+    let (_, snap, _) = check_image(&bed, &image, &["--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&snap).unwrap();
+    assert_eq!(v["image"]["snapshotter"], "native", "{snap}");
+    let (code, blobs, err) =
+        check_image(&bed, &image, &["--output", "json", "--read-from", "blobs"]);
+    assert!(code == 0 || code == 1, "{err}");
+    // busybox's root user at least: the comparison is not of two empty sets.
+    assert!(!failures(&snap).is_empty(), "{snap}");
+    assert_eq!(failures(&snap), failures(&blobs), "{snap}\n{blobs}");
+    let repo = repo_tag.split_once(':').unwrap().0;
+    bed.remove_repo(&bed.image(repo)).await;
+}
+
 /// What `discard_unpacked_layers` leaves (layer blobs deleted after unpacking), then a snapshot half
 /// removed under it (a layer directory gone): the first still audits, from the snapshot; the second is
 /// one clear cannot-read naming the image, the layer and the directory — and no view or lease is left.
@@ -271,7 +322,7 @@ async fn discarded_blobs_audit_from_the_snapshot_and_a_half_removed_one_says_whi
     use containerd_client::services::v1::leases_client::LeasesClient;
     use containerd_client::services::v1::{DeleteContentRequest, ListRequest};
     use runner_warden::image_audit::facts::resolve;
-    use runner_warden::image_audit::snapshot::{chain_ids, layer_dirs};
+    use runner_warden::image_audit::snapshot::{chain_ids, layout, Layout};
     use runner_warden::runtime::Runtime;
 
     let _g = serial().await;
@@ -308,7 +359,9 @@ async fn discarded_blobs_audit_from_the_snapshot_and_a_half_removed_one_says_whi
         .pop()
         .unwrap();
     let view = rt.view_snapshot("overlayfs", &top).await.expect("view");
-    let dirs = layer_dirs(&view.mounts).expect("overlay dirs");
+    let Ok(Layout::Layers(dirs)) = layout(&view.mounts) else {
+        panic!("not overlay layer directories: {:?}", view.mounts)
+    };
     rt.drop_view(view).await;
     // A lower layer's directory gone (the walk finds it missing), then the top one's (containerd's View
     // does).

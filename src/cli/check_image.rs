@@ -70,7 +70,7 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
                 "config    {} ({}, {} layers)",
                 summary.image_id, summary.platform, summary.layers
             );
-            println!("read from {}", summary.read_from.describe());
+            println!("read from {}", summary.read_from_text());
             println!();
             println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");
             for r in &results {

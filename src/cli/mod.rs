@@ -245,8 +245,9 @@ pub struct CheckImageArgs {
     /// baked-platform-env.
     #[arg(long = "warn", env = "RUNNER_WARDEN_WARN", value_delimiter = ',', value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
     pub warn: Vec<String>,
-    /// Where to read the image's filesystem: auto (the unpacked overlayfs snapshot when there is one, else
-    /// the layer blobs), snapshot or blobs only.
+    /// Where to read the image's filesystem: auto (its unpacked snapshot when there is one — overlayfs,
+    /// native, or another snapshotter's view mounted read-only in a private mount namespace — else the
+    /// layer blobs), snapshot or blobs only.
     #[arg(
         long,
         env = "RUNNER_WARDEN_READ_FROM",

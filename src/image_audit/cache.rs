@@ -179,6 +179,7 @@ mod tests {
             platform: "linux/amd64".into(),
             layers: 2,
             read_from: super::super::facts::FsSource::Snapshot,
+            snapshotter: Some("overlayfs".into()),
         }
     }
 

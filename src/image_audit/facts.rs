@@ -12,7 +12,8 @@ use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Media
 use tokio_util::io::SyncIoBridge;
 
 use super::layers::{classify, clean, FsBuilder, PASSWD_MAX};
-use super::snapshot;
+use super::mounted;
+use super::snapshot::{self, Layout};
 use crate::contract::{ImageFacts, Kind, PathMeta};
 use crate::runtime::errors::RuntimeError;
 use crate::runtime::Runtime;
@@ -51,6 +52,23 @@ pub struct ImageSummary {
     /// Where the filesystem was read from (records cached before the snapshot path say blobs).
     #[serde(default)]
     pub read_from: FsSource,
+    /// The snapshotter whose snapshot was read (`read_from` = snapshot; records cached before this field
+    /// were all overlayfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshotter: Option<String>,
+}
+
+impl ImageSummary {
+    /// Where the filesystem was read from, for findings and `check-image`.
+    pub fn read_from_text(&self) -> String {
+        match self.read_from {
+            FsSource::Blobs => "the layer blobs".into(),
+            FsSource::Snapshot => format!(
+                "the unpacked {} snapshot",
+                self.snapshotter.as_deref().unwrap_or("overlayfs")
+            ),
+        }
+    }
 }
 
 /// Where an audit read an image's filesystem from.
@@ -60,17 +78,8 @@ pub enum FsSource {
     /// The layer blobs in containerd's content store, inflated and read as tar.
     #[default]
     Blobs,
-    /// The unpacked layer directories of the overlayfs snapshotter.
+    /// The unpacked snapshot (overlayfs layer directories; a native copy; a mounted view).
     Snapshot,
-}
-
-impl FsSource {
-    pub fn describe(self) -> &'static str {
-        match self {
-            FsSource::Blobs => "the layer blobs",
-            FsSource::Snapshot => "the unpacked overlayfs snapshot",
-        }
-    }
 }
 
 /// The node's platform as OCI names it.
@@ -187,26 +196,27 @@ pub async fn read_facts_from(
     let diff_ids = config.rootfs().diff_ids().clone();
     let snapshot = match choice {
         FsChoice::Blobs => Ok(None),
-        _ => from_snapshot(runtime, name, &diff_ids, deadline).await,
+        _ => from_snapshot(runtime, name, &config_digest, &diff_ids, deadline).await,
     };
-    let (fs, read_from) = match snapshot {
-        Ok(Some(fs)) => (fs, FsSource::Snapshot),
+    let (fs, read_from, snapshotter) = match snapshot {
+        Ok(Some((fs, snapshotter))) => (fs, FsSource::Snapshot, Some(snapshotter)),
         Ok(None) if choice == FsChoice::Snapshot => {
             return Err(InspectError::Format {
                 image: name.to_string(),
-                what: "it is not unpacked with the overlayfs snapshotter (no snapshot to read); try --read-from blobs".into(),
+                what: "it is not unpacked (no snapshot of it in overlayfs or the snapshotter its config names); try --read-from blobs".into(),
             })
         }
         Err(e) if choice == FsChoice::Snapshot => return Err(e),
         Ok(None) => (
             from_blobs(runtime, name, &manifest, deadline).await?,
             FsSource::Blobs,
+            None,
         ),
         Err(snapshot_err) => {
             // The blobs may still be there (discard off): use them, and say why if they are not.
             debug!(image = name, error = %snapshot_err, "the unpacked snapshot could not be read; reading layer blobs");
             match from_blobs(runtime, name, &manifest, deadline).await {
-                Ok(fs) => (fs, FsSource::Blobs),
+                Ok(fs) => (fs, FsSource::Blobs, None),
                 Err(_) => return Err(snapshot_err),
             }
         }
@@ -220,6 +230,7 @@ pub async fn read_facts_from(
         platform: format!("{}/{}", config.os(), config.architecture()),
         layers: manifest.layers().len(),
         read_from,
+        snapshotter,
     };
     Ok((summary, facts))
 }
@@ -280,14 +291,53 @@ async fn from_blobs(
 static OWN_CAPABILITIES: std::sync::LazyLock<u64> =
     std::sync::LazyLock::new(snapshot::own_capabilities);
 
-/// The filesystem from the unpacked snapshot: `Ok(None)` when the image is not unpacked with overlayfs
-/// (the blobs are then the only source); an error names the layer and why it could not be read.
+/// Label on an image's config blob naming the snapshotter that unpacked it (value: the top chain id).
+const SNAPSHOT_REF_LABEL: &str = "containerd.io/gc.ref.snapshot.";
+
+/// The snapshotter holding the committed snapshot `top`: overlayfs, asked even when the config blob's
+/// labels do not name it (any content writer that re-labels the blob — `ctr content fetch` does — drops
+/// them: the snapshotter decides, asked by `Stat`), then each other snapshotter those labels name.
+async fn find_snapshotter(
+    runtime: &Runtime,
+    config_digest: &str,
+    top: &str,
+) -> Result<Option<String>, RuntimeError> {
+    let mut candidates: Vec<String> = runtime
+        .blob_labels(config_digest)
+        .await?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| v == top)
+        .filter_map(|(k, _)| k.strip_prefix(SNAPSHOT_REF_LABEL).map(str::to_string))
+        .collect();
+    // overlayfs first (CRI's default; the DaemonSet mounts its directory), then the others by name.
+    candidates.retain(|c| c != "overlayfs");
+    candidates.sort();
+    candidates.insert(0, "overlayfs".into());
+    for c in candidates {
+        match runtime.snapshot_exists(&c, top).await {
+            Ok(true) => return Ok(Some(c)),
+            Ok(false) => {}
+            // A snapshotter named by a label but not loaded in this containerd: try the next one.
+            Err(e) if c != "overlayfs" => {
+                debug!(snapshotter = %c, error = %e, "cannot ask this snapshotter")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// The filesystem from the unpacked snapshot, with the snapshotter's name: `Ok(None)` when the image is
+/// not unpacked (the blobs are then the only source); an error names the layer and why it could not be
+/// read.
 async fn from_snapshot(
     runtime: &Runtime,
     name: &str,
+    config_digest: &str,
     diff_ids: &[String],
     deadline: std::time::Instant,
-) -> Result<Option<FsBuilder>, InspectError> {
+) -> Result<Option<(FsBuilder, String)>, InspectError> {
     let Some(top) = snapshot::chain_ids(diff_ids).pop() else {
         return Ok(None);
     };
@@ -301,36 +351,49 @@ async fn from_snapshot(
             ),
         });
     }
-    // The snapshotter decides, not the config blob's gc.ref.snapshot label: any content writer that
-    // re-labels the blob (`ctr content fetch` does) drops it.
-    if !runtime.snapshot_exists("overlayfs", &top).await? {
+    let Some(snapshotter) = find_snapshotter(runtime, config_digest, &top).await? else {
         debug!(
             image = name,
-            "no overlayfs snapshot of this image; reading layer blobs"
+            "no snapshot of this image; reading layer blobs"
         );
         return Ok(None);
-    }
+    };
     let top_layer = diff_ids.len() - 1;
-    let view = match runtime.view_snapshot("overlayfs", &top).await {
+    let layer_err = |index: usize, what: String| InspectError::Layer {
+        image: name.to_string(),
+        index,
+        digest: diff_ids[index].clone(),
+        what,
+    };
+    let view = match runtime.view_snapshot(&snapshotter, &top).await {
         Ok(v) => v,
         // containerd stats the parent's directory: a half-removed snapshot fails here.
         Err(RuntimeError::Call { message, .. }) => {
-            return Err(InspectError::Layer {
-                image: name.to_string(),
-                index: top_layer,
-                digest: diff_ids[top_layer].clone(),
-                what: format!("its unpacked snapshot {top} cannot be opened: {message}"),
-            })
+            return Err(layer_err(
+                top_layer,
+                format!("its unpacked {snapshotter} snapshot {top} cannot be opened: {message}"),
+            ))
         }
         Err(e) => return Err(e.into()),
     };
-    let dirs = snapshot::layer_dirs(&view.mounts);
-    let result = match dirs {
+    let bounds = LayerBounds {
+        deadline: Some(deadline),
+        ..LayerBounds::default()
+    };
+    // A whole filesystem in one directory (or one mounted view) is walked as the top layer: its facts are
+    // the final filesystem's, as the layers' would be.
+    let whole = move |dir: &std::path::Path| {
+        let _idle = IdlePriority::enter();
+        let mut fs = FsBuilder::new();
+        fs.begin_layer(top_layer);
+        snapshot::walk_dir_layer(dir, fs, &bounds)
+    };
+    let read = match snapshot::layout(&view.mounts) {
         Err(what) => Err(InspectError::Format {
             image: name.to_string(),
             what,
         }),
-        Ok(dirs) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
+        Ok(Layout::Layers(dirs)) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
             image: name.to_string(),
             what: format!(
                 "its snapshot has {} layer directories for {} layers",
@@ -338,15 +401,11 @@ async fn from_snapshot(
                 diff_ids.len()
             ),
         }),
-        Ok(dirs) => {
+        Ok(Layout::Layers(dirs)) => {
             let ids = diff_ids.to_vec();
             let image = name.to_string();
             tokio::task::spawn_blocking(move || {
                 let _idle = IdlePriority::enter();
-                let bounds = LayerBounds {
-                    deadline: Some(deadline),
-                    ..LayerBounds::default()
-                };
                 let mut fs = FsBuilder::new();
                 for (index, dir) in dirs.iter().enumerate() {
                     fs.begin_layer(index);
@@ -369,9 +428,50 @@ async fn from_snapshot(
                 })
             })
         }
+        Ok(Layout::Merged(dir)) => {
+            let d = dir.clone();
+            match tokio::task::spawn_blocking(move || whole(&d)).await {
+                Ok(r) => r.map_err(|e| {
+                    layer_err(
+                        top_layer,
+                        format!(
+                            "its unpacked {snapshotter} directory {}: {e}",
+                            dir.display()
+                        ),
+                    )
+                }),
+                Err(e) => Err(layer_err(
+                    top_layer,
+                    format!("snapshot reader task failed: {e}"),
+                )),
+            }
+        }
+        Ok(Layout::Mount(mounts)) => {
+            let kinds: Vec<String> = mounts.iter().map(|m| m.r#type.clone()).collect();
+            // mounted::read blocks on its own thread: wait for it off the async workers.
+            match tokio::task::spawn_blocking(move || {
+                mounted::read(mounts, move |root| whole(root))
+            })
+            .await
+            {
+                Ok(r) => r.map_err(|e| {
+                    layer_err(
+                        top_layer,
+                        format!(
+                            "its {snapshotter} snapshot, mounted read-only ({}): {e}",
+                            kinds.join("+")
+                        ),
+                    )
+                }),
+                Err(e) => Err(layer_err(
+                    top_layer,
+                    format!("snapshot reader task failed: {e}"),
+                )),
+            }
+        }
     };
     runtime.drop_view(view).await;
-    result.map(Some)
+    read.map(|fs| Some((fs, snapshotter)))
 }
 
 fn is_index(media_type: &str, bytes: &[u8]) -> bool {

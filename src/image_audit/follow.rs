@@ -112,7 +112,7 @@ async fn audit<F: FactsSource>(
                 image,
                 violations = audit.count(Outcome::Violation),
                 warnings = audit.count(Outcome::Warning),
-                read_from = audit.summary.read_from.describe(),
+                read_from = audit.summary.read_from_text(),
                 "contract audit done"
             );
             board.audited(image, audit_status(&audit));
@@ -139,7 +139,7 @@ async fn audit<F: FactsSource>(
                         r.check,
                         outcome,
                         &r.detail,
-                        audit.summary.read_from.describe(),
+                        &audit.summary.read_from_text(),
                     ),
                     image,
                     &d.other_projects,

@@ -6,6 +6,7 @@ mod cache;
 pub mod facts;
 mod follow;
 pub mod layers;
+pub mod mounted;
 pub mod snapshot;
 
 pub use cache::{CacheError, DiskCache};

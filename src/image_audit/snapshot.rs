@@ -37,10 +37,25 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// The layer directories of a view's mounts, bottom layer first; an error names what is not overlayfs.
-pub fn layer_dirs(mounts: &[Mount]) -> Result<Vec<PathBuf>, String> {
+/// How a view's filesystem is read, from the mounts containerd's `View` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// overlayfs layer directories, bottom layer first, each holding its layer's changes in overlayfs's
+    /// encoding (whiteouts, opaque markers): read one by one, no mount.
+    Layers(Vec<PathBuf>),
+    /// One directory holding the whole filesystem: the `native` snapshotter's copy, or the one layer of a
+    /// single-layer overlayfs image (a read-only bind). Read as is, no mount.
+    Merged(PathBuf),
+    /// Anything else (btrfs, zfs, devmapper, erofs…): readable only once mounted, read-only, in a private
+    /// mount namespace (`mounted::read`).
+    Mount(Vec<Mount>),
+}
+
+/// The layout of a view's `mounts`; an error says what the view is missing.
+pub fn layout(mounts: &[Mount]) -> Result<Layout, String> {
     match mounts {
-        [m] if m.r#type == "bind" => Ok(vec![PathBuf::from(&m.source)]),
+        [] => Err("its snapshot view has no mounts".into()),
+        [m] if m.r#type == "bind" => Ok(Layout::Merged(PathBuf::from(&m.source))),
         [m] if m.r#type == "overlay" => {
             let lower = m
                 .options
@@ -52,13 +67,12 @@ pub fn layer_dirs(mounts: &[Mount]) -> Result<Vec<PathBuf>, String> {
                         m.options
                     )
                 })?;
-            // overlayfs lists the top layer first.
-            Ok(lower.split(':').rev().map(PathBuf::from).collect())
+            // overlayfs lists the top layer first. (A view has no upperdir: nothing to merge on top.)
+            Ok(Layout::Layers(
+                lower.split(':').rev().map(PathBuf::from).collect(),
+            ))
         }
-        other => Err(format!(
-            "its snapshot mounts as {:?}, not overlayfs directories",
-            other.iter().map(|m| m.r#type.as_str()).collect::<Vec<_>>()
-        )),
+        other => Ok(Layout::Mount(other.to_vec())),
     }
 }
 
@@ -183,6 +197,7 @@ mod tests {
     use super::*;
     use crate::contract::ImageFacts;
     use std::ffi::CString;
+    use std::time::Duration;
 
     #[test]
     fn chain_ids_follow_the_image_spec() {
@@ -208,23 +223,36 @@ mod tests {
     }
 
     #[test]
-    fn layer_dirs_are_bottom_first() {
+    fn layouts_follow_the_mounts() {
         let m = mount(
             "overlay",
             "overlay",
             &["index=off", "lowerdir=/s/3/fs:/s/2/fs:/s/1/fs"],
         );
         assert_eq!(
-            layer_dirs(&[m]).unwrap(),
-            ["/s/1/fs", "/s/2/fs", "/s/3/fs"].map(PathBuf::from)
+            layout(&[m]).unwrap(),
+            Layout::Layers(
+                ["/s/1/fs", "/s/2/fs", "/s/3/fs"]
+                    .map(PathBuf::from)
+                    .to_vec()
+            )
         );
         let b = mount("bind", "/s/1/fs", &["ro", "rbind"]);
-        assert_eq!(layer_dirs(&[b]).unwrap(), [PathBuf::from("/s/1/fs")]);
-        let e = layer_dirs(&[mount("overlay", "overlay", &["ro"])]).unwrap_err();
+        assert_eq!(
+            layout(&[b]).unwrap(),
+            Layout::Merged(PathBuf::from("/s/1/fs"))
+        );
+        let e = layout(&[mount("overlay", "overlay", &["ro"])]).unwrap_err();
         assert!(e.contains("no lowerdir"), "{e}");
-        let e = layer_dirs(&[mount("zfs", "pool/x", &[])]).unwrap_err();
-        assert!(e.contains("not overlayfs"), "{e}");
-        assert!(layer_dirs(&[]).is_err());
+        let z = mount("zfs", "pool/x", &[]);
+        assert_eq!(
+            layout(std::slice::from_ref(&z)).unwrap(),
+            Layout::Mount(vec![z])
+        );
+        // Two mounts, even binds, are mounted in order (containerd's mount.All).
+        let two = vec![mount("bind", "/a", &["ro"]), mount("bind", "/b", &["ro"])];
+        assert_eq!(layout(&two).unwrap(), Layout::Mount(two.clone()));
+        assert!(layout(&[]).is_err());
     }
 
     fn mknod_whiteout(path: &Path) -> bool {
@@ -305,6 +333,68 @@ mod tests {
             facts.credential_files.iter().collect::<Vec<_>>(),
             ["/app/innocent", "/home/u/.docker/config.json"]
         );
+    }
+
+    /// Only a 0/0 character device is a whiteout; any other device node is a file like the rest.
+    #[test]
+    fn only_a_zero_device_is_a_whiteout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l0, l1) = (tmp.path().join("0"), tmp.path().join("1"));
+        for d in ["app", "tmp"] {
+            std::fs::create_dir_all(l0.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(&l1).unwrap();
+        if !mknod_whiteout(&l1.join("app")) {
+            eprintln!("skipped: mknod needs root");
+            return;
+        }
+        let c = CString::new(l1.join("tmp").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a plain syscall on a path we own (1/3 is /dev/null's number).
+        assert_eq!(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, libc::makedev(1, 3)) },
+            0
+        );
+        let facts = walk(&[&l0, &l1]);
+        assert!(
+            !facts.paths.contains_key("/app"),
+            "the whiteout removed /app"
+        );
+        assert_eq!(facts.paths["/tmp"].kind, Kind::Other);
+    }
+
+    #[test]
+    fn the_time_cap_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), "").unwrap();
+        let at = |deadline| LayerBounds {
+            deadline: Some(deadline),
+            ..LayerBounds::default()
+        };
+        let now = std::time::Instant::now();
+        let e = walk_dir_layer(
+            tmp.path(),
+            FsBuilder::new(),
+            &at(now - Duration::from_secs(1)),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("time cap"), "{e}");
+        walk_dir_layer(
+            tmp.path(),
+            FsBuilder::new(),
+            &at(now + Duration::from_secs(600)),
+        )
+        .expect("well within the cap");
+    }
+
+    /// The agent (and this test) run as root: the snapshot path's capabilities are there.
+    #[test]
+    fn own_capabilities_are_read() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        assert_eq!(missing_capabilities(own_capabilities()), Vec::<&str>::new());
     }
 
     #[test]

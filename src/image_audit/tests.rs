@@ -75,6 +75,7 @@ impl FactsSource for Fake {
                 platform: "linux/amd64".into(),
                 layers: 1,
                 read_from: Default::default(),
+                snapshotter: None,
             },
             facts,
         ))

@@ -34,6 +34,14 @@ impl Runtime {
 
     /// Whether the content store holds the blob.
     pub async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
+        Ok(self.blob_labels(digest).await?.is_some())
+    }
+
+    /// The blob's labels, `None` when the content store does not hold it.
+    pub async fn blob_labels(
+        &self,
+        digest: &str,
+    ) -> Result<Option<std::collections::HashMap<String, String>>, RuntimeError> {
         match self
             .content()
             .info(self.unary(InfoRequest {
@@ -41,8 +49,10 @@ impl Runtime {
             }))
             .await
         {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Ok(r) => Ok(Some(
+                r.into_inner().info.map(|i| i.labels).unwrap_or_default(),
+            )),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(RuntimeError::call("content.Info", self.socket(), s)),
         }
     }

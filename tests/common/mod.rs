@@ -102,6 +102,17 @@ impl Bed {
         repo_tag
     }
 
+    /// The bed registry's credential, as a pull secret would give it.
+    pub fn credential(&self) -> runner_warden::credentials::Credential {
+        runner_warden::credentials::Credential {
+            key: self.registry.clone(),
+            username: self.user.clone(),
+            password: self.password.clone(),
+            identity_token: String::new(),
+            registry_token: String::new(),
+        }
+    }
+
     pub fn image(&self, repo_tag: &str) -> String {
         format!("{}/{repo_tag}", self.registry)
     }

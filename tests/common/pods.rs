@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use runner_warden::credentials::Credential;
 use runner_warden::runtime::cri::runtime_service_client::RuntimeServiceClient;
 use runner_warden::runtime::cri::*;
 use runner_warden::shutdown::probe::{host_network_namespaces, host_network_sandbox};
@@ -81,13 +80,7 @@ impl Pod {
     pub async fn run(bed: &Bed, spec: PodSpec) -> Pod {
         let rt = runner_warden::runtime::Runtime::new(&bed.socket, "k8s.io");
         if rt.image_status(&spec.image).await.unwrap().is_none() {
-            let cred = Credential {
-                key: bed.registry.clone(),
-                username: bed.user.clone(),
-                password: bed.password.clone(),
-                identity_token: String::new(),
-                registry_token: String::new(),
-            };
+            let cred = bed.credential();
             rt.pull_image(&spec.image, Some(&cred))
                 .await
                 .expect("pull the runner image");
