@@ -44,6 +44,8 @@ pub struct State {
     pub progress_done: u64,
     /// The size an image's record gets when it is pulled or made present (0 otherwise).
     pub sizes: HashMap<String, u64>,
+    /// Images whose status, once they are present, never answers (containerd busy committing).
+    pub status_hangs_when_present: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -123,8 +125,15 @@ impl ImageStore for FakeStore {
     type Progress = FakeProgress;
 
     async fn image_status(&self, image: &str) -> Result<Option<Image>, RuntimeError> {
-        let mut s = self.state();
-        s.calls.push(Call::Status(image.into()));
+        let hang = {
+            let mut s = self.state();
+            s.calls.push(Call::Status(image.into()));
+            s.images.contains_key(image) && s.status_hangs_when_present.iter().any(|i| i == image)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        let s = self.state();
         if s.status_fails {
             return Err(unavailable());
         }

@@ -580,6 +580,35 @@ async fn ready_once_containerd_answered_about_every_desired_image() {
     task.await.unwrap();
 }
 
+/// The only slot is free once containerd's pull returned: the next image pulls while the first one's
+/// status is still unanswered.
+#[tokio::test(start_paused = true)]
+async fn the_slot_is_given_back_when_the_pull_returns() {
+    let mut r = rig(PrewarmSettings {
+        concurrency: 1,
+        ..settings()
+    });
+    let second = "r.io/team/second:v1";
+    for (image, id) in [(IMG, "sha256:aaa"), (second, "sha256:bbb")] {
+        r.store.script(
+            image,
+            [PullScript::Content {
+                id: id.into(),
+                digest: "sha256:m".into(),
+            }],
+        );
+    }
+    // Whichever pulls first, its status after the pull never answers.
+    r.store.state().status_hangs_when_present = vec![IMG.into(), second.into()];
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG), desired(second)], |r| {
+            r.store.pulls().len() == 2
+        })
+        .await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn not_ready_while_an_image_was_never_looked_at() {
     let mut r = rig(PrewarmSettings {

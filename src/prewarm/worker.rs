@@ -55,16 +55,16 @@ impl<S: ImageStore> Prewarmer<S> {
         };
         loop {
             self.set_state(&image, State::Waiting);
-            let permit = tokio::select! {
-                p = self.slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            let mut slot = tokio::select! {
+                p = self.slots.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
                 _ = cancel.cancelled() => return,
             };
             self.set_state(&image, State::Pulling);
             let result = tokio::select! {
-                r = self.attempt(&desired, mem.force) => r,
+                r = self.attempt_in_slot(&desired, mem.force, &mut slot) => r,
                 _ = cancel.cancelled() => return,
             };
-            drop(permit);
+            drop(slot);
             let wait = match result {
                 Ok(outcome) => {
                     mem.failures = 0;
