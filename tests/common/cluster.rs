@@ -162,11 +162,20 @@ impl Cluster {
         ]);
         let sa: Api<ServiceAccount> = Api::namespaced(self.admin().await, ns);
         // The controller-manager makes it; right after a test stopped the API server its informers may
-        // still be in their relist backoff, which took over 30 s here.
-        wait_for(Duration::from_secs(120), "ServiceAccount default", || {
-            let sa = sa.clone();
-            async move { sa.get_opt("default").await.ok().flatten() }
-        })
+        // still be in their relist backoff, which took over 30 s here. Wait for its token too: 1.20's
+        // ServiceAccount admission refuses pods ("No API token found for service account") until the
+        // token controller has attached the token Secret, which comes after the account itself.
+        wait_for(
+            Duration::from_secs(120),
+            "ServiceAccount default and its token",
+            || {
+                let sa = sa.clone();
+                async move {
+                    let sa = sa.get_opt("default").await.ok().flatten()?;
+                    sa.secrets.filter(|s| !s.is_empty())
+                }
+            },
+        )
         .await;
     }
 
