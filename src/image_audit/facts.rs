@@ -294,35 +294,34 @@ static OWN_CAPABILITIES: std::sync::LazyLock<u64> =
 /// Label on an image's config blob naming the snapshotter that unpacked it (value: the top chain id).
 const SNAPSHOT_REF_LABEL: &str = "containerd.io/gc.ref.snapshot.";
 
-/// The snapshotter holding the committed snapshot `top`: overlayfs, asked even when the config blob's
-/// labels do not name it (any content writer that re-labels the blob — `ctr content fetch` does — drops
-/// them: the snapshotter decides, asked by `Stat`), then each other snapshotter those labels name.
+/// The snapshotter holding the committed snapshot `top`: overlayfs, asked first and even when the config
+/// blob's labels do not name it (any content writer that re-labels the blob — `ctr content fetch` does —
+/// drops them: the snapshotter decides, asked by `Stat`); only when it has none, each other snapshotter
+/// those labels name (so the common case costs no `content.Info`).
 async fn find_snapshotter(
     runtime: &Runtime,
     config_digest: &str,
     top: &str,
 ) -> Result<Option<String>, RuntimeError> {
-    let mut candidates: Vec<String> = runtime
+    if runtime.snapshot_exists("overlayfs", top).await? {
+        return Ok(Some("overlayfs".into()));
+    }
+    let mut others: Vec<String> = runtime
         .blob_labels(config_digest)
         .await?
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, v)| v == top)
         .filter_map(|(k, _)| k.strip_prefix(SNAPSHOT_REF_LABEL).map(str::to_string))
+        .filter(|c| c != "overlayfs")
         .collect();
-    // overlayfs first (CRI's default; the DaemonSet mounts its directory), then the others by name.
-    candidates.retain(|c| c != "overlayfs");
-    candidates.sort();
-    candidates.insert(0, "overlayfs".into());
-    for c in candidates {
+    others.sort();
+    for c in others {
         match runtime.snapshot_exists(&c, top).await {
             Ok(true) => return Ok(Some(c)),
             Ok(false) => {}
             // A snapshotter named by a label but not loaded in this containerd: try the next one.
-            Err(e) if c != "overlayfs" => {
-                debug!(snapshotter = %c, error = %e, "cannot ask this snapshotter")
-            }
-            Err(e) => return Err(e),
+            Err(e) => debug!(snapshotter = %c, error = %e, "cannot ask this snapshotter"),
         }
     }
     Ok(None)
