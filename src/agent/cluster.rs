@@ -20,8 +20,11 @@ use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
 use crate::report::health::ApiHealth;
 use crate::report::metrics::Metrics;
+use crate::report::node_status;
+use crate::report::status::StatusBoard;
 use crate::report::sink::FindingSink;
 use crate::shutdown::stop_clock::PodStops;
+use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
 use crate::sources::kubernetes::{self, KubeSettings, KubeSource};
 use crate::sources::{leader, merge_desired};
@@ -57,7 +60,11 @@ impl Cluster {
 
 /// In-cluster, or from `kubeconfig` when given (else kube's own inference: `$KUBECONFIG`, `~/.kube/config`),
 /// with the API server's address for logs and `/readyz`.
-async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), StartError> {
+/// Every request it sends is counted in `runner_warden_api_requests_total{verb,resource}`.
+async fn client(
+    kubeconfig: Option<&Path>,
+    requests: prometheus::IntCounterVec,
+) -> Result<(kube::Client, String), StartError> {
     // A KUBECONFIG list (`a:b`) is kube's own business: it merges them.
     let config = match kubeconfig.filter(|p| !p.to_string_lossy().contains(':')) {
         Some(path) => {
@@ -72,7 +79,10 @@ async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), Sta
             .map_err(|e| StartError::Kube(e.to_string()))?,
     };
     let address = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| StartError::Kube(e.to_string()))?
+        .with_layer(&CountLayer::new(requests))
+        .build();
     Ok((client, address.trim_end_matches('/').to_string()))
 }
 
@@ -82,13 +92,31 @@ pub(super) async fn start(
     findings: FindingSink,
     metrics: Arc<Metrics>,
     api_health: Arc<ApiHealth>,
+    board: Arc<StatusBoard>,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<Cluster, StartError> {
-    let (client, address) = client(settings.kubernetes.kubeconfig.as_deref()).await?;
+    let (client, address) = client(
+        settings.kubernetes.kubeconfig.as_deref(),
+        metrics.api_requests_total.clone(),
+    )
+    .await?;
     let k = &settings.kubernetes;
     info!(node = %k.node_name, api_server = %address, "following the cluster: ProjectSettings, runner pods on this node, Events");
     api_health.follow(address, metrics.api_server_up.clone());
+    if settings.fleet.node_status {
+        // The fleet view: this node's NodeRunnerImages, from the board's fold of the jobs' events.
+        let (entries_tx, entries_rx) = watch::channel(Vec::new());
+        tasks.spawn(node_status::fold::follow_board(board, entries_tx, stop.clone()));
+        let writer = node_status::Writer::new(
+            client.clone(),
+            k.node_name.clone(),
+            settings.fleet.heartbeat,
+            metrics.node_status_writes_total.clone(),
+            api_health.clone(),
+        );
+        tasks.spawn(writer.run(entries_rx, stop.clone()));
+    }
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::{
-    AuditSettings, KubernetesSettings, Overrides, RuntimeAuditSettings, ShutdownSettings,
+    AuditSettings, KubernetesSettings, FleetSettings, Overrides, RuntimeAuditSettings, ShutdownSettings,
     DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
 };
 use crate::contract::process::parse_uid_range;
@@ -360,4 +360,24 @@ pub(super) fn audit(raw: RawAudit, problems: &mut Problems) -> AuditSettings {
         policy,
         cache_dir,
     }
+}
+
+pub(super) fn fleet(raw: RawFleet, problems: &mut Problems) -> FleetSettings {
+    let mut f = FleetSettings::default();
+    if let Some(b) = raw.node_status {
+        f.node_status = b;
+    }
+    if let Some(s) = raw.heartbeat {
+        match humantime::parse_duration(&s) {
+            // Under 10 s the heartbeat alone would outgrow the progress rate limit.
+            Ok(d) if d >= Duration::from_secs(10) => f.heartbeat = d,
+            Ok(_) => problems.push(format!(
+                "fleet.heartbeat: {s:?} is under 10 seconds (every node would rewrite its object that often); write e.g. \"10m\""
+            )),
+            Err(e) => problems.push(format!(
+                "fleet.heartbeat: {s:?} is not a duration ({e}); write e.g. \"10m\""
+            )),
+        }
+    }
+    f
 }

@@ -325,3 +325,18 @@ fn the_audit_cache_is_an_absolute_directory_or_none() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn fleet_section_defaults_and_bounds() {
+    let s = parse("").unwrap();
+    assert!(s.fleet.node_status);
+    assert_eq!(s.fleet.heartbeat, Duration::from_secs(600));
+    let s = parse("[fleet]\nnode_status = false\nheartbeat = \"30s\"\n").unwrap();
+    assert!(!s.fleet.node_status);
+    assert_eq!(s.fleet.heartbeat, Duration::from_secs(30));
+    for bad in ["\"5s\"", "\"soon\""] {
+        let e = parse(&format!("[fleet]\nheartbeat = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("fleet.heartbeat"), "{e:?}");
+    }
+    assert!(parse("[fleet]\nbogus = 1\n").is_err());
+}

@@ -3,6 +3,7 @@
 
 pub mod desired;
 pub mod kubernetes;
+pub mod api_count;
 pub mod leader;
 pub mod retry;
 
