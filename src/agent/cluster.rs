@@ -21,8 +21,8 @@ use crate::report::findings::{Kind, Regarding};
 use crate::report::health::ApiHealth;
 use crate::report::metrics::Metrics;
 use crate::report::node_status;
-use crate::report::status::StatusBoard;
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
 use crate::shutdown::stop_clock::PodStops;
 use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
@@ -86,6 +86,7 @@ async fn client(
     Ok((client, address.trim_end_matches('/').to_string()))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,
@@ -107,7 +108,11 @@ pub(super) async fn start(
     if settings.fleet.node_status {
         // The fleet view: this node's NodeRunnerImages, from the board's fold of the jobs' events.
         let (entries_tx, entries_rx) = watch::channel(Vec::new());
-        tasks.spawn(node_status::fold::follow_board(board, entries_tx, stop.clone()));
+        tasks.spawn(node_status::fold::follow_board(
+            board,
+            entries_tx,
+            stop.clone(),
+        ));
         let writer = node_status::Writer::new(
             client.clone(),
             k.node_name.clone(),

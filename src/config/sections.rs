@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::{
-    AuditSettings, KubernetesSettings, FleetSettings, Overrides, RuntimeAuditSettings, ShutdownSettings,
-    DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+    AuditSettings, FleetSettings, KubernetesSettings, Overrides, RuntimeAuditSettings,
+    ShutdownSettings, DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
 };
 use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};

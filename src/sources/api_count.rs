@@ -140,11 +140,14 @@ mod tests {
     async fn the_layer_counts_each_request_once() {
         let counter =
             IntCounterVec::new(prometheus::Opts::new("t", "t"), &["verb", "resource"]).unwrap();
-        let svc = tower::service_fn(|_req: Request<()>| async { Ok::<_, std::convert::Infallible>(()) });
+        let svc =
+            tower::service_fn(|_req: Request<()>| async { Ok::<_, std::convert::Infallible>(()) });
         let mut svc = CountLayer::new(counter.clone()).layer(svc);
         use tower::ServiceExt;
         for _ in 0..3 {
-            let req = Request::get("/api/v1/namespaces/a/secrets/s").body(()).unwrap();
+            let req = Request::get("/api/v1/namespaces/a/secrets/s")
+                .body(())
+                .unwrap();
             svc.ready().await.unwrap().call(req).await.unwrap();
         }
         assert_eq!(counter.with_label_values(&["get", "secrets"]).get(), 3);

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use futures::TryStreamExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::Client;
@@ -488,28 +488,51 @@ mod tests {
         match plan(&seen(Some("b"), r1), &mut o, "a", false, t0) {
             Plan::TryAt(at) => {
                 assert!(at > t0 + Duration::from_secs(30), "{:?}", at - t0);
-                assert!(at <= t0 + Duration::from_secs(30) + TAKE_JITTER + Duration::from_millis(1));
+                assert!(
+                    at <= t0 + Duration::from_secs(30) + TAKE_JITTER + Duration::from_millis(1)
+                );
             }
             p => panic!("{p:?}"),
         }
         // Its renewal 10 s later moves the expiry with it.
         let r2 = Some(Timestamp::now() + SignedDuration::from_secs(10));
-        match plan(&seen(Some("b"), r2), &mut o, "a", false, t0 + Duration::from_secs(10)) {
+        match plan(
+            &seen(Some("b"), r2),
+            &mut o,
+            "a",
+            false,
+            t0 + Duration::from_secs(10),
+        ) {
             Plan::TryAt(at) => assert!(at > t0 + Duration::from_secs(40)),
             p => panic!("{p:?}"),
         }
         // Released or missing: soon, within the jitter.
-        for s in [seen(Some(""), r2), Seen { synced: true, lease: None }] {
+        for s in [
+            seen(Some(""), r2),
+            Seen {
+                synced: true,
+                lease: None,
+            },
+        ] {
             match plan(&s, &mut None, "a", false, t0) {
                 Plan::TryAt(at) => assert!(at <= t0 + TAKE_JITTER),
                 p => panic!("{p:?}"),
             }
         }
         // The holder keeps renewing on its own timer; seeing another holder means it lost the lease.
-        assert_eq!(plan(&seen(Some("a"), r1), &mut None, "a", true, t0), Plan::KeepRenewing);
-        assert_eq!(plan(&seen(Some("b"), r1), &mut None, "a", true, t0), Plan::Lost);
+        assert_eq!(
+            plan(&seen(Some("a"), r1), &mut None, "a", true, t0),
+            Plan::KeepRenewing
+        );
+        assert_eq!(
+            plan(&seen(Some("b"), r1), &mut None, "a", true, t0),
+            Plan::Lost
+        );
         // Before the first list nothing is known: a holder keeps renewing, others wait a period.
-        assert_eq!(plan(&Seen::default(), &mut None, "a", true, t0), Plan::KeepRenewing);
+        assert_eq!(
+            plan(&Seen::default(), &mut None, "a", true, t0),
+            Plan::KeepRenewing
+        );
         assert_eq!(
             plan(&Seen::default(), &mut None, "a", false, t0),
             Plan::TryAt(t0 + RENEW_EVERY)

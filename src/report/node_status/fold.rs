@@ -18,7 +18,10 @@ pub const READ_EVERY: Duration = Duration::from_secs(1);
 
 /// `images` (the board's) as entries; `prev` is what this returned last time.
 pub fn entries(prev: &[ImageEntry], images: &[ImageStatus]) -> Vec<ImageEntry> {
-    images.iter().map(|i| entry(prev.iter().find(|p| p.image == i.image), i)).collect()
+    images
+        .iter()
+        .map(|i| entry(prev.iter().find(|p| p.image == i.image), i))
+        .collect()
 }
 
 fn entry(prev: Option<&ImageEntry>, i: &ImageStatus) -> ImageEntry {
@@ -139,15 +142,67 @@ mod tests {
             ..img(state)
         };
         let cases: Vec<(&str, ImageStatus, PullState, (u64, u64))> = vec![
-            ("new, waiting for a slot", img("waiting"), PullState::Waiting, (0, 0)),
-            ("pulling, no bytes yet", img("pulling"), PullState::Pulling, (0, 0)),
-            ("pulling with bytes", ImageStatus { progress: progress(40), ..img("pulling") }, PullState::Pulling, (40, 100)),
+            (
+                "new, waiting for a slot",
+                img("waiting"),
+                PullState::Waiting,
+                (0, 0),
+            ),
+            (
+                "pulling, no bytes yet",
+                img("pulling"),
+                PullState::Pulling,
+                (0, 0),
+            ),
+            (
+                "pulling with bytes",
+                ImageStatus {
+                    progress: progress(40),
+                    ..img("pulling")
+                },
+                PullState::Pulling,
+                (40, 100),
+            ),
             ("ready", present("ready"), PullState::Ready, (0, 0)),
-            ("ready, re-checking its tag", present("pulling"), PullState::Ready, (0, 0)),
-            ("ready, a moved tag's bytes flow", ImageStatus { progress: progress(5), ..present("pulling") }, PullState::Pulling, (5, 100)),
-            ("failed", ImageStatus { last_failure: failure("auth", "401", "t1"), ..img("failed") }, PullState::Failed, (0, 0)),
-            ("failed, retrying", ImageStatus { last_failure: failure("auth", "401", "t1"), ..img("pulling") }, PullState::Failed, (0, 0)),
-            ("over the caps", img("over_cap"), PullState::HeldBack, (0, 0)),
+            (
+                "ready, re-checking its tag",
+                present("pulling"),
+                PullState::Ready,
+                (0, 0),
+            ),
+            (
+                "ready, a moved tag's bytes flow",
+                ImageStatus {
+                    progress: progress(5),
+                    ..present("pulling")
+                },
+                PullState::Pulling,
+                (5, 100),
+            ),
+            (
+                "failed",
+                ImageStatus {
+                    last_failure: failure("auth", "401", "t1"),
+                    ..img("failed")
+                },
+                PullState::Failed,
+                (0, 0),
+            ),
+            (
+                "failed, retrying",
+                ImageStatus {
+                    last_failure: failure("auth", "401", "t1"),
+                    ..img("pulling")
+                },
+                PullState::Failed,
+                (0, 0),
+            ),
+            (
+                "over the caps",
+                img("over_cap"),
+                PullState::HeldBack,
+                (0, 0),
+            ),
         ];
         for (name, i, want, bytes) in cases {
             let e = entry(None, &i);
@@ -161,11 +216,29 @@ mod tests {
 
     #[test]
     fn a_failure_keeps_its_first_time_while_it_fails_the_same_way() {
-        let first = entries(&[], &[ImageStatus { last_failure: failure("auth", "401", "t1"), ..img("failed") }]);
+        let first = entries(
+            &[],
+            &[ImageStatus {
+                last_failure: failure("auth", "401", "t1"),
+                ..img("failed")
+            }],
+        );
         assert_eq!(first[0].failure.as_ref().unwrap().since, "t1");
-        let again = entries(&first, &[ImageStatus { last_failure: failure("auth", "401", "t2"), ..img("failed") }]);
+        let again = entries(
+            &first,
+            &[ImageStatus {
+                last_failure: failure("auth", "401", "t2"),
+                ..img("failed")
+            }],
+        );
         assert_eq!(again, first, "the same failure again is no change");
-        let other = entries(&again, &[ImageStatus { last_failure: failure("network", "refused", "t3"), ..img("failed") }]);
+        let other = entries(
+            &again,
+            &[ImageStatus {
+                last_failure: failure("network", "refused", "t3"),
+                ..img("failed")
+            }],
+        );
         assert_eq!(other[0].failure.as_ref().unwrap().since, "t3");
         assert_eq!(other[0].failure.as_ref().unwrap().class, "network");
     }

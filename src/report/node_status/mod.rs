@@ -153,7 +153,8 @@ impl Writer {
                     if result.is_ok() {
                         result = self.write(&status).await;
                     }
-                    self.api_health.observe("writing this node's NodeRunnerImages", &result);
+                    self.api_health
+                        .observe("writing this node's NodeRunnerImages", &result);
                     match result {
                         Ok(()) => {
                             self.writes.with_label_values(&["written"]).inc();

@@ -176,11 +176,17 @@ mod tests {
             "2026-12-04T17:00:00Z".into(),
             600,
         );
-        let mut obj = NodeRunnerImages::new("ip-10-0-12-34.ec2.internal", &api_resource(), NoSpec {});
+        let mut obj =
+            NodeRunnerImages::new("ip-10-0-12-34.ec2.internal", &api_resource(), NoSpec {});
         obj.status = Some(status);
         let bytes = serde_json::to_vec(&obj).unwrap().len();
-        let payload: usize = (0..50).map(|i| entry(i).image.len() + entry(i).digest.len()).sum();
-        assert!(bytes <= payload + 50 * 75 + 400, "{bytes} bytes for {payload} of references and digests");
+        let payload: usize = (0..50)
+            .map(|i| entry(i).image.len() + entry(i).digest.len())
+            .sum();
+        assert!(
+            bytes <= payload + 50 * 75 + 400,
+            "{bytes} bytes for {payload} of references and digests"
+        );
         assert_eq!(obj.status.as_ref().unwrap().ready, "50/50");
     }
 
@@ -221,6 +227,9 @@ mod tests {
         );
         let ar = api_resource();
         assert_eq!(ar.api_version, "runner-warden.ambient-code.io/v1alpha1");
-        assert_eq!((ar.kind.as_str(), ar.plural.as_str()), ("NodeRunnerImages", "noderunnerimages"));
+        assert_eq!(
+            (ar.kind.as_str(), ar.plural.as_str()),
+            ("NodeRunnerImages", "noderunnerimages")
+        );
     }
 }

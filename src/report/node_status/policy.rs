@@ -99,14 +99,51 @@ mod tests {
             ..e(PullState::Ready, 0)
         }];
         use Decision::*;
-        let cases: Vec<(&str, Option<(&[ImageEntry], Instant)>, &[ImageEntry], Instant, Decision)> = vec![
+        type Written<'a> = Option<(&'a [ImageEntry], Instant)>;
+        let cases: Vec<(&str, Written, &[ImageEntry], Instant, Decision)> = vec![
             ("first write at once", None, &ready, t0, Write),
-            ("state change at once", Some((&pulling, t0)), &ready, s(5), Write),
-            ("state change coalesced", Some((&pulling, t0)), &ready, ms(500), WaitUntil(s(2))),
-            ("audit result is a change", Some((&ready, t0)), &audited, s(3), Write),
-            ("progress waits 10 s", Some((&pulling, t0)), &more, s(9), WaitUntil(s(10))),
-            ("progress after 10 s", Some((&pulling, t0)), &more, s(10), Write),
-            ("nothing: heartbeat", Some((&ready, t0)), &ready, s(599), WaitUntil(s(600))),
+            (
+                "state change at once",
+                Some((&pulling, t0)),
+                &ready,
+                s(5),
+                Write,
+            ),
+            (
+                "state change coalesced",
+                Some((&pulling, t0)),
+                &ready,
+                ms(500),
+                WaitUntil(s(2)),
+            ),
+            (
+                "audit result is a change",
+                Some((&ready, t0)),
+                &audited,
+                s(3),
+                Write,
+            ),
+            (
+                "progress waits 10 s",
+                Some((&pulling, t0)),
+                &more,
+                s(9),
+                WaitUntil(s(10)),
+            ),
+            (
+                "progress after 10 s",
+                Some((&pulling, t0)),
+                &more,
+                s(10),
+                Write,
+            ),
+            (
+                "nothing: heartbeat",
+                Some((&ready, t0)),
+                &ready,
+                s(599),
+                WaitUntil(s(600)),
+            ),
             ("heartbeat due", Some((&ready, t0)), &ready, s(600), Write),
             ("an image left", Some((&ready, t0)), &[], s(3), Write),
         ];
@@ -128,11 +165,21 @@ mod tests {
         };
         let a = [failed("401")];
         assert_eq!(
-            decide(Some((&a, t0)), &[failed("401")], t0 + Duration::from_secs(60), HB),
+            decide(
+                Some((&a, t0)),
+                &[failed("401")],
+                t0 + Duration::from_secs(60),
+                HB
+            ),
             Decision::WaitUntil(t0 + HB)
         );
         assert_eq!(
-            decide(Some((&a, t0)), &[failed("403")], t0 + Duration::from_secs(60), HB),
+            decide(
+                Some((&a, t0)),
+                &[failed("403")],
+                t0 + Duration::from_secs(60),
+                HB
+            ),
             Decision::Write
         );
     }
