@@ -21,9 +21,11 @@ use crate::report::findings::{Kind, Regarding};
 use crate::report::health::ApiHealth;
 use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
+use crate::runtime::errors::FailureClass;
 use crate::shutdown::stop_clock::PodStops;
 use crate::sources::desired::ClusterPolicy;
-use crate::sources::kubernetes::{self, KubeSettings, KubeSource};
+use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
 use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
@@ -76,12 +78,37 @@ async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), Sta
     Ok((client, address.trim_end_matches('/').to_string()))
 }
 
+/// What the prewarm's state says the pull secrets are needed for: images not ready, and those whose last
+/// pull or re-resolution the registry refused (`auth`). Ready images are left out (the steady state).
+fn pull_needs(board: Arc<StatusBoard>) -> PullNeeds {
+    Arc::new(move || {
+        board
+            .images()
+            .into_iter()
+            .filter_map(|i| {
+                let auth = i
+                    .last_failure
+                    .as_ref()
+                    .is_some_and(|f| f.class == FailureClass::Auth.as_str());
+                let need = match (auth, i.state.as_str()) {
+                    (true, _) => Need::AuthFailed,
+                    // Held back over a cap: no pull will use the secret either.
+                    (false, "ready" | "over_cap") => return None,
+                    (false, _) => Need::Pulling,
+                };
+                Some((i.image, need))
+            })
+            .collect()
+    })
+}
+
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,
     findings: FindingSink,
     metrics: Arc<Metrics>,
     api_health: Arc<ApiHealth>,
+    board: Arc<StatusBoard>,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<Cluster, StartError> {
@@ -109,10 +136,14 @@ pub(super) async fn start(
             },
             agent_registry: k.agent_registry.clone(),
             agent_namespace: k.lease_namespace.clone(),
-            secret_ttl: k.secret_refresh,
+            secrets: SecretPolicy {
+                refresh: k.secret_refresh,
+                poll: k.secret_poll,
+            },
         },
         api_health.clone(),
-    );
+    )
+    .with_pull_needs(pull_needs(board));
     let store = source.store();
     let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
         r.uid

@@ -116,6 +116,7 @@ impl Agent {
                     findings.clone(),
                     metrics.clone(),
                     health.api.clone(),
+                    board.clone(),
                     &mut tasks,
                     &stop,
                 )
