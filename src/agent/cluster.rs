@@ -102,6 +102,8 @@ fn pull_needs(board: Arc<StatusBoard>) -> PullNeeds {
     })
 }
 
+// One argument per thing the cluster side joins (the board: what the pulls need their secrets for).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,

@@ -116,7 +116,7 @@ impl ReadKind {
 /// What a read of a Secret got.
 pub enum Answer {
     /// The Secret (or `None`: it does not exist).
-    Object(Option<Secret>),
+    Object(Option<Box<Secret>>),
     /// 403: the agent may not read Secrets in that namespace.
     Forbidden,
     /// No answer about the Secret (unreachable, 5xx, timeout): nothing learnt.
@@ -209,7 +209,7 @@ impl SecretCache {
     ) -> Recorded {
         let (ns, name) = key;
         let result = match answer {
-            Answer::Object(s) => secret_problem(s.as_ref(), ns, name),
+            Answer::Object(s) => secret_problem(s.as_deref(), ns, name),
             Answer::Forbidden => Err(secret_forbidden(ns, name, &self.agent_namespace)),
             // Not the secret's fault: the last copy stays in use, even past its age, until a read
             // succeeds (dropping it would send the next pull anonymous).
@@ -258,7 +258,7 @@ pub(super) async fn read(
     let (ns, name) = key;
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     match api.get_with(name, &kind.params()).await {
-        Ok(s) => Answer::Object(Some(s)),
+        Ok(s) => Answer::Object(Some(Box::new(s))),
         Err(kube::Error::Api(st)) if st.is_not_found() => Answer::Object(None),
         // Not bound in this namespace (namespaced-secrets): the project must act.
         Err(kube::Error::Api(st)) if st.code == 403 => {
@@ -301,6 +301,10 @@ mod tests {
         }
     }
 
+    fn found(password: &str) -> Answer {
+        Answer::Object(Some(Box::new(good(password))))
+    }
+
     fn password(c: &SecretCache) -> String {
         let ring = c.get(&key()).unwrap().as_ref().unwrap();
         ring.lookup("r.io/a/b")[0].password.clone()
@@ -323,7 +327,7 @@ mod tests {
             c.due(&key(), "1", Need::Steady, t0),
             Some(ReadKind::Current)
         );
-        c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0);
+        c.record(&key(), "1", found("p1"), t0);
         assert_eq!(c.due(&key(), "1", Need::Steady, t0), None);
         assert_eq!(
             c.due(&key(), "2", Need::Steady, t0 + Duration::from_secs(1)),
@@ -334,7 +338,7 @@ mod tests {
     #[test]
     fn a_copy_in_steady_use_is_never_read_again_by_age_alone() {
         let (mut c, t0) = (cache(false), Instant::now());
-        c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0);
+        c.record(&key(), "1", found("p1"), t0);
         for hours in [1, 24, 24 * 30] {
             let t = t0 + Duration::from_secs(3600 * hours);
             assert_eq!(c.due(&key(), "1", Need::Steady, t), None, "{hours} h");
@@ -354,7 +358,7 @@ mod tests {
         ];
         for (need, age, poll, want) in cases {
             let (mut c, t0) = (cache(poll), Instant::now());
-            c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0);
+            c.record(&key(), "1", found("p1"), t0);
             assert_eq!(
                 c.due(&key(), "1", need, t0 + age),
                 want,
@@ -366,7 +370,7 @@ mod tests {
     #[test]
     fn an_auth_failure_reads_at_once_then_at_most_every_refresh_while_it_lasts() {
         let (mut c, t0) = (cache(false), Instant::now());
-        c.record(&key(), "1", Answer::Object(Some(good("old"))), t0);
+        c.record(&key(), "1", found("old"), t0);
         // Not within the first seconds of a read (that copy is what just failed or is about to be tried).
         let t1 = t0 + AUTH_REREAD_MIN;
         assert_eq!(
@@ -377,7 +381,7 @@ mod tests {
             c.due(&key(), "1", Need::AuthFailed, t1),
             Some(ReadKind::Current)
         );
-        c.record(&key(), "1", Answer::Object(Some(good("rotated"))), t1);
+        c.record(&key(), "1", found("rotated"), t1);
         assert_eq!(password(&c), "rotated");
         // Still failing: no read until the copy is older than the refresh.
         assert_eq!(c.due(&key(), "1", Need::AuthFailed, t1 + 4 * MIN), None);
@@ -387,7 +391,7 @@ mod tests {
         );
         // The failure ended (the image is ready) and a new one begins: read at once again.
         let t2 = t1 + 5 * MIN;
-        c.record(&key(), "1", Answer::Object(Some(good("rotated"))), t2);
+        c.record(&key(), "1", found("rotated"), t2);
         assert_eq!(c.due(&key(), "1", Need::Steady, t2 + MIN), None);
         assert_eq!(
             c.due(&key(), "1", Need::AuthFailed, t2 + MIN),
@@ -403,7 +407,7 @@ mod tests {
             Recorded::NoCopy
         );
         assert!(c.get(&key()).is_none());
-        c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0);
+        c.record(&key(), "1", found("p1"), t0);
         let t = t0 + 6 * MIN;
         assert_eq!(c.due(&key(), "1", Need::Steady, t), Some(ReadKind::Cached));
         assert_eq!(
@@ -437,14 +441,14 @@ mod tests {
             c.due(&key(), "1", Need::Steady, t0 + 5 * MIN),
             Some(ReadKind::Cached)
         );
-        c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0 + 5 * MIN);
+        c.record(&key(), "1", found("p1"), t0 + 5 * MIN);
         assert_eq!(password(&c), "p1");
     }
 
     #[test]
     fn a_secret_no_image_names_any_more_is_forgotten() {
         let (mut c, t0) = (cache(false), Instant::now());
-        c.record(&key(), "1", Answer::Object(Some(good("p1"))), t0);
+        c.record(&key(), "1", found("p1"), t0);
         c.retain(|k| k.1 != "pull");
         assert!(c.get(&key()).is_none());
         assert_eq!(
