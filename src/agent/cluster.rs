@@ -188,3 +188,40 @@ pub(super) async fn start(
         pod_stops,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_pull_needs_its_secret_unless_the_image_is_ready_or_held_back() {
+        let board = Arc::new(StatusBoard::default());
+        for (image, state) in [
+            ("r.io/ready:1", "ready"),
+            ("r.io/held:1", "over_cap"),
+            ("r.io/waiting:1", "waiting"),
+            ("r.io/pulling:1", "pulling"),
+            ("r.io/refused:1", "failed"),
+            ("r.io/unreachable:1", "failed"),
+        ] {
+            board.track(image, vec!["p".into()]);
+            board.set_state(image, state);
+        }
+        board.failed("r.io/refused:1", "auth", "401", 1);
+        board.failed("r.io/unreachable:1", "network", "refused", 1);
+        // A re-resolution the registry refused while the image is still present.
+        board.track("r.io/re-resolved:1", vec!["p".into()]);
+        board.set_state("r.io/re-resolved:1", "ready");
+        board.failed("r.io/re-resolved:1", "auth", "401", 1);
+        let needs = pull_needs(board)();
+        let want = HashMap::from([
+            ("r.io/waiting:1".to_string(), Need::Pulling),
+            ("r.io/pulling:1".to_string(), Need::Pulling),
+            ("r.io/refused:1".to_string(), Need::AuthFailed),
+            ("r.io/unreachable:1".to_string(), Need::Pulling),
+            ("r.io/re-resolved:1".to_string(), Need::AuthFailed),
+        ]);
+        assert_eq!(needs, want);
+    }
+}

@@ -147,6 +147,10 @@ struct Bed {
 
 impl Bed {
     fn new(poll: bool) -> Self {
+        Self::with_registry(poll, None)
+    }
+
+    fn with_registry(poll: bool, agent_registry: Option<(String, String)>) -> Self {
         let (client, api) = MockApi::start();
         let settings = KubeSettings {
             node_name: "node-1".into(),
@@ -154,7 +158,7 @@ impl Bed {
                 custom_images_enabled: true,
                 ..Default::default()
             },
-            agent_registry: None,
+            agent_registry,
             agent_namespace: "runner-warden".into(),
             secrets: SecretPolicy {
                 refresh: REFRESH,
@@ -347,4 +351,40 @@ async fn a_project_that_drops_its_secret_leaves_no_credentials() {
     bed.reconcile().await;
     assert_eq!(bed.password().as_deref(), Some("s3cret"));
     assert_eq!(bed.secret_reads().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_agent_registry_is_read_from_the_cache_and_kept_through_a_failed_read() {
+    const PATH: &str = "/api/v1/namespaces/platform/configmaps/ambient-agent-registry";
+    let mut bed = Bed::with_registry(
+        false,
+        Some(("platform".into(), "ambient-agent-registry".into())),
+    );
+    bed.api.reply(SECRET_PATH, secret("s3cret"));
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "ambient-agent-registry", "namespace": "platform"},
+        "data": {"agent-registry.json": r#"[{"container":{"image":"r.io/platform/claude:2"}}]"#},
+    });
+    bed.api.reply(PATH, Reply::Status(200, cm.to_string()));
+    let images = |bed: &Bed| -> Vec<String> {
+        bed.desired
+            .borrow()
+            .iter()
+            .map(|d| d.image.as_str().to_string())
+            .collect()
+    };
+    bed.reconcile().await;
+    let first = images(&bed);
+    assert!(
+        first.iter().any(|i| i.contains("platform/claude:2")),
+        "{first:?}"
+    );
+    let reads = bed.api.requests(PATH);
+    assert!(reads[0].contains("resourceVersion=0"), "{reads:?}");
+    for reply in [status(500, "InternalError"), Reply::Unreachable] {
+        bed.api.reply(PATH, reply);
+        bed.reconcile().await;
+        assert_eq!(images(&bed), first, "kept");
+    }
 }
