@@ -7,8 +7,8 @@
 //! ProjectSettings watch already says so, at no extra request). After that a copy is read again only
 //! when it may be stale *and* a pull needs it:
 //! - a pull or tag re-resolution of an image using it failed with class `auth` (the registry refused the
-//!   credential, perhaps because it was rotated): read at once, then at most every
-//!   `kubernetes.secret_refresh` while the failure lasts;
+//!   credential, perhaps because it was rotated): read at once (unless the copy is under
+//!   [`AUTH_REREAD_MIN`] old), then at most every `kubernetes.secret_refresh` while the failure lasts;
 //! - an image using it is not ready (waiting, pulling, failed) and the copy is older than
 //!   `kubernetes.secret_refresh` (a pull is about to use it);
 //! - the copy is itself a problem (missing, wrong type, forbidden, unparsable) and older than
@@ -16,10 +16,12 @@
 //!   broken projects only.
 //!
 //! Before, every node read every project's Secret every `secret_refresh` (5 minutes): at 5,000 nodes ×
-//! 1,000 projects ≈ 16,700 GETs/s for nothing changing. Reads that may be stale by seconds (the
-//! age-based ones) ask with `resourceVersion=0`, answered from the API server's watch cache rather than
-//! etcd; the first read and the reads after a ProjectSettings change or an `auth` failure are quorum reads
-//! (they must see what was just written).
+//! 1,000 projects ≈ 16,700 GETs/s for nothing changing. Now only changes cost: an agent's start reads
+//! each Secret once, a ProjectSettings edit (a rollout) costs one GET of that project's Secret per node,
+//! and failing or pulling images at most one GET per Secret per `secret_refresh` per node. Reads that
+//! may be stale by seconds (the age-based ones) ask with `resourceVersion=0`, answered from the API
+//! server's watch cache rather than etcd; the first read and the reads after a ProjectSettings change or
+//! an `auth` failure are quorum reads (they must see what was just written).
 //!
 //! `kubernetes.secret_refresh` *written in the config file* keeps the old periodic re-read as well: every
 //! copy older than it is read again at the next reconcile, needed or not (one GET per project per node
