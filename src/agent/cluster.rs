@@ -23,10 +23,11 @@ use crate::report::metrics::Metrics;
 use crate::report::node_status;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
+use crate::runtime::errors::FailureClass;
 use crate::shutdown::stop_clock::PodStops;
 use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
-use crate::sources::kubernetes::{self, KubeSettings, KubeSource};
+use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
 use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
@@ -86,6 +87,31 @@ async fn client(
     Ok((client, address.trim_end_matches('/').to_string()))
 }
 
+/// What the prewarm's state says the pull secrets are needed for: images not ready, and those whose last
+/// pull or re-resolution the registry refused (`auth`). Ready images are left out (the steady state).
+fn pull_needs(board: Arc<StatusBoard>) -> PullNeeds {
+    Arc::new(move || {
+        board
+            .images()
+            .into_iter()
+            .filter_map(|i| {
+                let auth = i
+                    .last_failure
+                    .as_ref()
+                    .is_some_and(|f| f.class == FailureClass::Auth.as_str());
+                let need = match (auth, i.state.as_str()) {
+                    (true, _) => Need::AuthFailed,
+                    // Held back over a cap: no pull will use the secret either.
+                    (false, "ready" | "over_cap") => return None,
+                    (false, _) => Need::Pulling,
+                };
+                Some((i.image, need))
+            })
+            .collect()
+    })
+}
+
+// One argument per thing the cluster side joins (the board: what the pulls need their secrets for).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
     settings: &Settings,
@@ -109,7 +135,7 @@ pub(super) async fn start(
         // The fleet view: this node's NodeRunnerImages, from the board's fold of the jobs' events.
         let (entries_tx, entries_rx) = watch::channel(Vec::new());
         tasks.spawn(node_status::fold::follow_board(
-            board,
+            board.clone(),
             entries_tx,
             stop.clone(),
         ));
@@ -142,10 +168,14 @@ pub(super) async fn start(
             },
             agent_registry: k.agent_registry.clone(),
             agent_namespace: k.lease_namespace.clone(),
-            secret_ttl: k.secret_refresh,
+            secrets: SecretPolicy {
+                refresh: k.secret_refresh,
+                poll: k.secret_poll,
+            },
         },
         api_health.clone(),
-    );
+    )
+    .with_pull_needs(pull_needs(board));
     let store = source.store();
     let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
         r.uid
@@ -187,4 +217,41 @@ pub(super) async fn start(
         findings,
         pod_stops,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_pull_needs_its_secret_unless_the_image_is_ready_or_held_back() {
+        let board = Arc::new(StatusBoard::default());
+        for (image, state) in [
+            ("r.io/ready:1", "ready"),
+            ("r.io/held:1", "over_cap"),
+            ("r.io/waiting:1", "waiting"),
+            ("r.io/pulling:1", "pulling"),
+            ("r.io/refused:1", "failed"),
+            ("r.io/unreachable:1", "failed"),
+        ] {
+            board.track(image, vec!["p".into()]);
+            board.set_state(image, state);
+        }
+        board.failed("r.io/refused:1", "auth", "401", 1);
+        board.failed("r.io/unreachable:1", "network", "refused", 1);
+        // A re-resolution the registry refused while the image is still present.
+        board.track("r.io/re-resolved:1", vec!["p".into()]);
+        board.set_state("r.io/re-resolved:1", "ready");
+        board.failed("r.io/re-resolved:1", "auth", "401", 1);
+        let needs = pull_needs(board)();
+        let want = HashMap::from([
+            ("r.io/waiting:1".to_string(), Need::Pulling),
+            ("r.io/pulling:1".to_string(), Need::Pulling),
+            ("r.io/refused:1".to_string(), Need::AuthFailed),
+            ("r.io/unreachable:1".to_string(), Need::Pulling),
+            ("r.io/re-resolved:1".to_string(), Need::AuthFailed),
+        ]);
+        assert_eq!(needs, want);
+    }
 }

@@ -43,7 +43,8 @@ pub fn listen_address(raw: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 pub const DEFAULT_LEASE_NAMESPACE: &str = "runner-warden";
-/// A rotated pull secret is picked up within this (at once when its ProjectSettings changes).
+/// A pull secret's copy older than this is read again when a pull needs it (at once when its
+/// ProjectSettings changes or a pull fails with class `auth`).
 pub const DEFAULT_SECRET_REFRESH: Duration = Duration::from_secs(300);
 /// 10 minutes: the object's one steady-state write is then 0.1 requests per node per minute
 /// (5,000 nodes: 8 writes/s), and a dead agent shows stale after 20 minutes.
@@ -114,8 +115,12 @@ pub struct KubernetesSettings {
     pub agent_registry: Option<(String, String)>,
     /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
     pub lease_namespace: String,
-    /// How long a pull secret read from the cluster is used before it is read again.
+    /// How old a pull secret's copy may be before a pull that needs it (an image not ready, or an
+    /// `auth` failure) reads it again; a copy in steady use is not read again (`sources::kubernetes::secrets`).
     pub secret_refresh: Duration,
+    /// `kubernetes.secret_refresh` is written in the file: copies older than it are also read again
+    /// periodically, needed or not (the old polling: one GET per project per node per period).
+    pub secret_poll: bool,
     /// `--kubeconfig` / `KUBECONFIG`; `None`: in-cluster, then kube's own defaults.
     pub kubeconfig: Option<PathBuf>,
 }

@@ -277,11 +277,15 @@ pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> Kubernet
             .lease_namespace
             .unwrap_or_else(|| super::DEFAULT_LEASE_NAMESPACE.into()),
         secret_refresh: super::DEFAULT_SECRET_REFRESH,
+        secret_poll: false,
         kubeconfig: None,
     };
     if let Some(s) = rk.secret_refresh {
         match humantime::parse_duration(&s) {
-            Ok(d) if d >= Duration::from_secs(1) => k.secret_refresh = d,
+            Ok(d) if d >= Duration::from_secs(1) => {
+                k.secret_refresh = d;
+                k.secret_poll = true;
+            }
             Ok(_) => problems.push(format!(
                 "kubernetes.secret_refresh: {s:?} is under a second (every reconcile would read every pull secret)"
             )),

@@ -129,6 +129,10 @@ fn secret_refresh_defaults_to_five_minutes_and_is_at_least_a_second() {
         k("[kubernetes]\nsecret_refresh = \"90s\"\n").unwrap(),
         Duration::from_secs(90)
     );
+    // Written in the file, it also polls; the default reads a secret again only when a pull needs it.
+    let poll = |text: &str| parse(text).map(|s| s.kubernetes.secret_poll).unwrap();
+    assert!(!poll(""));
+    assert!(poll("[kubernetes]\nsecret_refresh = \"5m\"\n"));
     for bad in ["\"500ms\"", "\"soon\""] {
         let e = k(&format!("[kubernetes]\nsecret_refresh = {bad}\n")).unwrap_err();
         assert!(e[0].contains("kubernetes.secret_refresh"), "{e:?}");
