@@ -1,7 +1,7 @@
 //! `runner-warden fleet` (also `kubectl runner-warden fleet`): reads every node's `NodeRunnerImages` with
 //! one LIST and answers per image: on how many nodes it is desired, ready, pulling (with bytes), failed
 //! (by class, naming the nodes) and stale — an object its agent has not confirmed within twice its
-//! heartbeat (plus a minute) counts as stale, never as ready, so a dead agent does not look healthy.
+//! heartbeat (plus one more, at most a minute) counts as stale, never as ready, so a dead agent does not look healthy.
 //! Exit status: 0 every desired image ready on every node, 1 otherwise (or no object at all), 2 the API
 //! server could not be asked.
 
@@ -32,8 +32,9 @@ pub struct FleetArgs {
     pub output: OutputArgs,
 }
 
-/// Slack on top of twice an object's heartbeat before it counts as stale (a write may take a while).
-const STALE_SLACK: Duration = Duration::from_secs(60);
+/// Slack on top of twice an object's heartbeat before it counts as stale (a write may take a while):
+/// one more heartbeat, at most a minute.
+const STALE_SLACK_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default, PartialEq, Serialize)]
 pub struct FleetView {
@@ -69,7 +70,8 @@ fn is_stale(status: &NodeImagesStatus, now: SystemTime) -> bool {
     let Ok(updated) = humantime::parse_rfc3339_weak(&status.updated) else {
         return true;
     };
-    let allowed = Duration::from_secs(status.heartbeat_seconds.saturating_mul(2)) + STALE_SLACK;
+    let heartbeat = Duration::from_secs(status.heartbeat_seconds);
+    let allowed = heartbeat.saturating_mul(2) + heartbeat.min(STALE_SLACK_MAX);
     now.duration_since(updated).unwrap_or_default() > allowed
 }
 
@@ -371,6 +373,18 @@ mod tests {
             now
         )
         .all_ready());
+        // A short heartbeat: stale after three of them.
+        let short = |age: u64| {
+            let mut o = node(
+                "a",
+                now - Duration::from_secs(age),
+                vec![e("r:1", PullState::Ready)],
+            );
+            o.status.as_mut().unwrap().heartbeat_seconds = 10;
+            o
+        };
+        assert!(aggregate(&[short(28)], None, now).all_ready());
+        assert_eq!(aggregate(&[short(32)], None, now).images[0].stale, 1);
         let garbled = {
             let mut o = node("a", fresh, vec![e("r:1", PullState::Ready)]);
             o.status.as_mut().unwrap().updated = "yesterday".into();
