@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::facts::InspectError;
+use super::inspect::InspectError;
 use super::{Auditor, FactsSource};
 use crate::contract::Outcome;
 use crate::prewarm::{DesiredImage, News};

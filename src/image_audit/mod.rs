@@ -1,10 +1,14 @@
-//! The static image audit: an image's facts read from containerd's content store (`facts`), its final
-//! filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The checks
-//! themselves are pure, in `contract`.
+//! The static image audit: an image's facts read from containerd (`facts` orchestrates; `snapshot` reads
+//! the unpacked snapshot, `blobs` the layer blobs, both within `bounds`; `inspect` holds what they share),
+//! its final filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The
+//! checks themselves are pure, in `contract`.
 
+pub mod blobs;
+pub mod bounds;
 mod cache;
 pub mod facts;
 mod follow;
+pub mod inspect;
 pub mod layers;
 pub mod mounted;
 pub mod snapshot;
@@ -21,7 +25,8 @@ use std::future::Future;
 use crate::contract::{audit, CheckResult, ImageFacts, Outcome, Policy, CHECKS};
 use crate::report::metrics::Metrics;
 use crate::runtime::Runtime;
-use facts::{read_facts, ImageSummary, InspectError};
+use facts::read_facts;
+use inspect::{ImageSummary, InspectError};
 
 /// Where an image's facts come from: containerd's content store in the agent, a table in unit tests.
 pub trait FactsSource: Send + Sync + 'static {
