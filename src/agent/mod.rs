@@ -21,6 +21,7 @@ use crate::image_audit::{self, Auditor};
 use crate::prewarm::Prewarmer;
 use crate::process_audit::scanner::Scanner;
 use crate::process_audit::watch as process_watch;
+use crate::report::audit::AuditReport;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
 use crate::report::server::{self, Served};
@@ -221,11 +222,7 @@ impl Agent {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
             prewarmer = prewarmer.with_news(news_tx);
-            let mut auditor = Auditor::new(
-                runtime.clone(),
-                settings.audit.policy.clone(),
-                metrics.clone(),
-            );
+            let mut auditor = Auditor::new(runtime.clone(), settings.audit.policy.clone());
             if let Some(dir) = &settings.audit.cache_dir {
                 auditor = auditor.with_disk_cache(image_audit::DiskCache::open(dir)?);
             }
@@ -233,9 +230,7 @@ impl Agent {
             tasks.spawn(image_audit::follow(
                 auditor,
                 news_rx,
-                findings,
-                metrics,
-                board,
+                AuditReport::new(findings, metrics, board).into_emit(),
                 stop.clone(),
             ));
         }

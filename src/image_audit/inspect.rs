@@ -1,6 +1,8 @@
 //! What reading an image gives and why it can fail: the types both read paths (`blobs`, `snapshot`) and
 //! their orchestration (`facts`) share, so none of them imports another for them.
 
+pub use crate::outcome::audit::FsSource;
+use crate::outcome::audit::NotAuditedReason;
 use crate::runtime::errors::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,26 +42,15 @@ pub struct ImageSummary {
     pub snapshotter: Option<String>,
 }
 
-impl ImageSummary {
-    /// Where the filesystem was read from, for findings and `check-image`.
-    pub fn read_from_text(&self) -> String {
-        match self.read_from {
-            FsSource::Blobs => "the layer blobs".into(),
-            FsSource::Snapshot => format!(
-                "the unpacked {} snapshot",
-                self.snapshotter.as_deref().unwrap_or("overlayfs")
-            ),
+impl InspectError {
+    /// Why the image was not audited, as its audit's result says.
+    pub fn reason(&self) -> NotAuditedReason {
+        match self {
+            InspectError::NotPresent(_) => NotAuditedReason::NotPresent,
+            InspectError::Runtime(_) => NotAuditedReason::Runtime,
+            InspectError::Format { .. } => NotAuditedReason::Format,
+            InspectError::Interrupted { .. } => NotAuditedReason::Interrupted,
+            InspectError::Layer { .. } => NotAuditedReason::Layer,
         }
     }
-}
-
-/// Where an audit read an image's filesystem from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsSource {
-    /// The layer blobs in containerd's content store, inflated and read as tar.
-    #[default]
-    Blobs,
-    /// The unpacked snapshot (overlayfs layer directories; a native copy; a mounted view).
-    Snapshot,
 }
