@@ -25,6 +25,7 @@ use crate::report::audit::AuditReport;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
 use crate::report::server::{self, Served};
+use crate::report::shutdown::ShutdownReport;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
@@ -205,8 +206,7 @@ impl Agent {
                         .map(|c| c.pod_stops.clone())
                         .unwrap_or_default(),
                 ])),
-                findings.clone(),
-                metrics.clone(),
+                ShutdownReport::new(findings.clone(), metrics.clone()).into_emit(),
             );
             tasks.spawn(timer.run(stop.clone()));
         }

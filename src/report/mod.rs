@@ -9,5 +9,6 @@ pub mod messages;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
+pub mod shutdown;
 pub mod sink;
 pub mod status;
