@@ -24,6 +24,7 @@ use crate::process_audit::watch as process_watch;
 use crate::report::audit::AuditReport;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
+use crate::report::runtime::RuntimeReport;
 use crate::report::server::{self, Served};
 use crate::report::shutdown::ShutdownReport;
 use crate::report::sink::FindingSink;
@@ -166,11 +167,11 @@ impl Agent {
             stop.clone(),
         ));
         if settings.runtime_audit.enabled {
+            let report = RuntimeReport::new(metrics.clone(), Some(findings.clone())).into_emit();
             let mut scanner = Scanner::new(
                 runtime.clone(),
                 settings.runtime_audit.scan.clone(),
-                metrics.clone(),
-                Some(findings.clone()),
+                report.clone(),
             );
             if let Some(ranges) = cluster
                 .as_ref()
@@ -185,7 +186,7 @@ impl Agent {
                     interval: settings.runtime_audit.interval,
                     proc_connector: settings.runtime_audit.proc_connector,
                 },
-                metrics.clone(),
+                report,
                 stop.clone(),
             ));
         }

@@ -8,6 +8,7 @@ pub mod health;
 pub mod messages;
 pub mod metrics;
 pub mod ratelimit;
+pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod sink;
