@@ -6,6 +6,7 @@ use super::findings::{
     SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
+use crate::outcome::audit::FsSource;
 use crate::prewarm::OverCap;
 use crate::runtime::containers::ContainerRef;
 
@@ -165,6 +166,17 @@ pub fn not_audited(s: ImageSubject, why: &str) -> Finding {
             s.image, s.image
         ),
     )
+}
+
+/// Where an audit read an image's filesystem from, for findings and `check-image`.
+pub fn read_from(source: FsSource, snapshotter: Option<&str>) -> String {
+    match source {
+        FsSource::Blobs => "the layer blobs".into(),
+        FsSource::Snapshot => format!(
+            "the unpacked {} snapshot",
+            snapshotter.unwrap_or("overlayfs")
+        ),
+    }
 }
 
 /// One failing contract check of an image; `outcome` is `violation` or `warning`.
