@@ -100,7 +100,10 @@ async fn follow(
         };
         match ev {
             Ok(Some(ev)) => {
-                retry.answered();
+                // `Init` comes before each (re)list is even tried: not an answer from the server.
+                if !matches!(ev, watcher::Event::Init) {
+                    retry.answered();
+                }
                 match ev {
                     watcher::Event::Init => listing = None,
                     watcher::Event::InitApply(l) => listing = Some(l),
