@@ -1,7 +1,7 @@
 //! The platform's environment over the file: the DaemonSet passes the platform's own variables, and they
 //! win over what the file says.
 
-use super::KubernetesSettings;
+use super::{FleetSettings, KubernetesSettings};
 use crate::reference::ImageRef;
 use crate::sources::desired::ClusterPolicy;
 
@@ -40,6 +40,21 @@ impl KubernetesSettings {
         }
         for i in &self.default_images {
             ImageRef::parse(i).map_err(|e| format!("kubernetes: default image {i:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl FleetSettings {
+    /// `RUNNER_WARDEN_MAX_NODES_PULLING` wins over `fleet.max_nodes_pulling` (a cluster-wide budget is
+    /// set once for the DaemonSet, not per node's file).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = get("RUNNER_WARDEN_MAX_NODES_PULLING").filter(|v| !v.trim().is_empty()) {
+            let n = v.trim().parse::<i64>().map_err(|_| {
+                format!("RUNNER_WARDEN_MAX_NODES_PULLING: {v:?} is not a number; use 0 (no limit) to 1000")
+            })?;
+            self.max_nodes_pulling = super::sections::max_nodes_pulling(n)
+                .map_err(|e| format!("RUNNER_WARDEN_MAX_NODES_PULLING: {e}"))?;
         }
         Ok(())
     }

@@ -204,4 +204,5 @@ fn in_config_words(message: &str) -> String {
 pub(super) struct RawFleet {
     pub(super) node_status: Option<bool>,
     pub(super) heartbeat: Option<String>,
+    pub(super) max_nodes_pulling: Option<i64>,
 }

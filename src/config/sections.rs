@@ -383,5 +383,22 @@ pub(super) fn fleet(raw: RawFleet, problems: &mut Problems) -> FleetSettings {
             )),
         }
     }
+    if let Some(n) = raw.max_nodes_pulling {
+        match max_nodes_pulling(n) {
+            Ok(n) => f.max_nodes_pulling = n,
+            Err(e) => problems.push(format!("fleet.max_nodes_pulling: {e}")),
+        }
+    }
     f
+}
+
+/// `fleet.max_nodes_pulling` (file or `RUNNER_WARDEN_MAX_NODES_PULLING`): 0 (no limit) up to 1000.
+pub(super) fn max_nodes_pulling(n: i64) -> Result<u32, String> {
+    // More slots than that is no budget, and every slot is a Lease each agent watches.
+    match u32::try_from(n) {
+        Ok(n) if n <= 1000 => Ok(n),
+        _ => Err(format!(
+            "{n} is out of range; use 0 (no limit) to 1000 nodes"
+        )),
+    }
 }

@@ -344,3 +344,30 @@ fn fleet_section_defaults_and_bounds() {
     }
     assert!(parse("[fleet]\nbogus = 1\n").is_err());
 }
+
+#[test]
+fn the_pull_budget_defaults_to_ten_and_the_environment_wins() {
+    assert_eq!(parse("").unwrap().fleet.max_nodes_pulling, 10);
+    let f = |text: &str| parse(text).map(|s| s.fleet.max_nodes_pulling);
+    assert_eq!(f("[fleet]\nmax_nodes_pulling = 0\n").unwrap(), 0);
+    assert_eq!(f("[fleet]\nmax_nodes_pulling = 2\n").unwrap(), 2);
+    for bad in ["-1", "1001", "\"two\""] {
+        let e = f(&format!("[fleet]\nmax_nodes_pulling = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("fleet.max_nodes_pulling"), "{e:?}");
+    }
+    let mut s = parse("[fleet]\nmax_nodes_pulling = 2\n").unwrap().fleet;
+    let env = |v: &'static str| {
+        move |k: &str| (k == "RUNNER_WARDEN_MAX_NODES_PULLING").then(|| v.to_string())
+    };
+    s.apply_env(env(" ")).unwrap();
+    assert_eq!(s.max_nodes_pulling, 2, "blank: the file's value");
+    s.apply_env(env("0")).unwrap();
+    assert_eq!(s.max_nodes_pulling, 0);
+    s.apply_env(env("5")).unwrap();
+    assert_eq!(s.max_nodes_pulling, 5);
+    for bad in ["five", "-3", "100000"] {
+        let e = s.apply_env(env(bad)).unwrap_err();
+        assert!(e.starts_with("RUNNER_WARDEN_MAX_NODES_PULLING: "), "{e}");
+    }
+    assert_eq!(s.max_nodes_pulling, 5);
+}

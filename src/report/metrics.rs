@@ -52,6 +52,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub api_requests_total: IntCounterVec,
     pub node_status_writes_total: IntCounterVec,
+    pub pull_slot_held: IntGauge,
+    pub pull_slot_wait_seconds: Histogram,
 }
 
 fn name(n: &str) -> String {
@@ -254,6 +256,21 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let pull_slot_held = IntGauge::new(
+            name("pull_slot_held"),
+            "Cluster-wide pull slots (fleet.max_nodes_pulling) this node holds now: 1 while it pulls a new image under the budget.",
+        )
+        .expect("valid metric");
+        let pull_slot_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                name("pull_slot_wait_seconds"),
+                "How long a pull waited for a cluster-wide pull slot (also when it went ahead without one because the API server was away or refused).",
+            )
+            .buckets(vec![
+                0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(prewarm_images.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests_total.clone()),
@@ -281,6 +298,8 @@ impl Metrics {
             Box::new(shutdowns_total.clone()),
             Box::new(task_events_up.clone()),
             Box::new(build_info.clone()),
+            Box::new(pull_slot_held.clone()),
+            Box::new(pull_slot_wait_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -354,6 +373,8 @@ impl Metrics {
             build_info,
             api_requests_total,
             node_status_writes_total,
+            pull_slot_held,
+            pull_slot_wait_seconds,
         }
     }
 
@@ -387,6 +408,8 @@ mod tests {
             "runner_warden_events_total{result=\"written\"} 0",
             "runner_warden_build_info{version=",
             "runner_warden_runtime_pinning_honoured -1",
+            "runner_warden_pull_slot_held 0",
+            "runner_warden_pull_slot_wait_seconds_bucket",
         ] {
             assert!(text.contains(n), "missing {n} in\n{text}");
         }

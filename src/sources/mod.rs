@@ -5,6 +5,7 @@ pub mod api_count;
 pub mod desired;
 pub mod kubernetes;
 pub mod leader;
+pub mod pull_slots;
 pub mod retry;
 
 pub use retry::WATCH_BACKOFF_MAX;
