@@ -247,9 +247,7 @@ fn choose(
             continue;
         }
         if let Some((rv, at)) = skips.get(&k) {
-            if rv.as_deref() == slot.and_then(Slot::resource_version)
-                && now < *at + CONFLICT_SKIP
-            {
+            if rv.as_deref() == slot.and_then(Slot::resource_version) && now < *at + CONFLICT_SKIP {
                 // Counted as held: someone won it, and the watch will show whom.
                 held += 1;
                 until = Some(until.map_or(*at + CONFLICT_SKIP, |u| u.min(*at + CONFLICT_SKIP)));
@@ -333,7 +331,12 @@ struct Inner {
 
 impl Inner {
     fn local(&self) -> BTreeSet<u32> {
-        self.held.lock().expect("slots lock").keys().copied().collect()
+        self.held
+            .lock()
+            .expect("slots lock")
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Marks `k` as being taken by this process; `false` when another pull of this process has it.
@@ -480,7 +483,10 @@ impl PullSlots {
         metrics: &Metrics,
         api_health: Arc<ApiHealth>,
         stop: CancellationToken,
-    ) -> (PullSlots, impl std::future::Future<Output = ()> + Send + 'static) {
+    ) -> (
+        PullSlots,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let (view_tx, view_rx) = watch::channel(View::default());
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let inner = (max > 0).then(|| {
@@ -563,7 +569,10 @@ impl PullSlots {
     /// it does not wait for the budget.
     pub fn acquire_urgent(&self, image: &str) -> SlotGuard {
         if self.inner.is_some() {
-            debug!(image, "urgent pull: a session pod waits for it; no pull slot");
+            debug!(
+                image,
+                "urgent pull: a session pod waits for it; no pull slot"
+            );
         }
         SlotGuard::bypassed(Bypass::Urgent)
     }
@@ -744,7 +753,13 @@ async fn try_take(inner: &Inner, k: u32, seen: Option<&Slot>, image: &str) -> Ta
     }
     let result = match tokio::time::timeout(
         WRITE_DEADLINE,
-        write_take(&inner.api, k, seen.map(|s| s.lease.clone()), &inner.me, image),
+        write_take(
+            &inner.api,
+            k,
+            seen.map(|s| s.lease.clone()),
+            &inner.me,
+            image,
+        ),
     )
     .await
     {
@@ -835,9 +850,7 @@ async fn write_take(
                 lease_duration_seconds: Some(LEASE_SECONDS),
                 acquire_time: Some(now.clone()),
                 renew_time: Some(now),
-                lease_transitions: Some(
-                    cur.lease_transitions.unwrap_or(0) + i32::from(!was_mine),
-                ),
+                lease_transitions: Some(cur.lease_transitions.unwrap_or(0) + i32::from(!was_mine)),
                 ..cur
             });
             labelled(&mut lease.metadata, Some(image));
@@ -947,7 +960,9 @@ async fn release_leftovers(inner: &Inner) {
             continue;
         }
         match write_hold(&inner.api, k, slot.lease.clone(), true).await {
-            Ok(_) => info!(slot = %slot_name(k), "released a pull slot this node held before it restarted"),
+            Ok(_) => {
+                info!(slot = %slot_name(k), "released a pull slot this node held before it restarted")
+            }
             Err(e) => {
                 debug!(slot = %slot_name(k), error = %e, "leftover pull slot not released; it expires by itself")
             }

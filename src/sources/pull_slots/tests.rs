@@ -1,0 +1,857 @@
+//! The pure parts table-tested; the API part against a mock API server that keeps Leases the way the
+//! real one does (resourceVersion checked on update, 409 on a stale one or an existing name, list and
+//! watch on the label selector), kube's real `Client` over `tower_test::mock`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use k8s_openapi::jiff::SignedDuration;
+use kube::client::Body;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::*;
+
+// ---- pure parts ----
+
+#[test]
+fn slot_names_round_trip_and_nothing_else_is_a_slot() {
+    for (name, k) in [
+        ("runner-warden-pull-0", Some(0)),
+        ("runner-warden-pull-17", Some(17)),
+        ("runner-warden-pull-01", None),
+        ("runner-warden-pull-", None),
+        ("runner-warden-pull--1", None),
+        ("runner-warden-pull-x", None),
+        ("runner-warden-reporter", None),
+    ] {
+        assert_eq!(slot_index(name), k, "{name}");
+    }
+    assert_eq!(slot_name(3), "runner-warden-pull-3");
+    assert_eq!(slot_index(&slot_name(42)), Some(42));
+}
+
+#[test]
+fn jitter_stays_within_its_bound() {
+    for (r, want) in [(0.0, 0), (0.5, 1500), (0.999, 2997), (1.5, 3000), (-1.0, 0)] {
+        assert_eq!(jitter_of(TAKE_JITTER, r).as_millis(), want, "r = {r}");
+    }
+    for _ in 0..1000 {
+        assert!(jitter() < TAKE_JITTER);
+    }
+}
+
+fn lease(k: u32, holder: Option<&str>, renewed: Option<Timestamp>, rv: &str) -> Lease {
+    let mut meta = ObjectMeta {
+        name: Some(slot_name(k)),
+        resource_version: Some(rv.into()),
+        ..Default::default()
+    };
+    labelled(&mut meta, holder.map(|_| "r.io/img:1"));
+    Lease {
+        metadata: meta,
+        spec: Some(LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            renew_time: renewed.map(MicroTime),
+            lease_duration_seconds: Some(LEASE_SECONDS),
+            ..Default::default()
+        }),
+    }
+}
+
+fn view(slots: &[(u32, Option<&str>, Instant)]) -> View {
+    let renewed = Some(Timestamp::now());
+    View {
+        synced: true,
+        slots: slots
+            .iter()
+            .map(|(k, h, seen)| (*k, Slot::new(lease(*k, *h, renewed, "1"), None, *seen)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn which_slot_to_try() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let me = "runner-warden-n1";
+    let none = BTreeSet::new();
+    let skips = Skips::new();
+    let busy = |held, holders: &[&str], until| {
+        Choice::Wait(
+            Busy {
+                held,
+                max: 2,
+                holders: holders.iter().map(|s| s.to_string()).collect(),
+            },
+            until,
+        )
+    };
+    let a = Some("runner-warden-a");
+    let b = Some("runner-warden-b");
+    let cases: Vec<(&str, View, BTreeSet<u32>, Instant, Choice)> = vec![
+        (
+            "nothing created yet",
+            view(&[]),
+            none.clone(),
+            t0,
+            Choice::Try(vec![0, 1]),
+        ),
+        (
+            "one missing",
+            view(&[(0, a, t0)]),
+            none.clone(),
+            t0,
+            Choice::Try(vec![1]),
+        ),
+        (
+            "released",
+            view(&[(0, a, t0), (1, Some(""), t0)]),
+            none.clone(),
+            t0,
+            Choice::Try(vec![1]),
+        ),
+        (
+            "holder cleared",
+            view(&[(0, a, t0), (1, None, t0)]),
+            none.clone(),
+            t0,
+            Choice::Try(vec![1]),
+        ),
+        (
+            "our own from an earlier run comes first",
+            view(&[(0, Some(me), t0)]),
+            none.clone(),
+            t0,
+            Choice::Try(vec![0]),
+        ),
+        (
+            "both held: wait until the first would expire by our clock",
+            view(&[(0, a, t0), (1, b, at(10))]),
+            none.clone(),
+            at(20),
+            busy(2, &["a", "b"], Some(at(30) + Duration::from_millis(1))),
+        ),
+        (
+            "unchanged for longer than the lease by our clock: expired",
+            view(&[(0, a, t0), (1, b, at(10))]),
+            none.clone(),
+            at(31),
+            Choice::Try(vec![0]),
+        ),
+        (
+            "free beats expired",
+            view(&[(0, a, t0), (1, None, at(10))]),
+            none.clone(),
+            at(31),
+            Choice::Try(vec![1]),
+        ),
+        (
+            "one held by this process counts as held",
+            view(&[(0, a, t0)]),
+            BTreeSet::from([1]),
+            t0,
+            busy(2, &["a", "n1"], Some(at(30) + Duration::from_millis(1))),
+        ),
+        (
+            "slots beyond the budget are ignored",
+            view(&[(0, a, t0), (1, b, t0), (2, None, t0)]),
+            none.clone(),
+            t0,
+            busy(2, &["a", "b"], Some(at(30) + Duration::from_millis(1))),
+        ),
+        (
+            "one holder of both slots is named once",
+            view(&[(0, a, t0), (1, a, t0)]),
+            none.clone(),
+            t0,
+            busy(2, &["a"], Some(at(30) + Duration::from_millis(1))),
+        ),
+    ];
+    for (what, v, local, now, want) in cases {
+        assert_eq!(choose(&v, 2, me, &local, &skips, now), want, "{what}");
+    }
+}
+
+#[test]
+fn a_slot_that_answered_409_waits_for_the_watch_or_the_lease() {
+    let t0 = Instant::now();
+    let v = view(&[(0, None, t0)]);
+    let skips = Skips::from([(0, (Some("1".to_string()), t0))]);
+    let me = "runner-warden-n1";
+    let none = BTreeSet::new();
+    match choose(&v, 1, me, &none, &skips, t0) {
+        Choice::Wait(b, until) => {
+            assert_eq!(b.held, 1);
+            assert_eq!(until, Some(t0 + CONFLICT_SKIP));
+        }
+        c => panic!("{c:?}"),
+    }
+    // The watch shows a new version: judged again.
+    let newer = View {
+        slots: BTreeMap::from([(0, Slot::new(lease(0, None, None, "2"), None, t0))]),
+        ..v.clone()
+    };
+    assert_eq!(
+        choose(&newer, 1, me, &none, &skips, t0),
+        Choice::Try(vec![0])
+    );
+    // Or the skip ran out.
+    assert_eq!(
+        choose(&v, 1, me, &none, &skips, t0 + CONFLICT_SKIP),
+        Choice::Try(vec![0])
+    );
+}
+
+#[test]
+fn expiry_is_judged_by_our_clock_and_restarts_on_each_renewal_we_see() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    // The holder's clock runs 10 min ahead: its renew time says nothing, only that it changes.
+    let future = Some(Timestamp::now() + SignedDuration::from_secs(600));
+    let s = Slot::new(lease(0, Some("b"), future, "1"), None, t0);
+    assert_eq!(s.expires(), at(30) + Duration::from_millis(1));
+    // Seen again unchanged (a relist): the clock does not restart.
+    let again = Slot::new(lease(0, Some("b"), future, "1"), Some(&s), at(20));
+    assert_eq!(again.observed.seen, t0);
+    // Renewed: it does.
+    let later = Some(Timestamp::now() + SignedDuration::from_secs(610));
+    let renewed = Slot::new(lease(0, Some("b"), later, "2"), Some(&again), at(20));
+    assert_eq!(renewed.expires(), at(50) + Duration::from_millis(1));
+}
+
+#[test]
+fn the_waiting_reason_names_the_holders() {
+    let b = Busy {
+        held: 2,
+        max: 2,
+        holders: vec!["fleet-3".into(), "fleet-7".into()],
+    };
+    assert_eq!(
+        b.to_string(),
+        "waiting for a pull slot (2 of 2 held: fleet-3, fleet-7)"
+    );
+}
+
+// ---- against a mock API server ----
+
+const NS: &str = "runner-warden";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/runner-warden/leases";
+
+type MockBody = BoxBody<Bytes, Infallible>;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    Status(u16),
+    Unreachable,
+}
+
+#[derive(Default)]
+struct Store {
+    rv: u64,
+    leases: BTreeMap<String, Lease>,
+    /// Every change, for watches that start from an older version.
+    log: Vec<(u64, &'static str, Lease)>,
+    /// Answers forced on the next requests whose `METHOD path` starts with the key.
+    faults: Vec<(String, Fault)>,
+    /// Every request: `METHOD path?query`, and the body of writes.
+    seen: Vec<(String, Option<Lease>)>,
+}
+
+/// The API server's Leases in one namespace.
+#[derive(Clone)]
+struct MockApi {
+    store: Arc<Mutex<Store>>,
+    events: broadcast::Sender<(u64, &'static str, Lease)>,
+}
+
+fn json(code: u16, body: String) -> Response<MockBody> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Response<MockBody> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{reason} (mock)"), "reason": reason, "code": code,
+    });
+    json(code, body.to_string())
+}
+
+fn query(uri: &http::Uri, key: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
+}
+
+impl MockApi {
+    fn start() -> (Client, MockApi) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<MockBody>>();
+        let (events, _) = broadcast::channel(1024);
+        let api = MockApi {
+            store: Arc::default(),
+            events,
+        };
+        let me = api.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    match me.answer(req).await {
+                        Ok(r) => send.send_response(r),
+                        Err(()) => send.send_error(std::io::Error::other("connection refused")),
+                    }
+                });
+            }
+        });
+        (Client::new(service, "default"), api)
+    }
+
+    async fn answer(&self, req: Request<Body>) -> Result<Response<MockBody>, ()> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect_bytes().await.unwrap_or_default();
+        let written: Option<Lease> = serde_json::from_slice(&body).ok();
+        let path = parts.uri.path().to_string();
+        let line = format!(
+            "{} {}{}",
+            parts.method,
+            path,
+            parts
+                .uri
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default()
+        );
+        let mut s = self.store.lock().unwrap();
+        s.seen.push((line.clone(), written.clone()));
+        if let Some(i) = s
+            .faults
+            .iter()
+            .position(|(p, _)| line.starts_with(p.as_str()))
+        {
+            match s.faults.remove(i).1 {
+                Fault::Status(code) => return Ok(status(code, "Injected")),
+                Fault::Unreachable => return Err(()),
+            }
+        }
+        let method = parts.method.as_str();
+        if path == LEASES && method == "GET" {
+            let selected = |l: &Lease| {
+                l.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|m| m.get(SLOT_LABEL).map(String::as_str) == Some("true"))
+            };
+            if query(&parts.uri, "watch").as_deref() == Some("true") {
+                let from: u64 = query(&parts.uri, "resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let (tx, rx) =
+                    tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, Infallible>>();
+                let line = |ty: &str, l: &Lease| {
+                    let mut t = serde_json::json!({"type": ty, "object": l}).to_string();
+                    t.push('\n');
+                    Ok(Frame::data(Bytes::from(t)))
+                };
+                for (rv, ty, l) in s.log.iter().filter(|(rv, _, l)| *rv > from && selected(l)) {
+                    let _ = rv;
+                    let _ = tx.send(line(ty, l));
+                }
+                let mut sub = self.events.subscribe();
+                drop(s);
+                tokio::spawn(async move {
+                    while let Ok((_, ty, l)) = sub.recv().await {
+                        if selected(&l) && tx.send(line(ty, &l)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let body = StreamBody::new(UnboundedReceiverStream::new(rx)).boxed();
+                return Ok(Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap());
+            }
+            let items: Vec<&Lease> = s.leases.values().filter(|l| selected(l)).collect();
+            let list = serde_json::json!({
+                "kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items,
+            });
+            return Ok(json(200, list.to_string()));
+        }
+        let Some(mut l) = written else {
+            return Ok(status(404, "NotFound"));
+        };
+        let name = l.metadata.name.clone().unwrap_or_default();
+        let ty = match (method, path.strip_prefix(LEASES)) {
+            ("POST", Some("")) => {
+                if s.leases.contains_key(&name) {
+                    return Ok(status(409, "AlreadyExists"));
+                }
+                "ADDED"
+            }
+            ("PUT", Some(p)) if p == format!("/{name}") => {
+                let Some(cur) = s.leases.get(&name) else {
+                    return Ok(status(404, "NotFound"));
+                };
+                if cur.metadata.resource_version != l.metadata.resource_version {
+                    return Ok(status(409, "Conflict"));
+                }
+                "MODIFIED"
+            }
+            _ => return Ok(status(405, "MethodNotAllowed")),
+        };
+        s.rv += 1;
+        let rv = s.rv;
+        l.metadata.resource_version = Some(rv.to_string());
+        l.metadata.namespace = Some(NS.into());
+        s.leases.insert(name, l.clone());
+        s.log.push((rv, ty, l.clone()));
+        let _ = self.events.send((rv, ty, l.clone()));
+        Ok(json(
+            if ty == "ADDED" { 201 } else { 200 },
+            serde_json::to_string(&l).unwrap(),
+        ))
+    }
+
+    /// Another node writes slot `k` (as the API server would accept it).
+    fn put(&self, k: u32, holder: Option<&str>) {
+        let mut s = self.store.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        let ty = if s.leases.contains_key(&slot_name(k)) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let l = lease(k, holder, Some(Timestamp::now()), &rv.to_string());
+        s.leases.insert(slot_name(k), l.clone());
+        s.log.push((rv, ty, l.clone()));
+        let _ = self.events.send((rv, ty, l));
+    }
+
+    fn fault(&self, prefix: &str, f: Fault) {
+        self.store.lock().unwrap().faults.push((prefix.into(), f));
+    }
+
+    fn holder(&self, k: u32) -> Option<String> {
+        let s = self.store.lock().unwrap();
+        s.leases
+            .get(&slot_name(k))?
+            .spec
+            .as_ref()?
+            .holder_identity
+            .clone()
+    }
+
+    fn lease(&self, k: u32) -> Option<Lease> {
+        self.store
+            .lock()
+            .unwrap()
+            .leases
+            .get(&slot_name(k))
+            .cloned()
+    }
+
+    /// The writes (POST, PUT) seen, with their bodies.
+    fn writes(&self) -> Vec<(String, Lease)> {
+        self.store
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .filter(|(l, _)| l.starts_with("POST") || l.starts_with("PUT"))
+            .filter_map(|(l, b)| Some((l.clone(), b.clone()?)))
+            .collect()
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.store
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect()
+    }
+}
+
+struct Agent {
+    slots: PullSlots,
+    metrics: Metrics,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    fn start(client: Client, node: &str, max: u32) -> Agent {
+        let metrics = Metrics::new();
+        let stop = CancellationToken::new();
+        let (slots, task) = PullSlots::new(
+            client,
+            NS,
+            node,
+            max,
+            &metrics,
+            Arc::new(ApiHealth::default()),
+            stop.clone(),
+        );
+        Agent {
+            slots,
+            metrics,
+            stop,
+            task: tokio::spawn(task),
+        }
+    }
+
+    async fn acquire(&self, image: &str) -> SlotGuard {
+        self.slots
+            .acquire(image, &CancellationToken::new())
+            .await
+            .unwrap()
+    }
+}
+
+fn holder_of(l: &Lease) -> Option<&str> {
+    l.spec.as_ref()?.holder_identity.as_deref()
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_limit_makes_no_request() {
+    let (client, api) = MockApi::start();
+    let a = Agent::start(client, "n1", 0);
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.bypass(), Some(Bypass::Unlimited));
+    assert_eq!(g.slot(), None);
+    g.release().await;
+    tokio::time::timeout(Duration::from_secs(1), a.task)
+        .await
+        .expect("the task ends at once")
+        .unwrap();
+    assert!(a.slots.busy().is_none());
+    assert_eq!(api.requests(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_urgent_pull_does_not_wait() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-other"));
+    let a = Agent::start(client, "n1", 1);
+    let g = a.slots.acquire_urgent("r.io/img:1");
+    assert_eq!(g.bypass(), Some(Bypass::Urgent));
+    assert!(api.writes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquiring_a_free_slot_writes_it_with_our_holder_image_and_resource_version() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-other"));
+    api.put(1, None);
+    let rv1 = api.lease(1).unwrap().metadata.resource_version;
+    let a = Agent::start(client, "n1", 3);
+    let g = a.acquire("r.io/img:1").await;
+    // Slot 1 is released and slot 2 missing: both free; 0 is held.
+    let k = g.slot().expect("a slot");
+    assert!(k == 1 || k == 2, "{k}");
+    let writes = api.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    let (line, body) = &writes[0];
+    if k == 1 {
+        assert!(
+            line.starts_with(&format!("PUT {LEASES}/runner-warden-pull-1")),
+            "{line}"
+        );
+        assert_eq!(
+            body.metadata.resource_version, rv1,
+            "the write carries the version it read"
+        );
+    } else {
+        assert!(line.starts_with(&format!("POST {LEASES}")), "{line}");
+    }
+    let l = api.lease(k).unwrap();
+    assert_eq!(holder_of(&l), Some("runner-warden-n1"));
+    assert_eq!(
+        l.metadata.annotations.as_ref().unwrap()[IMAGE_ANNOTATION],
+        "r.io/img:1"
+    );
+    assert_eq!(l.metadata.labels.as_ref().unwrap()[SLOT_LABEL], "true");
+    assert_eq!(l.spec.as_ref().unwrap().lease_duration_seconds, Some(30));
+    assert_eq!(a.metrics.pull_slot_held.get(), 1);
+    // A second pull of this node takes the other free slot; the third waits.
+    let g2 = a.acquire("r.io/img:2").await;
+    assert_eq!(g2.slot(), Some(3 - k));
+    assert_eq!(a.metrics.pull_slot_held.get(), 2);
+    assert_eq!(
+        a.slots.busy().map(|b| b.to_string()).as_deref(),
+        Some("waiting for a pull slot (3 of 3 held: n1, other)")
+    );
+    assert_eq!(a.metrics.pull_slot_wait_seconds.get_sample_count(), 2);
+    // Only the watch's list and watch were read: no GET of a single Lease, no polling.
+    assert!(api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET"))
+        .all(|r| r.contains("labelSelector=runner-warden.ambient-code.io%2Fpull-slot%3Dtrue")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_slots_held_waits_and_takes_one_when_the_watch_shows_it_released() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-fleet-3"));
+    api.put(1, Some("runner-warden-fleet-7"));
+    let a = Agent::start(client, "n1", 2);
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let r = reasons.clone();
+    let slots = a.slots.clone();
+    let start = Instant::now();
+    let waiting = tokio::spawn(async move {
+        slots
+            .acquire_with("r.io/img:1", &CancellationToken::new(), move |b| {
+                r.lock().unwrap().push(b.to_string())
+            })
+            .await
+    });
+    // The holders renew (the watch shows it); nothing is written by the waiting node.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        api.put(0, Some("runner-warden-fleet-3"));
+        api.put(1, Some("runner-warden-fleet-7"));
+    }
+    assert!(!waiting.is_finished());
+    assert!(api.writes().is_empty(), "{:?}", api.writes());
+    assert_eq!(
+        reasons.lock().unwrap().first().map(String::as_str),
+        Some("waiting for a pull slot (2 of 2 held: fleet-3, fleet-7)")
+    );
+    // fleet-7 is done: released.
+    let released_at = Instant::now();
+    api.put(1, None);
+    let g = waiting.await.unwrap().unwrap();
+    assert_eq!(g.slot(), Some(1));
+    assert!(
+        Instant::now() - released_at <= TAKE_JITTER,
+        "taken within the jitter"
+    );
+    assert_eq!(api.holder(1).as_deref(), Some("runner-warden-n1"));
+    assert!(
+        a.metrics.pull_slot_wait_seconds.get_sample_sum() >= (released_at - start).as_secs_f64()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_holders_slot_is_taken_after_the_lease_duration_by_our_clock() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-killed"));
+    let a = Agent::start(client, "n1", 1);
+    let start = Instant::now();
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.slot(), Some(0));
+    let waited = Instant::now() - start;
+    assert!(waited > Duration::from_secs(30), "{waited:?}");
+    assert!(
+        waited <= Duration::from_secs(30) + TAKE_JITTER + Duration::from_millis(50),
+        "{waited:?}"
+    );
+    assert_eq!(api.holder(0).as_deref(), Some("runner-warden-n1"));
+    assert_eq!(
+        api.lease(0).unwrap().spec.unwrap().lease_transitions,
+        Some(1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_409_makes_it_try_again() {
+    let (client, api) = MockApi::start();
+    api.put(0, None);
+    let a = Agent::start(client, "n1", 1);
+    // Another node's write got in first: our PUT answers 409, and the watch shows the winner, who
+    // releases it a little later.
+    api.fault(
+        &format!("PUT {LEASES}/runner-warden-pull-0"),
+        Fault::Status(409),
+    );
+    let slots = a.slots.clone();
+    let waiting =
+        tokio::spawn(async move { slots.acquire("r.io/img:1", &CancellationToken::new()).await });
+    tokio::time::sleep(TAKE_JITTER + Duration::from_millis(100)).await;
+    assert_eq!(api.writes().len(), 1);
+    assert!(!waiting.is_finished(), "a 409 is not a slot");
+    api.put(0, Some("runner-warden-winner"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(api.writes().len(), 1, "no write while the winner holds it");
+    api.put(0, None);
+    let g = waiting.await.unwrap().unwrap();
+    assert_eq!(g.slot(), Some(0));
+    assert_eq!(api.writes().len(), 2);
+    assert_eq!(api.holder(0).as_deref(), Some("runner-warden-n1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_nodes_racing_for_one_slot_get_it_once() {
+    let (client, api) = MockApi::start();
+    let a = Agent::start(client.clone(), "a", 1);
+    let b = Agent::start(client, "b", 1);
+    let cancel = CancellationToken::new();
+    let ten = Duration::from_secs(10);
+    let (ga, gb) = tokio::join!(
+        tokio::time::timeout(ten, a.slots.acquire("r.io/img:1", &cancel)),
+        tokio::time::timeout(ten, b.slots.acquire("r.io/img:1", &cancel)),
+    );
+    // One holds it; the other still waits after 10 s (the holder renews).
+    let (held, me) = match (ga, gb) {
+        (Ok(g), Err(_)) => (g.unwrap(), "runner-warden-a"),
+        (Err(_), Ok(g)) => (g.unwrap(), "runner-warden-b"),
+        (a, b) => panic!("{a:?} {b:?}"),
+    };
+    assert_eq!(held.slot(), Some(0));
+    assert_eq!(api.holder(0).as_deref(), Some(me));
+    let creates = api
+        .writes()
+        .iter()
+        .filter(|(l, _)| l.starts_with("POST"))
+        .count();
+    assert!((1..=2).contains(&creates));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_guard_renews_while_it_lives_and_release_clears_the_holder() {
+    let (client, api) = MockApi::start();
+    let a = Agent::start(client, "n1", 1);
+    let g = a.acquire("r.io/img:1").await;
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let writes = api.writes();
+    // The take, then a renewal every 10 s: still ours after the lease duration.
+    assert_eq!(
+        writes.len(),
+        4,
+        "{:?}",
+        writes.iter().map(|w| &w.0).collect::<Vec<_>>()
+    );
+    assert!(writes[1..]
+        .iter()
+        .all(|(l, b)| l.starts_with("PUT") && holder_of(b) == Some("runner-warden-n1")));
+    g.release().await;
+    let l = api.lease(0).unwrap();
+    assert_eq!(holder_of(&l), None);
+    assert!(!l
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key(IMAGE_ANNOTATION));
+    assert_eq!(l.metadata.labels.unwrap()[SLOT_LABEL], "true");
+    assert_eq!(a.metrics.pull_slot_held.get(), 0);
+    let n = api.writes().len();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(api.writes().len(), n, "no renewal after the release");
+    // Dropping a guard releases too (in the background).
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(api.holder(0).as_deref(), Some("runner-warden-n1"));
+    drop(g);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(api.holder(0), None);
+    // Stopping the agent releases what it holds.
+    let _g = a.acquire("r.io/img:1").await;
+    a.stop.cancel();
+    a.task.await.unwrap();
+    assert_eq!(api.holder(0), None);
+    assert_eq!(
+        a.slots
+            .acquire("r.io/img:1", &CancellationToken::new())
+            .await
+            .unwrap()
+            .bypass(),
+        Some(Bypass::Stopping)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_gives_back_the_slot_its_previous_run_held() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-n1"));
+    let _a = Agent::start(client, "n1", 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(api.holder(0), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forbidden_goes_ahead_without_a_slot_at_once() {
+    let (client, api) = MockApi::start();
+    api.fault(&format!("GET {LEASES}"), Fault::Status(403));
+    let a = Agent::start(client, "n1", 2);
+    let start = Instant::now();
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.bypass(), Some(Bypass::Forbidden));
+    assert!(Instant::now() - start < Duration::from_secs(1));
+    // A write refused: the same.
+    let (client, api) = MockApi::start();
+    api.fault(&format!("POST {LEASES}"), Fault::Status(403));
+    let a = Agent::start(client, "n1", 2);
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.bypass(), Some(Bypass::Forbidden));
+    assert_eq!(api.holder(0), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_api_server_delays_a_pull_by_the_lease_duration_at_most() {
+    let (client, api) = MockApi::start();
+    for _ in 0..100 {
+        api.fault("GET", Fault::Unreachable);
+    }
+    let a = Agent::start(client, "n1", 2);
+    let start = Instant::now();
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.bypass(), Some(Bypass::ApiUnreachable));
+    let waited = Instant::now() - start;
+    assert!(
+        waited >= UNREACHABLE_GRACE && waited <= UNREACHABLE_GRACE + Duration::from_secs(1),
+        "{waited:?}"
+    );
+    // The next pull does not wait again while it lasts.
+    let start = Instant::now();
+    assert_eq!(
+        a.acquire("r.io/img:2").await.bypass(),
+        Some(Bypass::ApiUnreachable)
+    );
+    assert!(Instant::now() - start < Duration::from_secs(1));
+    // Writes that get no answer: the same bound.
+    let (client, api) = MockApi::start();
+    for _ in 0..100 {
+        api.fault("POST", Fault::Unreachable);
+    }
+    let a = Agent::start(client, "n1", 1);
+    let start = Instant::now();
+    assert_eq!(
+        a.acquire("r.io/img:1").await.bypass(),
+        Some(Bypass::ApiUnreachable)
+    );
+    assert!(Instant::now() - start <= UNREACHABLE_GRACE + TAKE_RETRY + WRITE_DEADLINE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_wait_returns_cancelled_and_holds_nothing() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-other"));
+    let a = Agent::start(client, "n1", 1);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        c.cancel();
+    });
+    assert_eq!(
+        a.slots.acquire("r.io/img:1", &cancel).await.unwrap_err(),
+        Cancelled
+    );
+    assert!(api.writes().is_empty());
+}
