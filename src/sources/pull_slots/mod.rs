@@ -700,7 +700,7 @@ async fn wait_for_slot(
                     planned = None;
                     match try_take(inner, k, view.slots.get(&k), image).await {
                         Taken::Yes(lease) => {
-                            inner.hold(k, lease);
+                            inner.hold(k, *lease);
                             return Ok(SlotGuard {
                                 slot: Some(k),
                                 bypass: None,
@@ -737,7 +737,7 @@ async fn wait_for_slot(
 }
 
 enum Taken {
-    Yes(Lease),
+    Yes(Box<Lease>),
     /// Another node wrote it first (409).
     Lost,
     /// Another pull of this process holds it.
@@ -771,7 +771,7 @@ async fn try_take(inner: &Inner, k: u32, seen: Option<&Slot>, image: &str) -> Ta
         Ok(lease) => {
             inner.answered();
             inner.forbidden_said.store(false, Ordering::Relaxed);
-            return Taken::Yes(lease);
+            Taken::Yes(Box::new(lease))
         }
         Err(e) => {
             inner.unclaim(k);
