@@ -581,7 +581,9 @@ impl PullSlots {
     /// there is no limit. Derived from the Leases as the watch shows them.
     pub fn busy(&self) -> Option<Busy> {
         let inner = self.inner.as_ref()?;
-        let view = inner.view.borrow();
+        // The slots lock before the view's: never hold the view while waiting for the slots lock.
+        let local = inner.local();
+        let view = inner.view.borrow().clone();
         if !view.synced {
             return None;
         }
@@ -589,7 +591,7 @@ impl PullSlots {
             &view,
             inner.max,
             &inner.me,
-            &inner.local(),
+            &local,
             &Skips::new(),
             Instant::now(),
         ) {
@@ -1034,6 +1036,14 @@ async fn renew_due(inner: &Inner) {
             }
         }
         inner.api_health.observe("renewing a pull slot", &r);
+        // Read before taking the slots lock (see `busy`).
+        let by = inner
+            .view
+            .borrow()
+            .slots
+            .get(&k)
+            .and_then(|s| s.holder().map(str::to_string))
+            .unwrap_or_default();
         let mut held = inner.held.lock().expect("slots lock");
         let Some(h) = held.get_mut(&k) else {
             // Released meanwhile.
@@ -1045,13 +1055,6 @@ async fn renew_due(inner: &Inner) {
                 h.next_renew = Instant::now() + RENEW_EVERY;
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                let by = inner
-                    .view
-                    .borrow()
-                    .slots
-                    .get(&k)
-                    .and_then(|s| s.holder().map(str::to_string))
-                    .unwrap_or_default();
                 warn!(slot = %slot_name(k), image, holder = %by, "pull slot lost (not renewed within its lease duration); the pull goes on");
                 held.remove(&k);
                 inner.set_gauge(&held);
