@@ -258,7 +258,7 @@ impl Metrics {
         .expect("valid metric");
         let pull_slot_held = IntGauge::new(
             name("pull_slot_held"),
-            "Cluster-wide pull slots (fleet.max_nodes_pulling) this node holds now: 1 while it pulls a new image under the budget.",
+            "Cluster-wide pull slots (fleet.max_nodes_pulling) this node holds now: one per pull of a new image under the budget.",
         )
         .expect("valid metric");
         let pull_slot_wait_seconds = Histogram::with_opts(
