@@ -701,8 +701,7 @@ async fn wait_for_slot(
                 } else {
                     planned = None;
                     match try_take(inner, k, view.slots.get(&k), image).await {
-                        Taken::Yes(lease) => {
-                            inner.hold(k, *lease);
+                        Taken::Yes => {
                             return Ok(SlotGuard {
                                 slot: Some(k),
                                 bypass: None,
@@ -738,8 +737,21 @@ async fn wait_for_slot(
     }
 }
 
+/// A slot this pull is taking; given back when dropped before it is held.
+struct Claim<'a> {
+    inner: &'a Inner,
+    k: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.inner.unclaim(self.k);
+    }
+}
+
 enum Taken {
-    Yes(Box<Lease>),
+    /// Held (recorded in `Inner::held`).
+    Yes,
     /// Another node wrote it first (409).
     Lost,
     /// Another pull of this process holds it.
@@ -753,6 +765,8 @@ async fn try_take(inner: &Inner, k: u32, seen: Option<&Slot>, image: &str) -> Ta
     if !inner.claim(k, image) {
         return Taken::Busy;
     }
+    // Given back unless held: also when the caller drops the acquire in the middle of the write.
+    let claim = Claim { inner, k };
     let result = match tokio::time::timeout(
         WRITE_DEADLINE,
         write_take(
@@ -773,10 +787,12 @@ async fn try_take(inner: &Inner, k: u32, seen: Option<&Slot>, image: &str) -> Ta
         Ok(lease) => {
             inner.answered();
             inner.forbidden_said.store(false, Ordering::Relaxed);
-            Taken::Yes(Box::new(lease))
+            std::mem::forget(claim);
+            inner.hold(k, lease);
+            Taken::Yes
         }
         Err(e) => {
-            inner.unclaim(k);
+            drop(claim);
             match &e {
                 kube::Error::Api(s) if s.code == 409 => {
                     inner.answered();
