@@ -250,6 +250,8 @@ type MockBody = BoxBody<Bytes, Infallible>;
 enum Fault {
     Status(u16),
     Unreachable,
+    /// No answer, ever.
+    Hang,
 }
 
 #[derive(Default)]
@@ -309,7 +311,11 @@ impl MockApi {
                 tokio::spawn(async move {
                     match me.answer(req).await {
                         Ok(r) => send.send_response(r),
-                        Err(()) => send.send_error(std::io::Error::other("connection refused")),
+                        Err(Fault::Hang) => {
+                            std::future::pending::<()>().await;
+                            drop(send);
+                        }
+                        Err(_) => send.send_error(std::io::Error::other("connection refused")),
                     }
                 });
             }
@@ -317,7 +323,8 @@ impl MockApi {
         (Client::new(service, "default"), api)
     }
 
-    async fn answer(&self, req: Request<Body>) -> Result<Response<MockBody>, ()> {
+    /// `Err`: the fault to act out instead of an answer.
+    async fn answer(&self, req: Request<Body>) -> Result<Response<MockBody>, Fault> {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await.unwrap_or_default();
         let written: Option<Lease> = serde_json::from_slice(&body).ok();
@@ -341,7 +348,8 @@ impl MockApi {
         {
             match s.faults.remove(i).1 {
                 Fault::Status(code) => return Ok(status(code, "Injected")),
-                Fault::Unreachable => return Err(()),
+                Fault::Unreachable => return Err(Fault::Unreachable),
+                Fault::Hang => return Err(Fault::Hang),
             }
         }
         let method = parts.method.as_str();
@@ -888,4 +896,22 @@ async fn a_cancelled_wait_returns_cancelled_and_holds_nothing() {
         Cancelled
     );
     assert!(api.writes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acquire_dropped_in_the_middle_of_its_write_keeps_nothing() {
+    let (client, api) = MockApi::start();
+    api.fault(&format!("POST {LEASES}"), Fault::Hang);
+    let a = Agent::start(client, "n1", 1);
+    let cancel = CancellationToken::new();
+    let r = tokio::time::timeout(
+        TAKE_JITTER + Duration::from_secs(2),
+        a.slots.acquire("r.io/img:1", &cancel),
+    )
+    .await;
+    assert!(r.is_err(), "still writing when dropped");
+    assert_eq!(api.writes().len(), 1);
+    assert_eq!(a.slots.busy(), None, "the slot is not kept as taken");
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.slot(), Some(0));
 }
