@@ -18,6 +18,7 @@ pub mod config;
 pub mod contract;
 pub mod credentials;
 pub mod image_audit;
+pub mod model;
 pub mod prewarm;
 pub mod process_audit;
 pub mod reference;

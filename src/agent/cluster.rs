@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::StartError;
 use crate::config::Settings;
-use crate::prewarm::DesiredImage;
+use crate::model::DesiredImage;
 use crate::process_audit::scanner::NamespaceRanges;
 use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
@@ -88,7 +88,11 @@ pub(super) async fn start(
     let (client, address) = client(settings.kubernetes.kubeconfig.as_deref()).await?;
     let k = &settings.kubernetes;
     info!(node = %k.node_name, api_server = %address, "following the cluster: ProjectSettings, runner pods on this node, Events");
-    api_health.follow(address, metrics.api_server_up.clone());
+    api_health.follow(
+        address,
+        metrics.api_server_up.clone(),
+        crate::sources::WATCH_BACKOFF_MAX,
+    );
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),

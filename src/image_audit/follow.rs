@@ -14,7 +14,8 @@ use tracing::{info, warn};
 use super::facts::InspectError;
 use super::{Auditor, FactsSource};
 use crate::contract::Outcome;
-use crate::prewarm::{DesiredImage, News};
+use crate::model::Projects;
+use crate::prewarm::News;
 use crate::reference::ImageRef;
 use crate::report::messages::{self, ImageSubject};
 use crate::report::metrics::Metrics;
@@ -47,9 +48,13 @@ pub async fn follow<F: FactsSource>(
         };
         match next {
             None => break,
-            Some(News::Present { desired, image_id }) => {
+            Some(News::Present {
+                image: desired,
+                projects,
+                image_id,
+            }) => {
                 let token = stop.child_token();
-                if let Some(old) = running.insert(desired.image.clone(), token.clone()) {
+                if let Some(old) = running.insert(desired.clone(), token.clone()) {
                     old.cancel(); // the tag moved again before the last audit finished
                 }
                 let (a, f, m, b) = (
@@ -64,7 +69,7 @@ pub async fn follow<F: FactsSource>(
                         s = slots.acquire_owned() => s.expect("never closed"),
                         _ = token.cancelled() => return,
                     };
-                    audit(&a, &desired, &image_id, &f, &m, &b, &token).await
+                    audit(&a, (&desired, &projects), &image_id, &f, &m, &b, &token).await
                 });
             }
             Some(News::Left { image }) => {
@@ -83,14 +88,14 @@ pub async fn follow<F: FactsSource>(
 
 async fn audit<F: FactsSource>(
     auditor: &Auditor<F>,
-    d: &DesiredImage,
+    (image_ref, projects): (&ImageRef, &Projects),
     image_id: &str,
     findings: &FindingSink,
     metrics: &Metrics,
     board: &StatusBoard,
     cancel: &CancellationToken,
 ) {
-    let image = d.image.as_str();
+    let image = image_ref.as_str();
     let mut result = auditor.audit(image, image_id).await;
     for _ in 0..AUDIT_RETRIES {
         if result.is_ok() || cancel.is_cancelled() {
@@ -118,7 +123,7 @@ async fn audit<F: FactsSource>(
             board.audited(image, audit_status(&audit));
             let subject = ImageSubject {
                 image,
-                project: d.project.as_deref(),
+                project: projects.first(),
             };
             for r in audit.results.iter().filter(|r| r.outcome != Outcome::Pass) {
                 let outcome = if r.outcome == Outcome::Violation {
@@ -142,7 +147,7 @@ async fn audit<F: FactsSource>(
                         &audit.summary.read_from_text(),
                     ),
                     image,
-                    &d.other_projects,
+                    projects.others(),
                 );
             }
         }
@@ -156,12 +161,12 @@ async fn audit<F: FactsSource>(
             if !matches!(e, InspectError::Runtime(_) | InspectError::NotPresent(_)) {
                 let subject = ImageSubject {
                     image,
-                    project: d.project.as_deref(),
+                    project: projects.first(),
                 };
                 findings.publish_to_projects(
                     messages::not_audited(subject, &e.to_string()),
                     image,
-                    &d.other_projects,
+                    projects.others(),
                 );
             }
             board.audited(

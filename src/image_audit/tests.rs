@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::contract::{Kind, PathMeta, LABEL_KEYS};
-use crate::prewarm::{DesiredImage, News};
+use crate::prewarm::News;
 use crate::reference::ImageRef;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
@@ -209,10 +209,12 @@ fn start(fake: &Fake) -> Job {
 }
 
 fn present(image: &str, project: &str, others: &[&str]) -> News {
-    let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, Some(project.into()));
-    d.other_projects = others.iter().map(|s| s.to_string()).collect();
     News::Present {
-        desired: d,
+        image: ImageRef::parse(image).unwrap(),
+        projects: std::iter::once(project)
+            .chain(others.iter().copied())
+            .map(String::from)
+            .collect(),
         image_id: "sha256:1".into(),
     }
 }
@@ -341,12 +343,15 @@ async fn audits_run_one_at_a_time_beside_the_pulls() {
     } = start(&fake);
     for i in 0..4 {
         // Distinct content each: no audit is a cache hit.
-        let News::Present { desired, .. } = present(&format!("r.io/team/runner-{i}:v1"), "a", &[])
+        let News::Present {
+            image, projects, ..
+        } = present(&format!("r.io/team/runner-{i}:v1"), "a", &[])
         else {
             unreachable!()
         };
         tx.send(News::Present {
-            desired,
+            image,
+            projects,
             image_id: format!("sha256:{i}"),
         })
         .unwrap();

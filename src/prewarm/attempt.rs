@@ -119,16 +119,12 @@ impl Credentials {
             .pull_secret
             .iter()
             .map(|p| p.display().to_string())
-            .chain(
-                d.cluster_secrets
-                    .iter()
-                    .map(|s| format!("secret {}", s.name)),
-            )
+            .chain(d.cluster_secrets.iter().map(|s| format!("secret {}", s.id)))
             .collect();
         let mut projects: Vec<&str> = d
             .cluster_secrets
             .iter()
-            .filter_map(|s| s.name.split_once('/').map(|(ns, _)| ns))
+            .map(|s| s.id.namespace.as_str())
             .collect();
         projects.sort_unstable();
         projects.dedup();
@@ -138,11 +134,11 @@ impl Credentials {
                 let own: Vec<_> = d
                     .cluster_secrets
                     .iter()
-                    .filter(|s| s.name.split_once('/').map(|(ns, _)| ns) == Some(p))
+                    .filter(|s| s.id.namespace == p)
                     .collect();
                 let c = Credentials {
                     keyring: Some(Keyring::merged(own.iter().map(|s| &s.keyring))),
-                    secret_names: own.iter().map(|s| format!("secret {}", s.name)).collect(),
+                    secret_names: own.iter().map(|s| format!("secret {}", s.id)).collect(),
                     by_project: Vec::new(),
                 };
                 (p.to_string(), c)

@@ -30,18 +30,20 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::model::{Caps, ClusterSecret, DesiredImage, OverCap, Projects};
 pub use attempt::{progress_text, Failure, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
-pub use caps::{allot, rank, Allotment, Caps, OverCap};
-pub use desired::{ClusterSecret, DesiredImage, PrewarmSettings};
+pub use caps::{allot, rank, Allotment};
+pub use desired::PrewarmSettings;
 pub use pins::MANUAL_PIN_OWNER;
 pub use rate::rate_text;
 use store::ImageStore;
 
+use crate::model::ImageState as State;
 use crate::reference::ImageRef;
 use crate::report::health::Health;
 use crate::report::messages;
-use crate::report::metrics::{Metrics, STATES};
+use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
@@ -49,35 +51,14 @@ use crate::runtime::Runtime;
 /// What the prewarmer tells whoever follows the node's images (the image audit).
 #[derive(Clone, Debug, PartialEq)]
 pub enum News {
-    /// `desired`'s image is present with content `image_id` not announced for it before.
+    /// `image` (wanted by `projects`) is present with content `image_id` not announced for it before.
     Present {
-        desired: DesiredImage,
+        image: ImageRef,
+        projects: Projects,
         image_id: String,
     },
     /// The image left the desired set.
     Left { image: ImageRef },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Waiting,
-    Pulling,
-    Ready,
-    Failed,
-    /// Not held: over the node's caps.
-    OverCap,
-}
-
-impl State {
-    fn label(self) -> &'static str {
-        match self {
-            State::Waiting => "waiting",
-            State::Pulling => "pulling",
-            State::Ready => "ready",
-            State::Failed => "failed",
-            State::OverCap => "over_cap",
-        }
-    }
 }
 
 pub struct Prewarmer<S: ImageStore = Runtime> {
@@ -240,8 +221,7 @@ impl<S: ImageStore> Prewarmer<S> {
                 }
                 let token = stop.child_token();
                 workers.insert(d.image.clone(), (d.clone(), token.clone()));
-                let projects = d.project.iter().chain(&d.other_projects).cloned();
-                me.board.track(d.image.as_str(), projects.collect());
+                me.board.track(d.image.as_str(), d.projects.to_vec());
                 me.set_state(&d.image, State::Waiting);
                 let worker = me.clone();
                 tasks.spawn(async move { worker.worker(d, token).await });
@@ -302,8 +282,7 @@ impl<S: ImageStore> Prewarmer<S> {
     ) {
         reported.retain(|r, _| over.iter().any(|(d, _)| &d.image == r));
         for (d, cap) in over {
-            let projects = d.project.iter().chain(&d.other_projects).cloned();
-            self.board.track(d.image.as_str(), projects.collect());
+            self.board.track(d.image.as_str(), d.projects.to_vec());
             self.set_state(&d.image, State::OverCap);
             if reported.get(&d.image) == Some(&cap.label()) {
                 continue;
@@ -314,10 +293,10 @@ impl<S: ImageStore> Prewarmer<S> {
             self.board
                 .failed(d.image.as_str(), "over_cap", &f.message, 0);
             if let Some(sink) = &self.findings {
-                sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
+                sink.publish_to_projects(f, d.image.as_str(), d.projects.others());
             }
         }
-        for c in ["images", "bytes"] {
+        for c in OverCap::LABELS {
             let n = over.iter().filter(|(_, cap)| cap.label() == c).count();
             self.metrics
                 .prewarm_images_over_cap
@@ -369,11 +348,11 @@ impl<S: ImageStore> Prewarmer<S> {
 
     fn publish_states(&self) {
         let states = self.states.lock().expect("states lock");
-        for s in STATES {
-            let n = states.values().filter(|v| v.label() == s).count();
+        for s in State::ALL {
+            let n = states.values().filter(|v| **v == s).count();
             self.metrics
                 .prewarm_images
-                .with_label_values(&[s])
+                .with_label_values(&[s.label()])
                 .set(n as i64);
         }
     }

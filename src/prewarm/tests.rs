@@ -151,7 +151,8 @@ async fn a_present_image_is_skipped_pinned_and_announced_once() {
     assert_eq!(
         r.news.recv().await,
         Some(News::Present {
-            desired: desired(IMG),
+            image: desired(IMG).image,
+            projects: desired(IMG).projects,
             image_id: "sha256:aaa".into()
         })
     );
@@ -376,7 +377,7 @@ async fn credentials_are_tried_most_specific_first_then_anonymously() {
 #[tokio::test(start_paused = true)]
 async fn each_project_is_told_only_of_its_own_secret() {
     let secret = |ns: &str, key: &str, user: &str| ClusterSecret {
-        name: format!("{ns}/pull"),
+        id: crate::model::SecretRef::new(ns, "pull"),
         keyring: crate::credentials::Keyring::parse(
             format!(r#"{{"auths":{{"{key}":{{"username":"{user}","password":"pw-{user}"}}}}}}"#)
                 .as_bytes(),
@@ -395,8 +396,7 @@ async fn each_project_is_told_only_of_its_own_secret() {
         )],
     );
     let mut d = desired(IMG);
-    d.project = Some("team-a".into());
-    d.other_projects = vec!["team-b".into()];
+    d.projects = Projects::new(["team-a".to_string(), "team-b".to_string()]);
     d.cluster_secrets = vec![
         secret("team-a", "r.io/team", "alice"),
         secret("team-b", "r.io", "bob"),
@@ -761,12 +761,8 @@ async fn a_long_pull_is_logged_at_a_steady_cadence_with_its_rate() {
 }
 
 fn wanted_by(image: &str, projects: &[&str]) -> DesiredImage {
-    let mut d = DesiredImage::new(
-        ImageRef::parse(image).unwrap(),
-        None,
-        projects.first().map(|p| p.to_string()),
-    );
-    d.other_projects = projects.iter().skip(1).map(|p| p.to_string()).collect();
+    let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, None);
+    d.projects = projects.iter().map(|p| p.to_string()).collect();
     d
 }
 
@@ -908,7 +904,7 @@ async fn a_restarted_worker_does_not_announce_the_same_content_again() {
         .await;
     // Another project wants it too: the entry changed, so its worker restarts.
     let mut d = desired(IMG);
-    d.other_projects = vec!["second".into()];
+    d.projects.add("second".into());
     tx.send_replace(vec![d]);
     r.wait(|r| r.store.status_calls() >= 3 && r.images_in("ready") == 1)
         .await;
@@ -1009,25 +1005,21 @@ async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_
     };
     let set: Vec<DesiredImage> = wants
         .into_iter()
-        .map(|w| {
-            let mut projects = w.projects.into_iter();
-            DesiredImage {
-                cluster_secrets: w
-                    .secrets
-                    .iter()
-                    .map(|(ns, s)| ClusterSecret {
-                        name: format!("{ns}/{s}"),
-                        keyring: keyring(s),
-                    })
-                    .collect(),
-                image: w.image,
-                pull_secret: None,
-                project: projects.next(),
-                other_projects: projects.collect(),
-            }
+        .map(|w| DesiredImage {
+            cluster_secrets: w
+                .secrets
+                .iter()
+                .map(|(ns, s)| ClusterSecret {
+                    id: crate::model::SecretRef::new(ns.clone(), s.clone()),
+                    keyring: keyring(s),
+                })
+                .collect(),
+            image: w.image,
+            pull_secret: None,
+            projects: w.projects.into_iter().collect(),
         })
         .collect();
-    assert!(set.iter().all(|d| d.other_projects.len() == 9));
+    assert!(set.iter().all(|d| d.projects.others().len() == 9));
     let mut r = rig(settings());
     for i in 0..20 {
         r.store.script(

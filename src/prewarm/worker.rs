@@ -36,7 +36,7 @@ struct Memory {
 pub(super) fn subject(d: &DesiredImage) -> ImageSubject<'_> {
     ImageSubject {
         image: d.image.as_str(),
-        project: d.project.as_deref(),
+        project: d.projects.first(),
     }
 }
 
@@ -157,7 +157,8 @@ impl<S: ImageStore> Prewarmer<S> {
         // "Present" first, then the audit: it reads every layer and must never hold up the state.
         self.set_state(image, State::Ready);
         self.tell(News::Present {
-            desired: d.clone(),
+            image: d.image.clone(),
+            projects: d.projects.clone(),
             image_id: id,
         });
     }
@@ -215,7 +216,7 @@ impl<S: ImageStore> Prewarmer<S> {
         } else if mem.failures == self.settings.failure_finding_after {
             if let Some(sink) = &self.findings {
                 // One finding per project, each naming only that project's own secrets.
-                for p in d.project.iter().chain(&d.other_projects) {
+                for p in d.projects.iter() {
                     let s = ImageSubject {
                         image: d.image.as_str(),
                         project: Some(p),
@@ -228,7 +229,7 @@ impl<S: ImageStore> Prewarmer<S> {
                         f.class.advice(),
                     ));
                 }
-                if d.project.is_none() {
+                if d.projects.is_empty() {
                     sink.publish(&messages::pull_failed(
                         subject(d),
                         mem.failures,
@@ -265,7 +266,7 @@ impl<S: ImageStore> Prewarmer<S> {
 
     fn publish(&self, d: &DesiredImage, f: crate::report::findings::Finding) {
         if let Some(sink) = &self.findings {
-            sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
+            sink.publish_to_projects(f, d.image.as_str(), d.projects.others());
         }
     }
 }

@@ -6,7 +6,8 @@ use super::findings::{
     SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
-use crate::prewarm::OverCap;
+use crate::model::OverCap;
+pub use crate::model::{Arrival, PinState};
 use crate::runtime::containers::ContainerRef;
 
 /// Longest finding message (an Event's note is limited to 1 kB).
@@ -22,42 +23,6 @@ pub fn truncate(text: &str, max: usize) -> String {
         cut -= 1;
     }
     format!("{}...", &text[..cut])
-}
-
-/// How a present image came to be there, for the "prewarmed" news.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arrival {
-    AlreadyPresent,
-    Pulled { seconds: f64 },
-}
-
-impl Arrival {
-    pub fn describe(self) -> String {
-        match self {
-            Arrival::AlreadyPresent => "already present".to_string(),
-            Arrival::Pulled { seconds } => format!("pulled in {seconds:.1}s"),
-        }
-    }
-}
-
-/// Whether a present image is safe from kubelet's GC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PinState {
-    Pinned,
-    /// Pinned, but the runtime does not honour pins (containerd < 1.7).
-    Ignored,
-    Disabled,
-}
-
-impl PinState {
-    /// As `status` shows it.
-    pub fn label(self) -> &'static str {
-        match self {
-            PinState::Pinned => "pinned",
-            PinState::Ignored => "not_honoured",
-            PinState::Disabled => "disabled",
-        }
-    }
 }
 
 /// The image a finding is about: its reference and the project that wants it (if any).

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::desired::{plan, ClusterPolicy, ProjectWant};
 use super::retry::WatchRetry;
 use crate::credentials::Keyring;
-use crate::prewarm::{ClusterSecret, DesiredImage};
+use crate::model::{ClusterSecret, DesiredImage, SecretRef};
 use crate::report::findings::PULL_SECRET_INVALID;
 use crate::report::health::{client_answered, ApiHealth};
 use crate::report::messages;
@@ -343,7 +343,7 @@ impl KubeSource {
                 }
                 match &secrets[&(ns.clone(), name.clone())].result {
                     Ok(k) => cluster_secrets.push(ClusterSecret {
-                        name: format!("{ns}/{name}"),
+                        id: SecretRef::new(ns.clone(), name.clone()),
                         keyring: k.clone(),
                     }),
                     Err(msg) => report(
@@ -354,13 +354,11 @@ impl KubeSource {
                     ),
                 }
             }
-            let mut projects = w.projects.into_iter();
             images.push(DesiredImage {
                 image: w.image,
                 pull_secret: None,
                 cluster_secrets,
-                project: projects.next(),
-                other_projects: projects.collect(),
+                projects: w.projects.into_iter().collect(),
             });
         }
         // A problem that went away may be reported again if it comes back.
@@ -597,7 +595,7 @@ mod tests {
         let keyring = secret_problem(Some(&s), "p", "pull").unwrap();
         let d = DesiredImage {
             cluster_secrets: vec![ClusterSecret {
-                name: "p/pull".into(),
+                id: SecretRef::new("p", "pull"),
                 keyring,
             }],
             ..DesiredImage::new(

@@ -1,0 +1,14 @@
+//! The nouns the jobs and the reporters share: what the node should hold (`DesiredImage`, its projects
+//! and pull secrets), the caps on it, and the prewarmer's typed outcomes (`PrewarmEvent`). A bottom module:
+//! it imports nothing from the jobs (`prewarm`, `image_audit`, `process_audit`, `shutdown`, `sources`) nor
+//! from `report`, so every one of them can import it without an import circle.
+
+mod caps;
+mod desired;
+mod failure;
+mod prewarm;
+
+pub use caps::{Caps, OverCap};
+pub use desired::{ClusterSecret, DesiredImage, Projects, SecretRef};
+pub use failure::FailureClass;
+pub use prewarm::{Arrival, ImageState, PinState};
