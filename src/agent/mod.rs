@@ -23,6 +23,7 @@ use crate::process_audit::scanner::Scanner;
 use crate::process_audit::watch as process_watch;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
+use crate::report::prewarm::PrewarmReport;
 use crate::report::server::{self, Served};
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
@@ -209,14 +210,20 @@ impl Agent {
             );
             tasks.spawn(timer.run(stop.clone()));
         }
-        let mut prewarmer = Prewarmer::new(
-            runtime.clone(),
-            settings.prewarm.clone(),
-            metrics.clone(),
-            Some(findings.clone()),
-            health,
-        )
-        .with_board(board.clone());
+        // The prewarmer's events, reported as metrics, `status`, readiness and findings.
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.spawn(
+            PrewarmReport::new(
+                metrics.clone(),
+                board.clone(),
+                health,
+                Some(findings.clone()),
+                settings.prewarm.failure_finding_after,
+            )
+            .run(events_rx),
+        );
+        let mut prewarmer =
+            Prewarmer::new(runtime.clone(), settings.prewarm.clone()).with_events(events_tx);
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -74,3 +74,34 @@ impl fmt::Display for FailureClass {
         f.write_str(self.as_str())
     }
 }
+
+/// A failed attempt: its class and a message that names the image and says what to do. Never holds a
+/// secret (messages from containerd are redacted against every credential tried).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} [{class}]")]
+pub struct Failure {
+    pub class: FailureClass,
+    /// For the operator (logs, `status`, the one-shot commands): names every secret tried.
+    pub message: String,
+    /// For each project that has its own secret for the image, the message naming only that project's
+    /// secrets and keys: a finding on one project never tells it about another's.
+    pub per_project: Vec<(String, String)>,
+}
+
+impl Failure {
+    pub fn new(class: FailureClass, message: String) -> Self {
+        Self {
+            class,
+            message,
+            per_project: Vec::new(),
+        }
+    }
+
+    /// What a finding on `project` says.
+    pub fn message_for(&self, project: Option<&str>) -> &str {
+        project
+            .and_then(|p| self.per_project.iter().find(|(q, _)| q == p))
+            .map(|(_, m)| m.as_str())
+            .unwrap_or(&self.message)
+    }
+}

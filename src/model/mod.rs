@@ -10,5 +10,5 @@ mod prewarm;
 
 pub use caps::{Caps, OverCap};
 pub use desired::{ClusterSecret, DesiredImage, Projects, SecretRef};
-pub use failure::FailureClass;
-pub use prewarm::{Arrival, ImageState, PinState};
+pub use failure::{Failure, FailureClass};
+pub use prewarm::{Arrival, ImageState, Novelty, PinState, PrewarmEvent};

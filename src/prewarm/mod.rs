@@ -23,15 +23,16 @@ mod tests;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+pub use crate::model::Failure;
 pub use crate::model::{Caps, ClusterSecret, DesiredImage, OverCap, Projects};
-pub use attempt::{progress_text, Failure, PullOutcome, PullProgressView};
+pub use attempt::{progress_text, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
 pub use caps::{allot, rank, Allotment};
 pub use desired::PrewarmSettings;
@@ -39,13 +40,8 @@ pub use pins::MANUAL_PIN_OWNER;
 pub use rate::rate_text;
 use store::ImageStore;
 
-use crate::model::ImageState as State;
+use crate::model::{ImageState as State, PrewarmEvent};
 use crate::reference::ImageRef;
-use crate::report::health::Health;
-use crate::report::messages;
-use crate::report::metrics::Metrics;
-use crate::report::sink::FindingSink;
-use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
 
 /// What the prewarmer tells whoever follows the node's images (the image audit).
@@ -64,10 +60,7 @@ pub enum News {
 pub struct Prewarmer<S: ImageStore = Runtime> {
     store: S,
     settings: PrewarmSettings,
-    metrics: Arc<Metrics>,
-    findings: Option<FindingSink>,
-    health: Arc<Health>,
-    board: Arc<StatusBoard>,
+    events: Option<mpsc::UnboundedSender<PrewarmEvent>>,
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
@@ -91,21 +84,13 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
 }
 
 impl<S: ImageStore> Prewarmer<S> {
-    pub fn new(
-        store: S,
-        settings: PrewarmSettings,
-        metrics: Arc<Metrics>,
-        findings: Option<FindingSink>,
-        health: Arc<Health>,
-    ) -> Self {
+    /// A prewarmer that tells nobody: see `with_events` and `with_news`.
+    pub fn new(store: S, settings: PrewarmSettings) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
             settings,
-            metrics,
-            findings,
-            health,
-            board: Arc::new(StatusBoard::default()),
+            events: None,
             news: None,
             progress: None,
             states: Mutex::new(BTreeMap::new()),
@@ -122,15 +107,15 @@ impl<S: ImageStore> Prewarmer<S> {
         }
     }
 
-    /// Announce newly present content and departed images on `news`.
-    pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
-        self.news = Some(news);
+    /// Emit every state change and outcome on `events` (`report::prewarm::PrewarmReport` reports them).
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<PrewarmEvent>) -> Self {
+        self.events = Some(events);
         self
     }
 
-    /// Note each image's state, progress, pin and last failure on `board` (for `status`).
-    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
-        self.board = board;
+    /// Announce newly present content and departed images on `news`.
+    pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
+        self.news = Some(news);
         self
     }
 
@@ -140,15 +125,9 @@ impl<S: ImageStore> Prewarmer<S> {
         self
     }
 
-    /// For one-shot commands: no findings, no news, its own metrics and health.
+    /// For one-shot commands: no events, no news.
     pub fn one_shot(store: S, settings: PrewarmSettings) -> Self {
-        Self::new(
-            store,
-            settings,
-            Arc::new(Metrics::new()),
-            None,
-            Arc::new(Health::default()),
-        )
+        Self::new(store, settings)
     }
 
     /// Runs until `stop`: follows the desired set, one worker per image.
@@ -170,8 +149,6 @@ impl<S: ImageStore> Prewarmer<S> {
         let me = Arc::new(self);
         let mut workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)> = BTreeMap::new();
         let mut tasks = tokio::task::JoinSet::new();
-        // Images over a cap, and which cap, as last reported (a finding once per change).
-        let mut over_reported: BTreeMap<ImageRef, &'static str> = BTreeMap::new();
         loop {
             let all: Vec<DesiredImage> = desired.borrow_and_update().clone();
             *me.desired_now.lock().expect("desired lock") = all.clone();
@@ -210,9 +187,9 @@ impl<S: ImageStore> Prewarmer<S> {
                 info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
                 me.states.lock().expect("states lock").remove(&r);
                 me.announced.lock().expect("announced lock").remove(&r);
-                me.board.forget(r.as_str());
+                me.emit(PrewarmEvent::Left { image: r });
             }
-            me.hold_back(&over, &mut over_reported);
+            me.hold_back(&over);
             me.unpin_orphans(&want_refs).await;
             me.publish_held_bytes(&want_refs);
             for d in want {
@@ -221,12 +198,14 @@ impl<S: ImageStore> Prewarmer<S> {
                 }
                 let token = stop.child_token();
                 workers.insert(d.image.clone(), (d.clone(), token.clone()));
-                me.board.track(d.image.as_str(), d.projects.to_vec());
+                me.emit(PrewarmEvent::Tracked {
+                    image: d.image.clone(),
+                    projects: d.projects.clone(),
+                });
                 me.set_state(&d.image, State::Waiting);
                 let worker = me.clone();
                 tasks.spawn(async move { worker.worker(d, token).await });
             }
-            me.publish_states();
             me.update_readiness();
 
             tokio::select! {
@@ -274,41 +253,32 @@ impl<S: ImageStore> Prewarmer<S> {
             .map(|(_, cap)| cap)
     }
 
-    /// Images over a cap: no worker, state `over_cap`, a finding per project once per change.
-    fn hold_back(
-        &self,
-        over: &[(DesiredImage, OverCap)],
-        reported: &mut BTreeMap<ImageRef, &'static str>,
-    ) {
-        reported.retain(|r, _| over.iter().any(|(d, _)| &d.image == r));
+    /// Images over a cap: no worker, state `over_cap`.
+    fn hold_back(&self, over: &[(DesiredImage, OverCap)]) {
         for (d, cap) in over {
-            self.board.track(d.image.as_str(), d.projects.to_vec());
-            self.set_state(&d.image, State::OverCap);
-            if reported.get(&d.image) == Some(&cap.label()) {
-                continue;
-            }
-            reported.insert(d.image.clone(), cap.label());
-            let f = messages::over_cap(worker::subject(d), *cap);
-            warn!(image = %d.image, cap = cap.label(), "{}", f.message);
-            self.board
-                .failed(d.image.as_str(), "over_cap", &f.message, 0);
-            if let Some(sink) = &self.findings {
-                sink.publish_to_projects(f, d.image.as_str(), d.projects.others());
-            }
-        }
-        for c in OverCap::LABELS {
-            let n = over.iter().filter(|(_, cap)| cap.label() == c).count();
-            self.metrics
-                .prewarm_images_over_cap
-                .with_label_values(&[c])
-                .set(n as i64);
+            self.states
+                .lock()
+                .expect("states lock")
+                .insert(d.image.clone(), State::OverCap);
+            self.emit(PrewarmEvent::HeldBack {
+                image: d.image.clone(),
+                projects: d.projects.clone(),
+                cap: *cap,
+            });
         }
     }
 
     fn publish_held_bytes(&self, held: &BTreeSet<ImageRef>) {
         let sizes = self.sizes.lock().expect("sizes lock");
         let bytes: u64 = held.iter().filter_map(|r| sizes.get(r)).sum();
-        self.metrics.prewarm_held_bytes.set(bytes as i64);
+        self.emit(PrewarmEvent::HeldBytes { bytes });
+    }
+
+    fn emit(&self, event: PrewarmEvent) {
+        if let Some(tx) = &self.events {
+            // The reporter stops only after the prewarmer.
+            let _ = tx.send(event);
+        }
     }
 
     fn tell(&self, news: News) {
@@ -331,9 +301,7 @@ impl<S: ImageStore> Prewarmer<S> {
         let want = self.wanted.lock().expect("wanted lock");
         let examined = self.examined.lock().expect("examined lock");
         if want.iter().all(|r| examined.contains(r)) {
-            self.health
-                .first_reconcile_done
-                .store(true, Ordering::Relaxed);
+            self.emit(PrewarmEvent::AllExamined);
         }
     }
 
@@ -342,18 +310,9 @@ impl<S: ImageStore> Prewarmer<S> {
             .lock()
             .expect("states lock")
             .insert(image.clone(), state);
-        self.board.set_state(image.as_str(), state.label());
-        self.publish_states();
-    }
-
-    fn publish_states(&self) {
-        let states = self.states.lock().expect("states lock");
-        for s in State::ALL {
-            let n = states.values().filter(|v| **v == s).count();
-            self.metrics
-                .prewarm_images
-                .with_label_values(&[s.label()])
-                .set(n as i64);
-        }
+        self.emit(PrewarmEvent::State {
+            image: image.clone(),
+            state,
+        });
     }
 }

@@ -9,6 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake::{Call, FakeStore, PullScript};
 use super::*;
+use crate::model::PrewarmEvent;
+use crate::report::health::Health;
+use crate::report::metrics::Metrics;
+use crate::report::prewarm::PrewarmReport;
 use crate::report::sink::{Captured, FindingSink};
 use crate::report::status::StatusBoard;
 use crate::runtime::errors::FailureClass;
@@ -46,6 +50,9 @@ struct Rig {
     metrics: Arc<Metrics>,
     captured: Captured,
     board: Arc<StatusBoard>,
+    health: Arc<Health>,
+    /// Every event the prewarmer emitted so far, in order (the reporter has applied each).
+    events: Arc<std::sync::Mutex<Vec<PrewarmEvent>>>,
     news: mpsc::UnboundedReceiver<News>,
     prewarmer: Option<Prewarmer<FakeStore>>,
 }
@@ -56,20 +63,33 @@ fn rig(settings: PrewarmSettings) -> Rig {
     let (sink, captured) = FindingSink::capture(metrics.clone());
     let (tx, news) = mpsc::unbounded_channel();
     let board = Arc::new(StatusBoard::default());
-    let prewarmer = Prewarmer::new(
-        store.clone(),
-        settings,
+    let health = Arc::new(Health::default());
+    let mut report = PrewarmReport::new(
         metrics.clone(),
+        board.clone(),
+        health.clone(),
         Some(sink),
-        Arc::new(Health::default()),
-    )
-    .with_news(tx)
-    .with_board(board.clone());
+        settings.failure_finding_after,
+    );
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<PrewarmEvent>();
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events_rx.recv().await {
+            seen.lock().unwrap().push(e.clone());
+            report.apply(e);
+        }
+    });
+    let prewarmer = Prewarmer::new(store.clone(), settings)
+        .with_news(tx)
+        .with_events(events_tx);
     Rig {
         store,
         metrics,
         captured,
         board,
+        health,
+        events,
         news,
         prewarmer: Some(prewarmer),
     }
@@ -106,6 +126,17 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("condition never held; calls: {:?}", self.store.calls());
+    }
+
+    /// Lets the reporter catch up with what was emitted.
+    async fn settle(&self) {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn events(&self) -> Vec<PrewarmEvent> {
+        self.events.lock().unwrap().clone()
     }
 
     fn pulls_total(&self, result: &str) -> u64 {
@@ -500,6 +531,10 @@ async fn containerd_down_is_a_state_of_the_node_not_a_failure_of_the_image() {
         "{}",
         f.message
     );
+    r.settle().await;
+    assert!(r
+        .events()
+        .contains(&PrewarmEvent::RuntimeReachable { up: false }));
     assert_eq!(r.metrics.runtime_up.get(), 0);
     let (_tx, stop, task) = r
         .run_until(vec![desired(IMG)], |r| r.store.status_calls() >= 5)
@@ -560,7 +595,7 @@ async fn a_runtime_that_ignores_pins_is_reported_on_the_finding_and_the_gauge() 
 #[tokio::test(start_paused = true)]
 async fn ready_once_containerd_answered_about_every_desired_image() {
     let mut r = rig(settings());
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     r.store.present(IMG, "sha256:aaa", "sha256:m1");
     r.store.script("r.io/team/slow:v1", [PullScript::Hang]);
     r.store.state().progress_done = 1;
@@ -615,7 +650,7 @@ async fn not_ready_while_an_image_was_never_looked_at() {
         concurrency: 1,
         ..settings()
     });
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     r.store.script(IMG, [PullScript::Hang]);
     r.store.state().progress_done = 1;
     let (_tx, stop, task) = r
@@ -801,7 +836,7 @@ async fn over_the_image_cap_the_least_wanted_waits_and_is_pulled_once_room_is_ma
         wanted_by(b, &["p1", "p2"]),
         wanted_by(a, &[]),
     ];
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     let (tx, stop, task) = r
         .run_until(set, |r| {
             r.images_in("ready") == 2 && r.images_in("over_cap") == 1
@@ -1037,6 +1072,109 @@ async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_
     assert_eq!(
         r.findings_of("RunnerImagePrewarmed").len(),
         20 * crate::report::sink::NORMAL_FANOUT
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// The events a consumer rebuilds an image's state from, for one image, without the node-wide ones.
+fn life_of(events: &[PrewarmEvent], image: &str) -> Vec<PrewarmEvent> {
+    events
+        .iter()
+        .filter(|e| match e {
+            PrewarmEvent::Tracked { image: i, .. }
+            | PrewarmEvent::State { image: i, .. }
+            | PrewarmEvent::Present { image: i, .. }
+            | PrewarmEvent::Failed { image: i, .. }
+            | PrewarmEvent::HeldBack { image: i, .. }
+            | PrewarmEvent::Left { image: i } => i.as_str() == image,
+            _ => false,
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_present_image_lives_waiting_pulling_ready_as_typed_events() {
+    use crate::model::{Arrival, ImageState, Novelty, PinState};
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    let image = ImageRef::parse(IMG).unwrap();
+    let state = |state| PrewarmEvent::State {
+        image: image.clone(),
+        state,
+    };
+    assert_eq!(
+        life_of(&r.events(), IMG),
+        [
+            PrewarmEvent::Tracked {
+                image: image.clone(),
+                projects: desired(IMG).projects
+            },
+            state(ImageState::Waiting),
+            state(ImageState::Waiting),
+            state(ImageState::Pulling),
+            PrewarmEvent::Present {
+                image: image.clone(),
+                projects: desired(IMG).projects,
+                image_id: "sha256:aaa".into(),
+                arrival: Arrival::AlreadyPresent,
+                pin: PinState::Pinned,
+                novelty: Novelty::New,
+            },
+            state(ImageState::Ready),
+            state(ImageState::Ready),
+        ]
+    );
+    let node: Vec<PrewarmEvent> = r
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                PrewarmEvent::AllExamined | PrewarmEvent::PinsHonoured { .. }
+            )
+        })
+        .collect();
+    assert!(node.contains(&PrewarmEvent::AllExamined), "{node:?}");
+    assert!(node.contains(&PrewarmEvent::PinsHonoured { honoured: true }));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_pull_carries_its_class_typed_and_counts_attempts_in_a_row() {
+    let mut r = rig(settings());
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::NotFound,
+            "r.io/team/runner:v1: not found".into(),
+        )],
+    );
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 3)
+        .await;
+    r.settle().await;
+    let failures: Vec<(FailureClass, u32)> = life_of(&r.events(), IMG)
+        .into_iter()
+        .filter_map(|e| match e {
+            PrewarmEvent::Failed {
+                failure, attempts, ..
+            } => Some((failure.class, attempts)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failures[..3],
+        [
+            (FailureClass::NotFound, 1),
+            (FailureClass::NotFound, 2),
+            (FailureClass::NotFound, 3)
+        ]
     );
     stop.cancel();
     task.await.unwrap();

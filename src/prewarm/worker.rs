@@ -1,7 +1,6 @@
 //! One image's worker: wait for a pull slot, attempt, then either stay Ready until the tag is due for
-//! re-resolution or back off after a failure. Findings: the "prewarmed" news once per new content, a
-//! secret problem once per distinct problem, a pull failure once `failure_finding_after` attempts in a row
-//! failed.
+//! re-resolution or back off after a failure. Each outcome is a `PrewarmEvent` (`report::prewarm` says
+//! what it means to whom).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +9,11 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::attempt::{Failure, PullOutcome};
+use super::attempt::PullOutcome;
 use super::backoff::backoff_delay;
 use super::store::ImageStore;
 use super::{DesiredImage, News, Prewarmer, State};
-use crate::report::messages::{self, Arrival, ImageSubject, PinState};
-use crate::runtime::errors::FailureClass;
+use crate::model::{Arrival, Failure, FailureClass, Novelty, PinState, PrewarmEvent};
 
 /// Factors on `backoff_initial` and `backoff_max` for failures alike on every node.
 const ALIKE_SLOWER_START: u32 = 16;
@@ -29,15 +27,7 @@ struct Memory {
     /// Consecutive attempts containerd did not answer.
     outages: u32,
     last_id: Option<String>,
-    last_secret_error: Option<String>,
     force: bool,
-}
-
-pub(super) fn subject(d: &DesiredImage) -> ImageSubject<'_> {
-    ImageSubject {
-        image: d.image.as_str(),
-        project: d.projects.first(),
-    }
 }
 
 impl<S: ImageStore> Prewarmer<S> {
@@ -69,7 +59,6 @@ impl<S: ImageStore> Prewarmer<S> {
                 Ok(outcome) => {
                     mem.failures = 0;
                     mem.outages = 0;
-                    mem.last_secret_error = None;
                     if let Some(cap) = self.over_cap_at(&image, outcome.status().size) {
                         // Pulled, but holding it would break the byte cap: the run loop takes it out
                         // of the held set (and says so); it is never pinned.
@@ -111,17 +100,10 @@ impl<S: ImageStore> Prewarmer<S> {
         last_id: &mut Option<String>,
     ) {
         let image = &d.image;
-        let (result, arrival) = match outcome {
-            PullOutcome::Present { .. } => ("skipped", Arrival::AlreadyPresent),
-            PullOutcome::Pulled { seconds, .. } => {
-                self.metrics.prewarm_pull_duration_seconds.observe(*seconds);
-                ("success", Arrival::Pulled { seconds: *seconds })
-            }
+        let arrival = match outcome {
+            PullOutcome::Present { .. } => Arrival::AlreadyPresent,
+            PullOutcome::Pulled { seconds, .. } => Arrival::Pulled { seconds: *seconds },
         };
-        self.metrics
-            .prewarm_pulls_total
-            .with_label_values(&[result])
-            .inc();
         let pin = match self.settings.pin {
             false => PinState::Disabled,
             true => match self.pin(image, image.as_str(), outcome.status()).await {
@@ -130,30 +112,41 @@ impl<S: ImageStore> Prewarmer<S> {
             },
         };
         let id = outcome.image_id().to_string();
-        self.board.present(image.as_str(), &id, pin.label());
         let how = arrival.describe();
-        if last_id.as_deref() == Some(id.as_str()) {
-            debug!(image = %image, image_id = %id, "{how}; unchanged");
-            return;
-        }
-        if let Some(old) = last_id.as_deref() {
+        let unchanged = last_id.as_deref() == Some(id.as_str());
+        if let Some(old) = last_id.as_deref().filter(|_| !unchanged) {
             info!(image = %image, old_id = %old, new_id = %id, "tag moved; new content prewarmed");
+        }
+        let novelty = if unchanged {
+            debug!(image = %image, image_id = %id, "{how}; unchanged");
+            Novelty::Unchanged
+        } else if matches!(arrival, Arrival::AlreadyPresent)
+            && self.pinned_before(d, outcome.status()).await
+        {
+            // An earlier run of the agent pinned exactly this content, so it announced it then: a
+            // restart is not news to the project.
+            info!(image = %image, image_id = %id, "{how}; prewarmed before this agent started (its pin is ours)");
+            Novelty::KnownBefore
+        } else {
+            info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
+            Novelty::New
+        };
+        self.emit(PrewarmEvent::Present {
+            image: image.clone(),
+            projects: d.projects.clone(),
+            image_id: id.clone(),
+            arrival,
+            pin,
+            novelty,
+        });
+        if novelty == Novelty::Unchanged {
+            return;
         }
         *last_id = Some(id.clone());
         self.announced
             .lock()
             .expect("announced lock")
             .insert(image.clone(), id.clone());
-        if matches!(arrival, Arrival::AlreadyPresent)
-            && self.pinned_before(d, outcome.status()).await
-        {
-            // An earlier run of the agent pinned exactly this content, so it announced it then: a
-            // restart is not news to the project.
-            info!(image = %image, image_id = %id, "{how}; prewarmed before this agent started (its pin is ours)");
-        } else {
-            info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
-            self.publish(d, messages::prewarmed(subject(d), arrival, &id, pin));
-        }
         // "Present" first, then the audit: it reads every layer and must never hold up the state.
         self.set_state(image, State::Ready);
         self.tell(News::Present {
@@ -178,18 +171,12 @@ impl<S: ImageStore> Prewarmer<S> {
             .any(|r| owned.get(r).map(String::as_str) == Some(d.image.as_str()))
     }
 
-    /// Counts and reports a failure; returns how long to wait before the next attempt.
+    /// Reports a failure; returns how long to wait before the next attempt.
     fn on_failure(&self, d: &DesiredImage, f: &Failure, mem: &mut Memory) -> Duration {
-        self.metrics
-            .prewarm_pulls_total
-            .with_label_values(&[f.class.as_str()])
-            .inc();
         let delay = match f.class.alike_on_every_node() {
             true => self.alike_retry_delay(mem.failures),
             false => self.retry_delay(mem.failures),
         };
-        self.board
-            .failed(d.image.as_str(), f.class.as_str(), &f.message, mem.failures);
         warn!(
             image = %d.image,
             class = f.class.as_str(),
@@ -199,47 +186,12 @@ impl<S: ImageStore> Prewarmer<S> {
             f.message,
             f.class.advice()
         );
-        if f.class == FailureClass::Secret {
-            // Once per distinct problem, not once per retry.
-            if mem.last_secret_error.as_deref() != Some(f.message.as_str()) {
-                mem.last_secret_error = Some(f.message.clone());
-                self.publish(
-                    d,
-                    messages::pull_secret_invalid(
-                        subject(d),
-                        &f.message,
-                        f.class.advice(),
-                        f.class.as_str(),
-                    ),
-                );
-            }
-        } else if mem.failures == self.settings.failure_finding_after {
-            if let Some(sink) = &self.findings {
-                // One finding per project, each naming only that project's own secrets.
-                for p in d.projects.iter() {
-                    let s = ImageSubject {
-                        image: d.image.as_str(),
-                        project: Some(p),
-                    };
-                    sink.publish(&messages::pull_failed(
-                        s,
-                        mem.failures,
-                        f.class.as_str(),
-                        f.message_for(Some(p)),
-                        f.class.advice(),
-                    ));
-                }
-                if d.projects.is_empty() {
-                    sink.publish(&messages::pull_failed(
-                        subject(d),
-                        mem.failures,
-                        f.class.as_str(),
-                        &f.message,
-                        f.class.advice(),
-                    ));
-                }
-            }
-        }
+        self.emit(PrewarmEvent::Failed {
+            image: d.image.clone(),
+            projects: d.projects.clone(),
+            failure: f.clone(),
+            attempts: mem.failures,
+        });
         delay
     }
 
@@ -262,11 +214,5 @@ impl<S: ImageStore> Prewarmer<S> {
             n,
             rand::rng().random_range(0.8..1.2),
         )
-    }
-
-    fn publish(&self, d: &DesiredImage, f: crate::report::findings::Finding) {
-        if let Some(sink) = &self.findings {
-            sink.publish_to_projects(f, d.image.as_str(), d.projects.others());
-        }
     }
 }

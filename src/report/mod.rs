@@ -6,6 +6,7 @@ pub mod findings;
 pub mod health;
 pub mod messages;
 pub mod metrics;
+pub mod prewarm;
 pub mod ratelimit;
 pub mod server;
 pub mod sink;
