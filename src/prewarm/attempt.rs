@@ -8,6 +8,7 @@ use tracing::{debug, info, warn};
 
 use super::rate::{rate_text, RateMeter};
 use super::store::{ImageStore, PullProgress};
+use super::worker::Note;
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
 use crate::model::{Failure, FailureClass, PrewarmEvent};
@@ -149,7 +150,7 @@ impl Credentials {
 impl<S: ImageStore> Prewarmer<S> {
     /// One attempt: status check, then pulls with each matching credential and anonymously.
     pub async fn attempt(&self, d: &DesiredImage, force: bool) -> Result<PullOutcome, Failure> {
-        self.attempt_in_slot(d, force, &mut None).await
+        self.attempt_in_slot(d, force, &mut None, None).await
     }
 
     /// `attempt` holding a pull slot: the slot is given back as soon as containerd's pull returns, so
@@ -160,6 +161,7 @@ impl<S: ImageStore> Prewarmer<S> {
         d: &DesiredImage,
         force: bool,
         slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        examined: Option<&tokio::sync::mpsc::UnboundedSender<Note>>,
     ) -> Result<PullOutcome, Failure> {
         let image = &d.image;
         let status = self
@@ -175,7 +177,9 @@ impl<S: ImageStore> Prewarmer<S> {
                     format!("cannot ask containerd about {image}: {e}"),
                 ),
             })?;
-        self.mark_examined(image);
+        if let Some(notes) = examined {
+            let _ = notes.send(Note::Examined(image.clone()));
+        }
         if let Some(found) = status {
             if !force {
                 return Ok(PullOutcome::Present { status: found });

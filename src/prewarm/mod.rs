@@ -1,10 +1,14 @@
 //! Prewarm: every desired image gets its own worker (Waiting → Pulling → Ready | Failed with backoff);
 //! pulls share a bounded number of slots, and pins follow the desired set.
 //!
-//! - `desired`: what to hold (the input types), `store`: what the prewarmer needs from containerd (a
+//! - `desired`: how to pull (the settings; what to hold is `model::DesiredImage`), `store`: what the prewarmer needs from containerd (a
 //!   trait, with the containerd adapter), `attempt`: one status check and pull with credentials, progress
-//!   and stalls, `worker`: the per-image state machine, `pins`: pin and unpin, `backoff`: retry delays,
-//!   `oneshot`: the `pull` command's and the one-shot commands' use of it.
+//!   and stalls, `life`: the per-image state machine (a pure `step`), `worker`: the task that owns one
+//!   image's life and carries out its actions, `pins`: pin and unpin, `backoff`: retry delays, `oneshot`:
+//!   the `pull` command's and the one-shot commands' use of it.
+//! - State is owned, not shared: the run loop owns the workers, the sizes, what was examined and
+//!   announced; each worker owns its image's life and tells the run loop what it learnt on a channel
+//!   (`worker::Note`). Every state change and outcome is a `PrewarmEvent` (`report::prewarm` reports them).
 //! - Newly present content is announced on the `News` channel (the image audit follows it), so a pull is
 //!   never held up by an audit and the prewarmer knows nothing of the contract.
 
@@ -14,6 +18,7 @@ mod caps;
 mod desired;
 #[cfg(test)]
 mod fake;
+mod life;
 pub mod oneshot;
 mod pins;
 mod rate;
@@ -24,9 +29,9 @@ mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -39,6 +44,7 @@ pub use desired::PrewarmSettings;
 pub use pins::MANUAL_PIN_OWNER;
 pub use rate::rate_text;
 use store::ImageStore;
+use worker::Note;
 
 use crate::model::{ImageState as State, PrewarmEvent};
 use crate::reference::ImageRef;
@@ -64,23 +70,72 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
-    states: Mutex<BTreeMap<ImageRef, State>>,
-    examined: Mutex<HashSet<ImageRef>>,
-    wanted: Mutex<BTreeSet<ImageRef>>,
-    /// The desired set as last received (the byte cap is judged against it).
-    desired_now: Mutex<Vec<DesiredImage>>,
-    /// Each image's size as CRI last reported it.
-    sizes: Mutex<BTreeMap<ImageRef, u64>>,
-    /// A size changed: the run loop allots again.
-    resized: Notify,
-    /// The content each image was last announced as (a restarted worker does not announce it again).
-    announced: Mutex<BTreeMap<ImageRef, String>>,
-    /// This agent's pins as they were when it started (what an earlier run had announced).
-    pins_at_start: OnceLock<BTreeMap<String, String>>,
-    /// Images whose first success of this run was seen.
-    sighted: Mutex<HashSet<ImageRef>>,
+    /// This agent's pins as they were when it started (what an earlier run had announced); set by `run`
+    /// before any worker starts.
+    pins_at_start: Option<BTreeMap<String, String>>,
+    /// Whether the runtime honours pins: a property of the containerd version, asked until it says yes
+    /// (every worker pins; see `pins.rs`).
     pins_honoured: AtomicBool,
     pin_warned: AtomicBool,
+}
+
+/// What the run loop owns: the workers, and what it knows of each image across its workers' restarts.
+#[derive(Default)]
+struct Holding {
+    workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)>,
+    /// Images with a state (a worker, or held back), to tell when they leave the set.
+    known: BTreeSet<ImageRef>,
+    /// The images held (with a worker).
+    wanted: BTreeSet<ImageRef>,
+    /// Images containerd has answered about at least once.
+    examined: HashSet<ImageRef>,
+    /// Each image's size as CRI last reported it.
+    sizes: BTreeMap<ImageRef, u64>,
+    /// The content each image was last announced as (a restarted worker does not announce it again).
+    announced: BTreeMap<ImageRef, String>,
+    /// Images whose first success of this run was seen.
+    sighted: HashSet<ImageRef>,
+    /// Readiness was reported.
+    all_examined: bool,
+}
+
+impl Holding {
+    /// Takes in what a worker learnt; true when a size changed (the desired set is allotted again).
+    fn note(&mut self, note: Note, all: &[DesiredImage], caps: Caps) -> bool {
+        match note {
+            Note::Examined(image) => {
+                self.examined.insert(image);
+                false
+            }
+            Note::Sized { image, size, reply } => {
+                let changed = self.sizes.insert(image.clone(), size) != Some(size);
+                let over = caps::allot(all, caps, &self.sizes)
+                    .over
+                    .into_iter()
+                    .find(|(d, _)| d.image == image)
+                    .map(|(_, cap)| cap);
+                // The worker may be gone (cancelled) by now.
+                let _ = reply.send(over);
+                changed
+            }
+            Note::Announced { image, image_id } => {
+                self.announced.insert(image, image_id);
+                false
+            }
+            Note::Sighted(image) => {
+                self.sighted.insert(image);
+                false
+            }
+        }
+    }
+
+    /// Ready once containerd has answered about every held image at least once (said once).
+    fn readiness<S: ImageStore>(&mut self, p: &Prewarmer<S>) {
+        if !self.all_examined && self.wanted.iter().all(|r| self.examined.contains(r)) {
+            self.all_examined = true;
+            p.emit(PrewarmEvent::AllExamined);
+        }
+    }
 }
 
 impl<S: ImageStore> Prewarmer<S> {
@@ -93,15 +148,7 @@ impl<S: ImageStore> Prewarmer<S> {
             events: None,
             news: None,
             progress: None,
-            states: Mutex::new(BTreeMap::new()),
-            examined: Mutex::new(HashSet::new()),
-            wanted: Mutex::new(BTreeSet::new()),
-            desired_now: Mutex::new(Vec::new()),
-            sizes: Mutex::new(BTreeMap::new()),
-            resized: Notify::new(),
-            announced: Mutex::new(BTreeMap::new()),
-            pins_at_start: OnceLock::new(),
-            sighted: Mutex::new(HashSet::new()),
+            pins_at_start: None,
             pins_honoured: AtomicBool::new(false),
             pin_warned: AtomicBool::new(false),
         }
@@ -132,146 +179,119 @@ impl<S: ImageStore> Prewarmer<S> {
 
     /// Runs until `stop`: follows the desired set, one worker per image.
     pub async fn run(
-        self,
+        mut self,
         mut desired: watch::Receiver<Vec<DesiredImage>>,
         stop: CancellationToken,
     ) {
         if self.settings.pin {
             match self.store.owned_pins().await {
-                Ok(p) => {
-                    let _ = self.pins_at_start.set(p);
-                }
+                Ok(p) => self.pins_at_start = Some(p),
                 Err(e) => {
                     debug!(error = %e, "cannot list this agent's pins at start; present images are announced again")
                 }
             }
         }
         let me = Arc::new(self);
-        let mut workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)> = BTreeMap::new();
+        let caps = me.settings.caps;
+        let (notes_tx, mut notes) = mpsc::unbounded_channel();
+        let mut h = Holding::default();
         let mut tasks = tokio::task::JoinSet::new();
-        loop {
+        'run: loop {
             let all: Vec<DesiredImage> = desired.borrow_and_update().clone();
-            *me.desired_now.lock().expect("desired lock") = all.clone();
-            let Allotment { held: want, over } = me.allot(&all);
+            // What the workers told so far (a restarted worker learns what its predecessor announced).
+            while let Ok(n) = notes.try_recv() {
+                h.note(n, &all, caps);
+            }
+            let Allotment { held: want, over } = caps::allot(&all, caps, &h.sizes);
             let want_refs: BTreeSet<ImageRef> = want.iter().map(|d| d.image.clone()).collect();
             let all_refs: BTreeSet<ImageRef> = all.iter().map(|d| d.image.clone()).collect();
-            *me.wanted.lock().expect("wanted lock") = want_refs.clone();
+            h.wanted = want_refs.clone();
 
             // Stop workers whose image left the set or went over a cap (or whose entry changed: they
             // restart below).
-            let gone: Vec<ImageRef> = workers
+            let gone: Vec<ImageRef> = h
+                .workers
                 .iter()
                 .filter(|(r, (d, _))| !want.iter().any(|w| &w.image == *r && w == d))
                 .map(|(r, _)| r.clone())
                 .collect();
             for r in gone {
-                if let Some((_, token)) = workers.remove(&r) {
+                if let Some((_, token)) = h.workers.remove(&r) {
                     token.cancel();
                 }
                 if !want_refs.contains(&r) {
-                    me.examined.lock().expect("examined lock").remove(&r);
+                    h.examined.remove(&r);
                     // Not held any more (left, or over a cap now): the audit stops following it.
                     me.tell(News::Left { image: r.clone() });
                 }
             }
             // Forget what left the set (workers' images and held-back ones alike).
-            let left: Vec<ImageRef> = me
-                .states
-                .lock()
-                .expect("states lock")
-                .keys()
+            let left: Vec<ImageRef> = h
+                .known
+                .iter()
                 .filter(|r| !all_refs.contains(*r))
                 .cloned()
                 .collect();
             for r in left {
                 info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
-                me.states.lock().expect("states lock").remove(&r);
-                me.announced.lock().expect("announced lock").remove(&r);
+                h.known.remove(&r);
+                h.announced.remove(&r);
                 me.emit(PrewarmEvent::Left { image: r });
             }
-            me.hold_back(&over);
+            // Images over a cap: no worker, state `over_cap`.
+            for (d, cap) in &over {
+                h.known.insert(d.image.clone());
+                me.emit(PrewarmEvent::HeldBack {
+                    image: d.image.clone(),
+                    projects: d.projects.clone(),
+                    cap: *cap,
+                });
+            }
             me.unpin_orphans(&want_refs).await;
-            me.publish_held_bytes(&want_refs);
+            let bytes: u64 = want_refs.iter().filter_map(|r| h.sizes.get(r)).sum();
+            me.emit(PrewarmEvent::HeldBytes { bytes });
             for d in want {
-                if workers.contains_key(&d.image) {
+                if h.workers.contains_key(&d.image) {
                     continue;
                 }
                 let token = stop.child_token();
-                workers.insert(d.image.clone(), (d.clone(), token.clone()));
+                h.workers
+                    .insert(d.image.clone(), (d.clone(), token.clone()));
+                h.known.insert(d.image.clone());
                 me.emit(PrewarmEvent::Tracked {
                     image: d.image.clone(),
                     projects: d.projects.clone(),
                 });
                 me.set_state(&d.image, State::Waiting);
-                let worker = me.clone();
-                tasks.spawn(async move { worker.worker(d, token).await });
+                let recall = worker::Recall {
+                    announced: h.announced.get(&d.image).cloned(),
+                    sighted: h.sighted.contains(&d.image),
+                };
+                let w = worker::Worker::new(me.clone(), d, notes_tx.clone(), recall);
+                tasks.spawn(w.run(token));
             }
-            me.update_readiness();
+            h.readiness(&me);
 
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                changed = desired.changed() => if changed.is_err() { break },
-                _ = me.resized.notified() => {}
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break 'run,
+                    changed = desired.changed() => match changed {
+                        Ok(()) => break,
+                        Err(_) => break 'run,
+                    },
+                    Some(n) = notes.recv() => {
+                        if h.note(n, &all, caps) {
+                            break; // a size changed: allot again
+                        }
+                        h.readiness(&me);
+                    }
+                }
             }
         }
-        for (_, (_, token)) in workers {
+        for (_, (_, token)) in h.workers {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
-    }
-
-    /// True the first time this run sees `image` present.
-    fn first_sight(&self, image: &ImageRef) -> bool {
-        self.sighted
-            .lock()
-            .expect("sighted lock")
-            .insert(image.clone())
-    }
-
-    /// The current desired set split by the caps, with the sizes known now.
-    fn allot(&self, all: &[DesiredImage]) -> Allotment {
-        let sizes = self.sizes.lock().expect("sizes lock");
-        caps::allot(all, self.settings.caps, &sizes)
-    }
-
-    /// Whether `image` is over a cap now that its size is `size` (recorded for the run loop, which is
-    /// told to allot again when a size changed).
-    fn over_cap_at(&self, image: &ImageRef, size: u64) -> Option<OverCap> {
-        let old = self
-            .sizes
-            .lock()
-            .expect("sizes lock")
-            .insert(image.clone(), size);
-        if old != Some(size) {
-            self.resized.notify_one();
-        }
-        let all = self.desired_now.lock().expect("desired lock").clone();
-        self.allot(&all)
-            .over
-            .into_iter()
-            .find(|(d, _)| &d.image == image)
-            .map(|(_, cap)| cap)
-    }
-
-    /// Images over a cap: no worker, state `over_cap`.
-    fn hold_back(&self, over: &[(DesiredImage, OverCap)]) {
-        for (d, cap) in over {
-            self.states
-                .lock()
-                .expect("states lock")
-                .insert(d.image.clone(), State::OverCap);
-            self.emit(PrewarmEvent::HeldBack {
-                image: d.image.clone(),
-                projects: d.projects.clone(),
-                cap: *cap,
-            });
-        }
-    }
-
-    fn publish_held_bytes(&self, held: &BTreeSet<ImageRef>) {
-        let sizes = self.sizes.lock().expect("sizes lock");
-        let bytes: u64 = held.iter().filter_map(|r| sizes.get(r)).sum();
-        self.emit(PrewarmEvent::HeldBytes { bytes });
     }
 
     fn emit(&self, event: PrewarmEvent) {
@@ -288,28 +308,7 @@ impl<S: ImageStore> Prewarmer<S> {
         }
     }
 
-    fn mark_examined(&self, image: &ImageRef) {
-        self.examined
-            .lock()
-            .expect("examined lock")
-            .insert(image.clone());
-        self.update_readiness();
-    }
-
-    /// Ready once containerd has answered about every desired image at least once.
-    fn update_readiness(&self) {
-        let want = self.wanted.lock().expect("wanted lock");
-        let examined = self.examined.lock().expect("examined lock");
-        if want.iter().all(|r| examined.contains(r)) {
-            self.emit(PrewarmEvent::AllExamined);
-        }
-    }
-
     fn set_state(&self, image: &ImageRef, state: State) {
-        self.states
-            .lock()
-            .expect("states lock")
-            .insert(image.clone(), state);
         self.emit(PrewarmEvent::State {
             image: image.clone(),
             state,
