@@ -16,6 +16,7 @@ use common::pods::{Pod, PodSpec};
 use common::Bed;
 use runner_warden::process_audit::scanner::{ScanSettings, Scanner};
 use runner_warden::report::metrics::Metrics;
+use runner_warden::report::runtime::RuntimeReport;
 use runner_warden::runtime::Runtime;
 
 fn cpu_self() -> Duration {
@@ -65,8 +66,7 @@ async fn run() {
     let scanner = Scanner::new(
         runtime.clone(),
         ScanSettings::default(),
-        Arc::new(Metrics::new()),
-        None,
+        RuntimeReport::new(Arc::new(Metrics::new()), None).into_emit(),
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     let procs = loop {

@@ -21,6 +21,7 @@ pub mod contract;
 pub mod credentials;
 pub mod image_audit;
 pub mod model;
+pub mod outcome;
 pub mod prewarm;
 pub mod process_audit;
 pub mod reference;

@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             Command::Scan(args) => cli::scan::run(args).await,
             Command::VerifyShutdown(args) => cli::verify_shutdown::run(args).await,
             Command::Status(args) => cli::status::run(args).await,
+            Command::Fleet(args) => cli::fleet::run(args).await,
             Command::Completions(args) => cli::docs::completions(args),
             Command::Man(args) => cli::docs::man(args),
         }

@@ -20,10 +20,14 @@ use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
 use crate::report::health::ApiHealth;
 use crate::report::metrics::Metrics;
+use crate::report::node_status;
 use crate::report::sink::FindingSink;
+use crate::report::status::StatusBoard;
+use crate::runtime::errors::FailureClass;
 use crate::shutdown::stop_clock::PodStops;
+use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
-use crate::sources::kubernetes::{self, KubeSettings, KubeSource};
+use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
 use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
@@ -57,7 +61,11 @@ impl Cluster {
 
 /// In-cluster, or from `kubeconfig` when given (else kube's own inference: `$KUBECONFIG`, `~/.kube/config`),
 /// with the API server's address for logs and `/readyz`.
-async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), StartError> {
+/// Every request it sends is counted in `runner_warden_api_requests_total{verb,resource}`.
+async fn client(
+    kubeconfig: Option<&Path>,
+    requests: prometheus::IntCounterVec,
+) -> Result<(kube::Client, String), StartError> {
     // A KUBECONFIG list (`a:b`) is kube's own business: it merges them.
     let config = match kubeconfig.filter(|p| !p.to_string_lossy().contains(':')) {
         Some(path) => {
@@ -72,20 +80,54 @@ async fn client(kubeconfig: Option<&Path>) -> Result<(kube::Client, String), Sta
             .map_err(|e| StartError::Kube(e.to_string()))?,
     };
     let address = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| StartError::Kube(e.to_string()))?
+        .with_layer(&CountLayer::new(requests))
+        .build();
     Ok((client, address.trim_end_matches('/').to_string()))
 }
 
+/// What the prewarm's state says the pull secrets are needed for: images not ready, and those whose last
+/// pull or re-resolution the registry refused (`auth`). Ready images are left out (the steady state).
+fn pull_needs(board: Arc<StatusBoard>) -> PullNeeds {
+    Arc::new(move || {
+        board
+            .images()
+            .into_iter()
+            .filter_map(|i| {
+                let auth = i
+                    .last_failure
+                    .as_ref()
+                    .is_some_and(|f| f.class == FailureClass::Auth.as_str());
+                let need = match (auth, i.state.as_str()) {
+                    (true, _) => Need::AuthFailed,
+                    // Held back over a cap: no pull will use the secret either.
+                    (false, "ready" | "over_cap") => return None,
+                    (false, _) => Need::Pulling,
+                };
+                Some((i.image, need))
+            })
+            .collect()
+    })
+}
+
+// One argument per thing the cluster side joins (the board: what the pulls need their secrets for).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
     settings: &Settings,
     file: watch::Receiver<Vec<DesiredImage>>,
     findings: FindingSink,
     metrics: Arc<Metrics>,
     api_health: Arc<ApiHealth>,
+    board: Arc<StatusBoard>,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<Cluster, StartError> {
-    let (client, address) = client(settings.kubernetes.kubeconfig.as_deref()).await?;
+    let (client, address) = client(
+        settings.kubernetes.kubeconfig.as_deref(),
+        metrics.api_requests_total.clone(),
+    )
+    .await?;
     let k = &settings.kubernetes;
     info!(node = %k.node_name, api_server = %address, "following the cluster: ProjectSettings, runner pods on this node, Events");
     api_health.follow(
@@ -93,6 +135,23 @@ pub(super) async fn start(
         metrics.api_server_up.clone(),
         crate::sources::WATCH_BACKOFF_MAX,
     );
+    if settings.fleet.node_status {
+        // The fleet view: this node's NodeRunnerImages, from the board's fold of the jobs' events.
+        let (entries_tx, entries_rx) = watch::channel(Vec::new());
+        tasks.spawn(node_status::fold::follow_board(
+            board.clone(),
+            entries_tx,
+            stop.clone(),
+        ));
+        let writer = node_status::Writer::new(
+            client.clone(),
+            k.node_name.clone(),
+            settings.fleet.heartbeat,
+            metrics.node_status_writes_total.clone(),
+            api_health.clone(),
+        );
+        tasks.spawn(writer.run(entries_rx, stop.clone()));
+    }
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),
@@ -113,10 +172,14 @@ pub(super) async fn start(
             },
             agent_registry: k.agent_registry.clone(),
             agent_namespace: k.lease_namespace.clone(),
-            secret_ttl: k.secret_refresh,
+            secrets: SecretPolicy {
+                refresh: k.secret_refresh,
+                poll: k.secret_poll,
+            },
         },
         api_health.clone(),
-    );
+    )
+    .with_pull_needs(pull_needs(board));
     let store = source.store();
     let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
         r.uid
@@ -158,4 +221,41 @@ pub(super) async fn start(
         findings,
         pod_stops,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_pull_needs_its_secret_unless_the_image_is_ready_or_held_back() {
+        let board = Arc::new(StatusBoard::default());
+        for (image, state) in [
+            ("r.io/ready:1", "ready"),
+            ("r.io/held:1", "over_cap"),
+            ("r.io/waiting:1", "waiting"),
+            ("r.io/pulling:1", "pulling"),
+            ("r.io/refused:1", "failed"),
+            ("r.io/unreachable:1", "failed"),
+        ] {
+            board.track(image, vec!["p".into()]);
+            board.set_state(image, state);
+        }
+        board.failed("r.io/refused:1", "auth", "401", 1);
+        board.failed("r.io/unreachable:1", "network", "refused", 1);
+        // A re-resolution the registry refused while the image is still present.
+        board.track("r.io/re-resolved:1", vec!["p".into()]);
+        board.set_state("r.io/re-resolved:1", "ready");
+        board.failed("r.io/re-resolved:1", "auth", "401", 1);
+        let needs = pull_needs(board)();
+        let want = HashMap::from([
+            ("r.io/waiting:1".to_string(), Need::Pulling),
+            ("r.io/pulling:1".to_string(), Need::Pulling),
+            ("r.io/refused:1".to_string(), Need::AuthFailed),
+            ("r.io/unreachable:1".to_string(), Need::Pulling),
+            ("r.io/re-resolved:1".to_string(), Need::AuthFailed),
+        ]);
+        assert_eq!(needs, want);
+    }
 }

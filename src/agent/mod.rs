@@ -21,10 +21,13 @@ use crate::image_audit::{self, Auditor};
 use crate::prewarm::Prewarmer;
 use crate::process_audit::scanner::Scanner;
 use crate::process_audit::watch as process_watch;
+use crate::report::audit::AuditReport;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
 use crate::report::prewarm::PrewarmReport;
+use crate::report::runtime::RuntimeReport;
 use crate::report::server::{self, Served};
+use crate::report::shutdown::ShutdownReport;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
@@ -117,6 +120,7 @@ impl Agent {
                     findings.clone(),
                     metrics.clone(),
                     health.api.clone(),
+                    board.clone(),
                     &mut tasks,
                     &stop,
                 )
@@ -165,11 +169,11 @@ impl Agent {
             stop.clone(),
         ));
         if settings.runtime_audit.enabled {
+            let report = RuntimeReport::new(metrics.clone(), Some(findings.clone())).into_emit();
             let mut scanner = Scanner::new(
                 runtime.clone(),
                 settings.runtime_audit.scan.clone(),
-                metrics.clone(),
-                Some(findings.clone()),
+                report.clone(),
             );
             if let Some(ranges) = cluster
                 .as_ref()
@@ -184,7 +188,7 @@ impl Agent {
                     interval: settings.runtime_audit.interval,
                     proc_connector: settings.runtime_audit.proc_connector,
                 },
-                metrics.clone(),
+                report,
                 stop.clone(),
             ));
         }
@@ -205,8 +209,7 @@ impl Agent {
                         .map(|c| c.pod_stops.clone())
                         .unwrap_or_default(),
                 ])),
-                findings.clone(),
-                metrics.clone(),
+                ShutdownReport::new(findings.clone(), metrics.clone()).into_emit(),
             );
             tasks.spawn(timer.run(stop.clone()));
         }
@@ -228,11 +231,7 @@ impl Agent {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();
             prewarmer = prewarmer.with_news(news_tx);
-            let mut auditor = Auditor::new(
-                runtime.clone(),
-                settings.audit.policy.clone(),
-                metrics.clone(),
-            );
+            let mut auditor = Auditor::new(runtime.clone(), settings.audit.policy.clone());
             if let Some(dir) = &settings.audit.cache_dir {
                 auditor = auditor.with_disk_cache(image_audit::DiskCache::open(dir)?);
             }
@@ -240,9 +239,7 @@ impl Agent {
             tasks.spawn(image_audit::follow(
                 auditor,
                 news_rx,
-                findings,
-                metrics,
-                board,
+                AuditReport::new(findings, metrics, board).into_emit(),
                 stop.clone(),
             ));
         }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
 use runner_warden::image_audit::facts::{read_facts_from, FsChoice};
+use runner_warden::report::messages;
 
 use super::{ensure_present, fail, CheckImageArgs, OutputFormat, ReadFromArg};
 
@@ -70,7 +71,10 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
                 "config    {} ({}, {} layers)",
                 summary.image_id, summary.platform, summary.layers
             );
-            println!("read from {}", summary.read_from_text());
+            println!(
+                "read from {}",
+                messages::read_from(summary.read_from, summary.snapshotter.as_deref())
+            );
             println!();
             println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");
             for r in &results {

@@ -3,6 +3,7 @@
 
 pub mod check_image;
 pub mod docs;
+pub mod fleet;
 pub mod logging;
 pub mod progress;
 pub mod pull;
@@ -72,6 +73,12 @@ pub enum Command {
     /// last hour. In a cluster: kubectl exec ds/runner-warden -- runner-warden status. Exit status: 0
     /// ready, 1 not ready, 2 no agent answered.
     Status(StatusArgs),
+    /// The fleet view: which node holds which runner image, from every node's NodeRunnerImages
+    /// object (one LIST). Per image: nodes that desire it, ready, pulling, failed (by class, naming the
+    /// nodes) and stale (an agent not heard from within twice its heartbeat). Also a kubectl plugin:
+    /// link the binary as kubectl-runner_warden and run kubectl runner-warden fleet. Exit status: 0
+    /// every desired image ready on every node, 1 otherwise, 2 the API server could not be asked.
+    Fleet(fleet::FleetArgs),
     /// Print a shell completion script: e.g. runner-warden completions bash >
     /// /etc/bash_completion.d/runner-warden.
     Completions(CompletionsArgs),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use runner_warden::process_audit::scanner::{ScanSettings, Scanner};
 use runner_warden::report::metrics::Metrics;
+use runner_warden::report::runtime::RuntimeReport;
 
 use super::{fail, OutputFormat, ScanArgs};
 
@@ -20,7 +21,9 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
             check_bounding: !args.ignore_bounding_set,
         },
     };
-    let scanner = Scanner::new(runtime, settings, Arc::new(Metrics::new()), None);
+    // Findings are the printed rows here; the reporter still logs what it sees.
+    let report = RuntimeReport::new(Arc::new(Metrics::new()), None).into_emit();
+    let scanner = Scanner::new(runtime, settings, report);
     let result = match scanner.scan_all().await {
         Ok(r) => r,
         Err(e) => return Ok(fail(&args.output, &e.to_string(), serde_json::json!({}))),

@@ -44,8 +44,12 @@ pub fn listen_address(raw: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 pub const DEFAULT_LEASE_NAMESPACE: &str = "runner-warden";
-/// A rotated pull secret is picked up within this (at once when its ProjectSettings changes).
+/// A pull secret's copy older than this is read again when a pull needs it (at once when its
+/// ProjectSettings changes or a pull fails with class `auth`).
 pub const DEFAULT_SECRET_REFRESH: Duration = Duration::from_secs(300);
+/// 10 minutes: the object's one steady-state write is then 0.1 requests per node per minute
+/// (5,000 nodes: 8 writes/s), and a dead agent shows stale after 20 minutes.
+pub const DEFAULT_FLEET_HEARTBEAT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -73,7 +77,27 @@ pub struct Settings {
     pub runtime_audit: RuntimeAuditSettings,
     pub shutdown: ShutdownSettings,
     pub kubernetes: KubernetesSettings,
+    pub fleet: FleetSettings,
     pub images: Vec<DesiredImage>,
+}
+
+/// The fleet view: this node's `NodeRunnerImages` object (only with `kubernetes.enabled`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetSettings {
+    /// Write this node's `NodeRunnerImages` object.
+    pub node_status: bool,
+    /// How often an unchanged object is confirmed (`status.updated`); readers call an object stale after
+    /// twice this.
+    pub heartbeat: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            node_status: true,
+            heartbeat: DEFAULT_FLEET_HEARTBEAT,
+        }
+    }
 }
 
 /// The cluster as a source of images and runner pods, and the destination of Events.
@@ -92,8 +116,12 @@ pub struct KubernetesSettings {
     pub agent_registry: Option<(String, String)>,
     /// Namespace of the reporter Lease (the agent's own, env `POD_NAMESPACE`).
     pub lease_namespace: String,
-    /// How long a pull secret read from the cluster is used before it is read again.
+    /// How old a pull secret's copy may be before a pull that needs it (an image not ready, or an
+    /// `auth` failure) reads it again; a copy in steady use is not read again (`sources::kubernetes::secrets`).
     pub secret_refresh: Duration,
+    /// `kubernetes.secret_refresh` is written in the file: copies older than it are also read again
+    /// periodically, needed or not (the old polling: one GET per project per node per period).
+    pub secret_poll: bool,
     /// `--kubeconfig` / `KUBECONFIG`; `None`: in-cluster, then kube's own defaults.
     pub kubeconfig: Option<PathBuf>,
 }
@@ -221,6 +249,7 @@ impl Settings {
         let shutdown = sections::shutdown(raw.shutdown, base, &mut problems);
         let kubernetes = sections::kubernetes(raw.kubernetes, &mut problems);
         let audit = sections::audit(raw.audit, &mut problems);
+        let fleet = sections::fleet(raw.fleet, &mut problems);
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -234,6 +263,7 @@ impl Settings {
             runtime_audit,
             shutdown,
             kubernetes,
+            fleet,
             images,
         })
     }
@@ -259,6 +289,7 @@ impl Settings {
         diff("runtime_audit", self.runtime_audit != next.runtime_audit);
         diff("shutdown", self.shutdown != next.shutdown);
         diff("kubernetes", self.kubernetes != next.kubernetes);
+        diff("fleet", self.fleet != next.fleet);
         diff("images", self.images != next.images);
         c
     }

@@ -23,6 +23,8 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub(super) kubernetes: RawKubernetes,
     #[serde(default)]
+    pub(super) fleet: RawFleet,
+    #[serde(default)]
     pub(super) images: Vec<RawImage>,
 }
 
@@ -195,4 +197,11 @@ fn in_config_words(message: &str) -> String {
         .replace("sequence", "a list")
         .replace("map", "a table");
     format!("expected {expected}, found {found}")
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) node_status: Option<bool>,
+    pub(super) heartbeat: Option<String>,
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::{
-    AuditSettings, KubernetesSettings, Overrides, RuntimeAuditSettings, ShutdownSettings,
-    DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+    AuditSettings, FleetSettings, KubernetesSettings, Overrides, RuntimeAuditSettings,
+    ShutdownSettings, DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
 };
 use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};
@@ -278,11 +278,15 @@ pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> Kubernet
             .lease_namespace
             .unwrap_or_else(|| super::DEFAULT_LEASE_NAMESPACE.into()),
         secret_refresh: super::DEFAULT_SECRET_REFRESH,
+        secret_poll: false,
         kubeconfig: None,
     };
     if let Some(s) = rk.secret_refresh {
         match humantime::parse_duration(&s) {
-            Ok(d) if d >= Duration::from_secs(1) => k.secret_refresh = d,
+            Ok(d) if d >= Duration::from_secs(1) => {
+                k.secret_refresh = d;
+                k.secret_poll = true;
+            }
             Ok(_) => problems.push(format!(
                 "kubernetes.secret_refresh: {s:?} is under a second (every reconcile would read every pull secret)"
             )),
@@ -361,4 +365,24 @@ pub(super) fn audit(raw: RawAudit, problems: &mut Problems) -> AuditSettings {
         policy,
         cache_dir,
     }
+}
+
+pub(super) fn fleet(raw: RawFleet, problems: &mut Problems) -> FleetSettings {
+    let mut f = FleetSettings::default();
+    if let Some(b) = raw.node_status {
+        f.node_status = b;
+    }
+    if let Some(s) = raw.heartbeat {
+        match humantime::parse_duration(&s) {
+            // Under 10 s the heartbeat alone would outgrow the progress rate limit.
+            Ok(d) if d >= Duration::from_secs(10) => f.heartbeat = d,
+            Ok(_) => problems.push(format!(
+                "fleet.heartbeat: {s:?} is under 10 seconds (every node would rewrite its object that often); write e.g. \"10m\""
+            )),
+            Err(e) => problems.push(format!(
+                "fleet.heartbeat: {s:?} is not a duration ({e}); write e.g. \"10m\""
+            )),
+        }
+    }
+    f
 }

@@ -129,6 +129,10 @@ fn secret_refresh_defaults_to_five_minutes_and_is_at_least_a_second() {
         k("[kubernetes]\nsecret_refresh = \"90s\"\n").unwrap(),
         Duration::from_secs(90)
     );
+    // Written in the file, it also polls; the default reads a secret again only when a pull needs it.
+    let poll = |text: &str| parse(text).map(|s| s.kubernetes.secret_poll).unwrap();
+    assert!(!poll(""));
+    assert!(poll("[kubernetes]\nsecret_refresh = \"5m\"\n"));
     for bad in ["\"500ms\"", "\"soon\""] {
         let e = k(&format!("[kubernetes]\nsecret_refresh = {bad}\n")).unwrap_err();
         assert!(e[0].contains("kubernetes.secret_refresh"), "{e:?}");
@@ -324,4 +328,19 @@ fn the_audit_cache_is_an_absolute_directory_or_none() {
         problems[0].starts_with("audit.cache_dir: audits must be an absolute path"),
         "{problems:?}"
     );
+}
+
+#[test]
+fn fleet_section_defaults_and_bounds() {
+    let s = parse("").unwrap();
+    assert!(s.fleet.node_status);
+    assert_eq!(s.fleet.heartbeat, Duration::from_secs(600));
+    let s = parse("[fleet]\nnode_status = false\nheartbeat = \"30s\"\n").unwrap();
+    assert!(!s.fleet.node_status);
+    assert_eq!(s.fleet.heartbeat, Duration::from_secs(30));
+    for bad in ["\"5s\"", "\"soon\""] {
+        let e = parse(&format!("[fleet]\nheartbeat = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("fleet.heartbeat"), "{e:?}");
+    }
+    assert!(parse("[fleet]\nbogus = 1\n").is_err());
 }

@@ -120,6 +120,17 @@ impl fmt::Display for ProcessViolation {
     }
 }
 
+/// A process of a runner container whose `/proc/<pid>/status` cannot be read (`error`): it cannot be
+/// audited.
+pub fn unreadable(pid: u32, error: &dyn fmt::Display) -> ProcessViolation {
+    ProcessViolation {
+        reason: PROCESS_UNREADABLE,
+        detail: format!(
+            "/proc/{pid}/status cannot be read ({error}), so this process cannot be audited; a runner process must not hide its UIDs and capabilities"
+        ),
+    }
+}
+
 fn uid_text(u: &[u32; 4]) -> String {
     format!("Uid {} {} {} {}", u[0], u[1], u[2], u[3])
 }

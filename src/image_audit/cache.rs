@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::facts::ImageSummary;
+use super::inspect::ImageSummary;
 use crate::contract::ImageFacts;
 
 /// Layout version of the files: another one is ignored (and overwritten).
@@ -178,7 +178,7 @@ mod tests {
             image_id: id.into(),
             platform: "linux/amd64".into(),
             layers: 2,
-            read_from: super::super::facts::FsSource::Snapshot,
+            read_from: super::super::inspect::FsSource::Snapshot,
             snapshotter: Some("overlayfs".into()),
         }
     }

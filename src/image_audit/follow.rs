@@ -1,7 +1,8 @@
 //! The image audit as a job of the agent: it follows the prewarmer's news, audits each newly present
 //! content once (the `Auditor` caches by image id), retries while a layer blob may still be on its way
-//! (another pull sharing it), and reports each failing check on every project that wants the image.
-//! An image that leaves the desired set has its audit cancelled and no longer counts in the gauge.
+//! (another pull sharing it), and emits each result with every check's outcome (`report::audit` turns it
+//! into findings for every project that wants the image, metrics and status). An image that leaves the
+//! desired set has its audit cancelled, and its leaving is emitted too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,18 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
-use super::facts::InspectError;
 use super::{Auditor, FactsSource};
-use crate::contract::Outcome;
-use crate::model::Projects;
+use crate::outcome::audit::{AuditEvent, AuditResult, Audited, ImageAudit};
+use crate::outcome::Emit;
 use crate::prewarm::News;
 use crate::reference::ImageRef;
-use crate::report::messages::{self, ImageSubject};
-use crate::report::metrics::Metrics;
-use crate::report::sink::FindingSink;
-use crate::report::status::{AuditStatus, StatusBoard};
 
 const AUDIT_RETRIES: u32 = 3;
 /// Audits at once. Each reads and inflates whole layers: after a restart every present image is news,
@@ -28,12 +23,12 @@ const AUDIT_RETRIES: u32 = 3;
 const AUDITS_AT_ONCE: usize = 1;
 const AUDIT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// Follows `news` until `stop`, telling `emit` of each audit pending, each result and each image that
+/// left.
 pub async fn follow<F: FactsSource>(
     auditor: Arc<Auditor<F>>,
     mut news: mpsc::UnboundedReceiver<News>,
-    findings: FindingSink,
-    metrics: Arc<Metrics>,
-    board: Arc<StatusBoard>,
+    emit: Emit<AuditEvent>,
     stop: CancellationToken,
 ) {
     let mut running: HashMap<ImageRef, CancellationToken> = HashMap::new();
@@ -57,26 +52,35 @@ pub async fn follow<F: FactsSource>(
                 if let Some(old) = running.insert(desired.clone(), token.clone()) {
                     old.cancel(); // the tag moved again before the last audit finished
                 }
-                let (a, f, m, b) = (
-                    auditor.clone(),
-                    findings.clone(),
-                    metrics.clone(),
-                    board.clone(),
-                );
+                emit(AuditEvent::Pending {
+                    image: desired.as_str().to_string(),
+                    image_id: image_id.clone(),
+                });
+                let (a, e) = (auditor.clone(), emit.clone());
                 let slots = slots.clone();
                 tasks.spawn(async move {
                     let _slot = tokio::select! {
                         s = slots.acquire_owned() => s.expect("never closed"),
                         _ = token.cancelled() => return,
                     };
-                    audit(&a, (&desired, &projects), &image_id, &f, &m, &b, &token).await
+                    if let Some(result) = audit(&a, &desired, &image_id, &token).await {
+                        e(AuditEvent::Result(ImageAudit {
+                            image: desired.as_str().to_string(),
+                            image_id,
+                            project: projects.first().map(String::from),
+                            other_projects: projects.others().to_vec(),
+                            result,
+                        }));
+                    }
                 });
             }
             Some(News::Left { image }) => {
                 if let Some(t) = running.remove(&image) {
                     t.cancel();
                 }
-                auditor.forget(image.as_str());
+                emit(AuditEvent::Left {
+                    image: image.as_str().to_string(),
+                });
             }
         }
     }
@@ -86,128 +90,39 @@ pub async fn follow<F: FactsSource>(
     while tasks.join_next().await.is_some() {}
 }
 
+/// The audit of `d`'s content, retried while the image cannot be read; `None` when cancelled while it
+/// waited to retry.
 async fn audit<F: FactsSource>(
     auditor: &Auditor<F>,
-    (image_ref, projects): (&ImageRef, &Projects),
+    image_ref: &ImageRef,
     image_id: &str,
-    findings: &FindingSink,
-    metrics: &Metrics,
-    board: &StatusBoard,
     cancel: &CancellationToken,
-) {
+) -> Option<AuditResult> {
     let image = image_ref.as_str();
     let mut result = auditor.audit(image, image_id).await;
+    let mut attempts = 1;
     for _ in 0..AUDIT_RETRIES {
         if result.is_ok() || cancel.is_cancelled() {
             break;
         }
         tokio::select! {
             _ = tokio::time::sleep(AUDIT_RETRY_DELAY) => {}
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return None,
         }
         result = auditor.audit(image, image_id).await;
+        attempts += 1;
     }
-    match result {
-        Ok((audit, fresh)) => {
-            metrics
-                .image_audits_total
-                .with_label_values(&[if fresh { "ok" } else { "cached" }])
-                .inc();
-            info!(
-                image,
-                violations = audit.count(Outcome::Violation),
-                warnings = audit.count(Outcome::Warning),
-                read_from = audit.summary.read_from_text(),
-                "contract audit done"
-            );
-            board.audited(image, audit_status(&audit));
-            let subject = ImageSubject {
-                image,
-                project: projects.first(),
-            };
-            for r in audit.results.iter().filter(|r| r.outcome != Outcome::Pass) {
-                let outcome = if r.outcome == Outcome::Violation {
-                    "violation"
-                } else {
-                    "warning"
-                };
-                warn!(
-                    image,
-                    check = r.check,
-                    outcome,
-                    "runner image contract: {}",
-                    r.detail
-                );
-                findings.publish_to_projects(
-                    messages::contract_check(
-                        subject,
-                        r.check,
-                        outcome,
-                        &r.detail,
-                        &audit.summary.read_from_text(),
-                    ),
-                    image,
-                    projects.others(),
-                );
-            }
-        }
-        Err(e) => {
-            metrics
-                .image_audits_total
-                .with_label_values(&["error"])
-                .inc();
-            warn!(image, error = %e, "contract audit could not read the image after {} attempts; it is tried again when the image changes", AUDIT_RETRIES + 1);
-            // containerd away or the image gone meanwhile is the node's state, not the image's.
-            if !matches!(e, InspectError::Runtime(_) | InspectError::NotPresent(_)) {
-                let subject = ImageSubject {
-                    image,
-                    project: projects.first(),
-                };
-                findings.publish_to_projects(
-                    messages::not_audited(subject, &e.to_string()),
-                    image,
-                    projects.others(),
-                );
-            }
-            board.audited(
-                image,
-                AuditStatus {
-                    result: "error".into(),
-                    violations: 0,
-                    warnings: 0,
-                    details: vec![e.to_string()],
-                    at: now(),
-                },
-            );
-        }
-    }
-}
-
-fn now() -> String {
-    crate::report::status::stamp(std::time::SystemTime::now())
-}
-
-/// An audit as `status` shows it: the outcome and the checks that did not pass.
-fn audit_status(audit: &super::Audit) -> AuditStatus {
-    let (violations, warnings) = (
-        audit.count(Outcome::Violation),
-        audit.count(Outcome::Warning),
-    );
-    AuditStatus {
-        result: match (violations, warnings) {
-            (0, 0) => "passed",
-            (0, _) => "warnings",
-            _ => "violations",
-        }
-        .into(),
-        violations,
-        warnings,
-        details: audit
-            .results
-            .iter()
-            .filter(|r| r.outcome != Outcome::Pass)
-            .map(|r| format!("{}: {}", r.check, r.detail))
-            .collect(),
-        at: now(),
-    }
+    Some(match result {
+        Ok((audit, read)) => AuditResult::Audited(Audited {
+            read,
+            read_from: audit.summary.read_from,
+            snapshotter: audit.summary.snapshotter.clone(),
+            checks: audit.results.clone(),
+        }),
+        Err(e) => AuditResult::NotAudited {
+            reason: e.reason(),
+            error: e.to_string(),
+            attempts,
+        },
+    })
 }

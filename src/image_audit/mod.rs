@@ -1,10 +1,14 @@
-//! The static image audit: an image's facts read from containerd's content store (`facts`), its final
-//! filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The checks
-//! themselves are pure, in `contract`.
+//! The static image audit: an image's facts read from containerd (`facts` orchestrates; `snapshot` reads
+//! the unpacked snapshot, `blobs` the layer blobs, both within `bounds`; `inspect` holds what they share),
+//! its final filesystem from the layers (`layers`), and the cached `Auditor` (once per image id). The
+//! checks themselves are pure, in `contract`.
 
+pub mod blobs;
+pub mod bounds;
 mod cache;
 pub mod facts;
 mod follow;
+pub mod inspect;
 pub mod layers;
 pub mod mounted;
 pub mod snapshot;
@@ -12,16 +16,15 @@ pub mod snapshot;
 pub use cache::{CacheError, DiskCache};
 pub use follow::follow;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::contract::{audit, CheckResult, ImageFacts, Outcome, Policy, CHECKS};
-use crate::report::metrics::Metrics;
+use crate::contract::{audit, CheckResult, ImageFacts, Outcome, Policy};
 use crate::runtime::Runtime;
-use facts::{read_facts, ImageSummary, InspectError};
+use facts::read_facts;
+use inspect::{ImageSummary, InspectError};
 
 /// Where an image's facts come from: containerd's content store in the agent, a table in unit tests.
 pub trait FactsSource: Send + Sync + 'static {
@@ -50,25 +53,20 @@ impl Audit {
     }
 }
 
-/// Audits images once per image id (config digest) and keeps `image_violations{check}` current: the
-/// number of desired images whose latest audit fails that check as a violation.
+/// Audits images once per image id (config digest).
 pub struct Auditor<F: FactsSource = Runtime> {
     source: F,
     policy: Policy,
-    metrics: Arc<Metrics>,
     by_id: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Audit>>>>>,
-    by_image: Mutex<BTreeMap<String, Arc<Audit>>>,
     disk: Option<DiskCache>,
 }
 
 impl<F: FactsSource> Auditor<F> {
-    pub fn new(source: F, policy: Policy, metrics: Arc<Metrics>) -> Self {
+    pub fn new(source: F, policy: Policy) -> Self {
         Self {
             source,
             policy,
-            metrics,
             by_id: Mutex::new(HashMap::new()),
-            by_image: Mutex::new(BTreeMap::new()),
             disk: None,
         }
     }
@@ -79,16 +77,16 @@ impl<F: FactsSource> Auditor<F> {
         self
     }
 
-    /// Facts from the disk cache, or read from the image (under the disk's marker, recorded after).
+    /// Facts from the disk cache, or read from the image (under the disk's marker, recorded after); a
+    /// read notes how long it took in `read`.
     async fn facts(
         &self,
         image: &str,
         image_id: &str,
-        fresh: &AtomicBool,
+        read: &Mutex<Option<Duration>>,
     ) -> Result<(ImageSummary, ImageFacts), InspectError> {
         let Some(disk) = &self.disk else {
-            fresh.store(true, Ordering::Relaxed);
-            return self.read_timed(image).await;
+            return self.read_timed(image, read).await;
         };
         if let Some(found) = disk.load(image_id) {
             return Ok(found);
@@ -99,9 +97,8 @@ impl<F: FactsSource> Auditor<F> {
                 marker: disk.marker(image_id),
             });
         }
-        fresh.store(true, Ordering::Relaxed);
         let _marker = disk.begin(image_id);
-        let (summary, facts) = self.read_timed(image).await?;
+        let (summary, facts) = self.read_timed(image, read).await?;
         // Content is addressed by the config digest: a record under another id is of other content.
         if summary.image_id == image_id {
             disk.store(&summary, &facts);
@@ -109,22 +106,24 @@ impl<F: FactsSource> Auditor<F> {
         Ok((summary, facts))
     }
 
-    async fn read_timed(&self, image: &str) -> Result<(ImageSummary, ImageFacts), InspectError> {
-        let started = std::time::Instant::now();
-        let read = self.source.read_facts(image).await?;
-        self.metrics
-            .image_audit_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(read)
+    async fn read_timed(
+        &self,
+        image: &str,
+        read: &Mutex<Option<Duration>>,
+    ) -> Result<(ImageSummary, ImageFacts), InspectError> {
+        let started = Instant::now();
+        let facts = self.source.read_facts(image).await?;
+        *read.lock().expect("read time") = Some(started.elapsed());
+        Ok(facts)
     }
 
-    /// Audits `image` (present in containerd) unless its id was audited before; returns the audit and
-    /// whether it is new.
+    /// Audits `image` (present in containerd) unless its id was audited before; returns the audit and,
+    /// when it is new, how long reading the image took (`None`: from a cache).
     pub async fn audit(
         &self,
         image: &str,
         image_id: &str,
-    ) -> Result<(Arc<Audit>, bool), InspectError> {
+    ) -> Result<(Arc<Audit>, Option<Duration>), InspectError> {
         let cell = self
             .by_id
             .lock()
@@ -132,12 +131,12 @@ impl<F: FactsSource> Auditor<F> {
             .entry(image_id.to_string())
             .or_default()
             .clone();
-        let fresh = AtomicBool::new(false);
+        let read = Mutex::new(None);
         // Concurrent requests for one image id wait for a single audit; a failure leaves the cell
         // empty so the next request tries again.
         let audit = cell
             .get_or_try_init(|| async {
-                let (summary, facts) = self.facts(image, image_id, &fresh).await?;
+                let (summary, facts) = self.facts(image, image_id, &read).await?;
                 Ok::<_, InspectError>(Arc::new(Audit {
                     results: audit(&facts, &self.policy),
                     summary,
@@ -145,37 +144,7 @@ impl<F: FactsSource> Auditor<F> {
             })
             .await?
             .clone();
-        let fresh = fresh.into_inner();
-        self.by_image
-            .lock()
-            .expect("audit index")
-            .insert(image.to_string(), audit.clone());
-        self.publish();
-        Ok((audit, fresh))
-    }
-
-    /// The image left the desired set: it no longer counts in the gauge.
-    pub fn forget(&self, image: &str) {
-        self.by_image.lock().expect("audit index").remove(image);
-        self.publish();
-    }
-
-    fn publish(&self) {
-        let by_image = self.by_image.lock().expect("audit index");
-        for check in CHECKS {
-            let n = by_image
-                .values()
-                .filter(|a| {
-                    a.results
-                        .iter()
-                        .any(|r| r.check == check && r.outcome == Outcome::Violation)
-                })
-                .count();
-            self.metrics
-                .image_violations
-                .with_label_values(&[check])
-                .set(n as i64);
-        }
+        Ok((audit, read.into_inner().expect("read time")))
     }
 }
 

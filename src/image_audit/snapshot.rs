@@ -15,10 +15,15 @@ use std::path::{Path, PathBuf};
 
 use containerd_client::types::Mount;
 use sha2::{Digest, Sha256};
+use tracing::debug;
 
-use super::facts::{LayerBounds, AUDIT_TIME_CAP};
+use super::bounds::{IdlePriority, LayerBounds, AUDIT_TIME_CAP};
+use super::inspect::InspectError;
 use super::layers::{Change, FsBuilder, PASSWD_MAX};
+use super::mounted;
 use crate::contract::{is_credential_path, Kind, PathMeta};
+use crate::runtime::errors::RuntimeError;
+use crate::runtime::Runtime;
 
 /// The chain id of each layer (OCI image spec, "Layer ChainID"): the first layer's diff id, then
 /// `sha256(parent chain id + " " + diff id)`. The snapshotter names committed snapshots by it.
@@ -190,6 +195,189 @@ pub fn walk_dir_layer(
         }
     }
     Ok(fs)
+}
+
+/// The agent's effective capabilities: they do not change while it runs, so read once.
+static OWN_CAPABILITIES: std::sync::LazyLock<u64> = std::sync::LazyLock::new(own_capabilities);
+
+/// Label on an image's config blob naming the snapshotter that unpacked it (value: the top chain id).
+const SNAPSHOT_REF_LABEL: &str = "containerd.io/gc.ref.snapshot.";
+
+/// The snapshotter holding the committed snapshot `top`: overlayfs, asked first and even when the config
+/// blob's labels do not name it (any content writer that re-labels the blob — `ctr content fetch` does —
+/// drops them: the snapshotter decides, asked by `Stat`); only when it has none, each other snapshotter
+/// those labels name (so the common case costs no `content.Info`).
+async fn find_snapshotter(
+    runtime: &Runtime,
+    config_digest: &str,
+    top: &str,
+) -> Result<Option<String>, RuntimeError> {
+    if runtime.snapshot_exists("overlayfs", top).await? {
+        return Ok(Some("overlayfs".into()));
+    }
+    let mut others: Vec<String> = runtime
+        .blob_labels(config_digest)
+        .await?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| v == top)
+        .filter_map(|(k, _)| k.strip_prefix(SNAPSHOT_REF_LABEL).map(str::to_string))
+        .filter(|c| c != "overlayfs")
+        .collect();
+    others.sort();
+    for c in others {
+        match runtime.snapshot_exists(&c, top).await {
+            Ok(true) => return Ok(Some(c)),
+            Ok(false) => {}
+            // A snapshotter named by a label but not loaded in this containerd: try the next one.
+            Err(e) => debug!(snapshotter = %c, error = %e, "cannot ask this snapshotter"),
+        }
+    }
+    Ok(None)
+}
+
+/// The filesystem from the unpacked snapshot, with the snapshotter's name: `Ok(None)` when the image is
+/// not unpacked (the blobs are then the only source); an error names the layer and why it could not be
+/// read.
+pub(super) async fn from_snapshot(
+    runtime: &Runtime,
+    name: &str,
+    config_digest: &str,
+    diff_ids: &[String],
+    deadline: std::time::Instant,
+) -> Result<Option<(FsBuilder, String)>, InspectError> {
+    let Some(top) = chain_ids(diff_ids).pop() else {
+        return Ok(None);
+    };
+    let missing = missing_capabilities(*OWN_CAPABILITIES);
+    if !missing.is_empty() {
+        return Err(InspectError::Format {
+            image: name.to_string(),
+            what: format!(
+                "reading its unpacked snapshot needs {} (this process lacks it; the DaemonSet adds both)",
+                missing.join(" and ")
+            ),
+        });
+    }
+    let Some(snapshotter) = find_snapshotter(runtime, config_digest, &top).await? else {
+        debug!(
+            image = name,
+            "no snapshot of this image; reading layer blobs"
+        );
+        return Ok(None);
+    };
+    let top_layer = diff_ids.len() - 1;
+    let layer_err = |index: usize, what: String| InspectError::Layer {
+        image: name.to_string(),
+        index,
+        digest: diff_ids[index].clone(),
+        what,
+    };
+    let view = match runtime.view_snapshot(&snapshotter, &top).await {
+        Ok(v) => v,
+        // containerd stats the parent's directory: a half-removed snapshot fails here.
+        Err(RuntimeError::Call { message, .. }) => {
+            return Err(layer_err(
+                top_layer,
+                format!("its unpacked {snapshotter} snapshot {top} cannot be opened: {message}"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let bounds = LayerBounds {
+        deadline: Some(deadline),
+        ..LayerBounds::default()
+    };
+    // A whole filesystem in one directory (or one mounted view) is walked as the top layer: its facts are
+    // the final filesystem's, as the layers' would be.
+    let whole = move |dir: &std::path::Path| {
+        let _idle = IdlePriority::enter();
+        let mut fs = FsBuilder::new();
+        fs.begin_layer(top_layer);
+        walk_dir_layer(dir, fs, &bounds)
+    };
+    let read = match layout(&view.mounts) {
+        Err(what) => Err(InspectError::Format {
+            image: name.to_string(),
+            what,
+        }),
+        Ok(Layout::Layers(dirs)) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
+            image: name.to_string(),
+            what: format!(
+                "its snapshot has {} layer directories for {} layers",
+                dirs.len(),
+                diff_ids.len()
+            ),
+        }),
+        Ok(Layout::Layers(dirs)) => {
+            let ids = diff_ids.to_vec();
+            let image = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                let _idle = IdlePriority::enter();
+                let mut fs = FsBuilder::new();
+                for (index, dir) in dirs.iter().enumerate() {
+                    fs.begin_layer(index);
+                    fs = walk_dir_layer(dir, fs, &bounds).map_err(|e| InspectError::Layer {
+                        image: image.clone(),
+                        index,
+                        digest: ids[index].clone(),
+                        what: format!("its unpacked directory {}: {e}", dir.display()),
+                    })?;
+                }
+                Ok(fs)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(InspectError::Format {
+                    image: name.to_string(),
+                    what: format!("snapshot reader task failed: {e}"),
+                })
+            })
+        }
+        Ok(Layout::Merged(dir)) => {
+            let d = dir.clone();
+            match tokio::task::spawn_blocking(move || whole(&d)).await {
+                Ok(r) => r.map_err(|e| {
+                    layer_err(
+                        top_layer,
+                        format!(
+                            "its unpacked {snapshotter} directory {}: {e}",
+                            dir.display()
+                        ),
+                    )
+                }),
+                Err(e) => Err(layer_err(
+                    top_layer,
+                    format!("snapshot reader task failed: {e}"),
+                )),
+            }
+        }
+        Ok(Layout::Mount(mounts)) => {
+            let kinds: Vec<String> = mounts.iter().map(|m| m.r#type.clone()).collect();
+            // mounted::read blocks on its own thread: wait for it off the async workers.
+            match tokio::task::spawn_blocking(move || {
+                mounted::read(mounts, move |root| whole(root))
+            })
+            .await
+            {
+                Ok(r) => r.map_err(|e| {
+                    layer_err(
+                        top_layer,
+                        format!(
+                            "its {snapshotter} snapshot, mounted read-only ({}): {e}",
+                            kinds.join("+")
+                        ),
+                    )
+                }),
+                Err(e) => Err(layer_err(
+                    top_layer,
+                    format!("snapshot reader task failed: {e}"),
+                )),
+            }
+        }
+    };
+    runtime.drop_view(view).await;
+    read.map(|fs| Some((fs, snapshotter)))
 }
 
 #[cfg(test)]

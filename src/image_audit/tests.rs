@@ -8,10 +8,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 use crate::contract::{Kind, PathMeta, LABEL_KEYS};
+use crate::outcome::audit::{AuditEvent, AuditResult, AuditState, NotAuditedReason};
 use crate::prewarm::News;
 use crate::reference::ImageRef;
+use crate::report::audit::AuditReport;
+use crate::report::metrics::Metrics;
 use crate::report::sink::FindingSink;
 use crate::report::status::StatusBoard;
 
@@ -112,12 +117,8 @@ fn root_user() -> ImageFacts {
     }
 }
 
-fn auditor(fake: &Fake, metrics: &Arc<Metrics>) -> Arc<Auditor<Fake>> {
-    Arc::new(Auditor::new(
-        fake.clone(),
-        Policy::default(),
-        metrics.clone(),
-    ))
+fn auditor(fake: &Fake) -> Arc<Auditor<Fake>> {
+    Arc::new(Auditor::new(fake.clone(), Policy::default()))
 }
 
 fn gauge(m: &Metrics, check: &str) -> i64 {
@@ -137,23 +138,16 @@ async fn one_read_per_image_id_even_when_asked_at_once() {
         .unwrap()
         .facts
         .insert("a:latest".into(), root_user());
-    let m = Arc::new(Metrics::new());
-    let a = auditor(&fake, &m);
+    let a = auditor(&fake);
     let (x, y) = tokio::join!(a.audit("a:v1", "sha256:1"), a.audit("a:v1", "sha256:1"));
     let ((ax, fx), (ay, fy)) = (x.unwrap(), y.unwrap());
     assert_eq!(fake.reads(), 1);
-    assert!(fx ^ fy, "exactly one of them audited");
+    assert!(fx.is_some() ^ fy.is_some(), "exactly one of them audited");
     assert!(Arc::ptr_eq(&ax, &ay));
-    // Another tag of the same content is not read again, but counts in the gauge as its own image.
+    // Another tag of the same content is not read again.
     let (_, fresh) = a.audit("a:latest", "sha256:1").await.unwrap();
-    assert!(!fresh);
+    assert!(fresh.is_none());
     assert_eq!(fake.reads(), 1);
-    assert_eq!(gauge(&m, "non-root-user"), 2);
-    assert_eq!(gauge(&m, "stop-signal"), 0, "only the failing check counts");
-    a.forget("a:v1");
-    assert_eq!(gauge(&m, "non-root-user"), 1);
-    a.forget("a:latest");
-    assert_eq!(gauge(&m, "non-root-user"), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -165,17 +159,18 @@ async fn a_failed_read_is_not_cached() {
         .facts
         .insert("a:v1".into(), compliant());
     fake.0.lock().unwrap().failures.insert("a:v1".into(), 1);
-    let m = Arc::new(Metrics::new());
-    let a = auditor(&fake, &m);
+    let a = auditor(&fake);
     assert!(a.audit("a:v1", "sha256:1").await.is_err());
     let (audit, fresh) = a.audit("a:v1", "sha256:1").await.unwrap();
-    assert!(fresh);
+    assert!(fresh.is_some());
     assert_eq!(audit.count(Outcome::Violation), 0);
     assert_eq!(fake.reads(), 2);
 }
 
-/// The audit job running over `fake`, with its metrics, findings and news channel.
+/// The audit job running over `fake`, with its events, its reporter's metrics and findings, and its news
+/// channel.
 struct Job {
+    events: Events,
     m: Arc<Metrics>,
     captured: crate::report::sink::Captured,
     board: Arc<StatusBoard>,
@@ -184,21 +179,48 @@ struct Job {
     job: tokio::task::JoinHandle<()>,
 }
 
+/// Every event the job emitted, in order.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<AuditEvent>>>);
+
+impl Events {
+    fn all(&self) -> Vec<AuditEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The audit states in order (`None`: the image left).
+    fn states(&self) -> Vec<Option<AuditState>> {
+        self.all().iter().map(AuditEvent::state).collect()
+    }
+
+    /// Recorded, then handed to `report`.
+    fn emit(&self, report: AuditReport) -> crate::outcome::Emit<AuditEvent> {
+        let (events, report) = (self.clone(), report.into_emit());
+        Arc::new(move |e| {
+            events.0.lock().unwrap().push(e.clone());
+            report(e)
+        })
+    }
+}
+
 fn start(fake: &Fake) -> Job {
+    start_with(auditor(fake), Arc::new(StatusBoard::default()))
+}
+
+fn start_with(auditor: Arc<Auditor<Fake>>, board: Arc<StatusBoard>) -> Job {
     let m = Arc::new(Metrics::new());
     let (sink, captured) = FindingSink::capture(m.clone());
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let board = Arc::new(StatusBoard::default());
+    let events = Events::default();
     let job = tokio::spawn(follow(
-        auditor(fake, &m),
+        auditor,
         rx,
-        sink,
-        m.clone(),
-        board.clone(),
+        events.emit(AuditReport::new(sink, m.clone(), board.clone())),
         stop.clone(),
     ));
     Job {
+        events,
         m,
         captured,
         board,
@@ -224,6 +246,7 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
     let image = "r.io/team/runner:v1";
     let fake = Fake::with(image, root_user(), 2);
     let Job {
+        events,
         m,
         captured,
         board,
@@ -262,6 +285,23 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
         None,
         "passing checks are not reported"
     );
+    let AuditEvent::Result(a) = &events.all()[1] else {
+        panic!("{:?}", events.all())
+    };
+    assert_eq!(
+        (a.project.as_deref(), a.other_projects.as_slice()),
+        (Some("a"), &["b".to_string(), "c".to_string()][..])
+    );
+    let AuditResult::Audited(done) = &a.result else {
+        panic!("{a:?}")
+    };
+    assert!(done.read.is_some(), "read for this audit");
+    assert_eq!(
+        done.failing()
+            .map(|r| (r.check, r.outcome))
+            .collect::<Vec<_>>(),
+        [("non-root-user", Outcome::Violation)]
+    );
     // The image leaves: it no longer counts.
     assert_eq!(gauge(&m, "non-root-user"), 1);
     tx.send(News::Left {
@@ -270,6 +310,14 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(gauge(&m, "non-root-user"), 0);
+    assert_eq!(
+        events.states(),
+        [
+            Some(AuditState::Pending),
+            Some(AuditState::Violations),
+            None
+        ]
+    );
     stop.cancel();
     job.await.unwrap();
 }
@@ -279,6 +327,7 @@ async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
     let image = "r.io/team/runner:v1";
     let fake = Fake::with(image, root_user(), 100);
     let Job {
+        events,
         m,
         captured,
         board: _,
@@ -294,6 +343,11 @@ async fn an_image_that_leaves_while_its_audit_retries_is_not_reported() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(fake.reads(), 1, "no retry after the image left");
+    assert_eq!(
+        events.states(),
+        [Some(AuditState::Pending), None],
+        "no result"
+    );
     assert!(captured.reasons().is_empty());
     assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 0);
     stop.cancel();
@@ -305,6 +359,7 @@ async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
     let image = "r.io/team/runner:v1";
     let fake = Fake::default();
     let Job {
+        events,
         m,
         captured,
         board,
@@ -316,6 +371,20 @@ async fn an_unreadable_image_is_counted_as_an_audit_error_after_its_retries() {
     tx.send(present(image, "a", &[])).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(fake.reads(), 4, "one read and three retries");
+    let AuditEvent::Result(a) = &events.all()[1] else {
+        panic!("{:?}", events.all())
+    };
+    assert!(
+        matches!(
+            &a.result,
+            AuditResult::NotAudited {
+                reason: NotAuditedReason::NotPresent,
+                attempts: 4,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
     let audit = board.images()[0].audit.clone().expect("on the board");
     assert_eq!((audit.result.as_str(), audit.details.len()), ("error", 1));
     assert_eq!(m.image_audits_total.with_label_values(&["error"]).get(), 1);
@@ -334,6 +403,7 @@ async fn audits_run_one_at_a_time_beside_the_pulls() {
         t.failures.insert(image, 0);
     }
     let Job {
+        events: _,
         m,
         captured: _,
         board: _,
@@ -367,23 +437,17 @@ async fn audits_run_one_at_a_time_beside_the_pulls() {
     job.await.unwrap();
 }
 
-fn cached_auditor(
-    fake: &Fake,
-    m: &Arc<Metrics>,
-    dir: &std::path::Path,
-    policy: Policy,
-) -> Auditor<Fake> {
-    Auditor::new(fake.clone(), policy, m.clone()).with_disk_cache(DiskCache::open(dir).unwrap())
+fn cached_auditor(fake: &Fake, dir: &std::path::Path, policy: Policy) -> Auditor<Fake> {
+    Auditor::new(fake.clone(), policy).with_disk_cache(DiskCache::open(dir).unwrap())
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_judges_the_facts_it_kept_on_disk_under_its_current_policy() {
     let cache = tempfile::tempdir().unwrap();
     let fake = Fake::with("a:v1", root_user(), 0);
-    let m = Arc::new(Metrics::new());
-    let first = cached_auditor(&fake, &m, cache.path(), Policy::default());
+    let first = cached_auditor(&fake, cache.path(), Policy::default());
     let (audit, fresh) = first.audit("a:v1", "sha256:1d").await.unwrap();
-    assert!(fresh);
+    assert!(fresh.is_some());
     assert_eq!(audit.count(Outcome::Violation), 1);
     drop(first);
 
@@ -392,9 +456,9 @@ async fn a_restarted_agent_judges_the_facts_it_kept_on_disk_under_its_current_po
     policy
         .severities
         .insert("non-root-user".into(), crate::contract::Severity::Warning);
-    let again = cached_auditor(&fake, &m, cache.path(), policy);
+    let again = cached_auditor(&fake, cache.path(), policy);
     let (audit, fresh) = again.audit("a:v1", "sha256:1d").await.unwrap();
-    assert!(!fresh, "from the disk");
+    assert!(fresh.is_none(), "from the disk");
     assert_eq!(fake.reads(), 1);
     assert_eq!(
         (
@@ -420,23 +484,37 @@ async fn an_image_whose_audit_killed_the_agent_is_not_audited_again_and_says_so(
     std::fs::write(cache.path().join("sha256-1.auditing"), b"").unwrap();
     let image = "r.io/team/runner:v1";
     let fake = Fake::with(image, root_user(), 0);
-    let m = Arc::new(Metrics::new());
-    let (sink, captured) = FindingSink::capture(m.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
     let board = Arc::new(StatusBoard::default());
     board.track(image, vec!["a".into()]);
-    let job = tokio::spawn(follow(
-        Arc::new(cached_auditor(&fake, &m, cache.path(), Policy::default())),
-        rx,
-        sink,
-        m.clone(),
-        board.clone(),
-        stop.clone(),
-    ));
+    let Job {
+        events,
+        m: _,
+        captured,
+        board,
+        tx,
+        stop,
+        job,
+    } = start_with(
+        Arc::new(cached_auditor(&fake, cache.path(), Policy::default())),
+        board,
+    );
     tx.send(present(image, "a", &["b"])).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(fake.reads(), 0, "never read again");
+    assert_eq!(
+        events.states(),
+        [Some(AuditState::Pending), Some(AuditState::NotAudited)]
+    );
+    let AuditEvent::Result(a) = &events.all()[1] else {
+        unreachable!()
+    };
+    assert!(matches!(
+        a.result,
+        AuditResult::NotAudited {
+            reason: NotAuditedReason::Interrupted,
+            ..
+        }
+    ));
     let f = captured.findings();
     let not_audited: Vec<_> = f
         .iter()

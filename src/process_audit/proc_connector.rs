@@ -216,11 +216,11 @@ pub enum ConnectorEvent {
 }
 
 /// Runs the connector on its own thread until `stop`, sending each credential event's pid (and each
-/// overrun) to `tx`. `up` goes to 0 if the socket fails for good (the loop then polls only).
+/// overrun) to `tx`. `down` is called if the socket fails for good (the loop then polls only).
 pub fn spawn(
     conn: ProcConnector,
     tx: tokio::sync::mpsc::Sender<ConnectorEvent>,
-    up: prometheus::IntGauge,
+    down: impl FnOnce() + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -247,7 +247,7 @@ pub fn spawn(
                         }
                     }
                     Err(e) => {
-                        up.set(0);
+                        down();
                         tracing::warn!(error = %e, "proc connector read failed; falling back to polling");
                         return;
                     }

@@ -1,19 +1,19 @@
 //! The runtime audit: every process of every runner container, read from /proc and judged by
 //! `contract::process`. Keeps per-container state: the first observed UIDs (the drift baseline) and the
-//! checks currently failing, so each finding is reported once per container and check while it persists
-//! and `noncompliant_containers{check}` drops when the container complies again or goes away.
+//! checks currently failing, so each finding is emitted once per container and check while it persists,
+//! and its end when the container complies again or goes away (`report::runtime` turns them into
+//! findings and `noncompliant_containers{check}`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::source::{ContainerLister, HostProc, ProcFs};
-use crate::contract::process::{evaluate_process, UidPolicy, PROCESS_CHECKS, PROCESS_UNREADABLE};
-use crate::report::messages;
-use crate::report::metrics::Metrics;
-use crate::report::sink::FindingSink;
+use crate::contract::process::{self, evaluate_process, UidPolicy};
+use crate::outcome::runtime::{RuntimeEvent, RuntimeFinding};
+use crate::outcome::Emit;
 use crate::runtime::containers::ContainerRef;
 use crate::runtime::errors::RuntimeError;
 use crate::runtime::Runtime;
@@ -75,8 +75,7 @@ pub struct Scanner<C: ContainerLister = Runtime, P: ProcFs = HostProc> {
     containers: C,
     proc: P,
     settings: ScanSettings,
-    metrics: Arc<Metrics>,
-    findings: Option<FindingSink>,
+    emit: Emit<RuntimeEvent>,
     state: Mutex<HashMap<String, Tracked>>,
     namespace_ranges: Option<Arc<NamespaceRanges>>,
 }
@@ -104,14 +103,9 @@ impl NamespaceRanges {
 }
 
 impl Scanner {
-    /// A scanner of containerd's containers through the host's `/proc`.
-    pub fn new(
-        runtime: Runtime,
-        settings: ScanSettings,
-        metrics: Arc<Metrics>,
-        findings: Option<FindingSink>,
-    ) -> Self {
-        Self::with_sources(runtime, HostProc, settings, metrics, findings)
+    /// A scanner of containerd's containers through the host's `/proc`, telling `emit` what it finds.
+    pub fn new(runtime: Runtime, settings: ScanSettings, emit: Emit<RuntimeEvent>) -> Self {
+        Self::with_sources(runtime, HostProc, settings, emit)
     }
 }
 
@@ -120,15 +114,13 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         containers: C,
         proc: P,
         settings: ScanSettings,
-        metrics: Arc<Metrics>,
-        findings: Option<FindingSink>,
+        emit: Emit<RuntimeEvent>,
     ) -> Self {
         Self {
             containers,
             proc,
             settings,
-            metrics,
-            findings,
+            emit,
             state: Mutex::new(HashMap::new()),
             namespace_ranges: None,
         }
@@ -187,22 +179,26 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
                 }
             }
         }
+        let mut gone = Vec::new();
         {
             // Containers that are gone no longer count.
             let mut state = self.state.lock().expect("scan state");
             state.retain(|id, t| {
                 let alive = containers.iter().any(|c| &c.id == id);
                 if !alive && !t.failing.is_empty() {
-                    info!(pod = %t.container.pod, container = %t.container.name, "non-compliant container is gone");
+                    gone.push(t.container.clone());
                 }
                 alive
             });
         }
-        self.publish_gauges();
-        self.metrics.scanned_processes.set(result.processes as i64);
-        self.metrics
-            .scan_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
+        for container in gone {
+            (self.emit)(RuntimeEvent::Gone { container });
+        }
+        (self.emit)(RuntimeEvent::Scanned {
+            containers: result.containers,
+            processes: result.processes,
+            took: started.elapsed(),
+        });
         Ok(result)
     }
 
@@ -214,7 +210,7 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         };
         if let Some(c) = container {
             self.scan_one(&c).await?;
-            self.publish_gauges();
+            (self.emit)(RuntimeEvent::Rescanned { container_id: c.id });
         }
         Ok(())
     }
@@ -272,14 +268,13 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
                 debug!(pid, error = %e, "unreadable /proc entry of a process that left; skipped");
                 continue;
             }
+            let v = process::unreadable(pid, &e);
             rows.push(Row {
                 container: c.clone(),
                 pid,
                 command: "?".into(),
-                check: PROCESS_UNREADABLE,
-                detail: format!(
-                    "/proc/{pid}/status cannot be read ({e}), so this process cannot be audited; a runner process must not hide its UIDs and capabilities"
-                ),
+                check: v.reason,
+                detail: v.detail,
             });
         }
         if procs.is_empty() {
@@ -328,9 +323,9 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         Ok((rows, procs.len()))
     }
 
-    /// New failures become findings; cleared ones are logged.
+    /// New failures are emitted as findings, cleared ones as complying again.
     fn update(&self, c: &ContainerRef, rows: &[Row]) {
-        let mut new = Vec::new();
+        let mut events = Vec::new();
         {
             let mut state = self.state.lock().expect("scan state");
             let Some(t) = state.get_mut(&c.id) else {
@@ -341,49 +336,28 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             t.failing.retain(|check, _| {
                 let still = now.contains_key(check);
                 if !still {
-                    info!(pod = %c.pod, container = %c.name, check, "container complies again");
+                    events.push(RuntimeEvent::Complies {
+                        container: c.clone(),
+                        check,
+                    });
                 }
                 still
             });
             for (check, row) in now {
                 if !t.failing.contains_key(check) {
                     t.failing.insert(check, row.clone());
-                    new.push(row.clone());
+                    events.push(RuntimeEvent::Finding(RuntimeFinding {
+                        container: c.clone(),
+                        pid: row.pid,
+                        command: row.command.clone(),
+                        check: row.check,
+                        detail: row.detail.clone(),
+                    }));
                 }
             }
         }
-        for row in new {
-            self.metrics
-                .process_violations_total
-                .with_label_values(&[row.check])
-                .inc();
-            warn!(
-                namespace = %c.namespace, pod = %c.pod, container = %c.name, pid = row.pid,
-                command = %row.command, check = row.check, "runner process violation: {}", row.detail
-            );
-            if let Some(sink) = &self.findings {
-                sink.publish(&messages::process_violation(
-                    c,
-                    row.check,
-                    row.pid,
-                    &row.command,
-                    &row.detail,
-                ));
-            }
-        }
-    }
-
-    fn publish_gauges(&self) {
-        let state = self.state.lock().expect("scan state");
-        for check in PROCESS_CHECKS {
-            let n = state
-                .values()
-                .filter(|t| t.failing.contains_key(check))
-                .count();
-            self.metrics
-                .noncompliant_containers
-                .with_label_values(&[check])
-                .set(n as i64);
+        for e in events {
+            (self.emit)(e);
         }
     }
 }

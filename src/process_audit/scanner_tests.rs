@@ -8,6 +8,10 @@ use super::*;
 use crate::contract::process::{
     ProcFacts, CAPABILITY_DRIFT, PROCESS_UNREADABLE, RUNNING_AS_ROOT, UID_DRIFT,
 };
+use crate::outcome::runtime::RuntimeEvent;
+use crate::outcome::Emit;
+use crate::report::metrics::Metrics;
+use crate::report::runtime::RuntimeReport;
 use crate::report::sink::{Captured, FindingSink};
 
 #[derive(Default)]
@@ -121,24 +125,37 @@ struct Rig {
     fake: Fake,
     metrics: Arc<Metrics>,
     captured: Captured,
+    /// Every event the scanner emitted, in order.
+    events: Arc<Mutex<Vec<RuntimeEvent>>>,
     scanner: Scanner<Fake, Fake>,
+}
+
+/// A reporter over `metrics` (and `findings`) that also records each event.
+fn recorded(
+    metrics: &Arc<Metrics>,
+    findings: Option<FindingSink>,
+) -> (Emit<RuntimeEvent>, Arc<Mutex<Vec<RuntimeEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let report = RuntimeReport::new(metrics.clone(), findings).into_emit();
+    let seen = events.clone();
+    let emit: Emit<RuntimeEvent> = Arc::new(move |e: RuntimeEvent| {
+        seen.lock().unwrap().push(e.clone());
+        report(e)
+    });
+    (emit, events)
 }
 
 fn rig() -> Rig {
     let fake = Fake::default();
     let metrics = Arc::new(Metrics::new());
     let (sink, captured) = FindingSink::capture(metrics.clone());
-    let scanner = Scanner::with_sources(
-        fake.clone(),
-        fake.clone(),
-        ScanSettings::default(),
-        metrics.clone(),
-        Some(sink),
-    );
+    let (emit, events) = recorded(&metrics, Some(sink));
+    let scanner = Scanner::with_sources(fake.clone(), fake.clone(), ScanSettings::default(), emit);
     Rig {
         fake,
         metrics,
         captured,
+        events,
         scanner,
     }
 }
@@ -159,6 +176,23 @@ impl Rig {
             .noncompliant_containers
             .with_label_values(&[check])
             .get()
+    }
+
+    /// The events other than scans' ends, as (kind, container id, check).
+    fn changes(&self) -> Vec<(&'static str, String, &'static str)> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                RuntimeEvent::Finding(f) => Some(("finding", f.container.id.clone(), f.check)),
+                RuntimeEvent::Complies { container, check } => {
+                    Some(("complies", container.id.clone(), *check))
+                }
+                RuntimeEvent::Gone { container } => Some(("gone", container.id.clone(), "")),
+                _ => None,
+            })
+            .collect()
     }
 
     fn counted(&self, check: &str) -> u64 {
@@ -205,6 +239,15 @@ async fn the_gauge_drops_when_the_container_complies_again_and_a_relapse_is_news
     r.scanner.scan_all().await.unwrap();
     assert_eq!(r.captured.reasons(), [CAPABILITY_DRIFT, CAPABILITY_DRIFT]);
     assert_eq!(r.counted(CAPABILITY_DRIFT), 2);
+    let c1 = || "c1".to_string();
+    assert_eq!(
+        r.changes(),
+        [
+            ("finding", c1(), CAPABILITY_DRIFT),
+            ("complies", c1(), CAPABILITY_DRIFT),
+            ("finding", c1(), CAPABILITY_DRIFT)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -218,6 +261,24 @@ async fn the_gauge_drops_when_the_container_is_gone() {
     r.scanner.scan_all().await.unwrap();
     assert_eq!(r.gauge(RUNNING_AS_ROOT), 1);
     assert_eq!(r.scanner.container_ids(), ["c2"]);
+    assert_eq!(r.changes().last(), Some(&("gone", "c1".to_string(), "")));
+    let scans = r
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                RuntimeEvent::Scanned {
+                    containers: _,
+                    processes: 1..=2,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(scans, 2, "each full scan ends with its counts");
 }
 
 #[tokio::test]
@@ -273,8 +334,7 @@ async fn sidecars_are_skipped_unless_all_containers_are_audited() {
             all_containers: true,
             ..ScanSettings::default()
         },
-        r.metrics.clone(),
-        None,
+        recorded(&r.metrics, None).0,
     );
     assert_eq!(all.scan_all().await.unwrap().rows.len(), 1);
 }
@@ -304,8 +364,7 @@ async fn a_namespace_range_replaces_the_range_but_keeps_the_exact_uid() {
         fake.clone(),
         fake.clone(),
         ScanSettings::default(),
-        metrics.clone(),
-        None,
+        recorded(&metrics, None).0,
     )
     .with_namespace_ranges(ranges.clone());
     {

@@ -12,7 +12,8 @@ use tracing::{debug, info, warn};
 
 use super::proc_connector::{self, ConnectorEvent, ProcConnector};
 use super::scanner::Scanner;
-use crate::report::metrics::Metrics;
+use crate::outcome::runtime::RuntimeEvent;
+use crate::outcome::Emit;
 
 /// Full scans asked for by events are at least this far apart.
 const MIN_FULL_SCAN_GAP: Duration = Duration::from_secs(1);
@@ -26,7 +27,7 @@ pub struct WatchSettings {
 pub async fn run(
     scanner: Arc<Scanner>,
     settings: WatchSettings,
-    metrics: Arc<Metrics>,
+    emit: Emit<RuntimeEvent>,
     stop: CancellationToken,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<ConnectorEvent>(4096);
@@ -35,17 +36,18 @@ pub async fn run(
     if settings.proc_connector {
         match ProcConnector::open() {
             Ok(conn) => {
-                metrics.proc_connector_up.set(1);
+                emit(RuntimeEvent::ProcConnector(true));
                 info!("process events from the kernel's proc connector drive runtime rescans");
+                let down = emit.clone();
                 reader = Some(proc_connector::spawn(
                     conn,
                     tx,
-                    metrics.proc_connector_up.clone(),
+                    move || down(RuntimeEvent::ProcConnector(false)),
                     stop_flag.clone(),
                 ));
             }
             Err(e) => {
-                metrics.proc_connector_up.set(0);
+                emit(RuntimeEvent::ProcConnector(false));
                 warn!(
                     "proc connector unavailable ({e}); runtime audit polls every {} instead (it needs root in the host pid and network namespaces)",
                     humantime::format_duration(settings.interval)
@@ -53,7 +55,7 @@ pub async fn run(
             }
         }
     } else {
-        metrics.proc_connector_up.set(0);
+        emit(RuntimeEvent::ProcConnector(false));
     }
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

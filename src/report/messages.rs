@@ -8,6 +8,7 @@ use super::findings::{
 use crate::contract::shutdown::ShutdownOutcome;
 pub use crate::model::{Arrival, PinState};
 use crate::model::{FailureClass, OverCap};
+use crate::outcome::audit::FsSource;
 use crate::runtime::containers::ContainerRef;
 
 /// Longest finding message (an Event's note is limited to 1 kB).
@@ -125,6 +126,17 @@ pub fn not_audited(s: ImageSubject, why: &str) -> Finding {
             s.image, s.image
         ),
     )
+}
+
+/// Where an audit read an image's filesystem from, for findings and `check-image`.
+pub fn read_from(source: FsSource, snapshotter: Option<&str>) -> String {
+    match source {
+        FsSource::Blobs => "the layer blobs".into(),
+        FsSource::Snapshot => format!(
+            "the unpacked {} snapshot",
+            snapshotter.unwrap_or("overlayfs")
+        ),
+    }
 }
 
 /// One failing contract check of an image; `outcome` is `violation` or `warning`.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub shutdowns_total: IntCounterVec,
     pub task_events_up: IntGauge,
     pub build_info: IntGaugeVec,
+    pub api_requests_total: IntCounterVec,
+    pub node_status_writes_total: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -233,8 +235,26 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let api_requests_total = IntCounterVec::new(
+            Opts::new(
+                name("api_requests_total"),
+                "Requests this agent sent to the Kubernetes API server, by verb (get, list, watch, create, update, patch, delete) and resource.",
+            ),
+            &["verb", "resource"],
+        )
+        .expect("valid metric");
+        let node_status_writes_total = IntCounterVec::new(
+            Opts::new(
+                name("node_status_writes_total"),
+                "Writes of this node's NodeRunnerImages object by result (written, failed).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(prewarm_images.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_requests_total.clone()),
+            Box::new(node_status_writes_total.clone()),
             Box::new(prewarm_pulls_total.clone()),
             Box::new(prewarm_pull_duration_seconds.clone()),
             Box::new(prewarm_bytes_total.clone()),
@@ -289,6 +309,9 @@ impl Metrics {
             process_violations_total.with_label_values(&[c]);
             noncompliant_containers.with_label_values(&[c]).set(0);
         }
+        for r in ["written", "failed"] {
+            node_status_writes_total.with_label_values(&[r]);
+        }
         for r in ["ok", "cached", "error"] {
             image_audits_total.with_label_values(&[r]);
         }
@@ -326,6 +349,8 @@ impl Metrics {
             shutdowns_total,
             task_events_up,
             build_info,
+            api_requests_total,
+            node_status_writes_total,
         }
     }
 

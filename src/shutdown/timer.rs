@@ -1,7 +1,7 @@
 //! Passive shutdown timing: every runner container's exit, from containerd's task events, measured against
-//! the stop request a [`StopClock`] knows of, classified (`contract::shutdown`) and reported as
-//! `shutdowns_total{outcome}`, `shutdown_duration_seconds` and RunnerShutdownSlow / RunnerShutdownKilled
-//! findings on the pod.
+//! the stop request a [`StopClock`] knows of, classified (`contract::shutdown`) and emitted as a
+//! `ShutdownEvent` (`report::shutdown` turns it into `shutdowns_total{outcome}`,
+//! `shutdown_duration_seconds` and RunnerShutdownSlow / RunnerShutdownKilled findings on the pod).
 //!
 //! containerd restarts end the event stream: the timer resubscribes with backoff and then reconciles from
 //! CRI's exited containers, counting exits that happened while it was deaf — each container's exit is
@@ -21,9 +21,8 @@ use tracing::{debug, info, warn};
 use super::stop_clock::{StopClock, StopRequest};
 use super::tasks::{TaskEvents, TaskRuntime};
 use crate::contract::shutdown::{classify, shell_pid1_hint, stop_signal_hint, ShutdownOutcome};
-use crate::report::messages::{self, MeasuredExit};
-use crate::report::metrics::Metrics;
-use crate::report::sink::FindingSink;
+use crate::outcome::shutdown::{RunnerExit, ShutdownEvent};
+use crate::outcome::Emit;
 use crate::runtime::containers::ContainerRef;
 use crate::runtime::cri::ContainerState;
 use crate::runtime::errors::RuntimeError;
@@ -123,8 +122,7 @@ pub struct ShutdownTimer<R: TaskRuntime = Runtime> {
     runtime: R,
     settings: TimingSettings,
     clock: Arc<dyn StopClock>,
-    sink: FindingSink,
-    metrics: Arc<Metrics>,
+    emit: Emit<ShutdownEvent>,
     known: HashMap<String, Tracked>,
     ooms: HashSet<String>,
     counted: HashMap<String, Instant>,
@@ -137,15 +135,13 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
         runtime: R,
         settings: TimingSettings,
         clock: Arc<dyn StopClock>,
-        sink: FindingSink,
-        metrics: Arc<Metrics>,
+        emit: Emit<ShutdownEvent>,
     ) -> Self {
         Self {
             runtime,
             settings,
             clock,
-            sink,
-            metrics,
+            emit,
             known: HashMap::new(),
             ooms: HashSet::new(),
             counted: HashMap::new(),
@@ -186,7 +182,7 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
                     warn!(error = %e, "cannot subscribe to containerd task events; shutdown timing resumes when containerd answers");
                 }
                 deaf_since.get_or_insert_with(SystemTime::now);
-                self.metrics.task_events_up.set(0);
+                (self.emit)(ShutdownEvent::Listening(false));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(jitter(backoff)) => {}
@@ -195,7 +191,7 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
                 continue;
             }
             backoff = Duration::from_secs(1);
-            self.metrics.task_events_up.set(1);
+            (self.emit)(ShutdownEvent::Listening(true));
             // Subscribed first, then reconciled: an exit is either in the list or arrives on the stream.
             if let Err(e) = self.reconcile(deaf_since).await {
                 warn!(error = %e, "could not reconcile runner containers after subscribing");
@@ -224,7 +220,7 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
                     }
                 }
             }
-            self.metrics.task_events_up.set(0);
+            (self.emit)(ShutdownEvent::Listening(false));
             deaf_since = Some(SystemTime::now() - GAP_MARGIN);
         }
     }
@@ -420,7 +416,6 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
             None => (0.0, 0.0),
         };
         let outcome = if exit.lost {
-            warn!(container = %c.id, pod = %c.pod, "a runner exited while containerd was down and containerd lost its exit status and time; counted as outcome \"unknown\", not timed");
             ShutdownOutcome::Unknown
         } else {
             classify(
@@ -432,29 +427,17 @@ impl<R: TaskRuntime> ShutdownTimer<R> {
                 req.is_some(),
             )
         };
-        self.metrics
-            .shutdowns_total
-            .with_label_values(&[outcome.as_str()])
-            .inc();
-        if req.is_some() && outcome != ShutdownOutcome::Unknown {
-            self.metrics.shutdown_duration_seconds.observe(seconds);
-        }
-        info!(
-            container = %c.id, pod = %c.pod, namespace = %c.namespace,
-            outcome = outcome.as_str(), seconds, grace_seconds = grace, exit_status = exit.exit_status,
-            "runner exited"
-        );
-        if let Some(f) = messages::shutdown(MeasuredExit {
-            container: &c,
+        (self.emit)(ShutdownEvent::Exited(RunnerExit {
+            container: c,
             outcome,
+            timed: req.is_some(),
             seconds,
             grace,
             slow_fraction: self.settings.slow_fraction,
             exit_status: exit.exit_status,
+            lost: exit.lost,
             hints,
-        }) {
-            self.sink.publish(&f);
-        }
+        }));
     }
 }
 

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::*;
+use crate::report::metrics::Metrics;
+use crate::report::shutdown::ShutdownReport;
 use crate::report::sink::{Captured, FindingSink};
 use crate::runtime::cri::ContainerStatus;
 use crate::shutdown::stop_clock::PodStops;
@@ -105,6 +107,8 @@ struct Rig {
     stops: Arc<PodStops>,
     metrics: Arc<Metrics>,
     captured: Captured,
+    /// Every event the timer emitted, in order.
+    events: Arc<Mutex<Vec<ShutdownEvent>>>,
     timer: ShutdownTimer<Fake>,
 }
 
@@ -113,18 +117,24 @@ fn rig() -> Rig {
     let stops = Arc::new(PodStops::default());
     let metrics = Arc::new(Metrics::new());
     let (sink, captured) = FindingSink::capture(metrics.clone());
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let report = ShutdownReport::new(sink, metrics.clone()).into_emit();
+    let seen = events.clone();
     let timer = ShutdownTimer::new(
         fake.clone(),
         TimingSettings::default(),
         stops.clone(),
-        sink,
-        metrics.clone(),
+        Arc::new(move |e: ShutdownEvent| {
+            seen.lock().unwrap().push(e.clone());
+            report(e)
+        }),
     );
     Rig {
         fake,
         stops,
         metrics,
         captured,
+        events,
         timer,
     }
 }
@@ -146,6 +156,19 @@ impl Rig {
             .iter()
             .map(|o| self.count(o))
             .sum()
+    }
+
+    /// The exits the timer emitted, in order.
+    fn exits(&self) -> Vec<RunnerExit> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                ShutdownEvent::Exited(x) => Some(x.clone()),
+                ShutdownEvent::Listening(_) => None,
+            })
+            .collect()
     }
 
     fn stop_requested(&self, c: &ContainerRef, at: SystemTime, grace: f64) {
@@ -202,6 +225,22 @@ async fn an_exit_is_timed_against_the_stop_request() {
     let f = &r.captured.findings()[0];
     assert_eq!(f["shutdown"]["seconds"].as_f64(), Some(7.5));
     assert_eq!(f["regarding"]["uid"], "uid-c2");
+    let x = r.exits();
+    assert_eq!(
+        x.iter()
+            .map(|x| (
+                x.container.id.as_str(),
+                x.outcome,
+                x.timed,
+                x.seconds,
+                x.grace
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("c1", ShutdownOutcome::Graceful, true, 4.0, 10.0),
+            ("c2", ShutdownOutcome::Slow, true, 7.5, 10.0)
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -276,6 +315,9 @@ async fn a_status_containerd_lost_is_unknown_not_timed() {
     assert_eq!(r.count("unknown"), 1);
     assert_eq!(r.metrics.shutdown_duration_seconds.get_sample_count(), 0);
     assert!(r.captured.reasons().is_empty());
+    let x = &r.exits()[0];
+    assert!(x.lost && !x.timed, "{x:?}");
+    assert_eq!(x.outcome, ShutdownOutcome::Unknown);
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! Where the node's desired runner images and runner pods come from. Standalone, the config file
 //! (`config`); with a cluster, the API server (`kubernetes`), planned by the pure `desired`.
 
+pub mod api_count;
 pub mod desired;
 pub mod kubernetes;
 pub mod leader;

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod cluster;
+pub mod fleet;
 pub mod pods;
 pub mod registry_front;
 

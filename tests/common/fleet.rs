@@ -1,0 +1,117 @@
+//! The fleet bed (`scripts/fleet up N`): simulated nodes, each with a containerd of its own and a Node
+//! object, against the cluster's API server; an agent per node started here.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::cluster::Cluster;
+use super::{free_port, Agent, Bed, BIN};
+
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub nodes: usize,
+}
+
+pub struct FleetNode {
+    pub name: String,
+    pub socket: PathBuf,
+}
+
+impl Fleet {
+    pub fn get() -> Fleet {
+        let bed =
+            std::env::var("RW_TESTBED").unwrap_or_else(|_| "/var/tmp/runner-warden-testbed".into());
+        let dir = Path::new(&bed).join("fleet");
+        let env = std::fs::read_to_string(dir.join("env"))
+            .expect("the fleet bed is not up: run scripts/fleet up 3 (scripts/test does)");
+        let nodes = env
+            .lines()
+            .find_map(|l| l.strip_prefix("RW_FLEET_NODES="))
+            .and_then(|n| n.parse().ok())
+            .expect("RW_FLEET_NODES");
+        Fleet { dir, nodes }
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> FleetNode {
+        assert!(
+            (1..=self.nodes).contains(&i),
+            "the fleet bed has {} nodes",
+            self.nodes
+        );
+        let name = format!("fleet-{i}");
+        FleetNode {
+            socket: self.dir.join(&name).join("containerd.sock"),
+            name,
+        }
+    }
+
+    /// Node `i` sees the bed's registry through a dead mirror (`dead`) or directly again.
+    pub fn registry(&self, i: usize, dead: bool) {
+        let ok = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fleet"))
+            .args([
+                "registry",
+                &i.to_string(),
+                if dead { "dead" } else { "live" },
+            ])
+            .status()
+            .expect("scripts/fleet registry")
+            .success();
+        assert!(ok, "scripts/fleet registry {i}");
+    }
+}
+
+/// `runner-warden run --kubernetes` for `node` as the runner-warden ServiceAccount: its own containerd,
+/// NODE_NAME and metrics port; `images` is TOML of [[images]] tables, `extra` more TOML.
+pub async fn agent(k: &Cluster, bed: &Bed, node: &FleetNode, images: &str, extra: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = k.agent_kubeconfig(dir.path()).await;
+    let port = free_port();
+    let config = dir.path().join("config.toml");
+    let text = Agent::config_text(bed, port, dir.path(), "", images).replace(
+        &format!("socket = \"{}\"", bed.socket.display()),
+        &format!("socket = \"{}\"", node.socket.display()),
+    );
+    std::fs::write(&config, format!("{text}{extra}")).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "--log-level",
+            "runner_warden=debug,info",
+            "run",
+            "--kubernetes",
+            "--config",
+        ])
+        .arg(&config)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("NODE_NAME", &node.name)
+        .env("POD_NAMESPACE", "runner-warden")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .expect("start agent");
+    Agent {
+        child,
+        dir,
+        config,
+        port,
+    }
+}
+
+/// `runner-warden fleet ARGS --output json` as the cluster admin: (exit code, document).
+pub fn fleet_cli(k: &Cluster, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(BIN)
+        .arg("fleet")
+        .args(args)
+        .args(["--output", "json"])
+        .env("KUBECONFIG", &k.kubeconfig)
+        .output()
+        .expect("runner-warden fleet");
+    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "fleet printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), doc)
+}

@@ -1,0 +1,245 @@
+//! The fleet view on the fleet bed (`scripts/fleet up 3` after `scripts/cluster up`): simulated nodes,
+//! each with a containerd of its own and an agent with its own NODE_NAME, against the one API server.
+//! What an operator asks — `kubectl get nri`, `runner-warden fleet` — answered right, and the write
+//! rates the object promises.
+
+mod common;
+
+/// Named so `scripts/test` runs these with the fleet bed up (`--skip on_a_fleet::` elsewhere).
+mod on_a_fleet {
+    use std::time::Duration;
+
+    use crate::common::cluster::Cluster;
+    use crate::common::fleet::{agent, fleet_cli, Fleet};
+    use crate::common::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn nri(k: &Cluster, node: &str) -> Option<serde_json::Value> {
+        let out = k.try_kubectl(&["get", "nri", node, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("nri is JSON"))
+    }
+
+    fn entry(k: &Cluster, node: &str, image: &str) -> Option<serde_json::Value> {
+        nri(k, node)?["status"]["images"]
+            .as_array()?
+            .iter()
+            .find(|e| e["image"] == image)
+            .cloned()
+    }
+
+    fn images_toml(bed: &Bed, dir: &std::path::Path, image: &str) -> String {
+        let host = image.split('/').next().unwrap();
+        let secret = bed.secret(dir, "secret.json", host, &bed.user, &bed.password);
+        format!(
+            "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\n",
+            secret.display()
+        )
+    }
+
+    fn writes(metrics: &str) -> f64 {
+        metric(
+            metrics,
+            "runner_warden_node_status_writes_total{result=\"written\"}",
+        )
+        .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn ready_on_two_failing_on_one_then_recovered_then_a_dead_agent_is_stale() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        assert!(f.nodes >= 3, "needs 3 fleet nodes");
+        let image = bed.image(&bed.push_fresh("fleet/view", &["2"]));
+        // Node 3 sees the registry through a dead mirror.
+        f.registry(3, true);
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        let extra = "[fleet]\nheartbeat = \"10s\"\n";
+        let mut agents = Vec::new();
+        for i in 1..=3 {
+            agents.push(agent(&k, &bed, &f.node(i), &images, extra).await);
+        }
+        let only = ["--image", image.as_str()];
+        let doc = wait_for(S(60), "ready on two nodes, failed on the third", || async {
+            let (code, doc) = fleet_cli(&k, &only);
+            let i = &doc["images"][0];
+            (i["nodes"] == 3 && i["ready"] == 2 && i["failed"] == 1).then_some((code, doc))
+        })
+        .await;
+        let (code, doc) = doc;
+        assert_eq!(code, 1, "not ready everywhere: exit 1; {doc}");
+        let failure = &doc["images"][0]["failures"][0];
+        assert_eq!(failure["node"], "fleet-3", "{doc}");
+        assert_eq!(failure["class"], "network", "{doc}");
+        assert!(failure["message"].as_str().unwrap().len() <= 170, "{doc}");
+
+        // Each object as kubectl shows it: written by its own node's agent only, owned by its Node.
+        for i in 1..=3 {
+            let node = format!("fleet-{i}");
+            let o = nri(&k, &node).expect("object");
+            assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], "Node");
+            assert_eq!(o["metadata"]["ownerReferences"][0]["name"], node.as_str());
+            let managers: Vec<&str> = o["metadata"]["managedFields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|m| m["manager"].as_str())
+                .collect();
+            let own = format!("runner-warden-{node}");
+            assert!(
+                !managers.is_empty() && managers.iter().all(|m| *m == own),
+                "{node} written by {managers:?}"
+            );
+            let e = entry(&k, &node, &image).expect("entry");
+            if i < 3 {
+                assert_eq!(e["state"], "Ready", "{e}");
+                assert!(e["digest"].as_str().unwrap().starts_with("sha256:"), "{e}");
+                assert_eq!(e["pinned"], true, "{e}");
+                assert!(e.get("failure").is_none(), "{e}");
+            } else {
+                assert_eq!(e["state"], "Failed", "{e}");
+                assert_eq!(e["failure"]["class"], "network", "{e}");
+                assert!(e["failure"]["since"].as_str().is_some(), "{e}");
+            }
+            assert_eq!(o["status"]["heartbeatSeconds"], 10);
+        }
+        // The printer columns.
+        let table = k.kubectl(&["get", "nri", "fleet-1", "fleet-3"]);
+        assert!(
+            table.contains("READY") && table.contains("UPDATED"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("fleet-1") && l.contains("1/1")),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("fleet-3") && l.contains("0/1")),
+            "{table}"
+        );
+
+        // Node 3 recovers: its object converges and the fleet is ready everywhere.
+        f.registry(3, false);
+        wait_for(S(60), "node 3 ready after the mirror came back", || async {
+            let (code, doc) = fleet_cli(&k, &only);
+            (code == 0 && doc["images"][0]["ready"] == 3).then_some(())
+        })
+        .await;
+        let e = entry(&k, "fleet-3", &image).unwrap();
+        assert!(e.get("failure").is_none(), "{e}");
+
+        // An agent SIGKILLed: its object is not confirmed again and shows stale (within 3 heartbeats),
+        // never ready.
+        agents[1].child.kill().unwrap();
+        let _ = agents[1].child.wait();
+        let (code, doc) = wait_for(S(60), "node 2 stale", || async {
+            let (code, doc) = fleet_cli(&k, &only);
+            (doc["images"][0]["stale"] == 1).then_some((code, doc))
+        })
+        .await;
+        assert_eq!(code, 1, "{doc}");
+        assert_eq!(doc["images"][0]["ready"], 2, "{doc}");
+        let out = std::process::Command::new(BIN)
+            .args(["fleet", "--image", &image])
+            .env("KUBECONFIG", &k.kubeconfig)
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table.contains("stale") && table.contains("fleet-2"),
+            "{table}"
+        );
+        for a in &agents {
+            assert!(
+                !a.logs().contains(&bed.password),
+                "a secret leaked into an agent log"
+            );
+        }
+        for i in 1..=3 {
+            assert!(!k
+                .kubectl(&["get", "nri", &format!("fleet-{i}"), "-o", "yaml"])
+                .contains(&bed.password));
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_stay_within_their_rates_while_a_big_image_pulls_and_while_nothing_changes() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        // 100 MiB through a proxy at 5 MB/s: a pull of about 20 s.
+        let repo_tag = bed.push_fresh("fleet/big", &["50", "50"]);
+        let _proxy = Proxy::start(5004, bed.registry_port(), 5_000_000, 0).await;
+        let image = format!("127.0.0.1:5004/{repo_tag}");
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        let a = agent(
+            &k,
+            &bed,
+            &f.node(1),
+            &images,
+            "[fleet]\nheartbeat = \"20s\"\n",
+        )
+        .await;
+        // Progress reaches the object while bytes flow.
+        let (at, before) = a
+            .wait(S(60), "progress in the object", || async {
+                let e = entry(&k, "fleet-1", &image)?;
+                if e["state"] == "Pulling" && e["bytesDone"].as_u64()? > 0 {
+                    Some((std::time::Instant::now(), writes(&a.metrics().await)))
+                } else {
+                    None
+                }
+            })
+            .await;
+        a.wait(S(120), "the big image ready in the object", || async {
+            let e = entry(&k, "fleet-1", &image)?;
+            (e["state"] == "Ready").then_some(())
+        })
+        .await;
+        let pulled = at.elapsed().as_secs_f64();
+        let during = writes(&a.metrics().await) - before;
+        // At most one progress write per 10 s, plus the state changes (ready, audited).
+        let allowed = (pulled / 10.0).ceil() + 3.0;
+        assert!(
+            pulled > 5.0,
+            "the pull was too quick to measure ({pulled:.1} s)"
+        );
+        assert!(
+            during <= allowed,
+            "{during} writes in {pulled:.1} s of pulling (at most {allowed})"
+        );
+        // Wait for the audit to settle, then nothing changes: only the heartbeat writes.
+        a.wait(S(60), "the audit result in the object", || async {
+            let e = entry(&k, "fleet-1", &image)?;
+            (e["audit"] != "Pending").then_some(())
+        })
+        .await;
+        tokio::time::sleep(S(3)).await;
+        let m0 = a.metrics().await;
+        tokio::time::sleep(S(45)).await;
+        let m1 = a.metrics().await;
+        let idle = writes(&m1) - writes(&m0);
+        assert!(
+            idle <= 3.0,
+            "{idle} writes in 45 s with nothing changing (heartbeat 20 s)"
+        );
+        assert!(idle >= 1.0, "no heartbeat in 45 s (heartbeat 20 s)");
+        // Nothing polled in the idle window: no GET of a Secret, a Lease, a Node or anything else.
+        let gets = |m: &str| -> f64 {
+            m.lines()
+                .filter(|l| {
+                    l.starts_with("runner_warden_api_requests_total{") && l.contains("verb=\"get\"")
+                })
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(gets(&m1), gets(&m0), "GETs while nothing changed:\n{m1}");
+    }
+}
