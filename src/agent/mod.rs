@@ -214,19 +214,15 @@ impl Agent {
             tasks.spawn(timer.run(stop.clone()));
         }
         // The prewarmer's events, reported as metrics, `status`, readiness and findings.
-        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        tasks.spawn(
-            PrewarmReport::new(
-                metrics.clone(),
-                board.clone(),
-                health,
-                Some(findings.clone()),
-                settings.prewarm.failure_finding_after,
-            )
-            .run(events_rx),
+        let report = PrewarmReport::new(
+            metrics.clone(),
+            board.clone(),
+            health,
+            Some(findings.clone()),
+            settings.prewarm.failure_finding_after,
         );
-        let mut prewarmer =
-            Prewarmer::new(runtime.clone(), settings.prewarm.clone()).with_events(events_tx);
+        let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
+            .with_events(report.into_emit());
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -1,5 +1,6 @@
 //! The nouns the jobs and the reporters share: what the node should hold (`DesiredImage`, its projects
-//! and pull secrets), the caps on it, and the prewarmer's typed outcomes (`PrewarmEvent`). A bottom module:
+//! and pull secrets), the caps on it, an image's prewarm state, arrival and pin, a pull's failure class.
+//! A bottom module (the jobs' events, in `outcome`, are built from these):
 //! it imports nothing from the jobs (`prewarm`, `image_audit`, `process_audit`, `shutdown`, `sources`) nor
 //! from `report`, so every one of them can import it without an import circle.
 
@@ -11,4 +12,4 @@ mod prewarm;
 pub use caps::{Caps, OverCap};
 pub use desired::{ClusterSecret, DesiredImage, Projects, SecretRef};
 pub use failure::{Failure, FailureClass};
-pub use prewarm::{Arrival, ImageState, Novelty, PinState, PrewarmEvent};
+pub use prewarm::{Arrival, ImageState, PinState};

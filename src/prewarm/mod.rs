@@ -46,7 +46,9 @@ pub use rate::rate_text;
 use store::ImageStore;
 use worker::Note;
 
-use crate::model::{ImageState as State, PrewarmEvent};
+use crate::model::ImageState as State;
+use crate::outcome::prewarm::PrewarmEvent;
+use crate::outcome::Emit;
 use crate::reference::ImageRef;
 use crate::runtime::Runtime;
 
@@ -66,7 +68,7 @@ pub enum News {
 pub struct Prewarmer<S: ImageStore = Runtime> {
     store: S,
     settings: PrewarmSettings,
-    events: Option<mpsc::UnboundedSender<PrewarmEvent>>,
+    events: Option<Emit<PrewarmEvent>>,
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
@@ -154,8 +156,8 @@ impl<S: ImageStore> Prewarmer<S> {
         }
     }
 
-    /// Emit every state change and outcome on `events` (`report::prewarm::PrewarmReport` reports them).
-    pub fn with_events(mut self, events: mpsc::UnboundedSender<PrewarmEvent>) -> Self {
+    /// Emit every state change and outcome to `events` (`report::prewarm::PrewarmReport` reports them).
+    pub fn with_events(mut self, events: Emit<PrewarmEvent>) -> Self {
         self.events = Some(events);
         self
     }
@@ -295,9 +297,8 @@ impl<S: ImageStore> Prewarmer<S> {
     }
 
     fn emit(&self, event: PrewarmEvent) {
-        if let Some(tx) = &self.events {
-            // The reporter stops only after the prewarmer.
-            let _ = tx.send(event);
+        if let Some(emit) = &self.events {
+            emit(event);
         }
     }
 

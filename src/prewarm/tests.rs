@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake::{Call, FakeStore, PullScript};
 use super::*;
-use crate::model::PrewarmEvent;
+use crate::outcome::prewarm::PrewarmEvent;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
 use crate::report::prewarm::PrewarmReport;
@@ -64,25 +64,22 @@ fn rig(settings: PrewarmSettings) -> Rig {
     let (tx, news) = mpsc::unbounded_channel();
     let board = Arc::new(StatusBoard::default());
     let health = Arc::new(Health::default());
-    let mut report = PrewarmReport::new(
+    let report = PrewarmReport::new(
         metrics.clone(),
         board.clone(),
         health.clone(),
         Some(sink),
         settings.failure_finding_after,
     );
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<PrewarmEvent>();
     let events = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = events.clone();
-    tokio::spawn(async move {
-        while let Some(e) = events_rx.recv().await {
-            seen.lock().unwrap().push(e.clone());
-            report.apply(e);
-        }
-    });
+    let report = report.into_emit();
     let prewarmer = Prewarmer::new(store.clone(), settings)
         .with_news(tx)
-        .with_events(events_tx);
+        .with_events(Arc::new(move |e: PrewarmEvent| {
+            seen.lock().unwrap().push(e.clone());
+            report(e);
+        }));
     Rig {
         store,
         metrics,
@@ -126,13 +123,6 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("condition never held; calls: {:?}", self.store.calls());
-    }
-
-    /// Lets the reporter catch up with what was emitted.
-    async fn settle(&self) {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
     }
 
     fn events(&self) -> Vec<PrewarmEvent> {
@@ -531,7 +521,6 @@ async fn containerd_down_is_a_state_of_the_node_not_a_failure_of_the_image() {
         "{}",
         f.message
     );
-    r.settle().await;
     assert!(r
         .events()
         .contains(&PrewarmEvent::RuntimeReachable { up: false }));
@@ -1096,7 +1085,8 @@ fn life_of(events: &[PrewarmEvent], image: &str) -> Vec<PrewarmEvent> {
 
 #[tokio::test(start_paused = true)]
 async fn a_present_image_lives_waiting_pulling_ready_as_typed_events() {
-    use crate::model::{Arrival, ImageState, Novelty, PinState};
+    use crate::model::{Arrival, ImageState, PinState};
+    use crate::outcome::prewarm::Novelty;
     let mut r = rig(settings());
     r.store.present(IMG, "sha256:aaa", "sha256:m1");
     let (_tx, stop, task) = r
@@ -1158,7 +1148,6 @@ async fn a_failing_pull_carries_its_class_typed_and_counts_attempts_in_a_row() {
     let (_tx, stop, task) = r
         .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 3)
         .await;
-    r.settle().await;
     let failures: Vec<(FailureClass, u32)> = life_of(&r.events(), IMG)
         .into_iter()
         .filter_map(|e| match e {

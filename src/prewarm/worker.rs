@@ -15,7 +15,8 @@ use super::attempt::PullOutcome;
 use super::life::{step, Action, Input, Life};
 use super::store::ImageStore;
 use super::{DesiredImage, News, Prewarmer};
-use crate::model::{Arrival, Failure, FailureClass, Novelty, OverCap, PinState, PrewarmEvent};
+use crate::model::{Arrival, Failure, FailureClass, OverCap, PinState};
+use crate::outcome::prewarm::{Novelty, PrewarmEvent};
 use crate::reference::ImageRef;
 use crate::runtime::cri::Image;
 

@@ -9,9 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::health::Health;
@@ -19,7 +18,9 @@ use super::messages::{self, ImageSubject};
 use super::metrics::Metrics;
 use super::sink::FindingSink;
 use super::status::{Progress, StatusBoard};
-use crate::model::{Arrival, FailureClass, ImageState, Novelty, OverCap, PrewarmEvent, Projects};
+use crate::model::{Arrival, FailureClass, ImageState, OverCap, Projects};
+use crate::outcome::prewarm::{Novelty, PrewarmEvent};
+use crate::outcome::Emit;
 use crate::reference::ImageRef;
 
 /// What the reporter remembers of one image.
@@ -80,11 +81,11 @@ impl PrewarmReport {
         }
     }
 
-    /// Reports every event until the prewarmer (every sender) is gone.
-    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<PrewarmEvent>) {
-        while let Some(e) = events.recv().await {
-            self.apply(e);
-        }
+    /// The reporter as the prewarmer's event sink (its memory of each image behind a short lock: the
+    /// workers emit from their own tasks).
+    pub fn into_emit(self) -> Emit<PrewarmEvent> {
+        let me = Mutex::new(self);
+        Arc::new(move |e| me.lock().expect("prewarm report lock").apply(e))
     }
 
     pub fn apply(&mut self, event: PrewarmEvent) {
