@@ -67,8 +67,7 @@ pub async fn follow<F: FactsSource>(
                         e(AuditEvent::Result(ImageAudit {
                             image: desired.as_str().to_string(),
                             image_id,
-                            project: projects.first().map(String::from),
-                            other_projects: projects.others().to_vec(),
+                            projects,
                             result,
                         }));
                     }

@@ -289,7 +289,7 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
         panic!("{:?}", events.all())
     };
     assert_eq!(
-        (a.project.as_deref(), a.other_projects.as_slice()),
+        (a.projects.first(), a.projects.others()),
         (Some("a"), &["b".to_string(), "c".to_string()][..])
     );
     let AuditResult::Audited(done) = &a.result else {
