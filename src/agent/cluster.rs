@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::StartError;
 use crate::config::Settings;
-use crate::prewarm::DesiredImage;
+use crate::model::DesiredImage;
 use crate::process_audit::scanner::NamespaceRanges;
 use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
@@ -130,7 +130,11 @@ pub(super) async fn start(
     .await?;
     let k = &settings.kubernetes;
     info!(node = %k.node_name, api_server = %address, "following the cluster: ProjectSettings, runner pods on this node, Events");
-    api_health.follow(address, metrics.api_server_up.clone());
+    api_health.follow(
+        address,
+        metrics.api_server_up.clone(),
+        crate::sources::WATCH_BACKOFF_MAX,
+    );
     if settings.fleet.node_status {
         // The fleet view: this node's NodeRunnerImages, from the board's fold of the jobs' events.
         let (entries_tx, entries_rx) = watch::channel(Vec::new());

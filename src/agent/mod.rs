@@ -24,6 +24,7 @@ use crate::process_audit::watch as process_watch;
 use crate::report::audit::AuditReport;
 use crate::report::health::Health;
 use crate::report::metrics::Metrics;
+use crate::report::prewarm::PrewarmReport;
 use crate::report::runtime::RuntimeReport;
 use crate::report::server::{self, Served};
 use crate::report::shutdown::ShutdownReport;
@@ -212,14 +213,16 @@ impl Agent {
             );
             tasks.spawn(timer.run(stop.clone()));
         }
-        let mut prewarmer = Prewarmer::new(
-            runtime.clone(),
-            settings.prewarm.clone(),
+        // The prewarmer's events, reported as metrics, `status`, readiness and findings.
+        let report = PrewarmReport::new(
             metrics.clone(),
-            Some(findings.clone()),
+            board.clone(),
             health,
-        )
-        .with_board(board.clone());
+            Some(findings.clone()),
+            settings.prewarm.failure_finding_after,
+        );
+        let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
+            .with_events(report.into_emit());
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Overrides, Settings};
-use crate::prewarm::DesiredImage;
+use crate::model::DesiredImage;
 use crate::report::metrics::Metrics;
 
 const CONFIG_POLL: Duration = Duration::from_secs(5);

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::contract::Policy;
-use crate::prewarm::{DesiredImage, PrewarmSettings};
+use crate::model::DesiredImage;
+use crate::prewarm::PrewarmSettings;
 use crate::process_audit::scanner::ScanSettings;
 pub use files::socket_path;
 use sections::Problems;

@@ -14,7 +14,8 @@ use super::{
 };
 use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};
-use crate::prewarm::{Caps, DesiredImage, PrewarmSettings};
+use crate::model::{Caps, DesiredImage};
+use crate::prewarm::PrewarmSettings;
 use crate::reference::ImageRef;
 
 /// Every problem found in the file, each naming its key.

@@ -68,7 +68,7 @@ fn secret_paths_resolve_against_the_config_directory() {
         s.images[0].pull_secret.as_deref(),
         Some(Path::new("/etc/rw/s.json"))
     );
-    assert_eq!(s.images[0].project.as_deref(), Some("team"));
+    assert_eq!(s.images[0].projects.first(), Some("team"));
 }
 
 #[test]

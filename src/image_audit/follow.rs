@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Auditor, FactsSource};
 use crate::outcome::audit::{AuditEvent, AuditResult, Audited, ImageAudit};
 use crate::outcome::Emit;
-use crate::prewarm::{DesiredImage, News};
+use crate::prewarm::News;
 use crate::reference::ImageRef;
 
 const AUDIT_RETRIES: u32 = 3;
@@ -43,13 +43,17 @@ pub async fn follow<F: FactsSource>(
         };
         match next {
             None => break,
-            Some(News::Present { desired, image_id }) => {
+            Some(News::Present {
+                image: desired,
+                projects,
+                image_id,
+            }) => {
                 let token = stop.child_token();
-                if let Some(old) = running.insert(desired.image.clone(), token.clone()) {
+                if let Some(old) = running.insert(desired.clone(), token.clone()) {
                     old.cancel(); // the tag moved again before the last audit finished
                 }
                 emit(AuditEvent::Pending {
-                    image: desired.image.as_str().to_string(),
+                    image: desired.as_str().to_string(),
                     image_id: image_id.clone(),
                 });
                 let (a, e) = (auditor.clone(), emit.clone());
@@ -61,10 +65,9 @@ pub async fn follow<F: FactsSource>(
                     };
                     if let Some(result) = audit(&a, &desired, &image_id, &token).await {
                         e(AuditEvent::Result(ImageAudit {
-                            image: desired.image.as_str().to_string(),
+                            image: desired.as_str().to_string(),
                             image_id,
-                            project: desired.project,
-                            other_projects: desired.other_projects,
+                            projects,
                             result,
                         }));
                     }
@@ -90,11 +93,11 @@ pub async fn follow<F: FactsSource>(
 /// waited to retry.
 async fn audit<F: FactsSource>(
     auditor: &Auditor<F>,
-    d: &DesiredImage,
+    image_ref: &ImageRef,
     image_id: &str,
     cancel: &CancellationToken,
 ) -> Option<AuditResult> {
-    let image = d.image.as_str();
+    let image = image_ref.as_str();
     let mut result = auditor.audit(image, image_id).await;
     let mut attempts = 1;
     for _ in 0..AUDIT_RETRIES {

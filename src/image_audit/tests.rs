@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::contract::{Kind, PathMeta, LABEL_KEYS};
 use crate::outcome::audit::{AuditEvent, AuditResult, AuditState, NotAuditedReason};
-use crate::prewarm::{DesiredImage, News};
+use crate::prewarm::News;
 use crate::reference::ImageRef;
 use crate::report::audit::AuditReport;
 use crate::report::metrics::Metrics;
@@ -231,10 +231,12 @@ fn start_with(auditor: Arc<Auditor<Fake>>, board: Arc<StatusBoard>) -> Job {
 }
 
 fn present(image: &str, project: &str, others: &[&str]) -> News {
-    let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, Some(project.into()));
-    d.other_projects = others.iter().map(|s| s.to_string()).collect();
     News::Present {
-        desired: d,
+        image: ImageRef::parse(image).unwrap(),
+        projects: std::iter::once(project)
+            .chain(others.iter().copied())
+            .map(String::from)
+            .collect(),
         image_id: "sha256:1".into(),
     }
 }
@@ -287,7 +289,7 @@ async fn the_job_retries_a_read_and_reports_each_failing_check_to_every_project(
         panic!("{:?}", events.all())
     };
     assert_eq!(
-        (a.project.as_deref(), a.other_projects.as_slice()),
+        (a.projects.first(), a.projects.others()),
         (Some("a"), &["b".to_string(), "c".to_string()][..])
     );
     let AuditResult::Audited(done) = &a.result else {
@@ -411,12 +413,15 @@ async fn audits_run_one_at_a_time_beside_the_pulls() {
     } = start(&fake);
     for i in 0..4 {
         // Distinct content each: no audit is a cache hit.
-        let News::Present { desired, .. } = present(&format!("r.io/team/runner-{i}:v1"), "a", &[])
+        let News::Present {
+            image, projects, ..
+        } = present(&format!("r.io/team/runner-{i}:v1"), "a", &[])
         else {
             unreachable!()
         };
         tx.send(News::Present {
-            desired,
+            image,
+            projects,
             image_id: format!("sha256:{i}"),
         })
         .unwrap();

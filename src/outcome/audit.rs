@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::contract::{CheckResult, Outcome};
+use crate::model::Projects;
 
 /// Where an audit read an image's filesystem from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,9 +45,9 @@ pub struct ImageAudit {
     pub image: String,
     /// The content audited (its config digest).
     pub image_id: String,
-    /// The project findings regard first (`None`: an image no project names), then the others.
-    pub project: Option<String>,
-    pub other_projects: Vec<String>,
+    /// The projects that want the image (findings regard the first, copies go to the others; none: an
+    /// image no project names).
+    pub projects: Projects,
     pub result: AuditResult,
 }
 

@@ -4,6 +4,7 @@
 //! import it (`report/` never imports a job).
 
 pub mod audit;
+pub mod prewarm;
 pub mod runtime;
 pub mod shutdown;
 

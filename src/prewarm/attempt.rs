@@ -8,12 +8,14 @@ use tracing::{debug, info, warn};
 
 use super::rate::{rate_text, RateMeter};
 use super::store::{ImageStore, PullProgress};
+use super::worker::Note;
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
+use crate::model::{Failure, FailureClass};
+use crate::outcome::prewarm::PrewarmEvent;
 use crate::reference::ImageRef;
-use crate::report::status::Progress;
 use crate::runtime::cri::Image;
-use crate::runtime::errors::{classify_pull, redact, FailureClass};
+use crate::runtime::errors::{classify_pull, redact};
 
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
 /// The agent's log line for a running pull: steady, and rare enough that a multi-GB pull stays a few
@@ -57,37 +59,6 @@ impl PullOutcome {
     }
 }
 
-/// A failed attempt: its class and a message that names the image and says what to do. Never holds a
-/// secret (messages from containerd are redacted against every credential tried).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message} [{class}]")]
-pub struct Failure {
-    pub class: FailureClass,
-    /// For the operator (logs, `status`, the one-shot commands): names every secret tried.
-    pub message: String,
-    /// For each project that has its own secret for the image, the message naming only that project's
-    /// secrets and keys: a finding on one project never tells it about another's.
-    pub per_project: Vec<(String, String)>,
-}
-
-impl Failure {
-    fn new(class: FailureClass, message: String) -> Self {
-        Self {
-            class,
-            message,
-            per_project: Vec::new(),
-        }
-    }
-
-    /// What a finding on `project` says.
-    pub fn message_for(&self, project: Option<&str>) -> &str {
-        project
-            .and_then(|p| self.per_project.iter().find(|(q, _)| q == p))
-            .map(|(_, m)| m.as_str())
-            .unwrap_or(&self.message)
-    }
-}
-
 /// The credentials to try for `d`, with the names of the secrets they came from. The file's secret is
 /// read now (so rotated files apply); its problems are `Secret` failures naming the file.
 struct Credentials {
@@ -119,16 +90,12 @@ impl Credentials {
             .pull_secret
             .iter()
             .map(|p| p.display().to_string())
-            .chain(
-                d.cluster_secrets
-                    .iter()
-                    .map(|s| format!("secret {}", s.name)),
-            )
+            .chain(d.cluster_secrets.iter().map(|s| format!("secret {}", s.id)))
             .collect();
         let mut projects: Vec<&str> = d
             .cluster_secrets
             .iter()
-            .filter_map(|s| s.name.split_once('/').map(|(ns, _)| ns))
+            .map(|s| s.id.namespace.as_str())
             .collect();
         projects.sort_unstable();
         projects.dedup();
@@ -138,11 +105,11 @@ impl Credentials {
                 let own: Vec<_> = d
                     .cluster_secrets
                     .iter()
-                    .filter(|s| s.name.split_once('/').map(|(ns, _)| ns) == Some(p))
+                    .filter(|s| s.id.namespace == p)
                     .collect();
                 let c = Credentials {
                     keyring: Some(Keyring::merged(own.iter().map(|s| &s.keyring))),
-                    secret_names: own.iter().map(|s| format!("secret {}", s.name)).collect(),
+                    secret_names: own.iter().map(|s| format!("secret {}", s.id)).collect(),
                     by_project: Vec::new(),
                 };
                 (p.to_string(), c)
@@ -184,7 +151,7 @@ impl Credentials {
 impl<S: ImageStore> Prewarmer<S> {
     /// One attempt: status check, then pulls with each matching credential and anonymously.
     pub async fn attempt(&self, d: &DesiredImage, force: bool) -> Result<PullOutcome, Failure> {
-        self.attempt_in_slot(d, force, &mut None).await
+        self.attempt_in_slot(d, force, &mut None, None).await
     }
 
     /// `attempt` holding a pull slot: the slot is given back as soon as containerd's pull returns, so
@@ -195,6 +162,7 @@ impl<S: ImageStore> Prewarmer<S> {
         d: &DesiredImage,
         force: bool,
         slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        examined: Option<&tokio::sync::mpsc::UnboundedSender<Note>>,
     ) -> Result<PullOutcome, Failure> {
         let image = &d.image;
         let status = self
@@ -210,7 +178,9 @@ impl<S: ImageStore> Prewarmer<S> {
                     format!("cannot ask containerd about {image}: {e}"),
                 ),
             })?;
-        self.mark_examined(image);
+        if let Some(notes) = examined {
+            let _ = notes.send(Note::Examined(image.clone()));
+        }
         if let Some(found) = status {
             if !force {
                 return Ok(PullOutcome::Present { status: found });
@@ -275,10 +245,7 @@ impl<S: ImageStore> Prewarmer<S> {
         image: &ImageRef,
     ) -> Result<Option<Image>, crate::runtime::errors::RuntimeError> {
         let status = self.store.image_status(image.as_str()).await;
-        self.health
-            .runtime_ok
-            .store(status.is_ok(), std::sync::atomic::Ordering::Relaxed);
-        self.metrics.runtime_up.set(status.is_ok() as i64);
+        self.emit(PrewarmEvent::RuntimeReachable { up: status.is_ok() });
         status
     }
 
@@ -312,7 +279,6 @@ impl<S: ImageStore> Prewarmer<S> {
         let mut last_change = Instant::now();
         let mut last_log = Instant::now();
         let mut meter = RateMeter::default();
-        let label = image.as_str();
         let stall_timeout = self.settings.stall_timeout;
         let result = loop {
             tokio::select! {
@@ -323,7 +289,7 @@ impl<S: ImageStore> Prewarmer<S> {
                     match probe.as_mut().expect("guarded").sample().await {
                         Ok(p) => {
                             if p.done != last_done {
-                                self.metrics.prewarm_bytes_total.inc_by(p.done.saturating_sub(last_done));
+                                self.emit(PrewarmEvent::Downloaded { bytes: p.done.saturating_sub(last_done) });
                                 last_done = p.done;
                                 last_change = Instant::now();
                             }
@@ -331,17 +297,9 @@ impl<S: ImageStore> Prewarmer<S> {
                                 // Unpacking local content: slow disks are not a stalled registry.
                                 last_change = Instant::now();
                             }
-                            let g = &self.metrics.prewarm_progress_bytes;
-                            g.with_label_values(&[label, "done"]).set(p.done as i64);
-                            g.with_label_values(&[label, "total"]).set(p.total as i64);
                             meter.record(Instant::now(), p.done);
                             let (rate, eta) = (meter.rate(), meter.eta(p.total));
-                            self.board.set_progress(image.as_str(), Progress {
-                                done_bytes: p.done,
-                                total_bytes: p.total,
-                                bytes_per_second: rate,
-                                eta_seconds: eta.map(|e| e.as_secs()),
-                            });
+                            self.emit(PrewarmEvent::Progress { image: image.clone(), done: p.done, total: p.total, rate, eta });
                             if let Some(tx) = &self.progress {
                                 tx.send_replace(Some(PullProgressView { image: image.clone(), done: p.done, total: p.total, rate, eta }));
                             }
@@ -366,9 +324,9 @@ impl<S: ImageStore> Prewarmer<S> {
             }
         };
         debug!(image = %image, seconds = pull_started.elapsed().as_secs_f64(), ok = result.is_ok(), "CRI PullImage returned");
-        let g = &self.metrics.prewarm_progress_bytes;
-        let _ = g.remove_label_values(&[label, "done"]);
-        let _ = g.remove_label_values(&[label, "total"]);
+        self.emit(PrewarmEvent::PullEnded {
+            image: image.clone(),
+        });
         result?;
         // The pull is done: its slot goes to the next image (a refused credential's retry kept it).
         drop(slot.take());
@@ -391,10 +349,9 @@ impl<S: ImageStore> Prewarmer<S> {
         };
         if let (Some(probe), Some(manifest)) = (probe.as_mut(), manifest_digest(image, &status)) {
             match probe.downloaded(manifest).await {
-                Ok(n) => self
-                    .metrics
-                    .prewarm_bytes_total
-                    .inc_by(n.saturating_sub(last_done)),
+                Ok(n) => self.emit(PrewarmEvent::Downloaded {
+                    bytes: n.saturating_sub(last_done),
+                }),
                 Err(e) => debug!(image = %image, error = %e, "cannot count downloaded bytes"),
             }
         }

@@ -7,45 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use super::DesiredImage;
+use crate::model::{Caps, DesiredImage, OverCap};
 use crate::reference::ImageRef;
-
-/// At most `images` images held, and pinned images taking at most `bytes` (unpacked size as CRI reports
-/// it; `None`: no byte cap).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Caps {
-    pub images: usize,
-    pub bytes: Option<u64>,
-}
-
-impl Default for Caps {
-    fn default() -> Self {
-        Self {
-            images: 50,
-            bytes: None,
-        }
-    }
-}
-
-/// Why an image is not held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OverCap {
-    /// `limit` images rank before it.
-    Images { limit: usize },
-    /// Holding it (`size` bytes) would take pinned images to more than `limit` bytes; the images ranked
-    /// before it already take `held`.
-    Bytes { limit: u64, size: u64, held: u64 },
-}
-
-impl OverCap {
-    /// The metric's `cap` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            OverCap::Images { .. } => "images",
-            OverCap::Bytes { .. } => "bytes",
-        }
-    }
-}
 
 /// The desired set split by the caps, each part in rank order.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -56,14 +19,14 @@ pub struct Allotment {
 
 /// How many projects want `d` (a cluster default counts as wanted by all: it ranks first anyway).
 fn wanted_by(d: &DesiredImage) -> usize {
-    d.project.iter().count() + d.other_projects.len()
+    d.projects.len()
 }
 
 /// `want` in rank order: cluster defaults (no project), then most-wanted, then by reference.
 pub fn rank(want: &[DesiredImage]) -> Vec<DesiredImage> {
     let mut ranked = want.to_vec();
     ranked.sort_by(|a, b| {
-        let default = |d: &DesiredImage| d.project.is_none();
+        let default = |d: &DesiredImage| d.projects.is_empty();
         default(b)
             .cmp(&default(a))
             .then(wanted_by(b).cmp(&wanted_by(a)))
@@ -108,12 +71,8 @@ mod tests {
     use super::*;
 
     fn want(image: &str, projects: &[&str]) -> DesiredImage {
-        let mut d = DesiredImage::new(
-            ImageRef::parse(image).unwrap(),
-            None,
-            projects.first().map(|p| p.to_string()),
-        );
-        d.other_projects = projects.iter().skip(1).map(|p| p.to_string()).collect();
+        let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, None);
+        d.projects = projects.iter().map(|p| p.to_string()).collect();
         d
     }
 

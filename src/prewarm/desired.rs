@@ -1,46 +1,9 @@
-//! What the prewarmer is asked to hold, and how it pulls: its input types. Config and the cluster source
-//! build these; the prewarmer never reads either.
+//! How the prewarmer pulls: its settings (what it holds is `model::DesiredImage`). Config builds these;
+//! the prewarmer never reads it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use super::caps::Caps;
-use crate::credentials::Keyring;
-use crate::reference::ImageRef;
-
-/// One image the node should hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredImage {
-    pub image: ImageRef,
-    /// A `.dockerconfigjson` or `.dockercfg` file, read at every pull so rotated secrets apply.
-    pub pull_secret: Option<PathBuf>,
-    /// Pull secrets read from the cluster (each project's `runnerImagePullSecret`), tried after the file's.
-    pub cluster_secrets: Vec<ClusterSecret>,
-    /// The project (namespace) that wants the image, named in findings.
-    pub project: Option<String>,
-    /// Further projects wanting the same image (findings go to each).
-    pub other_projects: Vec<String>,
-}
-
-impl DesiredImage {
-    /// An image with only a reference and an optional secret file.
-    pub fn new(image: ImageRef, pull_secret: Option<PathBuf>, project: Option<String>) -> Self {
-        Self {
-            image,
-            pull_secret,
-            cluster_secrets: Vec::new(),
-            project,
-            other_projects: Vec::new(),
-        }
-    }
-}
-
-/// A parsed pull secret from the API server; `name` is `namespace/name` (never its content).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterSecret {
-    pub name: String,
-    pub keyring: Keyring,
-}
+use crate::model::Caps;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrewarmSettings {

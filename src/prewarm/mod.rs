@@ -1,10 +1,14 @@
 //! Prewarm: every desired image gets its own worker (Waiting → Pulling → Ready | Failed with backoff);
 //! pulls share a bounded number of slots, and pins follow the desired set.
 //!
-//! - `desired`: what to hold (the input types), `store`: what the prewarmer needs from containerd (a
+//! - `desired`: how to pull (the settings; what to hold is `model::DesiredImage`), `store`: what the prewarmer needs from containerd (a
 //!   trait, with the containerd adapter), `attempt`: one status check and pull with credentials, progress
-//!   and stalls, `worker`: the per-image state machine, `pins`: pin and unpin, `backoff`: retry delays,
-//!   `oneshot`: the `pull` command's and the one-shot commands' use of it.
+//!   and stalls, `life`: the per-image state machine (a pure `step`), `worker`: the task that owns one
+//!   image's life and carries out its actions, `pins`: pin and unpin, `backoff`: retry delays, `oneshot`:
+//!   the `pull` command's and the one-shot commands' use of it.
+//! - State is owned, not shared: the run loop owns the workers, the sizes, what was examined and
+//!   announced; each worker owns its image's life and tells the run loop what it learnt on a channel
+//!   (`worker::Note`). Every state change and outcome is a `PrewarmEvent` (`report::prewarm` reports them).
 //! - Newly present content is announced on the `News` channel (the image audit follows it), so a pull is
 //!   never held up by an audit and the prewarmer knows nothing of the contract.
 
@@ -14,6 +18,7 @@ mod caps;
 mod desired;
 #[cfg(test)]
 mod fake;
+mod life;
 pub mod oneshot;
 mod pins;
 mod rate;
@@ -23,133 +28,143 @@ mod tests;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-pub use attempt::{progress_text, Failure, PullOutcome, PullProgressView};
+pub use crate::model::Failure;
+pub use crate::model::{Caps, ClusterSecret, DesiredImage, OverCap, Projects};
+pub use attempt::{progress_text, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
-pub use caps::{allot, rank, Allotment, Caps, OverCap};
-pub use desired::{ClusterSecret, DesiredImage, PrewarmSettings};
+pub use caps::{allot, rank, Allotment};
+pub use desired::PrewarmSettings;
 pub use pins::MANUAL_PIN_OWNER;
 pub use rate::rate_text;
 use store::ImageStore;
+use worker::Note;
 
+use crate::model::ImageState as State;
+use crate::outcome::prewarm::PrewarmEvent;
+use crate::outcome::Emit;
 use crate::reference::ImageRef;
-use crate::report::health::Health;
-use crate::report::messages;
-use crate::report::metrics::{Metrics, STATES};
-use crate::report::sink::FindingSink;
-use crate::report::status::StatusBoard;
 use crate::runtime::Runtime;
 
 /// What the prewarmer tells whoever follows the node's images (the image audit).
 #[derive(Clone, Debug, PartialEq)]
 pub enum News {
-    /// `desired`'s image is present with content `image_id` not announced for it before.
+    /// `image` (wanted by `projects`) is present with content `image_id` not announced for it before.
     Present {
-        desired: DesiredImage,
+        image: ImageRef,
+        projects: Projects,
         image_id: String,
     },
     /// The image left the desired set.
     Left { image: ImageRef },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Waiting,
-    Pulling,
-    Ready,
-    Failed,
-    /// Not held: over the node's caps.
-    OverCap,
-}
-
-impl State {
-    fn label(self) -> &'static str {
-        match self {
-            State::Waiting => "waiting",
-            State::Pulling => "pulling",
-            State::Ready => "ready",
-            State::Failed => "failed",
-            State::OverCap => "over_cap",
-        }
-    }
-}
-
 pub struct Prewarmer<S: ImageStore = Runtime> {
     store: S,
     settings: PrewarmSettings,
-    metrics: Arc<Metrics>,
-    findings: Option<FindingSink>,
-    health: Arc<Health>,
-    board: Arc<StatusBoard>,
+    events: Option<Emit<PrewarmEvent>>,
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
-    states: Mutex<BTreeMap<ImageRef, State>>,
-    examined: Mutex<HashSet<ImageRef>>,
-    wanted: Mutex<BTreeSet<ImageRef>>,
-    /// The desired set as last received (the byte cap is judged against it).
-    desired_now: Mutex<Vec<DesiredImage>>,
-    /// Each image's size as CRI last reported it.
-    sizes: Mutex<BTreeMap<ImageRef, u64>>,
-    /// A size changed: the run loop allots again.
-    resized: Notify,
-    /// The content each image was last announced as (a restarted worker does not announce it again).
-    announced: Mutex<BTreeMap<ImageRef, String>>,
-    /// This agent's pins as they were when it started (what an earlier run had announced).
-    pins_at_start: OnceLock<BTreeMap<String, String>>,
-    /// Images whose first success of this run was seen.
-    sighted: Mutex<HashSet<ImageRef>>,
+    /// This agent's pins as they were when it started (what an earlier run had announced); set by `run`
+    /// before any worker starts.
+    pins_at_start: Option<BTreeMap<String, String>>,
+    /// Whether the runtime honours pins: a property of the containerd version, asked until it says yes
+    /// (every worker pins; see `pins.rs`).
     pins_honoured: AtomicBool,
     pin_warned: AtomicBool,
 }
 
+/// What the run loop owns: the workers, and what it knows of each image across its workers' restarts.
+#[derive(Default)]
+struct Holding {
+    workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)>,
+    /// Images with a state (a worker, or held back), to tell when they leave the set.
+    known: BTreeSet<ImageRef>,
+    /// The images held (with a worker).
+    wanted: BTreeSet<ImageRef>,
+    /// Images containerd has answered about at least once.
+    examined: HashSet<ImageRef>,
+    /// Each image's size as CRI last reported it.
+    sizes: BTreeMap<ImageRef, u64>,
+    /// The content each image was last announced as (a restarted worker does not announce it again).
+    announced: BTreeMap<ImageRef, String>,
+    /// Images whose first success of this run was seen.
+    sighted: HashSet<ImageRef>,
+    /// Readiness was reported.
+    all_examined: bool,
+}
+
+impl Holding {
+    /// Takes in what a worker learnt; true when a size changed (the desired set is allotted again).
+    fn note(&mut self, note: Note, all: &[DesiredImage], caps: Caps) -> bool {
+        match note {
+            Note::Examined(image) => {
+                self.examined.insert(image);
+                false
+            }
+            Note::Sized { image, size, reply } => {
+                let changed = self.sizes.insert(image.clone(), size) != Some(size);
+                let over = caps::allot(all, caps, &self.sizes)
+                    .over
+                    .into_iter()
+                    .find(|(d, _)| d.image == image)
+                    .map(|(_, cap)| cap);
+                // The worker may be gone (cancelled) by now.
+                let _ = reply.send(over);
+                changed
+            }
+            Note::Announced { image, image_id } => {
+                self.announced.insert(image, image_id);
+                false
+            }
+            Note::Sighted(image) => {
+                self.sighted.insert(image);
+                false
+            }
+        }
+    }
+
+    /// Ready once containerd has answered about every held image at least once (said once).
+    fn readiness<S: ImageStore>(&mut self, p: &Prewarmer<S>) {
+        if !self.all_examined && self.wanted.iter().all(|r| self.examined.contains(r)) {
+            self.all_examined = true;
+            p.emit(PrewarmEvent::AllExamined);
+        }
+    }
+}
+
 impl<S: ImageStore> Prewarmer<S> {
-    pub fn new(
-        store: S,
-        settings: PrewarmSettings,
-        metrics: Arc<Metrics>,
-        findings: Option<FindingSink>,
-        health: Arc<Health>,
-    ) -> Self {
+    /// A prewarmer that tells nobody: see `with_events` and `with_news`.
+    pub fn new(store: S, settings: PrewarmSettings) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
             settings,
-            metrics,
-            findings,
-            health,
-            board: Arc::new(StatusBoard::default()),
+            events: None,
             news: None,
             progress: None,
-            states: Mutex::new(BTreeMap::new()),
-            examined: Mutex::new(HashSet::new()),
-            wanted: Mutex::new(BTreeSet::new()),
-            desired_now: Mutex::new(Vec::new()),
-            sizes: Mutex::new(BTreeMap::new()),
-            resized: Notify::new(),
-            announced: Mutex::new(BTreeMap::new()),
-            pins_at_start: OnceLock::new(),
-            sighted: Mutex::new(HashSet::new()),
+            pins_at_start: None,
             pins_honoured: AtomicBool::new(false),
             pin_warned: AtomicBool::new(false),
         }
     }
 
-    /// Announce newly present content and departed images on `news`.
-    pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
-        self.news = Some(news);
+    /// Emit every state change and outcome to `events` (`report::prewarm::PrewarmReport` reports them).
+    pub fn with_events(mut self, events: Emit<PrewarmEvent>) -> Self {
+        self.events = Some(events);
         self
     }
 
-    /// Note each image's state, progress, pin and last failure on `board` (for `status`).
-    pub fn with_board(mut self, board: Arc<StatusBoard>) -> Self {
-        self.board = board;
+    /// Announce newly present content and departed images on `news`.
+    pub fn with_news(mut self, news: mpsc::UnboundedSender<News>) -> Self {
+        self.news = Some(news);
         self
     }
 
@@ -159,177 +174,132 @@ impl<S: ImageStore> Prewarmer<S> {
         self
     }
 
-    /// For one-shot commands: no findings, no news, its own metrics and health.
+    /// For one-shot commands: no events, no news.
     pub fn one_shot(store: S, settings: PrewarmSettings) -> Self {
-        Self::new(
-            store,
-            settings,
-            Arc::new(Metrics::new()),
-            None,
-            Arc::new(Health::default()),
-        )
+        Self::new(store, settings)
     }
 
     /// Runs until `stop`: follows the desired set, one worker per image.
     pub async fn run(
-        self,
+        mut self,
         mut desired: watch::Receiver<Vec<DesiredImage>>,
         stop: CancellationToken,
     ) {
         if self.settings.pin {
             match self.store.owned_pins().await {
-                Ok(p) => {
-                    let _ = self.pins_at_start.set(p);
-                }
+                Ok(p) => self.pins_at_start = Some(p),
                 Err(e) => {
                     debug!(error = %e, "cannot list this agent's pins at start; present images are announced again")
                 }
             }
         }
         let me = Arc::new(self);
-        let mut workers: BTreeMap<ImageRef, (DesiredImage, CancellationToken)> = BTreeMap::new();
+        let caps = me.settings.caps;
+        let (notes_tx, mut notes) = mpsc::unbounded_channel();
+        let mut h = Holding::default();
         let mut tasks = tokio::task::JoinSet::new();
-        // Images over a cap, and which cap, as last reported (a finding once per change).
-        let mut over_reported: BTreeMap<ImageRef, &'static str> = BTreeMap::new();
-        loop {
+        'run: loop {
             let all: Vec<DesiredImage> = desired.borrow_and_update().clone();
-            *me.desired_now.lock().expect("desired lock") = all.clone();
-            let Allotment { held: want, over } = me.allot(&all);
+            // What the workers told so far (a restarted worker learns what its predecessor announced).
+            while let Ok(n) = notes.try_recv() {
+                h.note(n, &all, caps);
+            }
+            let Allotment { held: want, over } = caps::allot(&all, caps, &h.sizes);
             let want_refs: BTreeSet<ImageRef> = want.iter().map(|d| d.image.clone()).collect();
             let all_refs: BTreeSet<ImageRef> = all.iter().map(|d| d.image.clone()).collect();
-            *me.wanted.lock().expect("wanted lock") = want_refs.clone();
+            h.wanted = want_refs.clone();
 
             // Stop workers whose image left the set or went over a cap (or whose entry changed: they
             // restart below).
-            let gone: Vec<ImageRef> = workers
+            let gone: Vec<ImageRef> = h
+                .workers
                 .iter()
                 .filter(|(r, (d, _))| !want.iter().any(|w| &w.image == *r && w == d))
                 .map(|(r, _)| r.clone())
                 .collect();
             for r in gone {
-                if let Some((_, token)) = workers.remove(&r) {
+                if let Some((_, token)) = h.workers.remove(&r) {
                     token.cancel();
                 }
                 if !want_refs.contains(&r) {
-                    me.examined.lock().expect("examined lock").remove(&r);
+                    h.examined.remove(&r);
                     // Not held any more (left, or over a cap now): the audit stops following it.
                     me.tell(News::Left { image: r.clone() });
                 }
             }
             // Forget what left the set (workers' images and held-back ones alike).
-            let left: Vec<ImageRef> = me
-                .states
-                .lock()
-                .expect("states lock")
-                .keys()
+            let left: Vec<ImageRef> = h
+                .known
+                .iter()
                 .filter(|r| !all_refs.contains(*r))
                 .cloned()
                 .collect();
             for r in left {
                 info!(image = %r, "image left the desired set; its pin is removed, the image stays for kubelet's GC to decide");
-                me.states.lock().expect("states lock").remove(&r);
-                me.announced.lock().expect("announced lock").remove(&r);
-                me.board.forget(r.as_str());
+                h.known.remove(&r);
+                h.announced.remove(&r);
+                me.emit(PrewarmEvent::Left { image: r });
             }
-            me.hold_back(&over, &mut over_reported);
+            // Images over a cap: no worker, state `over_cap`.
+            for (d, cap) in &over {
+                h.known.insert(d.image.clone());
+                me.emit(PrewarmEvent::HeldBack {
+                    image: d.image.clone(),
+                    projects: d.projects.clone(),
+                    cap: *cap,
+                });
+            }
             me.unpin_orphans(&want_refs).await;
-            me.publish_held_bytes(&want_refs);
+            let bytes: u64 = want_refs.iter().filter_map(|r| h.sizes.get(r)).sum();
+            me.emit(PrewarmEvent::HeldBytes { bytes });
             for d in want {
-                if workers.contains_key(&d.image) {
+                if h.workers.contains_key(&d.image) {
                     continue;
                 }
                 let token = stop.child_token();
-                workers.insert(d.image.clone(), (d.clone(), token.clone()));
-                let projects = d.project.iter().chain(&d.other_projects).cloned();
-                me.board.track(d.image.as_str(), projects.collect());
+                h.workers
+                    .insert(d.image.clone(), (d.clone(), token.clone()));
+                h.known.insert(d.image.clone());
+                me.emit(PrewarmEvent::Tracked {
+                    image: d.image.clone(),
+                    projects: d.projects.clone(),
+                });
                 me.set_state(&d.image, State::Waiting);
-                let worker = me.clone();
-                tasks.spawn(async move { worker.worker(d, token).await });
+                let recall = worker::Recall {
+                    announced: h.announced.get(&d.image).cloned(),
+                    sighted: h.sighted.contains(&d.image),
+                };
+                let w = worker::Worker::new(me.clone(), d, notes_tx.clone(), recall);
+                tasks.spawn(w.run(token));
             }
-            me.publish_states();
-            me.update_readiness();
+            h.readiness(&me);
 
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                changed = desired.changed() => if changed.is_err() { break },
-                _ = me.resized.notified() => {}
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break 'run,
+                    changed = desired.changed() => match changed {
+                        Ok(()) => break,
+                        Err(_) => break 'run,
+                    },
+                    Some(n) = notes.recv() => {
+                        if h.note(n, &all, caps) {
+                            break; // a size changed: allot again
+                        }
+                        h.readiness(&me);
+                    }
+                }
             }
         }
-        for (_, (_, token)) in workers {
+        for (_, (_, token)) in h.workers {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
     }
 
-    /// True the first time this run sees `image` present.
-    fn first_sight(&self, image: &ImageRef) -> bool {
-        self.sighted
-            .lock()
-            .expect("sighted lock")
-            .insert(image.clone())
-    }
-
-    /// The current desired set split by the caps, with the sizes known now.
-    fn allot(&self, all: &[DesiredImage]) -> Allotment {
-        let sizes = self.sizes.lock().expect("sizes lock");
-        caps::allot(all, self.settings.caps, &sizes)
-    }
-
-    /// Whether `image` is over a cap now that its size is `size` (recorded for the run loop, which is
-    /// told to allot again when a size changed).
-    fn over_cap_at(&self, image: &ImageRef, size: u64) -> Option<OverCap> {
-        let old = self
-            .sizes
-            .lock()
-            .expect("sizes lock")
-            .insert(image.clone(), size);
-        if old != Some(size) {
-            self.resized.notify_one();
+    fn emit(&self, event: PrewarmEvent) {
+        if let Some(emit) = &self.events {
+            emit(event);
         }
-        let all = self.desired_now.lock().expect("desired lock").clone();
-        self.allot(&all)
-            .over
-            .into_iter()
-            .find(|(d, _)| &d.image == image)
-            .map(|(_, cap)| cap)
-    }
-
-    /// Images over a cap: no worker, state `over_cap`, a finding per project once per change.
-    fn hold_back(
-        &self,
-        over: &[(DesiredImage, OverCap)],
-        reported: &mut BTreeMap<ImageRef, &'static str>,
-    ) {
-        reported.retain(|r, _| over.iter().any(|(d, _)| &d.image == r));
-        for (d, cap) in over {
-            let projects = d.project.iter().chain(&d.other_projects).cloned();
-            self.board.track(d.image.as_str(), projects.collect());
-            self.set_state(&d.image, State::OverCap);
-            if reported.get(&d.image) == Some(&cap.label()) {
-                continue;
-            }
-            reported.insert(d.image.clone(), cap.label());
-            let f = messages::over_cap(worker::subject(d), *cap);
-            warn!(image = %d.image, cap = cap.label(), "{}", f.message);
-            self.board
-                .failed(d.image.as_str(), "over_cap", &f.message, 0);
-            if let Some(sink) = &self.findings {
-                sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
-            }
-        }
-        for c in ["images", "bytes"] {
-            let n = over.iter().filter(|(_, cap)| cap.label() == c).count();
-            self.metrics
-                .prewarm_images_over_cap
-                .with_label_values(&[c])
-                .set(n as i64);
-        }
-    }
-
-    fn publish_held_bytes(&self, held: &BTreeSet<ImageRef>) {
-        let sizes = self.sizes.lock().expect("sizes lock");
-        let bytes: u64 = held.iter().filter_map(|r| sizes.get(r)).sum();
-        self.metrics.prewarm_held_bytes.set(bytes as i64);
     }
 
     fn tell(&self, news: News) {
@@ -339,42 +309,10 @@ impl<S: ImageStore> Prewarmer<S> {
         }
     }
 
-    fn mark_examined(&self, image: &ImageRef) {
-        self.examined
-            .lock()
-            .expect("examined lock")
-            .insert(image.clone());
-        self.update_readiness();
-    }
-
-    /// Ready once containerd has answered about every desired image at least once.
-    fn update_readiness(&self) {
-        let want = self.wanted.lock().expect("wanted lock");
-        let examined = self.examined.lock().expect("examined lock");
-        if want.iter().all(|r| examined.contains(r)) {
-            self.health
-                .first_reconcile_done
-                .store(true, Ordering::Relaxed);
-        }
-    }
-
     fn set_state(&self, image: &ImageRef, state: State) {
-        self.states
-            .lock()
-            .expect("states lock")
-            .insert(image.clone(), state);
-        self.board.set_state(image.as_str(), state.label());
-        self.publish_states();
-    }
-
-    fn publish_states(&self) {
-        let states = self.states.lock().expect("states lock");
-        for s in STATES {
-            let n = states.values().filter(|v| v.label() == s).count();
-            self.metrics
-                .prewarm_images
-                .with_label_values(&[s])
-                .set(n as i64);
-        }
+        self.emit(PrewarmEvent::State {
+            image: image.clone(),
+            state,
+        });
     }
 }

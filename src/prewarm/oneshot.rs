@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use super::attempt::{Failure, PullOutcome};
+use super::attempt::PullOutcome;
 use super::backoff::backoff_delay;
 use super::pins::MANUAL_PIN_OWNER;
 use super::store::ImageStore;
 use super::{DesiredImage, PrewarmSettings, Prewarmer, PullProgressView};
+use crate::model::Failure;
 use crate::reference::ImageRef;
 use crate::runtime::errors::FailureClass;
 use tokio::sync::watch;

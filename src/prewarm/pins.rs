@@ -100,7 +100,7 @@ impl<S: ImageStore> Prewarmer<S> {
             Ok(None) | Err(_) => false,
         };
         self.pins_honoured.store(honoured, Ordering::Relaxed);
-        self.metrics.pinning_honoured.set(honoured as i64);
+        self.emit(crate::outcome::prewarm::PrewarmEvent::PinsHonoured { honoured });
         if !honoured && !self.pin_warned.swap(true, Ordering::Relaxed) {
             warn!(
                 image = %image,

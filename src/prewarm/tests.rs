@@ -9,6 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake::{Call, FakeStore, PullScript};
 use super::*;
+use crate::outcome::prewarm::PrewarmEvent;
+use crate::report::health::Health;
+use crate::report::metrics::Metrics;
+use crate::report::prewarm::PrewarmReport;
 use crate::report::sink::{Captured, FindingSink};
 use crate::report::status::StatusBoard;
 use crate::runtime::errors::FailureClass;
@@ -46,6 +50,9 @@ struct Rig {
     metrics: Arc<Metrics>,
     captured: Captured,
     board: Arc<StatusBoard>,
+    health: Arc<Health>,
+    /// Every event the prewarmer emitted so far, in order (the reporter has applied each).
+    events: Arc<std::sync::Mutex<Vec<PrewarmEvent>>>,
     news: mpsc::UnboundedReceiver<News>,
     prewarmer: Option<Prewarmer<FakeStore>>,
 }
@@ -56,20 +63,30 @@ fn rig(settings: PrewarmSettings) -> Rig {
     let (sink, captured) = FindingSink::capture(metrics.clone());
     let (tx, news) = mpsc::unbounded_channel();
     let board = Arc::new(StatusBoard::default());
-    let prewarmer = Prewarmer::new(
-        store.clone(),
-        settings,
+    let health = Arc::new(Health::default());
+    let report = PrewarmReport::new(
         metrics.clone(),
+        board.clone(),
+        health.clone(),
         Some(sink),
-        Arc::new(Health::default()),
-    )
-    .with_news(tx)
-    .with_board(board.clone());
+        settings.failure_finding_after,
+    );
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let report = report.into_emit();
+    let prewarmer = Prewarmer::new(store.clone(), settings)
+        .with_news(tx)
+        .with_events(Arc::new(move |e: PrewarmEvent| {
+            seen.lock().unwrap().push(e.clone());
+            report(e);
+        }));
     Rig {
         store,
         metrics,
         captured,
         board,
+        health,
+        events,
         news,
         prewarmer: Some(prewarmer),
     }
@@ -106,6 +123,10 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("condition never held; calls: {:?}", self.store.calls());
+    }
+
+    fn events(&self) -> Vec<PrewarmEvent> {
+        self.events.lock().unwrap().clone()
     }
 
     fn pulls_total(&self, result: &str) -> u64 {
@@ -151,7 +172,8 @@ async fn a_present_image_is_skipped_pinned_and_announced_once() {
     assert_eq!(
         r.news.recv().await,
         Some(News::Present {
-            desired: desired(IMG),
+            image: desired(IMG).image,
+            projects: desired(IMG).projects,
             image_id: "sha256:aaa".into()
         })
     );
@@ -376,7 +398,7 @@ async fn credentials_are_tried_most_specific_first_then_anonymously() {
 #[tokio::test(start_paused = true)]
 async fn each_project_is_told_only_of_its_own_secret() {
     let secret = |ns: &str, key: &str, user: &str| ClusterSecret {
-        name: format!("{ns}/pull"),
+        id: crate::model::SecretRef::new(ns, "pull"),
         keyring: crate::credentials::Keyring::parse(
             format!(r#"{{"auths":{{"{key}":{{"username":"{user}","password":"pw-{user}"}}}}}}"#)
                 .as_bytes(),
@@ -395,8 +417,7 @@ async fn each_project_is_told_only_of_its_own_secret() {
         )],
     );
     let mut d = desired(IMG);
-    d.project = Some("team-a".into());
-    d.other_projects = vec!["team-b".into()];
+    d.projects = Projects::new(["team-a".to_string(), "team-b".to_string()]);
     d.cluster_secrets = vec![
         secret("team-a", "r.io/team", "alice"),
         secret("team-b", "r.io", "bob"),
@@ -500,6 +521,9 @@ async fn containerd_down_is_a_state_of_the_node_not_a_failure_of_the_image() {
         "{}",
         f.message
     );
+    assert!(r
+        .events()
+        .contains(&PrewarmEvent::RuntimeReachable { up: false }));
     assert_eq!(r.metrics.runtime_up.get(), 0);
     let (_tx, stop, task) = r
         .run_until(vec![desired(IMG)], |r| r.store.status_calls() >= 5)
@@ -560,7 +584,7 @@ async fn a_runtime_that_ignores_pins_is_reported_on_the_finding_and_the_gauge() 
 #[tokio::test(start_paused = true)]
 async fn ready_once_containerd_answered_about_every_desired_image() {
     let mut r = rig(settings());
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     r.store.present(IMG, "sha256:aaa", "sha256:m1");
     r.store.script("r.io/team/slow:v1", [PullScript::Hang]);
     r.store.state().progress_done = 1;
@@ -615,7 +639,7 @@ async fn not_ready_while_an_image_was_never_looked_at() {
         concurrency: 1,
         ..settings()
     });
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     r.store.script(IMG, [PullScript::Hang]);
     r.store.state().progress_done = 1;
     let (_tx, stop, task) = r
@@ -761,12 +785,8 @@ async fn a_long_pull_is_logged_at_a_steady_cadence_with_its_rate() {
 }
 
 fn wanted_by(image: &str, projects: &[&str]) -> DesiredImage {
-    let mut d = DesiredImage::new(
-        ImageRef::parse(image).unwrap(),
-        None,
-        projects.first().map(|p| p.to_string()),
-    );
-    d.other_projects = projects.iter().skip(1).map(|p| p.to_string()).collect();
+    let mut d = DesiredImage::new(ImageRef::parse(image).unwrap(), None, None);
+    d.projects = projects.iter().map(|p| p.to_string()).collect();
     d
 }
 
@@ -805,7 +825,7 @@ async fn over_the_image_cap_the_least_wanted_waits_and_is_pulled_once_room_is_ma
         wanted_by(b, &["p1", "p2"]),
         wanted_by(a, &[]),
     ];
-    let health = r.prewarmer.as_ref().unwrap().health.clone();
+    let health = r.health.clone();
     let (tx, stop, task) = r
         .run_until(set, |r| {
             r.images_in("ready") == 2 && r.images_in("over_cap") == 1
@@ -908,7 +928,7 @@ async fn a_restarted_worker_does_not_announce_the_same_content_again() {
         .await;
     // Another project wants it too: the entry changed, so its worker restarts.
     let mut d = desired(IMG);
-    d.other_projects = vec!["second".into()];
+    d.projects.add("second".into());
     tx.send_replace(vec![d]);
     r.wait(|r| r.store.status_calls() >= 3 && r.images_in("ready") == 1)
         .await;
@@ -1009,25 +1029,21 @@ async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_
     };
     let set: Vec<DesiredImage> = wants
         .into_iter()
-        .map(|w| {
-            let mut projects = w.projects.into_iter();
-            DesiredImage {
-                cluster_secrets: w
-                    .secrets
-                    .iter()
-                    .map(|(ns, s)| ClusterSecret {
-                        name: format!("{ns}/{s}"),
-                        keyring: keyring(s),
-                    })
-                    .collect(),
-                image: w.image,
-                pull_secret: None,
-                project: projects.next(),
-                other_projects: projects.collect(),
-            }
+        .map(|w| DesiredImage {
+            cluster_secrets: w
+                .secrets
+                .iter()
+                .map(|(ns, s)| ClusterSecret {
+                    id: crate::model::SecretRef::new(ns.clone(), s.clone()),
+                    keyring: keyring(s),
+                })
+                .collect(),
+            image: w.image,
+            pull_secret: None,
+            projects: w.projects.into_iter().collect(),
         })
         .collect();
-    assert!(set.iter().all(|d| d.other_projects.len() == 9));
+    assert!(set.iter().all(|d| d.projects.others().len() == 9));
     let mut r = rig(settings());
     for i in 0..20 {
         r.store.script(
@@ -1045,6 +1061,109 @@ async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_
     assert_eq!(
         r.findings_of("RunnerImagePrewarmed").len(),
         20 * crate::report::sink::NORMAL_FANOUT
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// The events a consumer rebuilds an image's state from, for one image, without the node-wide ones.
+fn life_of(events: &[PrewarmEvent], image: &str) -> Vec<PrewarmEvent> {
+    events
+        .iter()
+        .filter(|e| match e {
+            PrewarmEvent::Tracked { image: i, .. }
+            | PrewarmEvent::State { image: i, .. }
+            | PrewarmEvent::Present { image: i, .. }
+            | PrewarmEvent::Failed { image: i, .. }
+            | PrewarmEvent::HeldBack { image: i, .. }
+            | PrewarmEvent::Left { image: i } => i.as_str() == image,
+            _ => false,
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_present_image_lives_waiting_pulling_ready_as_typed_events() {
+    use crate::model::{Arrival, ImageState, PinState};
+    use crate::outcome::prewarm::Novelty;
+    let mut r = rig(settings());
+    r.store.present(IMG, "sha256:aaa", "sha256:m1");
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    let image = ImageRef::parse(IMG).unwrap();
+    let state = |state| PrewarmEvent::State {
+        image: image.clone(),
+        state,
+    };
+    assert_eq!(
+        life_of(&r.events(), IMG),
+        [
+            PrewarmEvent::Tracked {
+                image: image.clone(),
+                projects: desired(IMG).projects
+            },
+            state(ImageState::Waiting),
+            state(ImageState::Waiting),
+            state(ImageState::Pulling),
+            PrewarmEvent::Present {
+                image: image.clone(),
+                projects: desired(IMG).projects,
+                image_id: "sha256:aaa".into(),
+                arrival: Arrival::AlreadyPresent,
+                pin: PinState::Pinned,
+                novelty: Novelty::New,
+            },
+            state(ImageState::Ready),
+            state(ImageState::Ready),
+        ]
+    );
+    let node: Vec<PrewarmEvent> = r
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                PrewarmEvent::AllExamined | PrewarmEvent::PinsHonoured { .. }
+            )
+        })
+        .collect();
+    assert!(node.contains(&PrewarmEvent::AllExamined), "{node:?}");
+    assert!(node.contains(&PrewarmEvent::PinsHonoured { honoured: true }));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_pull_carries_its_class_typed_and_counts_attempts_in_a_row() {
+    let mut r = rig(settings());
+    r.store.script(
+        IMG,
+        [PullScript::Fail(
+            tonic::Code::NotFound,
+            "r.io/team/runner:v1: not found".into(),
+        )],
+    );
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.store.pulls().len() >= 3)
+        .await;
+    let failures: Vec<(FailureClass, u32)> = life_of(&r.events(), IMG)
+        .into_iter()
+        .filter_map(|e| match e {
+            PrewarmEvent::Failed {
+                failure, attempts, ..
+            } => Some((failure.class, attempts)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failures[..3],
+        [
+            (FailureClass::NotFound, 1),
+            (FailureClass::NotFound, 2),
+            (FailureClass::NotFound, 3)
+        ]
     );
     stop.cancel();
     task.await.unwrap();

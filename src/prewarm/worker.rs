@@ -1,271 +1,268 @@
-//! One image's worker: wait for a pull slot, attempt, then either stay Ready until the tag is due for
-//! re-resolution or back off after a failure. Findings: the "prewarmed" news once per new content, a
-//! secret problem once per distinct problem, a pull failure once `failure_finding_after` attempts in a row
-//! failed.
+//! One image's worker: a task that owns the image's `Life` (`life.rs`), feeds it what happened and carries
+//! out its actions — wait for a pull slot, attempt, then either stay Ready until the tag is due for
+//! re-resolution or back off after a failure. Each outcome is a `PrewarmEvent` (`report::prewarm` says
+//! what it means to whom); what the run loop must know is a `Note` to it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::Rng;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::attempt::{Failure, PullOutcome};
-use super::backoff::backoff_delay;
+use super::attempt::PullOutcome;
+use super::life::{step, Action, Input, Life};
 use super::store::ImageStore;
-use super::{DesiredImage, News, Prewarmer, State};
-use crate::report::messages::{self, Arrival, ImageSubject, PinState};
-use crate::runtime::errors::FailureClass;
+use super::{DesiredImage, News, Prewarmer};
+use crate::model::{Arrival, Failure, FailureClass, OverCap, PinState};
+use crate::outcome::prewarm::{Novelty, PrewarmEvent};
+use crate::reference::ImageRef;
+use crate::runtime::cri::Image;
 
-/// Factors on `backoff_initial` and `backoff_max` for failures alike on every node.
-const ALIKE_SLOWER_START: u32 = 16;
-const ALIKE_HIGHER_CAP: u32 = 4;
+/// What a worker tells the run loop, which owns what outlives a worker.
+#[derive(Debug)]
+pub(super) enum Note {
+    /// containerd answered about the image (readiness).
+    Examined(ImageRef),
+    /// The image is present with `size` bytes: is it over a cap now? (A changed size makes the run loop
+    /// allot the desired set again.)
+    Sized {
+        image: ImageRef,
+        size: u64,
+        reply: oneshot::Sender<Option<OverCap>>,
+    },
+    /// Content `image_id` of the image was announced.
+    Announced { image: ImageRef, image_id: String },
+    /// The image was seen present for the first time this run.
+    Sighted(ImageRef),
+}
 
-/// What a worker remembers between attempts.
-#[derive(Default)]
-struct Memory {
-    /// Consecutive failures of the image (containerd outages excluded).
-    failures: u32,
-    /// Consecutive attempts containerd did not answer.
-    outages: u32,
+/// What a new worker learns from the run loop about earlier workers of its image.
+pub(super) struct Recall {
+    /// The content last announced (a restarted worker does not announce it again).
+    pub announced: Option<String>,
+    /// Whether the image was seen present before in this run.
+    pub sighted: bool,
+}
+
+pub(super) struct Worker<S: ImageStore> {
+    p: Arc<Prewarmer<S>>,
+    desired: DesiredImage,
+    notes: mpsc::UnboundedSender<Note>,
+    life: Life,
+    /// The content last announced for the image.
     last_id: Option<String>,
-    last_secret_error: Option<String>,
-    force: bool,
+    sighted: bool,
+    /// The last attempt's failure, for its report.
+    failure: Option<Failure>,
 }
 
-pub(super) fn subject(d: &DesiredImage) -> ImageSubject<'_> {
-    ImageSubject {
-        image: d.image.as_str(),
-        project: d.project.as_deref(),
-    }
-}
-
-impl<S: ImageStore> Prewarmer<S> {
-    pub(super) async fn worker(self: Arc<Self>, desired: DesiredImage, cancel: CancellationToken) {
-        let image = desired.image.clone();
-        // A restarted worker (its entry changed) does not announce content it announced before.
-        let mut mem = Memory {
-            last_id: self
-                .announced
-                .lock()
-                .expect("announced lock")
-                .get(&image)
-                .cloned(),
-            ..Memory::default()
-        };
-        loop {
-            self.set_state(&image, State::Waiting);
-            let mut slot = tokio::select! {
-                p = self.slots.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
-                _ = cancel.cancelled() => return,
-            };
-            self.set_state(&image, State::Pulling);
-            let result = tokio::select! {
-                r = self.attempt_in_slot(&desired, mem.force, &mut slot) => r,
-                _ = cancel.cancelled() => return,
-            };
-            drop(slot);
-            let wait = match result {
-                Ok(outcome) => {
-                    mem.failures = 0;
-                    mem.outages = 0;
-                    mem.last_secret_error = None;
-                    if let Some(cap) = self.over_cap_at(&image, outcome.status().size) {
-                        // Pulled, but holding it would break the byte cap: the run loop takes it out
-                        // of the held set (and says so); it is never pinned.
-                        debug!(image = %image, cap = cap.label(), "over a cap once its size is known");
-                        return;
-                    }
-                    self.on_success(&desired, &outcome, &mut mem.last_id).await;
-                    self.set_state(&image, State::Ready);
-                    // Tags are re-resolved; digests only re-checked for presence.
-                    mem.force = !image.is_pinned_by_digest();
-                    self.settings.resolve_interval
-                }
-                Err(f) if f.class == FailureClass::Runtime => {
-                    // The node's runtime is down: the image waits; the health probe says so once.
-                    mem.outages += 1;
-                    self.set_state(&image, State::Waiting);
-                    let delay = self.retry_delay(mem.outages);
-                    debug!(image = %image, retry_in = ?delay, "{}", f.message);
-                    delay
-                }
-                Err(f) => {
-                    mem.failures += 1;
-                    mem.outages = 0;
-                    self.set_state(&image, State::Failed);
-                    self.on_failure(&desired, &f, &mut mem)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => return,
-            }
+impl<S: ImageStore> Worker<S> {
+    pub fn new(
+        p: Arc<Prewarmer<S>>,
+        desired: DesiredImage,
+        notes: mpsc::UnboundedSender<Note>,
+        recall: Recall,
+    ) -> Self {
+        Self {
+            p,
+            desired,
+            notes,
+            life: Life::start().0,
+            last_id: recall.announced,
+            sighted: recall.sighted,
+            failure: None,
         }
     }
 
-    async fn on_success(
-        &self,
-        d: &DesiredImage,
-        outcome: &PullOutcome,
-        last_id: &mut Option<String>,
-    ) {
-        let image = &d.image;
-        let (result, arrival) = match outcome {
-            PullOutcome::Present { .. } => ("skipped", Arrival::AlreadyPresent),
-            PullOutcome::Pulled { seconds, .. } => {
-                self.metrics.prewarm_pull_duration_seconds.observe(*seconds);
-                ("success", Arrival::Pulled { seconds: *seconds })
-            }
+    /// Lives until `cancel` (or until the image turns out to be over a cap).
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let (life, first) = Life::start();
+        self.life = life;
+        let mut actions: VecDeque<Action> = first.into();
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        loop {
+            let input = match actions.pop_front() {
+                Some(Action::State(state)) => {
+                    self.p.set_state(&self.desired.image, state);
+                    continue;
+                }
+                Some(Action::ReportFailure { attempts, retry_in }) => {
+                    self.report_failure(attempts, retry_in);
+                    continue;
+                }
+                Some(Action::Attempt { force }) => {
+                    let result = tokio::select! {
+                        r = self.p.attempt_in_slot(&self.desired, force, &mut slot, Some(&self.notes)) => r,
+                        _ = cancel.cancelled() => return,
+                    };
+                    drop(slot.take());
+                    match result {
+                        Ok(outcome) => {
+                            let over = tokio::select! {
+                                o = self.over_cap(outcome.status().size) => o,
+                                _ = cancel.cancelled() => return,
+                            };
+                            match over {
+                                // Pulled, but holding it would break the byte cap: the run loop takes
+                                // it out of the held set (and says so); it is never pinned.
+                                Some(cap) => {
+                                    debug!(image = %self.desired.image, cap = cap.label(), "over a cap once its size is known");
+                                    Input::OverCap
+                                }
+                                None => {
+                                    self.on_success(&outcome).await;
+                                    Input::Present {
+                                        by_digest: self.desired.image.is_pinned_by_digest(),
+                                    }
+                                }
+                            }
+                        }
+                        Err(f) if f.class == FailureClass::Runtime => {
+                            // The node's runtime is down: the image waits; the health probe says so once.
+                            debug!(image = %self.desired.image, "{}", f.message);
+                            Input::RuntimeDown
+                        }
+                        Err(f) => {
+                            let class = f.class;
+                            self.failure = Some(f);
+                            Input::Failed(class)
+                        }
+                    }
+                }
+                Some(Action::Wait(wait)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => Input::WaitOver,
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+                Some(Action::Stop) => return,
+                // Nothing left to do: wait for a pull slot.
+                None => {
+                    slot = tokio::select! {
+                        p = self.p.slots.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                        _ = cancel.cancelled() => return,
+                    };
+                    Input::SlotGranted
+                }
+            };
+            let jitter = rand::rng().random_range(0.8..1.2);
+            let (life, next) = step(self.life.clone(), input, &self.p.settings, jitter);
+            self.life = life;
+            actions = next.into();
+        }
+    }
+
+    /// Asks the run loop whether the image, `size` bytes, is over a cap.
+    async fn over_cap(&self, size: u64) -> Option<OverCap> {
+        let (reply, answer) = oneshot::channel();
+        let asked = self.notes.send(Note::Sized {
+            image: self.desired.image.clone(),
+            size,
+            reply,
+        });
+        match asked {
+            Ok(()) => answer.await.ok().flatten(),
+            // No run loop (never the case while it runs its workers).
+            Err(_) => None,
+        }
+    }
+
+    async fn on_success(&mut self, outcome: &PullOutcome) {
+        let image = &self.desired.image.clone();
+        let arrival = match outcome {
+            PullOutcome::Present { .. } => Arrival::AlreadyPresent,
+            PullOutcome::Pulled { seconds, .. } => Arrival::Pulled { seconds: *seconds },
         };
-        self.metrics
-            .prewarm_pulls_total
-            .with_label_values(&[result])
-            .inc();
-        let pin = match self.settings.pin {
+        let pin = match self.p.settings.pin {
             false => PinState::Disabled,
-            true => match self.pin(image, image.as_str(), outcome.status()).await {
+            true => match self.p.pin(image, image.as_str(), outcome.status()).await {
                 true => PinState::Pinned,
                 false => PinState::Ignored,
             },
         };
         let id = outcome.image_id().to_string();
-        self.board.present(image.as_str(), &id, pin.label());
         let how = arrival.describe();
-        if last_id.as_deref() == Some(id.as_str()) {
-            debug!(image = %image, image_id = %id, "{how}; unchanged");
-            return;
-        }
-        if let Some(old) = last_id.as_deref() {
+        let unchanged = self.last_id.as_deref() == Some(id.as_str());
+        if let Some(old) = self.last_id.as_deref().filter(|_| !unchanged) {
             info!(image = %image, old_id = %old, new_id = %id, "tag moved; new content prewarmed");
         }
-        *last_id = Some(id.clone());
-        self.announced
-            .lock()
-            .expect("announced lock")
-            .insert(image.clone(), id.clone());
-        if matches!(arrival, Arrival::AlreadyPresent)
-            && self.pinned_before(d, outcome.status()).await
+        let novelty = if unchanged {
+            debug!(image = %image, image_id = %id, "{how}; unchanged");
+            Novelty::Unchanged
+        } else if matches!(arrival, Arrival::AlreadyPresent) && self.pinned_before(outcome.status())
         {
             // An earlier run of the agent pinned exactly this content, so it announced it then: a
             // restart is not news to the project.
             info!(image = %image, image_id = %id, "{how}; prewarmed before this agent started (its pin is ours)");
+            Novelty::KnownBefore
         } else {
             info!(image = %image, image_id = %id, pinned = (pin == PinState::Pinned), "{how}");
-            self.publish(d, messages::prewarmed(subject(d), arrival, &id, pin));
+            Novelty::New
+        };
+        let d = &self.desired;
+        self.p.emit(PrewarmEvent::Present {
+            image: d.image.clone(),
+            projects: d.projects.clone(),
+            image_id: id.clone(),
+            arrival,
+            pin,
+            novelty,
+        });
+        if novelty == Novelty::Unchanged {
+            return;
         }
+        self.last_id = Some(id.clone());
+        let _ = self.notes.send(Note::Announced {
+            image: d.image.clone(),
+            image_id: id.clone(),
+        });
         // "Present" first, then the audit: it reads every layer and must never hold up the state.
-        self.set_state(image, State::Ready);
-        self.tell(News::Present {
-            desired: d.clone(),
+        self.p.set_state(&d.image, crate::model::ImageState::Ready);
+        self.p.tell(News::Present {
+            image: d.image.clone(),
+            projects: d.projects.clone(),
             image_id: id,
         });
     }
 
-    /// Whether this agent (an earlier run of it) had pinned `status`'s content for `d` before this
-    /// run first saw it: one of its digest records carries our pin for `d`'s reference.
-    async fn pinned_before(&self, d: &DesiredImage, status: &crate::runtime::cri::Image) -> bool {
-        if !self.settings.pin || !self.first_sight(&d.image) {
+    /// Whether this agent (an earlier run of it) had pinned `status`'s content for the image before this
+    /// run first saw it: one of its digest records carries our pin for the image's reference.
+    fn pinned_before(&mut self, status: &Image) -> bool {
+        if !self.p.settings.pin || self.sighted {
             return false;
         }
-        let Some(owned) = self.pins_at_start.get() else {
+        self.sighted = true;
+        let image = &self.desired.image;
+        let _ = self.notes.send(Note::Sighted(image.clone()));
+        let Some(owned) = &self.p.pins_at_start else {
             return false;
         };
         status
             .repo_digests
             .iter()
-            .any(|r| owned.get(r).map(String::as_str) == Some(d.image.as_str()))
+            .any(|r| owned.get(r).map(String::as_str) == Some(image.as_str()))
     }
 
-    /// Counts and reports a failure; returns how long to wait before the next attempt.
-    fn on_failure(&self, d: &DesiredImage, f: &Failure, mem: &mut Memory) -> Duration {
-        self.metrics
-            .prewarm_pulls_total
-            .with_label_values(&[f.class.as_str()])
-            .inc();
-        let delay = match f.class.alike_on_every_node() {
-            true => self.alike_retry_delay(mem.failures),
-            false => self.retry_delay(mem.failures),
-        };
-        self.board
-            .failed(d.image.as_str(), f.class.as_str(), &f.message, mem.failures);
+    /// Logs and emits the last failure, `attempts` in a row, retried in `retry_in`.
+    fn report_failure(&mut self, attempts: u32, retry_in: std::time::Duration) {
+        let Some(f) = self.failure.take() else { return };
+        let d = &self.desired;
         warn!(
             image = %d.image,
             class = f.class.as_str(),
-            attempt = mem.failures,
-            retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs().max(1))),
+            attempt = attempts,
+            retry_in = %humantime::format_duration(std::time::Duration::from_secs(retry_in.as_secs().max(1))),
             "pull failed: {} — {}",
             f.message,
             f.class.advice()
         );
-        if f.class == FailureClass::Secret {
-            // Once per distinct problem, not once per retry.
-            if mem.last_secret_error.as_deref() != Some(f.message.as_str()) {
-                mem.last_secret_error = Some(f.message.clone());
-                self.publish(
-                    d,
-                    messages::pull_secret_invalid(
-                        subject(d),
-                        &f.message,
-                        f.class.advice(),
-                        f.class.as_str(),
-                    ),
-                );
-            }
-        } else if mem.failures == self.settings.failure_finding_after {
-            if let Some(sink) = &self.findings {
-                // One finding per project, each naming only that project's own secrets.
-                for p in d.project.iter().chain(&d.other_projects) {
-                    let s = ImageSubject {
-                        image: d.image.as_str(),
-                        project: Some(p),
-                    };
-                    sink.publish(&messages::pull_failed(
-                        s,
-                        mem.failures,
-                        f.class.as_str(),
-                        f.message_for(Some(p)),
-                        f.class.advice(),
-                    ));
-                }
-                if d.project.is_none() {
-                    sink.publish(&messages::pull_failed(
-                        subject(d),
-                        mem.failures,
-                        f.class.as_str(),
-                        &f.message,
-                        f.class.advice(),
-                    ));
-                }
-            }
-        }
-        delay
-    }
-
-    /// The jittered backoff before the next attempt after `n` in a row went wrong.
-    fn retry_delay(&self, n: u32) -> Duration {
-        backoff_delay(
-            self.settings.backoff_initial,
-            self.settings.backoff_max,
-            n,
-            rand::rng().random_range(0.8..1.2),
-        )
-    }
-
-    /// Auth and not-found failures are the registry's answer to every node: a retry every second from
-    /// a thousand nodes would only hammer it. They back off from 16× the initial delay to 4× the cap.
-    fn alike_retry_delay(&self, n: u32) -> Duration {
-        backoff_delay(
-            self.settings.backoff_initial * ALIKE_SLOWER_START,
-            self.settings.backoff_max * ALIKE_HIGHER_CAP,
-            n,
-            rand::rng().random_range(0.8..1.2),
-        )
-    }
-
-    fn publish(&self, d: &DesiredImage, f: crate::report::findings::Finding) {
-        if let Some(sink) = &self.findings {
-            sink.publish_to_projects(f, d.image.as_str(), &d.other_projects);
-        }
+        self.p.emit(PrewarmEvent::Failed {
+            image: d.image.clone(),
+            projects: d.projects.clone(),
+            failure: f,
+            attempts,
+        });
     }
 }

@@ -61,7 +61,7 @@ impl AuditReport {
                         self.findings.publish_to_projects(
                             messages::not_audited(subject(&a), error),
                             &a.image,
-                            &a.other_projects,
+                            a.projects.others(),
                         );
                     }
                     self.board.audited(
@@ -129,7 +129,7 @@ impl AuditReport {
             self.findings.publish_to_projects(
                 messages::contract_check(subject(a), r.check, outcome, &r.detail, &read_from),
                 image,
-                &a.other_projects,
+                a.projects.others(),
             );
         }
     }
@@ -150,7 +150,7 @@ impl AuditReport {
 fn subject(a: &ImageAudit) -> ImageSubject<'_> {
     ImageSubject {
         image: &a.image,
-        project: a.project.as_deref(),
+        project: a.projects.first(),
     }
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::contract::CheckResult;
+use crate::model::Projects;
 use crate::outcome::audit::{FsSource, NotAuditedReason};
 use crate::report::sink::Captured;
 
@@ -19,8 +20,7 @@ fn audited(image: &str, read: Option<Duration>, checks: Vec<CheckResult>) -> Aud
     AuditEvent::Result(ImageAudit {
         image: image.into(),
         image_id: "sha256:1".into(),
-        project: Some("a".into()),
-        other_projects: vec!["b".into()],
+        projects: ["a", "b"].map(String::from).into_iter().collect(),
         result: AuditResult::Audited(Audited {
             read,
             read_from: FsSource::Snapshot,
@@ -34,8 +34,7 @@ fn not_audited(image: &str, reason: NotAuditedReason) -> AuditEvent {
     AuditEvent::Result(ImageAudit {
         image: image.into(),
         image_id: "sha256:1".into(),
-        project: Some("a".into()),
-        other_projects: vec![],
+        projects: Projects::new(["a".to_string()]),
         result: AuditResult::NotAudited {
             reason,
             error: format!("image {image}: layer 0 (sha256:l): too big"),

@@ -22,7 +22,7 @@ use super::health::ApiHealth;
 use super::messages::{truncate, MESSAGE_MAX};
 use super::metrics::Metrics;
 use super::ratelimit::SpamLimit;
-use crate::runtime::errors::FailureClass;
+use crate::model::FailureClass;
 
 pub const CONTROLLER: &str = "ambient-code.io/runner-warden";
 /// Findings waiting for the API server beyond this are dropped (and counted).
@@ -38,12 +38,7 @@ pub fn cluster_wide(f: &Finding) -> bool {
         CONTRACT_VIOLATION,
     ]
     .contains(&f.reason)
-        || (f.reason == PULL_FAILED
-            && f.class.is_some_and(|c| {
-                FailureClass::ALIKE_ON_EVERY_NODE
-                    .iter()
-                    .any(|a| a.as_str() == c)
-            }))
+        || (f.reason == PULL_FAILED && f.failure.is_some_and(FailureClass::alike_on_every_node))
 }
 
 /// How long a cluster-wide finding held back for the lease holder is kept for a takeover: the lease

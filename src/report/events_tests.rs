@@ -371,13 +371,13 @@ async fn findings_held_back_for_a_takeover_expire_and_are_not_replayed_stale() {
 
 #[tokio::test(start_paused = true)]
 async fn pull_failures_alike_on_every_node_are_the_lease_holders_and_per_node_ones_each_nodes() {
-    let failed = |class: &'static str, ns: &str| project_finding(PULL_FAILED, ns).class(class);
+    let failed = |class: FailureClass, ns: &str| project_finding(PULL_FAILED, ns).failure(class);
     let mut r = rig(false);
     let task = r.start();
-    r.queue.push(&failed("auth", "a"));
-    r.queue.push(&failed("not_found", "b"));
-    r.queue.push(&failed("network", "c"));
-    r.queue.push(&failed("stalled", "d"));
+    r.queue.push(&failed(FailureClass::Auth, "a"));
+    r.queue.push(&failed(FailureClass::NotFound, "b"));
+    r.queue.push(&failed(FailureClass::Network, "c"));
+    r.queue.push(&failed(FailureClass::Stalled, "d"));
     r.settle().await;
     let mut written = r.api.written();
     written.sort();

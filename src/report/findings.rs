@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::model::FailureClass;
+
 pub const PREWARMED: &str = "RunnerImagePrewarmed";
 pub const PULL_FAILED: &str = "RunnerImagePullFailed";
 pub const PULL_SECRET_INVALID: &str = "RunnerImagePullSecretInvalid";
@@ -122,6 +124,9 @@ pub struct Finding {
     /// Failure class (auth, not_found, network, stalled, secret, other) where there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<&'static str>,
+    /// The failure class of a pull's finding, typed (its label is `class`).
+    #[serde(skip)]
+    pub failure: Option<FailureClass>,
     /// Contract check id and its outcome (violation | warning) for audit findings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<&'static str>,
@@ -143,6 +148,7 @@ impl Finding {
             container: None,
             pid: None,
             class: None,
+            failure: None,
             check: None,
             outcome: None,
             shutdown: None,
@@ -157,6 +163,13 @@ impl Finding {
 
     pub fn class(mut self, class: &'static str) -> Self {
         self.class = Some(class);
+        self
+    }
+
+    /// A pull's failure class: `class` is its label.
+    pub fn failure(mut self, class: FailureClass) -> Self {
+        self.class = Some(class.as_str());
+        self.failure = Some(class);
         self
     }
 

@@ -150,14 +150,18 @@ struct ApiState {
 #[derive(Default)]
 pub struct ApiHealth {
     address: OnceLock<String>,
+    /// The longest wait between two watch retries (named in the "unreachable" line).
+    retry_max: OnceLock<Duration>,
     state: Mutex<ApiState>,
     up_gauge: OnceLock<prometheus::IntGauge>,
 }
 
 impl ApiHealth {
-    /// Starts following the API server at `address`; `up` is set to 1 or 0 from now on.
-    pub fn follow(&self, address: String, up: prometheus::IntGauge) {
+    /// Starts following the API server at `address`; `up` is set to 1 or 0 from now on. `retry_max` is
+    /// the longest wait between the watches' retries (the sources' `WATCH_BACKOFF_MAX`).
+    pub fn follow(&self, address: String, up: prometheus::IntGauge, retry_max: Duration) {
         let _ = self.address.set(address);
+        let _ = self.retry_max.set(retry_max);
         let _ = self.up_gauge.set(up);
     }
 
@@ -187,7 +191,7 @@ impl ApiHealth {
                 during,
                 error = %error,
                 "API server unreachable; watches retry with backoff (at most {}s apart); prewarm and audits go on with the last known desired set",
-                crate::sources::WATCH_BACKOFF_MAX.as_secs()
+                self.retry_max.get().copied().unwrap_or_default().as_secs()
             ),
             Some(Report::StillDown(down)) => warn!(
                 api_server = %self.address(),
@@ -305,7 +309,11 @@ mod tests {
         h.first_reconcile_done.store(true, Ordering::Relaxed);
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         gauge.set(-1);
-        h.api.follow("https://127.0.0.1:6443".into(), gauge.clone());
+        h.api.follow(
+            "https://127.0.0.1:6443".into(),
+            gauge.clone(),
+            Duration::from_secs(30),
+        );
         assert_eq!(h.api.snapshot().unwrap().reachable, None);
         assert!(h.ready(), "not yet contacted is not an outage");
         h.api

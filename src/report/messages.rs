@@ -6,8 +6,9 @@ use super::findings::{
     SHUTDOWN_SLOW,
 };
 use crate::contract::shutdown::ShutdownOutcome;
+pub use crate::model::{Arrival, PinState};
+use crate::model::{FailureClass, OverCap};
 use crate::outcome::audit::FsSource;
-use crate::prewarm::OverCap;
 use crate::runtime::containers::ContainerRef;
 
 /// Longest finding message (an Event's note is limited to 1 kB).
@@ -23,42 +24,6 @@ pub fn truncate(text: &str, max: usize) -> String {
         cut -= 1;
     }
     format!("{}...", &text[..cut])
-}
-
-/// How a present image came to be there, for the "prewarmed" news.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arrival {
-    AlreadyPresent,
-    Pulled { seconds: f64 },
-}
-
-impl Arrival {
-    pub fn describe(self) -> String {
-        match self {
-            Arrival::AlreadyPresent => "already present".to_string(),
-            Arrival::Pulled { seconds } => format!("pulled in {seconds:.1}s"),
-        }
-    }
-}
-
-/// Whether a present image is safe from kubelet's GC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PinState {
-    Pinned,
-    /// Pinned, but the runtime does not honour pins (containerd < 1.7).
-    Ignored,
-    Disabled,
-}
-
-impl PinState {
-    /// As `status` shows it.
-    pub fn label(self) -> &'static str {
-        match self {
-            PinState::Pinned => "pinned",
-            PinState::Ignored => "not_honoured",
-            PinState::Disabled => "disabled",
-        }
-    }
 }
 
 /// The image a finding is about: its reference and the project that wants it (if any).
@@ -98,24 +63,19 @@ pub fn prewarmed(s: ImageSubject, arrival: Arrival, image_id: &str, pin: PinStat
 }
 
 /// A pull secret that cannot be used; `problem` names the secret and what is wrong with it.
-pub fn pull_secret_invalid(
-    s: ImageSubject,
-    problem: &str,
-    advice: &str,
-    class: &'static str,
-) -> Finding {
+pub fn pull_secret_invalid(s: ImageSubject, problem: &str, class: FailureClass) -> Finding {
     s.finding(
         PULL_SECRET_INVALID,
         Level::Warning,
-        format!("{problem} — {advice}."),
+        format!("{problem} — {}.", class.advice()),
     )
-    .class(class)
+    .failure(class)
 }
 
 pub fn pull_failed(
     s: ImageSubject,
     failures: u32,
-    class: &'static str,
+    class: FailureClass,
     problem: &str,
     advice: &str,
 ) -> Finding {
@@ -127,7 +87,7 @@ pub fn pull_failed(
             s.image
         ),
     )
-    .class(class)
+    .failure(class)
 }
 
 /// An image the node's caps keep out: not pulled (image cap) or pulled but not kept pinned (byte cap).
@@ -379,12 +339,21 @@ mod tests {
             f.message,
             "Runner image r.io/a:v1 is present on this node (pulled in 2.0s; image sha256:1; NOT pinned: the runtime does not honour pins)."
         );
-        let f = pull_failed(s, 3, "auth", "registry refused", "fix the secret");
+        let f = pull_failed(
+            s,
+            3,
+            FailureClass::Auth,
+            "registry refused",
+            "fix the secret",
+        );
         assert_eq!(
             f.message,
             "Pulling runner image r.io/a:v1 failed 3 times (auth): registry refused — fix the secret."
         );
-        assert_eq!(f.class, Some("auth"));
+        assert_eq!(
+            (f.class, f.failure),
+            (Some("auth"), Some(FailureClass::Auth))
+        );
         let f = contract_check(
             s,
             "stop-signal",
@@ -400,7 +369,12 @@ mod tests {
             (Some("stop-signal"), Some("violation"))
         );
         let long = "x".repeat(5000);
-        assert!(pull_secret_invalid(s, &long, "fix", "secret").message.len() <= MESSAGE_MAX);
+        assert!(
+            pull_secret_invalid(s, &long, FailureClass::Secret)
+                .message
+                .len()
+                <= MESSAGE_MAX
+        );
     }
 
     fn runner() -> ContainerRef {

@@ -9,9 +9,6 @@ use prometheus::{
 
 pub const PREFIX: &str = "runner_warden";
 
-/// Pull states for `prewarm_images{state}`.
-pub const STATES: [&str; 5] = ["waiting", "pulling", "ready", "failed", "over_cap"];
-
 /// Pull results for `prewarm_pulls_total{result}`: `success`, `skipped`, or a failure class.
 pub const RESULTS: [&str; 8] = [
     "success",
@@ -304,10 +301,10 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         // Pre-create the label values so dashboards see zeros rather than gaps.
-        for s in STATES {
+        for s in crate::model::ImageState::ALL.map(|s| s.label()) {
             prewarm_images.with_label_values(&[s]).set(0);
         }
-        for c in ["images", "bytes"] {
+        for c in crate::model::OverCap::LABELS {
             prewarm_images_over_cap.with_label_values(&[c]).set(0);
         }
         for r in RESULTS {

@@ -8,6 +8,7 @@ pub mod health;
 pub mod messages;
 pub mod metrics;
 pub mod node_status;
+pub mod prewarm;
 pub mod ratelimit;
 pub mod runtime;
 pub mod server;

@@ -10,6 +10,7 @@ use super::events::EventQueue;
 use super::findings::{Finding, Level, Regarding};
 use super::metrics::Metrics;
 use super::status::StatusBoard;
+use crate::model::Projects;
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -106,16 +107,42 @@ impl FindingSink {
     /// Normal news to at most `NORMAL_FANOUT` in all (an image shared by thousands of projects would
     /// otherwise cost every node thousands of Events per image change).
     pub fn publish_to_projects(&self, f: Finding, image: &str, other_projects: &[String]) {
-        let fanout = match f.level {
+        self.fan_out(image, other_projects, f.clone(), |_| f.clone());
+    }
+
+    /// `finding(project)` for every project of `projects` (or once for none, when there are none), each
+    /// regarding its own project: a finding whose text differs per project (each names only that
+    /// project's own secrets). The same fan-out as `publish_to_projects`.
+    pub fn publish_per_project(
+        &self,
+        image: &str,
+        projects: &Projects,
+        finding: impl Fn(Option<&str>) -> Finding,
+    ) {
+        self.fan_out(image, projects.others(), finding(projects.first()), |p| {
+            finding(Some(p))
+        });
+    }
+
+    /// `first` as it is, preceded by `other(p)` regarding each further project `p` (as many as its level
+    /// allows).
+    fn fan_out(
+        &self,
+        image: &str,
+        other_projects: &[String],
+        first: Finding,
+        other: impl Fn(&str) -> Finding,
+    ) {
+        let fanout = match first.level {
             Level::Normal => NORMAL_FANOUT.saturating_sub(1),
             Level::Warning => usize::MAX,
         };
         for p in other_projects.iter().take(fanout) {
-            let mut g = f.clone();
+            let mut g = other(p);
             g.regarding = Regarding::for_image(image, Some(p));
             self.publish(&g);
         }
-        self.publish(&f);
+        self.publish(&first);
     }
 }
 

@@ -13,7 +13,7 @@ pub use retry::WATCH_BACKOFF_MAX;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::prewarm::DesiredImage;
+use crate::model::DesiredImage;
 
 /// The file's images and the cluster's, one entry per image: an image both name gets the file's secret
 /// and the cluster's secrets and projects.
@@ -23,14 +23,8 @@ pub fn merge(file: &[DesiredImage], cluster: &[DesiredImage]) -> Vec<DesiredImag
         match out.iter_mut().find(|d| d.image == c.image) {
             Some(d) => {
                 d.cluster_secrets.extend(c.cluster_secrets.iter().cloned());
-                let mut projects: Vec<String> = c.project.iter().cloned().collect();
-                projects.extend(c.other_projects.iter().cloned());
-                for p in projects {
-                    if d.project.is_none() {
-                        d.project = Some(p);
-                    } else if d.project.as_ref() != Some(&p) && !d.other_projects.contains(&p) {
-                        d.other_projects.push(p);
-                    }
+                for p in &c.projects {
+                    d.projects.add(p.clone());
                 }
             }
             None => out.push(c.clone()),

@@ -495,12 +495,12 @@ mod tests {
 
     #[test]
     fn a_secret_from_the_cluster_never_prints_its_password() {
-        use crate::prewarm::{ClusterSecret, DesiredImage};
+        use crate::model::{ClusterSecret, DesiredImage, SecretRef};
         let pw = "hunter2-cluster-secret";
         let keyring = secret_problem(Some(&good(pw)), "p", "pull").unwrap();
         let d = DesiredImage {
             cluster_secrets: vec![ClusterSecret {
-                name: "p/pull".into(),
+                id: SecretRef::new("p", "pull"),
                 keyring,
             }],
             ..DesiredImage::new(

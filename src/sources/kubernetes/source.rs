@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::problems::ProblemMemory;
 use super::project_settings::{self, ProjectSettings};
 use super::secrets::{self, Need, Recorded, SecretCache, SecretKey, SecretPolicy};
-use crate::prewarm::{ClusterSecret, DesiredImage};
+use crate::model::{ClusterSecret, DesiredImage, SecretRef};
 use crate::report::findings::PULL_SECRET_INVALID;
 use crate::report::health::{client_answered, ApiHealth};
 use crate::report::messages;
@@ -219,7 +219,7 @@ impl KubeSource {
                 let (ns, name) = key;
                 match memory.secrets.get(key) {
                     Some(Ok(k)) => cluster_secrets.push(ClusterSecret {
-                        name: format!("{ns}/{name}"),
+                        id: SecretRef::new(ns.clone(), name.clone()),
                         keyring: k.clone(),
                     }),
                     Some(Err(msg)) => report(
@@ -232,13 +232,11 @@ impl KubeSource {
                     None => {}
                 }
             }
-            let mut projects = w.projects.into_iter();
             images.push(DesiredImage {
                 image: w.image,
                 pull_secret: None,
                 cluster_secrets,
-                project: projects.next(),
-                other_projects: projects.collect(),
+                projects: w.projects.into_iter().collect(),
             });
         }
         // A problem that went away may be reported again if it comes back.

@@ -216,7 +216,7 @@ impl Bed {
         assert_eq!(images.len(), 1, "one desired image");
         let secrets = &images[0].cluster_secrets;
         let s = secrets.first()?;
-        assert_eq!(s.name, "team-a/pull");
+        assert_eq!(s.id.to_string(), "team-a/pull");
         Some(s.keyring.lookup("r.io/team/runner")[0].password.clone())
     }
 
