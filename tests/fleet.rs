@@ -242,4 +242,89 @@ mod on_a_fleet {
         };
         assert_eq!(gets(&m1), gets(&m0), "GETs while nothing changed:\n{m1}");
     }
+
+    /// Nodes whose containerd has an ingest in flight (bytes moving) right now.
+    fn nodes_pulling(bed: &Bed, f: &Fleet, n: usize) -> Vec<String> {
+        (1..=n)
+            .filter_map(|i| {
+                let node = f.node(i);
+                let out = std::process::Command::new(&bed.ctr)
+                    .arg("--address")
+                    .arg(&node.socket)
+                    .args(["-n", "k8s.io", "content", "active"])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                (text.lines().skip(1).any(|l| !l.trim().is_empty())).then_some(node.name)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn at_most_the_budget_of_nodes_pull_a_new_image_at_once() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        assert!(f.nodes >= 5, "needs 5 fleet nodes");
+        // 40 MiB at 10 MB/s per connection: a pull of seconds on every node.
+        let repo_tag = bed.push_fresh("fleet/budget", &["20", "20"]);
+        let _proxy = Proxy::start(5002, bed.registry_port(), 10_000_000, 0).await;
+        let image = format!("127.0.0.1:5002/{repo_tag}");
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
+        let mut agents = Vec::new();
+        for i in 1..=5 {
+            agents.push(agent(&k, &bed, &f.node(i), &images, extra).await);
+        }
+        // Sampled every 200 ms from each node's containerd until the image is ready everywhere.
+        let deadline = std::time::Instant::now() + S(180);
+        let mut most = 0;
+        loop {
+            let pulling = nodes_pulling(&bed, &f, 5);
+            assert!(
+                pulling.len() <= 2,
+                "{} nodes pulling at once: {pulling:?}",
+                pulling.len()
+            );
+            most = most.max(pulling.len());
+            let (code, doc) = fleet_cli(&k, &["--image", &image]);
+            if code == 0 && doc["images"][0]["ready"] == 5 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready on 5 nodes in 180 s: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(most >= 1, "no pull was ever seen in flight");
+        // Every slot is given back once the pulls ended (holder cleared), and no more than 2 exist.
+        let leases = k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "get",
+            "leases",
+            "-l",
+            "runner-warden.ambient-code.io/pull-slot=true",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.holderIdentity};{end}",
+        ]);
+        let slots: Vec<&str> = leases.split(';').filter(|s| !s.is_empty()).collect();
+        assert!(!slots.is_empty() && slots.len() <= 2, "{leases}");
+        wait_for(S(30), "every slot released", || async {
+            let l = k.kubectl(&[
+                "-n",
+                "runner-warden",
+                "get",
+                "leases",
+                "-l",
+                "runner-warden.ambient-code.io/pull-slot=true",
+                "-o",
+                "jsonpath={range .items[*]}{.spec.holderIdentity};{end}",
+            ]);
+            l.split(';').all(|h| h.is_empty()).then_some(())
+        })
+        .await;
+        drop(agents);
+    }
 }

@@ -28,6 +28,7 @@ use crate::shutdown::stop_clock::PodStops;
 use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
 use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
+use crate::sources::pull_slots::PullSlots;
 use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
@@ -39,6 +40,8 @@ pub(super) struct Cluster {
     pub findings: FindingSink,
     /// When kubelet was asked to stop each runner pod (the shutdown timer's clock).
     pub pod_stops: Arc<PodStops>,
+    /// The cluster-wide pull budget (`fleet.max_nodes_pulling`).
+    pub pull_slots: PullSlots,
 }
 
 impl Cluster {
@@ -152,6 +155,16 @@ pub(super) async fn start(
         );
         tasks.spawn(writer.run(entries_rx, stop.clone()));
     }
+    let (pull_slots, slots_task) = PullSlots::new(
+        client.clone(),
+        &k.lease_namespace,
+        &k.node_name,
+        settings.fleet.max_nodes_pulling,
+        &metrics,
+        api_health.clone(),
+        stop.clone(),
+    );
+    tasks.spawn(slots_task);
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),
@@ -220,6 +233,7 @@ pub(super) async fn start(
         desired: merged_rx,
         findings,
         pod_stops,
+        pull_slots,
     })
 }
 

@@ -223,6 +223,9 @@ impl Agent {
         );
         let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
             .with_events(report.into_emit());
+        if let Some(c) = &cluster {
+            prewarmer = prewarmer.with_fleet_slots(c.pull_slots.clone());
+        }
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.
             let (news_tx, news_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -4,6 +4,7 @@
 //! bytes stop growing for `stall_timeout` is cancelled (there is no overall timeout).
 
 use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::rate::{rate_text, RateMeter};
@@ -11,7 +12,7 @@ use super::store::{ImageStore, PullProgress};
 use super::worker::Note;
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
-use crate::model::{Failure, FailureClass};
+use crate::model::{Failure, FailureClass, ImageState};
 use crate::outcome::prewarm::PrewarmEvent;
 use crate::reference::ImageRef;
 use crate::runtime::cri::Image;
@@ -181,6 +182,7 @@ impl<S: ImageStore> Prewarmer<S> {
         if let Some(notes) = examined {
             let _ = notes.send(Note::Examined(image.clone()));
         }
+        let absent = status.is_none();
         if let Some(found) = status {
             if !force {
                 return Ok(PullOutcome::Present { status: found });
@@ -188,6 +190,38 @@ impl<S: ImageStore> Prewarmer<S> {
         }
 
         let credentials = Credentials::load(d)?;
+        // Bytes are about to move for an image this node does not have: take a cluster-wide pull slot
+        // (a re-check of a present tag takes none). Held until this attempt returns, success or failure.
+        let _fleet_slot = match absent && self.fleet_slots.max() > 0 {
+            true => {
+                let mut waited = false;
+                let guard = self
+                    .fleet_slots
+                    .acquire_with(image.as_str(), &CancellationToken::new(), |busy| {
+                        if !waited {
+                            waited = true;
+                            debug!(image = %image, "{busy}");
+                            self.emit(PrewarmEvent::State {
+                                image: image.clone(),
+                                state: ImageState::Waiting,
+                            });
+                        }
+                    })
+                    .await
+                    // Only a cancel ends `acquire_with` without a guard, and this token is never
+                    // cancelled: a cancelled attempt drops this future (the slot task gives back
+                    // a slot taken meanwhile).
+                    .ok();
+                if waited {
+                    self.emit(PrewarmEvent::State {
+                        image: image.clone(),
+                        state: ImageState::Pulling,
+                    });
+                }
+                guard
+            }
+            false => None,
+        };
         let creds = credentials.matching(image);
         let secrets: Vec<&str> = creds
             .iter()

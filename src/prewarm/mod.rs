@@ -51,6 +51,7 @@ use crate::outcome::prewarm::PrewarmEvent;
 use crate::outcome::Emit;
 use crate::reference::ImageRef;
 use crate::runtime::Runtime;
+use crate::sources::pull_slots::PullSlots;
 
 /// What the prewarmer tells whoever follows the node's images (the image audit).
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +73,9 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     news: Option<mpsc::UnboundedSender<News>>,
     progress: Option<watch::Sender<Option<PullProgressView>>>,
     slots: Arc<Semaphore>,
+    /// The cluster-wide pull budget (`fleet.max_nodes_pulling`): a slot is taken only when bytes are
+    /// about to move for an image this node does not have. Unlimited standalone.
+    fleet_slots: PullSlots,
     /// This agent's pins as they were when it started (what an earlier run had announced); set by `run`
     /// before any worker starts.
     pins_at_start: Option<BTreeMap<String, String>>,
@@ -144,6 +148,7 @@ impl<S: ImageStore> Prewarmer<S> {
     /// A prewarmer that tells nobody: see `with_events` and `with_news`.
     pub fn new(store: S, settings: PrewarmSettings) -> Self {
         Self {
+            fleet_slots: PullSlots::unlimited(),
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             store,
             settings,
@@ -157,6 +162,12 @@ impl<S: ImageStore> Prewarmer<S> {
     }
 
     /// Emit every state change and outcome to `events` (`report::prewarm::PrewarmReport` reports them).
+    /// Pulls of absent images wait for a cluster-wide pull slot first.
+    pub fn with_fleet_slots(mut self, slots: PullSlots) -> Self {
+        self.fleet_slots = slots;
+        self
+    }
+
     pub fn with_events(mut self, events: Emit<PrewarmEvent>) -> Self {
         self.events = Some(events);
         self
