@@ -141,6 +141,7 @@ async fn stalled_request_heads_neither_hold_the_server_nor_grow_the_agent() {
             "loopback reads /status: {status}"
         );
         let grown = rss_kib(pid).saturating_sub(before);
+        eprintln!("RSS {before} KiB before, grew {grown} KiB with 400 stalled heads");
         assert!(
             grown < 6 * 1024,
             "the agent grew by {grown} KiB with 400 stalled heads"
