@@ -2,6 +2,7 @@
 //! image's config and final filesystem say) → one `CheckResult` per check. No I/O here; the adapter that
 //! gathers the facts from containerd is `image_audit::facts`. Process checks live in `process`.
 
+pub mod passwd;
 pub mod process;
 pub mod shutdown;
 
@@ -139,8 +140,8 @@ pub struct ImageFacts {
     pub user: String,
     pub env: Vec<String>,
     pub stop_signal: Option<String>,
-    /// Content of `/etc/passwd`, when the image has one.
-    pub passwd: Option<String>,
+    /// Content of `/etc/passwd`, when the image has one: bytes, as containerd reads it.
+    pub passwd: Option<Vec<u8>>,
     /// The required paths that exist (absent ones are missing from the map).
     pub paths: BTreeMap<String, PathMeta>,
     pub setuid_files: BTreeSet<String>,
@@ -237,13 +238,6 @@ pub enum Identity {
     Unknown(String),
 }
 
-fn passwd_lookup(passwd: &str, name: &str) -> Option<(u64, u64)> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-    })
-}
-
 pub fn resolve_user(facts: &ImageFacts) -> Identity {
     let user = facts.user.trim();
     if user.is_empty() {
@@ -257,35 +251,62 @@ pub fn resolve_user(facts: &ImageFacts) -> Identity {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let group = g.and_then(|g| g.parse::<u64>().ok());
-    if let Ok(uid) = u.parse::<u64>() {
-        let gid = group.or_else(|| {
-            // A numeric uid still takes its primary group from passwd when listed there.
-            facts.passwd.as_deref().and_then(|p| {
-                p.lines().find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() >= 4 && f[2] == u).then(|| f[3].parse().ok())?
-                })
-            })
-        });
+    // containerd (`oci.WithUser`) reads each part with Go's `strconv.Atoi` and narrows it to 32 bits.
+    let group = g
+        .and_then(|g| passwd::atoi(g.as_bytes()).ok())
+        .map(|g| u64::from(passwd::narrow(g)));
+    if let Ok(v) = passwd::atoi(u.as_bytes()) {
+        let uid = passwd::narrow(v);
+        let described = if i64::from(uid) == v && u.parse::<u64>().is_ok() {
+            format!("USER {user}")
+        } else {
+            format!("USER {user} (containerd reads it as uid {uid})")
+        };
+        // With no group, containerd takes the primary group of the first passwd line with that uid, else 0.
+        let gid = match (g, facts.passwd.as_deref()) {
+            (Some(_), _) => group,
+            (None, None) => Some(0),
+            (None, Some(p)) => match passwd::by_uid(p, uid) {
+                Ok(e) => Some(e.map_or(0, |e| u64::from(e.runtime_gid()))),
+                Err(why) => {
+                    return Identity::Unknown(format!(
+                        "USER {user}: {why}, so the container cannot start; fix /etc/passwd"
+                    ))
+                }
+            },
+        };
         return Identity::Known {
-            uid,
+            uid: u64::from(uid),
             gid,
-            described: format!("USER {user}"),
+            described,
         };
     }
     match facts.passwd.as_deref() {
         None => Identity::Unknown(format!(
             "USER {user} is a name but the image has no /etc/passwd to map it; use a numeric USER (e.g. 1001)"
         )),
-        Some(p) => match passwd_lookup(p, u) {
-            Some((uid, pgid)) => Identity::Known {
-                uid,
-                gid: group.or(Some(pgid)),
-                described: format!("USER {user} (uid {uid} in the image's /etc/passwd)"),
-            },
-            None => Identity::Unknown(format!(
+        Some(p) => match passwd::by_name(p, u) {
+            Ok(Some(e)) => {
+                let uid = e.runtime_uid();
+                let exact = e.uid_field == uid.to_string().as_bytes();
+                Identity::Known {
+                    uid: u64::from(uid),
+                    gid: group.or(Some(u64::from(e.runtime_gid()))),
+                    described: if exact {
+                        format!("USER {user} (uid {uid} in the image's /etc/passwd)")
+                    } else {
+                        format!(
+                            "USER {user} (uid field {:?} in the image's /etc/passwd, which containerd reads as uid {uid})",
+                            String::from_utf8_lossy(e.uid_field)
+                        )
+                    },
+                }
+            }
+            Ok(None) => Identity::Unknown(format!(
                 "USER {user} is not in the image's /etc/passwd, so the container cannot start; add the user or use a numeric USER"
+            )),
+            Err(why) => Identity::Unknown(format!(
+                "USER {user}: {why}, so the container cannot start; fix /etc/passwd or use a numeric USER"
             )),
         },
     }
@@ -518,6 +539,105 @@ mod tests {
         assert!(d.contains("uid 0"), "{d}");
         f.passwd = None;
         assert_eq!(outcome(&f, "non-root-user").0, Outcome::Violation);
+    }
+
+    /// Issue 24 item 3: passwd and USER read as containerd reads them (moby/sys/user, `strconv.Atoi`,
+    /// `uint32`). Each of these ran as root under containerd while the old reader judged it non-root.
+    #[test]
+    fn user_resolution_as_containerd() {
+        let runner = |first: &[u8]| {
+            let mut p = first.to_vec();
+            p.extend_from_slice(b"runner:x:1001:1001::/app:/bin/sh\n");
+            p
+        };
+        // (USER, passwd, outcome, uid containerd runs with)
+        type Case = (&'static str, Option<Vec<u8>>, Outcome, Option<u64>);
+        let cases: Vec<Case> = vec![
+            (
+                "runner",
+                Some(runner(b"runner:x:x:x::/:/bin/sh\n")),
+                Outcome::Violation,
+                Some(0),
+            ),
+            (
+                "runner",
+                Some(runner(b" runner:x:0:0::/:/bin/sh\n")),
+                Outcome::Violation,
+                Some(0),
+            ),
+            (
+                "runner",
+                Some(runner(b"\trunner:x:0:0::/:/bin/sh\r\n")),
+                Outcome::Violation,
+                Some(0),
+            ),
+            (
+                "runner",
+                Some(b"runner:x:4294967296:0::/:/bin/sh\n".to_vec()),
+                Outcome::Violation,
+                Some(0),
+            ),
+            (
+                "runner",
+                Some(b"runner:x:-4294967296:0::/:/bin/sh\n".to_vec()),
+                Outcome::Violation,
+                Some(0),
+            ),
+            (
+                "runner",
+                Some(b"runner:x:1001\n".to_vec()),
+                Outcome::Pass,
+                Some(1001),
+            ),
+            ("4294967296", None, Outcome::Violation, Some(0)),
+            ("4294967296:1001", None, Outcome::Violation, Some(0)),
+            ("-1", None, Outcome::Pass, Some(u64::from(u32::MAX))),
+            // A byte that is not UTF-8 does not stop the read: the next line is still found.
+            (
+                "runner",
+                Some(runner(b"caf\xe9:x:0:0::/:/bin/sh\n")),
+                Outcome::Pass,
+                Some(1001),
+            ),
+            (
+                "root",
+                Some(runner(b"caf\xe9:x:1:1\nroot:x:0:0\n")),
+                Outcome::Violation,
+                Some(0),
+            ),
+            // A line too long for containerd's scanner: the container cannot start.
+            (
+                "runner",
+                Some([runner(b""), vec![b'a'; 70_000]].concat()),
+                Outcome::Violation,
+                None,
+            ),
+        ];
+        for (user, passwd, want, uid) in cases {
+            let mut f = compliant();
+            f.user = user.into();
+            f.passwd = passwd;
+            let (o, d) = outcome(&f, "non-root-user");
+            assert_eq!(o, want, "USER {user:?}: {d}");
+            match (resolve_user(&f), uid) {
+                (Identity::Known { uid: got, .. }, Some(uid)) => {
+                    assert_eq!(got, uid, "{user:?}: {d}")
+                }
+                (Identity::Unknown(why), None) => assert!(why.contains("cannot start"), "{why}"),
+                (other, _) => panic!("USER {user:?}: {other:?}"),
+            }
+        }
+        let mut f = compliant();
+        f.user = "runner".into();
+        f.passwd = Some(runner(b"runner:x:x:x::/:/bin/sh\n"));
+        assert_eq!(
+            outcome(&f, "non-root-user").1,
+            "USER runner (uid field \"x\" in the image's /etc/passwd, which containerd reads as uid 0) is root; add `USER 1001` (a non-zero UID) at the end of the Dockerfile"
+        );
+        f.user = "4294967296".into();
+        assert!(outcome(&f, "non-root-user")
+            .1
+            .starts_with("USER 4294967296 (containerd reads it as uid 0) is root"));
     }
 
     #[test]

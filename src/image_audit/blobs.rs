@@ -155,8 +155,8 @@ pub fn walk_layer_bounded<R: Read>(
         let wants = matches!(&change, Change::Add(p) if FsBuilder::wants_content(p, kind, size));
         fs.apply(change, meta);
         if wants {
-            let mut text = String::new();
-            (&mut entry).take(PASSWD_MAX).read_to_string(&mut text)?;
+            let mut text = Vec::new();
+            (&mut entry).take(PASSWD_MAX).read_to_end(&mut text)?;
             fs.set_passwd(text);
         }
     }

@@ -16,7 +16,8 @@ use super::inspect::ImageSummary;
 use crate::contract::ImageFacts;
 
 /// Layout version of the files: another one is ignored (and overwritten).
-const FORMAT: u32 = 1;
+/// 2: passwd kept as bytes (issue 24).
+const FORMAT: u32 = 2;
 /// Entries not used for this long are removed at start.
 const KEEP_UNUSED: Duration = Duration::from_secs(30 * 24 * 3600);
 

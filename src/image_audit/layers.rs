@@ -22,7 +22,7 @@ pub struct FsBuilder {
     required: BTreeMap<String, (usize, PathMeta)>,
     setuid: BTreeMap<String, usize>,
     credentials: BTreeMap<String, usize>,
-    passwd: Option<(usize, String)>,
+    passwd: Option<(usize, Vec<u8>)>,
 }
 
 /// What one tar entry means for the final filesystem.
@@ -113,7 +113,7 @@ impl FsBuilder {
         }
     }
 
-    pub fn set_passwd(&mut self, content: String) {
+    pub fn set_passwd(&mut self, content: Vec<u8>) {
         self.passwd = Some((self.layer, content));
     }
 

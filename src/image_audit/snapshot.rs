@@ -180,10 +180,10 @@ pub fn walk_dir_layer(
                 .push((path.clone(), meta));
         }
         if FsBuilder::wants_content(&path, kind, md.len()) {
-            let mut text = String::new();
+            let mut text = Vec::new();
             std::fs::File::open(entry.path())?
                 .take(PASSWD_MAX)
-                .read_to_string(&mut text)?;
+                .read_to_end(&mut text)?;
             fs.set_passwd(text);
         }
     }
@@ -513,7 +513,7 @@ mod tests {
             ["/home/u/.docker/config.json"],
             "the opaque /app hides the lower link; the config itself stays"
         );
-        assert!(facts.passwd.unwrap().starts_with("root:"));
+        assert!(facts.passwd.unwrap().starts_with(b"root:"));
 
         // Without the upper layer: the hard link counts as a credential.
         let facts = walk(&[&l0]);
