@@ -271,6 +271,16 @@ mod on_a_fleet {
         let image = format!("127.0.0.1:5002/{repo_tag}");
         let dir = tempfile::tempdir().unwrap();
         let images = images_toml(&bed, dir.path(), &image);
+        // Slots other tests' agents made (the default budget is 10) would only be ignored; start clean
+        // so the count below is this budget's.
+        k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "delete",
+            "leases",
+            "-l",
+            "runner-warden.ambient-code.io/pull-slot=true",
+        ]);
         let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
         let mut agents = Vec::new();
         for i in 1..=5 {
