@@ -155,16 +155,23 @@ pub(super) async fn start(
         );
         tasks.spawn(writer.run(entries_rx, stop.clone()));
     }
-    let (pull_slots, slots_task) = PullSlots::new(
-        client.clone(),
-        &k.lease_namespace,
-        &k.node_name,
-        settings.fleet.max_nodes_pulling,
-        &metrics,
-        api_health.clone(),
-        stop.clone(),
-    );
-    tasks.spawn(slots_task);
+    // No budget (0): no slot task at all (the agent stops when any of its tasks ends).
+    let pull_slots = match settings.fleet.max_nodes_pulling {
+        0 => PullSlots::unlimited(),
+        max => {
+            let (slots, task) = PullSlots::new(
+                client.clone(),
+                &k.lease_namespace,
+                &k.node_name,
+                max,
+                &metrics,
+                api_health.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(task);
+            slots
+        }
+    };
     let is_leader = Arc::new(AtomicBool::new(false));
     tasks.spawn(leader::run(
         client.clone(),
