@@ -372,6 +372,14 @@ mod tests {
             assert!(e.to_string().contains("invalid image reference"), "{e}");
         }
     }
+
+    #[test]
+    fn a_tag_starts_with_a_letter_a_digit_or_an_underscore() {
+        assert_eq!(ImageRef::parse("busybox:_x").unwrap().tag(), Some("_x"));
+        for bad in ["busybox:.x", "busybox:-x"] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -455,7 +455,7 @@ mod tests {
 
     use super::Cli;
 
-    /// The README promises it, and the DaemonSet sets options this way.
+    /// docs/configuration.md promises it, and the DaemonSet sets options this way.
     #[test]
     fn every_option_of_every_command_has_an_environment_variable() {
         fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {

@@ -703,6 +703,85 @@ mod tests {
     }
 
     #[test]
+    fn a_required_path_that_is_not_a_directory_fails() {
+        let mut f = compliant();
+        let file = PathMeta {
+            kind: Kind::File,
+            ..dir(0o755, 0, 0)
+        };
+        f.paths.insert("/app/ambient-runner".into(), file);
+        let (o, d) = outcome(&f, "required-paths");
+        assert_eq!(o, Outcome::Violation);
+        assert_eq!(d, "/app/ambient-runner is not a directory");
+    }
+
+    #[test]
+    fn writability_by_the_owner_needs_the_owner_write_bit_and_by_the_group_its_gid() {
+        let paths = |f: &ImageFacts| outcome(f, "required-paths").0;
+        // /tmp owned by the runtime user: writable only with u+w.
+        let mut f = compliant();
+        f.paths.insert("/tmp".into(), dir(0o755, 1001, 0));
+        assert_eq!(paths(&f), Outcome::Pass);
+        f.paths.insert("/tmp".into(), dir(0o555, 1001, 0));
+        assert_eq!(paths(&f), Outcome::Violation);
+        // /app owned by the runtime user: the same.
+        let mut f = compliant();
+        f.paths.insert("/app".into(), dir(0o555, 1001, 1001));
+        assert_eq!(paths(&f), Outcome::Violation);
+        // /app group-writable: for the user's own group, not another non-zero one.
+        f.user = "1001:1001".into();
+        f.paths.insert("/app".into(), dir(0o770, 0, 1001));
+        assert_eq!(paths(&f), Outcome::Pass);
+        f.paths.insert("/app".into(), dir(0o770, 0, 2000));
+        assert_eq!(paths(&f), Outcome::Violation);
+    }
+
+    #[test]
+    fn long_lists_show_ten_then_an_ellipsis_and_the_count() {
+        let mut f = compliant();
+        f.setuid_files = (0..10).map(|i| format!("/bin/s{i:02}")).collect();
+        let (_, d) = outcome(&f, "setuid-files");
+        assert!(d.starts_with("setuid/setgid files: /bin/s00, "), "{d}");
+        assert!(d.contains(", /bin/s09 (10 in all)"), "{d}");
+        f.setuid_files.insert("/bin/s10".into());
+        let (_, d) = outcome(&f, "setuid-files");
+        assert!(d.contains(", /bin/s09, … (11 in all)"), "{d}");
+        assert!(!d.contains("/bin/s10"), "{d}");
+    }
+
+    #[test]
+    fn outcomes_print_as_check_image_shows_them() {
+        assert_eq!(
+            [Outcome::Pass, Outcome::Warning, Outcome::Violation].map(|o| o.to_string()),
+            ["pass", "warning", "violation"]
+        );
+    }
+
+    #[test]
+    fn a_numeric_user_takes_its_primary_group_from_its_own_passwd_line() {
+        let mut f = compliant();
+        f.passwd = Some("root:x:0:0::/root:/bin/sh\nrunner:x:1001:1001::/app:/bin/sh\n".into());
+        assert_eq!(
+            resolve_user(&f),
+            Identity::Known {
+                uid: 1001,
+                gid: Some(1001),
+                described: "USER 1001".into()
+            }
+        );
+        // Not listed: no group.
+        f.passwd = Some("root:x:0:0::/root:/bin/sh\n".into());
+        assert!(matches!(
+            resolve_user(&f),
+            Identity::Known {
+                uid: 1001,
+                gid: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn credential_paths() {
         for (p, want) in [
             ("/root/.docker/config.json", true),

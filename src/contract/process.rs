@@ -335,6 +335,31 @@ mod tests {
     }
 
     #[test]
+    fn a_uid_outside_the_policy_names_the_policy() {
+        let p = compliant();
+        let exact = UidPolicy {
+            exact: Some(1000),
+            ..Default::default()
+        };
+        let v = evaluate_process(&p, &[1001; 4], &exact);
+        assert_eq!(
+            v[0].to_string(),
+            "RunnerUIDDrift: UID 1001 is outside the policy (exactly 1000); Uid 1001 1001 1001 1001"
+        );
+        let range = UidPolicy {
+            range: Some((1000680000, 1000689999)),
+            ..Default::default()
+        };
+        let v = evaluate_process(&p, &[1001; 4], &range);
+        assert!(
+            v[0].detail
+                .starts_with("UID 1001 is outside the policy (1000680000-1000689999); "),
+            "{}",
+            v[0]
+        );
+    }
+
+    #[test]
     fn uid_ranges() {
         assert_eq!(
             parse_uid_range("1000680000/10000"),

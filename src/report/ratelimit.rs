@@ -106,4 +106,20 @@ mod more_tests {
         assert_eq!(l.buckets.len(), 2, "IDLE_FORGET is {IDLE_FORGET:?}");
         assert_eq!(IDLE_FORGET, REFILL_EVERY * 25);
     }
+
+    #[test]
+    fn forgetting_starts_above_ten_thousand_buckets_and_at_exactly_idle_forget() {
+        let mut l = SpamLimit::new(1.0, Duration::from_secs(1));
+        let t0 = Instant::now();
+        for k in 0..10_000u32 {
+            l.allow(&k, t0);
+        }
+        // Exactly 10,000 buckets: none is forgotten, however old.
+        let idle = t0 + IDLE_FORGET;
+        l.allow(&10_000, idle);
+        assert_eq!(l.buckets.len(), 10_001);
+        // Above it, a bucket idle for exactly IDLE_FORGET (full again) goes.
+        l.allow(&10_001, idle);
+        assert_eq!(l.buckets.len(), 2);
+    }
 }

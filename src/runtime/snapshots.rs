@@ -1,5 +1,5 @@
 //! Read-only views of unpacked images through containerd's Snapshots service, for the audit's snapshot
-//! path. Facts behind it (docs/containerd.md):
+//! path. Facts behind it (docs/containerd-facts.md):
 //! - Unpacking labels the image's config blob `containerd.io/gc.ref.snapshot.<snapshotter>` = the top
 //!   layer's chain id: it says with which snapshotter an image was unpacked, and survives
 //!   `discard_unpacked_layers` — but not a content writer that re-labels the blob (`ctr content fetch`
