@@ -769,13 +769,13 @@ mod tests {
                 described: "USER 1001".into()
             }
         );
-        // Not listed: no group.
+        // Not listed: group 0, as containerd gives it.
         f.passwd = Some("root:x:0:0::/root:/bin/sh\n".into());
         assert!(matches!(
             resolve_user(&f),
             Identity::Known {
                 uid: 1001,
-                gid: None,
+                gid: Some(0),
                 ..
             }
         ));
