@@ -171,6 +171,15 @@ mod tests {
                 (0, 0),
             ),
             (
+                "ready, re-checking, progress known but no byte yet",
+                ImageStatus {
+                    progress: progress(0),
+                    ..present("pulling")
+                },
+                PullState::Ready,
+                (0, 0),
+            ),
+            (
                 "ready, a moved tag's bytes flow",
                 ImageStatus {
                     progress: progress(5),
@@ -232,6 +241,15 @@ mod tests {
             }],
         );
         assert_eq!(again, first, "the same failure again is no change");
+        let reworded = entries(
+            &again,
+            &[ImageStatus {
+                last_failure: failure("auth", "403", "t2"),
+                ..img("failed")
+            }],
+        );
+        let since = &reworded[0].failure.as_ref().unwrap().since;
+        assert_eq!(since, "t2", "same class, another message: a new failure");
         let other = entries(
             &again,
             &[ImageStatus {
