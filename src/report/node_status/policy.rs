@@ -153,6 +153,73 @@ mod tests {
     }
 
     #[test]
+    fn each_field_a_reader_sees_is_a_change_on_its_own() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(5);
+        let base = ImageEntry {
+            digest: "sha256:a".into(),
+            ..e(PullState::Ready, 0)
+        };
+        let changed: Vec<(&str, ImageEntry)> = vec![
+            (
+                "image",
+                ImageEntry {
+                    image: "r:2".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "digest",
+                ImageEntry {
+                    digest: "sha256:b".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "state",
+                ImageEntry {
+                    state: PullState::Failed,
+                    ..base.clone()
+                },
+            ),
+            (
+                "pinned",
+                ImageEntry {
+                    pinned: true,
+                    ..base.clone()
+                },
+            ),
+            (
+                "audit",
+                ImageEntry {
+                    audit: AuditState::Violations,
+                    ..base.clone()
+                },
+            ),
+            (
+                "total known",
+                ImageEntry {
+                    bytes_total: 100,
+                    ..base.clone()
+                },
+            ),
+        ];
+        for (field, c) in changed {
+            let last = [base.clone()];
+            assert_eq!(
+                decide(Some((&last, t0)), &[c], now, HB),
+                Decision::Write,
+                "{field} alone"
+            );
+        }
+        let last = [base.clone()];
+        assert_eq!(
+            decide(Some((&last, t0)), &[base.clone()], now, HB),
+            Decision::WaitUntil(t0 + HB)
+        );
+    }
+
+    #[test]
     fn a_failure_retried_the_same_way_is_no_change() {
         let t0 = Instant::now();
         let failed = |msg: &str| ImageEntry {
