@@ -629,12 +629,14 @@ mod on_a_cluster {
         let (bed, k) = (Bed::get(), Cluster::get());
         k.project(&bed, "rw-after").await;
         let agent = k.agent(&bed, &ENV).await;
+        // Started up: cache synced and the node's object written (a start-up write still in flight while
+        // the API server shuts down can be answered on a kept-alive connection: a second outage line).
         agent
             .wait(S(30), "the ProjectSettings cache synced", || async {
-                agent
-                    .logs()
-                    .contains("ProjectSettings cache synced")
-                    .then_some(())
+                let logs = agent.logs();
+                (logs.contains("ProjectSettings cache synced")
+                    && logs.contains("NodeRunnerImages written"))
+                .then_some(())
             })
             .await;
         let away = ApiServerAway::stop();
