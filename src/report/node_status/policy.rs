@@ -214,7 +214,7 @@ mod tests {
         }
         let last = [base.clone()];
         assert_eq!(
-            decide(Some((&last, t0)), &[base.clone()], now, HB),
+            decide(Some((&last, t0)), std::slice::from_ref(&base), now, HB),
             Decision::WaitUntil(t0 + HB)
         );
     }
