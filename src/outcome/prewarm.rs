@@ -32,6 +32,9 @@ pub enum PrewarmEvent {
     Tracked { image: ImageRef, projects: Projects },
     /// `image` is now in `state`.
     State { image: ImageRef, state: ImageState },
+    /// `image` is `Waiting` because every one of the `max` cluster-wide pull slots is held
+    /// (`fleet.max_nodes_pulling`); said once per wait, then `State` Pulling once it has a slot.
+    WaitingForSlot { image: ImageRef, max: u32 },
     /// A sample of a running pull: `done` of `total` bytes (0 until the manifest is in).
     Progress {
         image: ImageRef,

@@ -201,9 +201,9 @@ impl<S: ImageStore> Prewarmer<S> {
                         if !waited {
                             waited = true;
                             debug!(image = %image, "{busy}");
-                            self.emit(PrewarmEvent::State {
+                            self.emit(PrewarmEvent::WaitingForSlot {
                                 image: image.clone(),
-                                state: ImageState::Waiting,
+                                max: busy.max,
                             });
                         }
                     })

@@ -91,6 +91,13 @@ pub fn pull_failed(
 }
 
 /// An image the node's caps keep out: not pulled (image cap) or pulled but not kept pinned (byte cap).
+/// Why an image waits: every cluster-wide pull slot is held (`NodeRunnerImages` `reason`, `status`).
+/// The same words for the whole wait, whoever holds the slots: a waiting node's object is not
+/// rewritten each time a slot changes hands (the holders are in the slot Leases).
+pub fn waiting_for_slot(max: u32) -> String {
+    format!("every pull slot is held (fleet.max_nodes_pulling = {max})")
+}
+
 pub fn over_cap(s: ImageSubject, cap: OverCap) -> Finding {
     const GIB: f64 = (1u64 << 30) as f64;
     let why = match cap {

@@ -97,6 +97,11 @@ impl PrewarmReport {
                 self.board.track(image.as_str(), projects.to_vec());
             }
             PrewarmEvent::State { image, state } => self.set_state(&image, state, None),
+            PrewarmEvent::WaitingForSlot { image, max } => {
+                self.set_state(&image, ImageState::Waiting, None);
+                self.board
+                    .set_waiting_for(image.as_str(), messages::waiting_for_slot(max));
+            }
             PrewarmEvent::Progress {
                 image,
                 done,
@@ -376,6 +381,38 @@ mod tests {
                 .collect();
             assert_eq!(regarded, namespaces, "{what}");
         }
+    }
+
+    #[test]
+    fn a_wait_for_a_pull_slot_is_a_waiting_state_with_its_reason() {
+        let metrics = Arc::new(Metrics::new());
+        let board = Arc::new(StatusBoard::default());
+        let mut r = PrewarmReport::new(
+            metrics.clone(),
+            board.clone(),
+            Arc::new(Health::default()),
+            None,
+            3,
+        );
+        r.apply(PrewarmEvent::WaitingForSlot {
+            image: image(),
+            max: 2,
+        });
+        let shown = board.images();
+        assert_eq!(shown[0].state, "waiting");
+        assert_eq!(
+            shown[0].waiting_for.as_deref(),
+            Some("every pull slot is held (fleet.max_nodes_pulling = 2)")
+        );
+        assert_eq!(
+            metrics.prewarm_images.with_label_values(&["waiting"]).get(),
+            1
+        );
+        r.apply(PrewarmEvent::State {
+            image: image(),
+            state: ImageState::Pulling,
+        });
+        assert_eq!(board.images()[0].waiting_for, None);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct ImageStatus {
     pub projects: Vec<String>,
     /// waiting | pulling | ready | failed
     pub state: String,
+    /// Why it is `waiting`, when the reason is worth a reader's time (every pull slot held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,9 +141,19 @@ impl StatusBoard {
     pub fn set_state(&self, image: &str, state: &str) {
         self.with_image(image, |e| {
             e.state = state.to_string();
+            e.waiting_for = None;
             if state != "pulling" {
                 e.progress = None;
             }
+        });
+    }
+
+    /// The image is `waiting`, for `reason`.
+    pub fn set_waiting_for(&self, image: &str, reason: String) {
+        self.with_image(image, |e| {
+            e.state = "waiting".to_string();
+            e.progress = None;
+            e.waiting_for = Some(reason);
         });
     }
 

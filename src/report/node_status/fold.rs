@@ -76,6 +76,10 @@ fn entry(prev: Option<&ImageEntry>, i: &ImageStatus) -> ImageEntry {
         bytes_total,
         pinned: i.pin.as_deref() == Some("pinned"),
         audit,
+        reason: match state {
+            PullState::Waiting => i.waiting_for.clone().unwrap_or_default(),
+            _ => String::new(),
+        },
         failure,
     }
 }
@@ -259,6 +263,28 @@ mod tests {
         );
         assert_eq!(other[0].failure.as_ref().unwrap().since, "t3");
         assert_eq!(other[0].failure.as_ref().unwrap().class, "network");
+    }
+
+    #[test]
+    fn a_waiting_image_says_why_and_only_while_it_waits() {
+        let board = StatusBoard::default();
+        board.set_state("r:1", "waiting");
+        board.set_waiting_for("r:1", "every pull slot is held".into());
+        let waiting = entries(&[], &board.images());
+        assert_eq!(waiting[0].state, PullState::Waiting);
+        assert_eq!(waiting[0].reason, "every pull slot is held");
+        board.set_state("r:1", "pulling");
+        let pulling = entries(&waiting, &board.images());
+        assert_eq!(pulling[0].state, PullState::Pulling);
+        assert_eq!(pulling[0].reason, "");
+        // A failed image retrying shows its failure, not a wait.
+        let failed = ImageStatus {
+            last_failure: failure("auth", "401", "t1"),
+            waiting_for: Some("every pull slot is held".into()),
+            ..img("waiting")
+        };
+        let e = entries(&[], &[failed]);
+        assert_eq!((e[0].state, e[0].reason.as_str()), (PullState::Failed, ""));
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct ImageEntry {
     #[serde(default, skip_serializing_if = "is_false")]
     pub pinned: bool,
     pub audit: AuditState,
+    /// Why a `Waiting` image waits, when it is worth saying (every pull slot held).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureEntry>,
 }

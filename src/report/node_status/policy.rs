@@ -30,6 +30,7 @@ fn differs_visibly(a: &[ImageEntry], b: &[ImageEntry]) -> bool {
                 || x.state != y.state
                 || x.pinned != y.pinned
                 || x.audit != y.audit
+                || x.reason != y.reason
                 || x.failure != y.failure
                 || (x.bytes_total == 0) != (y.bytes_total == 0)
         })
@@ -193,6 +194,13 @@ mod tests {
                 "audit",
                 ImageEntry {
                     audit: AuditState::Violations,
+                    ..base.clone()
+                },
+            ),
+            (
+                "reason",
+                ImageEntry {
+                    reason: "every pull slot is held".into(),
                     ..base.clone()
                 },
             ),
