@@ -230,6 +230,7 @@ pub(super) async fn start(
         api_health.clone(),
         k.node_name.clone(),
         pod_stops.clone(),
+        pull_slots.urgent(),
         stop.clone(),
     ));
     let (merged_tx, merged_rx) = watch::channel(Vec::new());

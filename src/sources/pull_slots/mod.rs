@@ -19,8 +19,9 @@
 //! - Fail-open: the budget protects the registry; it must never stop prewarm. An API server that cannot
 //!   be reached for `UNREACHABLE_GRACE`, or that refuses the slot Leases (403, the Role missing), lets
 //!   the pull go ahead without a slot, said once in the log.
-//! - An urgent pull (a session pod waits for the image on this node) takes no slot
-//!   ([`PullSlots::acquire_urgent`]).
+//! - An urgent pull (a session pod waits for the image on this node: a runner pod here in
+//!   `ContainerCreating` for it, [`Urgent`]) takes no slot, and a pull already waiting for one stops
+//!   waiting the moment such a pod appears.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -93,7 +94,7 @@ pub fn slot_index(name: &str) -> Option<u32> {
 pub enum Bypass {
     /// `fleet.max_nodes_pulling = 0`.
     Unlimited,
-    /// A session pod waits for the image on this node ([`PullSlots::acquire_urgent`]).
+    /// A session pod waits for the image on this node ([`Urgent`]).
     Urgent,
     /// The API server could not be reached for `UNREACHABLE_GRACE`.
     ApiUnreachable,
@@ -410,6 +411,43 @@ impl Inner {
 pub struct PullSlots {
     /// `None`: no limit (`max_nodes_pulling = 0`), or slots off (tests, standalone).
     inner: Option<Arc<Inner>>,
+    urgent: Urgent,
+}
+
+/// The images a session pod on this node is waiting for (a runner pod here in `ContainerCreating` for
+/// it): pulling one of them takes no slot — kubelet is pulling it for that session anyway, and the
+/// budget must not make a user wait. Written by the runner-pod watch
+/// (`sources::kubernetes::watch_runner_pods`), read by every acquire; cheap to clone.
+#[derive(Clone)]
+pub struct Urgent {
+    images: Arc<watch::Sender<BTreeSet<String>>>,
+}
+
+impl Default for Urgent {
+    fn default() -> Self {
+        Urgent {
+            images: Arc::new(watch::channel(BTreeSet::new()).0),
+        }
+    }
+}
+
+impl Urgent {
+    /// The images (canonical references) session pods on this node now wait for.
+    pub fn set(&self, images: BTreeSet<String>) {
+        self.images.send_if_modified(|cur| {
+            let changed = *cur != images;
+            *cur = images;
+            changed
+        });
+    }
+
+    pub fn contains(&self, image: &str) -> bool {
+        self.images.borrow().contains(image)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.images.subscribe()
+    }
 }
 
 /// A held slot (or a pull that goes ahead without one, see [`SlotGuard::bypass`]). The slot is renewed
@@ -513,12 +551,21 @@ impl PullSlots {
                 }
             }
         };
-        (PullSlots { inner }, task)
+        (
+            PullSlots {
+                inner,
+                urgent: Urgent::default(),
+            },
+            task,
+        )
     }
 
     /// No budget at all: every acquire returns at once (standalone mode, tests).
     pub fn unlimited() -> PullSlots {
-        PullSlots { inner: None }
+        PullSlots {
+            inner: None,
+            urgent: Urgent::default(),
+        }
     }
 
     /// The budget (`fleet.max_nodes_pulling`); 0: no limit.
@@ -551,8 +598,15 @@ impl PullSlots {
         let Some(inner) = &self.inner else {
             return Ok(SlotGuard::bypassed(Bypass::Unlimited));
         };
+        if self.urgent.contains(image) {
+            debug!(
+                image,
+                "urgent pull: a session pod on this node waits for it; no pull slot"
+            );
+            return Ok(SlotGuard::bypassed(Bypass::Urgent));
+        }
         let start = Instant::now();
-        let r = wait_for_slot(inner, image, cancel, on_wait).await;
+        let r = wait_for_slot(inner, &self.urgent, image, cancel, on_wait).await;
         if let Ok(g) = &r {
             inner.wait_seconds.observe(start.elapsed().as_secs_f64());
             match g.slot {
@@ -565,16 +619,9 @@ impl PullSlots {
         r
     }
 
-    /// A pull a session pod waits for on this node (a runner pod in `ContainerCreating` for the image):
-    /// it does not wait for the budget.
-    pub fn acquire_urgent(&self, image: &str) -> SlotGuard {
-        if self.inner.is_some() {
-            debug!(
-                image,
-                "urgent pull: a session pod waits for it; no pull slot"
-            );
-        }
-        SlotGuard::bypassed(Bypass::Urgent)
+    /// Where the runner-pod watch says which images session pods on this node wait for.
+    pub fn urgent(&self) -> Urgent {
+        self.urgent.clone()
     }
 
     /// Every slot is held now (by whom); `None` when one is free, the slots are not known yet, or
@@ -610,6 +657,7 @@ enum Woke {
 /// Waits for a change of the view, `until`, or `cancel`.
 async fn wake(
     view: &mut watch::Receiver<View>,
+    urgent: &mut watch::Receiver<BTreeSet<String>>,
     until: Option<Instant>,
     cancel: &CancellationToken,
 ) -> Result<Woke, Cancelled> {
@@ -622,6 +670,8 @@ async fn wake(
     tokio::select! {
         _ = cancel.cancelled() => Err(Cancelled),
         r = view.changed() => Ok(if r.is_ok() { Woke::Changed } else { Woke::Gone }),
+        // The sender lives as long as the `PullSlots` this pull came from: an error cannot happen.
+        _ = urgent.changed() => Ok(Woke::Changed),
         _ = sleep => Ok(Woke::Timer),
     }
 }
@@ -635,12 +685,14 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 async fn wait_for_slot(
     inner: &Arc<Inner>,
+    urgent: &Urgent,
     image: &str,
     cancel: &CancellationToken,
     mut on_wait: impl FnMut(&Busy),
 ) -> Result<SlotGuard, Cancelled> {
     let start = Instant::now();
     let mut view_rx = inner.view.clone();
+    let mut urgent_rx = urgent.subscribe();
     let mut skips = Skips::new();
     // The slot this pull means to try, and when (after its jitter).
     let mut planned: Option<(u32, Instant)> = None;
@@ -650,6 +702,13 @@ async fn wait_for_slot(
     loop {
         let now = Instant::now();
         let view = view_rx.borrow_and_update().clone();
+        if urgent_rx.borrow_and_update().contains(image) {
+            info!(
+                image,
+                "a session pod on this node waits for the image: pulling without a pull slot"
+            );
+            return Ok(SlotGuard::bypassed(Bypass::Urgent));
+        }
         if view.stopped {
             return Ok(SlotGuard::bypassed(Bypass::Stopping));
         }
@@ -672,7 +731,7 @@ async fn wait_for_slot(
             return Ok(SlotGuard::bypassed(Bypass::ApiUnreachable));
         }
         if !view.synced {
-            if let Woke::Gone = wake(&mut view_rx, give_up, cancel).await? {
+            if let Woke::Gone = wake(&mut view_rx, &mut urgent_rx, give_up, cancel).await? {
                 return Ok(SlotGuard::bypassed(Bypass::Stopping));
             }
             continue;
@@ -731,7 +790,14 @@ async fn wait_for_slot(
                 }
             }
         };
-        if let Woke::Gone = wake(&mut view_rx, earliest(until, give_up), cancel).await? {
+        if let Woke::Gone = wake(
+            &mut view_rx,
+            &mut urgent_rx,
+            earliest(until, give_up),
+            cancel,
+        )
+        .await?
+        {
             return Ok(SlotGuard::bypassed(Bypass::Stopping));
         }
     }

@@ -556,8 +556,42 @@ async fn an_urgent_pull_does_not_wait() {
     let (client, api) = MockApi::start();
     api.put(0, Some("runner-warden-other"));
     let a = Agent::start(client, "n1", 1);
-    let g = a.slots.acquire_urgent("r.io/img:1");
+    let urgent = a.slots.urgent();
+    urgent.set(["r.io/img:1".to_string()].into());
+    let g = a.acquire("r.io/img:1").await;
     assert_eq!(g.bypass(), Some(Bypass::Urgent));
+    assert!(api.writes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_waiting_for_a_slot_goes_ahead_when_a_session_pod_starts_waiting_for_its_image() {
+    let (client, api) = MockApi::start();
+    api.put(0, Some("runner-warden-other"));
+    let a = Agent::start(client, "n1", 1);
+    let urgent = a.slots.urgent();
+    // Another image's session pod changes nothing for this pull.
+    urgent.set(["r.io/other:1".to_string()].into());
+    let cancel = CancellationToken::new();
+    let waited = std::cell::Cell::new(0);
+    let pull = a
+        .slots
+        .acquire_with("r.io/img:1", &cancel, |_| waited.set(waited.get() + 1));
+    tokio::pin!(pull);
+    for _ in 0..5 {
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), &mut pull)
+                .await
+                .is_err(),
+            "waits while the slot is renewed"
+        );
+        api.put(0, Some("runner-warden-other"));
+    }
+    let at = Instant::now();
+    urgent.set(["r.io/other:1".to_string(), "r.io/img:1".to_string()].into());
+    let g = pull.await.unwrap();
+    assert_eq!(g.bypass(), Some(Bypass::Urgent));
+    assert!(at.elapsed() < Duration::from_millis(10), "at once");
+    assert_eq!(waited.get(), 1);
     assert!(api.writes().is_empty());
 }
 
