@@ -9,7 +9,7 @@ mod common;
 mod on_a_fleet {
     use std::time::Duration;
 
-    use crate::common::cluster::Cluster;
+    use crate::common::cluster::{runner_pod, Cluster};
     use crate::common::fleet::{agent, fleet_cli, Fleet};
     use crate::common::*;
 
@@ -273,14 +273,7 @@ mod on_a_fleet {
         let images = images_toml(&bed, dir.path(), &image);
         // Slots other tests' agents made (the default budget is 10) would only be ignored; start clean
         // so the count below is this budget's.
-        k.kubectl(&[
-            "-n",
-            "runner-warden",
-            "delete",
-            "leases",
-            "-l",
-            "runner-warden.ambient-code.io/pull-slot=true",
-        ]);
+        delete_slots(&k);
         let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
         let mut agents = Vec::new();
         for i in 1..=5 {
@@ -336,5 +329,100 @@ mod on_a_fleet {
         })
         .await;
         drop(agents);
+    }
+
+    /// A slot Lease held by a node that is not on the bed, for an hour (renewed by nobody, but not
+    /// expired by any agent's clock before the test ends).
+    fn hold_slot(k: &Cluster, k_slot: u32) {
+        k.apply(&format!(
+            r#"apiVersion: coordination.k8s.io/v1
+kind: Lease
+metadata:
+  name: runner-warden-pull-{k_slot}
+  namespace: runner-warden
+  labels: {{runner-warden.ambient-code.io/pull-slot: "true"}}
+spec:
+  holderIdentity: runner-warden-elsewhere
+  leaseDurationSeconds: 3600
+"#
+        ));
+    }
+
+    fn delete_slots(k: &Cluster) {
+        k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "delete",
+            "leases",
+            "-l",
+            "runner-warden.ambient-code.io/pull-slot=true",
+        ]);
+    }
+
+    #[tokio::test]
+    async fn a_node_waits_for_a_slot_with_its_reason_until_a_session_pod_there_needs_the_image() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        let image = bed.image(&bed.push_fresh("fleet/urgent", &["2"]));
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        delete_slots(&k);
+        hold_slot(&k, 0);
+        let extra = "[fleet]\nmax_nodes_pulling = 1\nheartbeat = \"10s\"\n";
+        let a = agent(&k, &bed, &f.node(1), &images, extra).await;
+        let e = wait_for(S(60), "Waiting with its reason on fleet-1", || async {
+            entry(&k, "fleet-1", &image)
+                .filter(|e| e["state"] == "Waiting" && e["reason"].is_string())
+        })
+        .await;
+        assert_eq!(
+            e["reason"], "every pull slot is held (fleet.max_nodes_pulling = 1)",
+            "{e}"
+        );
+        // It keeps waiting: nothing moves while the slot is held.
+        tokio::time::sleep(S(5)).await;
+        assert!(nodes_pulling(&bed, &f, 1).is_empty());
+        assert_eq!(entry(&k, "fleet-1", &image).unwrap()["state"], "Waiting");
+
+        // A session pod on fleet-1 waits for the image (Pending, its container not started): the agent
+        // pulls it at once, without the slot.
+        let pod = runner_pod("default", "urgent-session", &image, "", "{}")
+            .replace(&format!("nodeName: {}", k.node), "nodeName: fleet-1");
+        k.apply(&pod);
+        let ready = wait_for(
+            S(60),
+            "ready on fleet-1 for the waiting session",
+            || async { entry(&k, "fleet-1", &image).filter(|e| e["state"] == "Ready") },
+        )
+        .await;
+        assert!(ready.get("reason").is_none(), "{ready}");
+        let holder = k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "get",
+            "lease",
+            "runner-warden-pull-0",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        assert_eq!(holder, "runner-warden-elsewhere", "the slot was not taken");
+        assert!(
+            a.logs()
+                .contains("a session pod on this node waits for the image"),
+            "{}",
+            a.logs()
+        );
+        // No kubelet runs for fleet-1: the pod goes only when forced.
+        k.kubectl(&[
+            "-n",
+            "default",
+            "delete",
+            "pod",
+            "urgent-session",
+            "--grace-period=0",
+            "--force",
+        ]);
+        delete_slots(&k);
+        drop(a);
     }
 }
