@@ -334,8 +334,13 @@ mod on_a_fleet {
     /// A slot Lease held by a node that is not on the bed, for an hour (renewed by nobody, but not
     /// expired by any agent's clock before the test ends).
     fn hold_slot(k: &Cluster, k_slot: u32) {
+        // The namespace too: this may run before any agent made it.
         k.apply(&format!(
-            r#"apiVersion: coordination.k8s.io/v1
+            r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: runner-warden}}
+---
+apiVersion: coordination.k8s.io/v1
 kind: Lease
 metadata:
   name: runner-warden-pull-{k_slot}
