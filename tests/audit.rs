@@ -501,3 +501,112 @@ async fn the_agent_audits_each_new_digest_once_and_reports_findings_and_metrics(
         )
         .await;
 }
+
+
+/// An OCI archive (`ctr images import`) of one tiny layer whose config carries `pad` bytes in a label:
+/// built here from raw tar and JSON, no registry involved.
+fn oci_archive_with_a_big_config(name: &str, pad: usize) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b));
+    let mut layer = tar::Builder::new(Vec::new());
+    let body = b"1001\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(body.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    layer.append_data(&mut h, "uid", &body[..]).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"User": "1001", "Labels": {"pad": "x".repeat(pad)}},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&layer)]},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": sha(&manifest), "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "v1"},
+        }],
+    }))
+    .unwrap();
+    let mut out = tar::Builder::new(Vec::new());
+    let mut put = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.append_data(&mut h, path, data).unwrap();
+    };
+    put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    put("index.json", &index);
+    for blob in [&layer, &config, &manifest] {
+        put(&format!("blobs/sha256/{}", &sha(blob)[7..]), blob);
+    }
+    out.into_inner().unwrap()
+}
+
+/// containerd takes a config of any size; the audit reads at most 4 MiB of JSON. Such an image is not
+/// judged, and that is said: `check-image` exits 2 naming the config, and the agent tells the image's
+/// project `RunnerImageNotAudited` (before, a read over the bound counted as containerd being away: a
+/// WARN line only).
+#[tokio::test]
+async fn an_image_whose_config_is_over_the_audit_bound_is_reported_not_audited() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let image = bed.image("hostile/big-config:v1");
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("big-config.tar");
+    std::fs::write(&archive, oci_archive_with_a_big_config(&image, 4_500_000)).unwrap();
+    // The ground truth: containerd imports (and unpacks) it, and CRI lists it.
+    let out = Command::new(&bed.ctr)
+        .arg("--address")
+        .arg(&bed.socket)
+        .args(["-n", "k8s.io", "images", "import", "--base-name"])
+        .arg(image.rsplit_once(':').unwrap().0)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = Command::new(&bed.ctr)
+        .arg("--address")
+        .arg(&bed.socket)
+        .args(["-n", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&image),
+        "imported as {image}: {}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+
+    let (code, _, err) = check_image(&bed, &image, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("its config cannot be read"), "{err}");
+
+    let secret = bed.good_secret(dir.path());
+    let entries = format!(
+        "[[images]]\nimage = \"{image}\"\npull_secret = \"{}\"\nproject = \"team-x\"\n",
+        secret.display()
+    );
+    let agent = Agent::start_in(&bed, dir, "", &entries);
+    let f = agent
+        .wait_finding("RunnerImageNotAudited", &image, S(60))
+        .await;
+    let text = f["message"].as_str().unwrap();
+    assert!(text.contains("its config cannot be read"), "{f}");
+    assert_eq!(f["regarding"]["namespace"], "team-x", "{f}");
+}

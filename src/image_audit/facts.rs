@@ -59,8 +59,24 @@ pub async fn resolve(runtime: &Runtime, name: &str) -> Result<Resolved, InspectE
         .and_then(|i| i.target)
         .ok_or_else(|| InspectError::NotPresent(name.to_string()))?;
 
+    // A blob containerd has but the audit cannot take (over `JSON_MAX`: containerd takes manifests up to
+    // ~4.4 MB and configs of any size) is the image's doing, not the node's: `Format`, so its projects
+    // are told it is not audited (a `Runtime` error would be taken for containerd being away).
+    let read = |digest: String, what: &'static str| async move {
+        runtime
+            .read_blob(&digest, JSON_MAX)
+            .await
+            .map_err(|e| match e {
+                RuntimeError::Data { message, .. } => fmt_err(format!(
+                    "its {what} cannot be read: {message} (the audit reads at most {} MiB of JSON); \
+                     containerd may still run it, so it is not audited",
+                    JSON_MAX >> 20
+                )),
+                e => InspectError::Runtime(e),
+            })
+    };
     let mut manifest_digest = target.digest.clone();
-    let mut bytes = runtime.read_blob(&manifest_digest, JSON_MAX).await?;
+    let mut bytes = read(manifest_digest.clone(), "index or manifest").await?;
     let arch = node_arch();
     if is_index(&target.media_type, &bytes) {
         let index: ImageIndex = serde_json::from_slice(&bytes)
@@ -75,13 +91,13 @@ pub async fn resolve(runtime: &Runtime, name: &str) -> Result<Resolved, InspectE
             })
             .ok_or_else(|| fmt_err(format!("the index has no linux/{arch} manifest")))?;
         manifest_digest = chosen.digest().to_string();
-        bytes = runtime.read_blob(&manifest_digest, JSON_MAX).await?;
+        bytes = read(manifest_digest.clone(), "manifest").await?;
     }
     let manifest: ImageManifest = serde_json::from_slice(&bytes)
         .map_err(|e| fmt_err(format!("manifest is not valid JSON: {e}")))?;
     let config_digest = manifest.config().digest().to_string();
     let config: ImageConfiguration =
-        serde_json::from_slice(&runtime.read_blob(&config_digest, JSON_MAX).await?)
+        serde_json::from_slice(&read(config_digest.clone(), "config").await?)
             .map_err(|e| fmt_err(format!("config is not valid JSON: {e}")))?;
     Ok(Resolved {
         manifest_digest,
