@@ -502,7 +502,6 @@ async fn the_agent_audits_each_new_digest_once_and_reports_findings_and_metrics(
         .await;
 }
 
-
 /// An OCI archive (`ctr images import`) of one tiny layer whose config carries `pad` bytes in a label:
 /// built here from raw tar and JSON, no registry involved.
 fn oci_archive_with_a_big_config(name: &str, pad: usize) -> Vec<u8> {

@@ -41,9 +41,11 @@ fn jitter_stays_within_its_bound() {
     for (r, want) in [(0.0, 0), (0.5, 1500), (0.999, 2997), (1.5, 3000), (-1.0, 0)] {
         assert_eq!(jitter_of(TAKE_JITTER, r).as_millis(), want, "r = {r}");
     }
-    for _ in 0..1000 {
-        assert!(jitter() < TAKE_JITTER);
-    }
+    let draws: Vec<Duration> = (0..1000).map(|_| jitter()).collect();
+    assert!(draws.iter().all(|j| *j < TAKE_JITTER));
+    // Spread over the range, not one fixed wait (thousands of nodes would write at the same instant).
+    assert!(draws.iter().any(|j| *j > TAKE_JITTER / 2), "{draws:?}");
+    assert!(draws.iter().any(|j| *j < TAKE_JITTER / 2), "{draws:?}");
 }
 
 fn lease(k: u32, holder: Option<&str>, renewed: Option<Timestamp>, rv: &str) -> Lease {
@@ -207,6 +209,25 @@ fn a_slot_that_answered_409_waits_for_the_watch_or_the_lease() {
         choose(&v, 1, me, &none, &skips, t0 + CONFLICT_SKIP),
         Choice::Try(vec![0])
     );
+}
+
+#[test]
+fn with_two_slots_skipped_the_wait_ends_when_the_first_skip_does() {
+    let t0 = Instant::now();
+    let v = view(&[(0, None, t0), (1, None, t0)]);
+    let late = t0 + Duration::from_secs(5);
+    let skips = Skips::from([
+        (0, (Some("1".to_string()), late)),
+        (1, (Some("1".to_string()), t0)),
+    ]);
+    match choose(&v, 2, "runner-warden-n1", &BTreeSet::new(), &skips, late) {
+        // Never a time already past: the waiting loop would spin until the skips end.
+        Choice::Wait(b, until) => {
+            assert_eq!(b.held, 2);
+            assert_eq!(until, Some(t0 + CONFLICT_SKIP));
+        }
+        c => panic!("{c:?}"),
+    }
 }
 
 #[test]
