@@ -441,10 +441,6 @@ impl Urgent {
         });
     }
 
-    pub fn contains(&self, image: &str) -> bool {
-        self.images.borrow().contains(image)
-    }
-
     fn subscribe(&self) -> watch::Receiver<BTreeSet<String>> {
         self.images.subscribe()
     }
@@ -598,13 +594,6 @@ impl PullSlots {
         let Some(inner) = &self.inner else {
             return Ok(SlotGuard::bypassed(Bypass::Unlimited));
         };
-        if self.urgent.contains(image) {
-            debug!(
-                image,
-                "urgent pull: a session pod on this node waits for it; no pull slot"
-            );
-            return Ok(SlotGuard::bypassed(Bypass::Urgent));
-        }
         let start = Instant::now();
         let r = wait_for_slot(inner, &self.urgent, image, cancel, on_wait).await;
         if let Ok(g) = &r {

@@ -579,9 +579,32 @@ async fn an_urgent_pull_does_not_wait() {
     let a = Agent::start(client, "n1", 1);
     let urgent = a.slots.urgent();
     urgent.set(["r.io/img:1".to_string()].into());
+    let at = Instant::now();
     let g = a.acquire("r.io/img:1").await;
     assert_eq!(g.bypass(), Some(Bypass::Urgent));
+    assert_eq!(at.elapsed(), Duration::ZERO, "at once");
     assert!(api.writes().is_empty());
+    assert_eq!(a.slots.max(), 1);
+    assert_eq!(PullSlots::unlimited().max(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_409_the_slot_is_not_written_again_before_the_watch_shows_why() {
+    let (client, api) = MockApi::start();
+    api.put(0, None);
+    let a = Agent::start(client, "n1", 1);
+    // The winner's write has not reached this node's watch yet: the 409 alone says the slot is taken.
+    api.fault(
+        &format!("PUT {LEASES}/runner-warden-pull-0"),
+        Fault::Status(409),
+    );
+    let slots = a.slots.clone();
+    let waiting =
+        tokio::spawn(async move { slots.acquire("r.io/img:1", &CancellationToken::new()).await });
+    tokio::time::sleep(CONFLICT_SKIP - Duration::from_secs(1)).await;
+    assert_eq!(api.writes().len(), 1, "tried again before the skip ended");
+    assert!(!waiting.is_finished());
+    waiting.abort();
 }
 
 #[tokio::test(start_paused = true)]
@@ -677,10 +700,10 @@ async fn acquiring_a_free_slot_writes_it_with_our_holder_image_and_resource_vers
     assert_eq!(writes.len(), 1);
     assert_eq!(writes[0].0, format!("POST {LEASES}?"));
     assert_eq!(api.holder(0).as_deref(), Some("runner-warden-n1"));
-    assert_eq!(
-        api.lease(0).unwrap().spec.unwrap().lease_transitions,
-        Some(0)
-    );
+    let spec = api.lease(0).unwrap().spec.unwrap();
+    assert_eq!(spec.lease_transitions, Some(0));
+    // When it was taken, for `kubectl get lease -o yaml` (the renew time moves; this does not).
+    assert!(spec.acquire_time.is_some() && spec.acquire_time == spec.renew_time);
 }
 
 #[tokio::test(start_paused = true)]
