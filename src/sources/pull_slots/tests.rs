@@ -993,3 +993,30 @@ async fn an_acquire_dropped_in_the_middle_of_its_write_keeps_nothing() {
     let g = a.acquire("r.io/img:1").await;
     assert_eq!(g.slot(), Some(0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_slot_edited_by_someone_else_is_renewed_and_released_from_the_watchs_copy() {
+    let (client, api) = MockApi::start();
+    let a = Agent::start(client, "n1", 1);
+    let g = a.acquire("r.io/img:1").await;
+    assert_eq!(g.slot(), Some(0));
+    // Someone edits the Lease (an annotation, say): still ours, at a newer resourceVersion, so this
+    // node's next renewal from its own copy answers 409.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api.put(0, Some("runner-warden-n1"));
+    let before = api.writes().len();
+    tokio::time::sleep(RENEW_EVERY + Duration::from_secs(1)).await;
+    let puts = api.writes().len() - before;
+    assert!(
+        puts >= 2,
+        "the 409'd renewal and the one from the watch's copy: {puts}"
+    );
+    assert_eq!(api.holder(0).as_deref(), Some("runner-warden-n1"));
+    assert_eq!(a.metrics.pull_slot_held.get(), 1, "still held");
+    // Edited again, then released: the release also starts again from the watch's copy.
+    api.put(0, Some("runner-warden-n1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    g.release().await;
+    assert_eq!(api.holder(0).filter(|h| !h.is_empty()), None, "released");
+    assert_eq!(a.metrics.pull_slot_held.get(), 0);
+}
