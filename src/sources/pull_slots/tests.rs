@@ -590,17 +590,8 @@ async fn an_urgent_pull_does_not_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn after_a_409_the_slot_is_not_written_again_before_the_watch_shows_why() {
-    let (client, api) = MockApi::start();
-    api.put(0, None);
-    let a = Agent::start(client, "n1", 1);
     // The winner's write has not reached this node's watch yet: the 409 alone says the slot is taken.
-    api.fault(
-        &format!("PUT {LEASES}/runner-warden-pull-0"),
-        Fault::Status(409),
-    );
-    let slots = a.slots.clone();
-    let waiting =
-        tokio::spawn(async move { slots.acquire("r.io/img:1", &CancellationToken::new()).await });
+    let (api, _a, waiting) = a_take_that_meets_a_409();
     tokio::time::sleep(CONFLICT_SKIP - Duration::from_secs(1)).await;
     assert_eq!(api.writes().len(), 1, "tried again before the skip ended");
     assert!(!waiting.is_finished());
@@ -792,18 +783,9 @@ async fn a_silent_holders_slot_is_taken_after_the_lease_duration_by_our_clock() 
 
 #[tokio::test(start_paused = true)]
 async fn a_409_makes_it_try_again() {
-    let (client, api) = MockApi::start();
-    api.put(0, None);
-    let a = Agent::start(client, "n1", 1);
     // Another node's write got in first: our PUT answers 409, and the watch shows the winner, who
     // releases it a little later.
-    api.fault(
-        &format!("PUT {LEASES}/runner-warden-pull-0"),
-        Fault::Status(409),
-    );
-    let slots = a.slots.clone();
-    let waiting =
-        tokio::spawn(async move { slots.acquire("r.io/img:1", &CancellationToken::new()).await });
+    let (api, _a, waiting) = a_take_that_meets_a_409();
     tokio::time::sleep(TAKE_JITTER + Duration::from_millis(100)).await;
     assert_eq!(api.writes().len(), 1);
     assert!(!waiting.is_finished(), "a 409 is not a slot");
@@ -1019,4 +1001,24 @@ async fn a_held_slot_edited_by_someone_else_is_renewed_and_released_from_the_wat
     g.release().await;
     assert_eq!(api.holder(0).filter(|h| !h.is_empty()), None, "released");
     assert_eq!(a.metrics.pull_slot_held.get(), 0);
+}
+
+/// Slot 0 is free and this node (n1, budget 1) starts a pull whose take answers 409: another node's
+/// write got in first.
+fn a_take_that_meets_a_409() -> (
+    MockApi,
+    Agent,
+    tokio::task::JoinHandle<Result<SlotGuard, Cancelled>>,
+) {
+    let (client, api) = MockApi::start();
+    api.put(0, None);
+    let a = Agent::start(client, "n1", 1);
+    api.fault(
+        &format!("PUT {LEASES}/runner-warden-pull-0"),
+        Fault::Status(409),
+    );
+    let slots = a.slots.clone();
+    let waiting =
+        tokio::spawn(async move { slots.acquire("r.io/img:1", &CancellationToken::new()).await });
+    (api, a, waiting)
 }
