@@ -143,7 +143,6 @@ pub fn walk_layer_bounded<R: Read>(
             uid: header.uid()?,
             gid: header.gid()?,
         };
-        let size = header.size()?;
         let path = entry.path()?.to_string_lossy().into_owned();
         let change = classify(&path);
         if header.entry_type() == tar::EntryType::Link {
@@ -152,7 +151,7 @@ pub fn walk_layer_bounded<R: Read>(
                 continue;
             }
         }
-        let wants = matches!(&change, Change::Add(p) if FsBuilder::wants_content(p, kind, size));
+        let wants = matches!(&change, Change::Add(p) if FsBuilder::wants_content(p, kind));
         fs.apply(change, meta);
         if wants {
             let mut text = Vec::new();

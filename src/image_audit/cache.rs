@@ -16,8 +16,8 @@ use super::inspect::ImageSummary;
 use crate::contract::ImageFacts;
 
 /// Layout version of the files: another one is ignored (and overwritten).
-/// 2: passwd kept as bytes (issue 24).
-const FORMAT: u32 = 2;
+/// 2: passwd kept as bytes (issue 24). 3: passwd read up to 10 MiB, and a replaced one never kept.
+const FORMAT: u32 = 3;
 /// Entries not used for this long are removed at start.
 const KEEP_UNUSED: Duration = Duration::from_secs(30 * 24 * 3600);
 

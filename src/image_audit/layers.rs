@@ -12,8 +12,9 @@ use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, REQUIRED_P
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 pub const PASSWD: &str = "/etc/passwd";
-/// Larger passwd files are not read (and the user then cannot be mapped by name).
-pub const PASSWD_MAX: u64 = 1 << 20;
+/// How much of `/etc/passwd` is read: what containerd 1.7 reads when it maps `USER` (`oci.WithUser` reads at
+/// most 10 MiB of it); a larger file is judged by that prefix, as containerd judges it.
+pub const PASSWD_MAX: u64 = 10 << 20;
 
 /// Accumulates tracked entries; each remembers the layer that wrote it (opaque dirs only hide lower ones).
 #[derive(Debug, Default)]
@@ -86,9 +87,10 @@ impl FsBuilder {
         self.layer = index;
     }
 
-    /// True when the caller should read this entry's content and pass it to `passwd`.
-    pub fn wants_content(path: &str, kind: Kind, size: u64) -> bool {
-        path == PASSWD && kind == Kind::File && size <= PASSWD_MAX
+    /// True when the caller should read this entry's content (its first `PASSWD_MAX` bytes, whatever its
+    /// size) and pass it to `set_passwd`.
+    pub fn wants_content(path: &str, kind: Kind) -> bool {
+        path == PASSWD && kind == Kind::File
     }
 
     pub fn apply(&mut self, change: Change, meta: PathMeta) {
@@ -148,7 +150,9 @@ impl FsBuilder {
         } else {
             self.credentials.remove(&path);
         }
-        if path == PASSWD && meta.kind != Kind::File {
+        // A new /etc/passwd replaces the old one whatever it is: never judge by a file a later layer
+        // replaced (its content, when it is a file, comes next through `set_passwd`).
+        if path == PASSWD {
             self.passwd = None;
         }
     }
@@ -348,5 +352,25 @@ mod tests {
         let mut f = ImageFacts::default();
         b.finish(&mut f);
         assert_eq!(f.passwd, None);
+    }
+
+    #[test]
+    fn a_replaced_passwd_takes_its_content_with_it() {
+        let mut b = FsBuilder::new();
+        b.begin_layer(0);
+        b.apply(classify("etc/passwd"), file(0o644));
+        b.set_passwd("runner:x:1001:0::/:/bin/sh\n".into());
+        // A later layer replaces it with a file whose content is not handed over (an unreadable entry,
+        // say): the old content must not stand in for it.
+        b.begin_layer(1);
+        b.apply(classify("etc/passwd"), file(0o644));
+        let mut f = ImageFacts::default();
+        b.finish(&mut f);
+        assert_eq!(f.passwd, None);
+        // Any size is read (a prefix of PASSWD_MAX bytes), as containerd reads it.
+        assert!(FsBuilder::wants_content(PASSWD, Kind::File));
+        assert!(!FsBuilder::wants_content(PASSWD, Kind::Symlink));
+        assert!(!FsBuilder::wants_content("/etc/group", Kind::File));
+        assert_eq!(PASSWD_MAX, 10 << 20);
     }
 }

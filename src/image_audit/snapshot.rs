@@ -179,7 +179,7 @@ pub fn walk_dir_layer(
                 .or_default()
                 .push((path.clone(), meta));
         }
-        if FsBuilder::wants_content(&path, kind, md.len()) {
+        if FsBuilder::wants_content(&path, kind) {
             let mut text = Vec::new();
             std::fs::File::open(entry.path())?
                 .take(PASSWD_MAX)
