@@ -73,12 +73,8 @@ pub async fn watch_runner_pods(
                     watcher::Event::InitDone => waits.relisted(stream),
                 }
                 let now = waits.images();
-                if now != waits.published {
-                    if !now.is_empty() {
-                        info!(images = ?now, "session pods on this node wait for these images: they are pulled without waiting for a pull slot");
-                    }
-                    urgent.set(now.clone());
-                    waits.published = now;
+                if urgent.set(now.clone()) && !now.is_empty() {
+                    info!(images = ?now, "session pods on this node wait for these images: they are pulled without waiting for a pull slot");
                 }
             }
             Ok(None) => return,
@@ -98,7 +94,6 @@ struct Waits {
     by_pod: [BTreeMap<String, BTreeSet<String>>; 2],
     /// Pods listed since a relist began, swapped in when it ends.
     listing: [Option<BTreeMap<String, BTreeSet<String>>>; 2],
-    published: BTreeSet<String>,
 }
 
 impl Waits {

@@ -433,12 +433,13 @@ impl Default for Urgent {
 
 impl Urgent {
     /// The images (canonical references) session pods on this node now wait for.
-    pub fn set(&self, images: BTreeSet<String>) {
+    /// Whether that changed them.
+    pub fn set(&self, images: BTreeSet<String>) -> bool {
         self.images.send_if_modified(|cur| {
             let changed = *cur != images;
             *cur = images;
             changed
-        });
+        })
     }
 
     fn subscribe(&self) -> watch::Receiver<BTreeSet<String>> {
