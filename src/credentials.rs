@@ -87,6 +87,18 @@ impl Keyring {
         Keyring { entries }
     }
 
+    /// Logins handed over whole (a credential provider's answer): each `key` read as a pull secret's key
+    /// would be, most specific first; a key that is not a registry pattern is left out (kubelet logs and
+    /// ignores such an entry).
+    pub fn from_logins(logins: impl IntoIterator<Item = Credential>) -> Keyring {
+        let mut entries: Vec<(Pattern, Credential)> = logins
+            .into_iter()
+            .filter_map(|c| Some((Pattern::key(&c.key)?, c)))
+            .collect();
+        entries.sort_by(|a, b| b.0.sort_key.cmp(&a.0.sort_key));
+        Keyring { entries }
+    }
+
     /// Parses a `.dockerconfigjson` or a legacy `.dockercfg` document.
     pub fn parse(bytes: &[u8]) -> Result<Self, CredentialsError> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
@@ -296,11 +308,33 @@ impl Pattern {
 
     /// A key or an image name (`registry/repository`).
     fn parse(raw: &str) -> Option<Self> {
-        let s = raw.trim();
-        let s = s
-            .strip_prefix("https://")
-            .or_else(|| s.strip_prefix("http://"))
-            .unwrap_or(s);
+        Self::read(raw, true)
+    }
+
+    /// As kubelet's `ParseSchemelessURL` reads a `matchImages` entry or an image: as written (no scheme
+    /// dropped, no case folded, no Docker Hub alias).
+    fn exact(raw: &str) -> Option<Self> {
+        Self::read(raw, false)
+    }
+
+    fn read(raw: &str, normalise: bool) -> Option<Self> {
+        let s = match normalise {
+            true => {
+                let s = raw.trim();
+                s.strip_prefix("https://")
+                    .or_else(|| s.strip_prefix("http://"))
+                    .unwrap_or(s)
+            }
+            false => raw,
+        };
+        if !normalise && s.chars().any(|c| c.is_ascii_control() || c == ' ') {
+            return None; // Go's url.Parse refuses these
+        }
+        // url.Parse leaves a query or fragment out of the path.
+        let s = match normalise {
+            true => s,
+            false => s.split(['?', '#']).next().unwrap_or(s),
+        };
         let (hostport, path) = match s.find('/') {
             Some(i) => (&s[..i], &s[i..]),
             None => (s, ""),
@@ -323,9 +357,17 @@ impl Pattern {
             },
             None => (hostport, None),
         };
-        let mut host = host.to_ascii_lowercase();
-        let mut path = path.to_string();
-        if HUB_ALIASES.contains(&host.as_str()) && port.is_none() {
+        let mut host = match normalise {
+            true => host.to_ascii_lowercase(),
+            false => host.to_string(),
+        };
+        let mut path = match normalise {
+            true => path.to_string(),
+            // url.Parse refuses a `%` in a host name and a bad escape in a path, and decodes the path.
+            false if host.contains('%') => return None,
+            false => percent_decode(path)?,
+        };
+        if normalise && HUB_ALIASES.contains(&host.as_str()) && port.is_none() {
             // Docker Hub keys: `https://index.docker.io/v1/` names the API version, not a repository.
             host = "docker.io".into();
             if path == "/v1/" || path == "/v1" || path == "/" {
@@ -336,8 +378,17 @@ impl Pattern {
             "{host}{}{path}",
             port.as_deref().map(|p| format!(":{p}")).unwrap_or_default()
         );
+        // Go's net.SplitHostPort drops an IPv6 address's brackets when a port follows (and fails, leaving
+        // them, when none does).
+        let bare = match (
+            &port,
+            host.strip_prefix('[').and_then(|h| h.strip_suffix(']')),
+        ) {
+            (Some(_), Some(inner)) => inner,
+            _ => host.as_str(),
+        };
         Some(Self {
-            labels: host.split('.').map(str::to_string).collect(),
+            labels: bare.split('.').map(str::to_string).collect(),
             port,
             path,
             sort_key,
@@ -357,6 +408,30 @@ impl Pattern {
     }
 }
 
+/// A URL path with its `%XX` escapes decoded; `None` for a bad escape (Go's "invalid URL escape").
+fn percent_decode(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Makes this process non-dumpable: it holds tenants' registry passwords, so no core dump may carry them
 /// and no other process of the same UID may ptrace it or read its memory through /proc. Every command
 /// calls it first (the kernel resets it only on exec of a setuid binary or a credential change).
@@ -371,28 +446,91 @@ pub fn forbid_core_dumps() -> std::io::Result<()> {
 /// The longest host label DNS allows; a longer key or image label never matches (and bounds the work).
 const LABEL_MAX: usize = 63;
 
-/// `*` and `?` within one host label, like Go's `filepath.Match` on a label. Iterative, remembering only the
-/// last `*`: at most `pattern × text` steps (a recursive matcher backtracks exponentially on `*a*a*a…`, and
-/// a workspace admin writes the pattern).
+/// One element of a host-label glob.
+enum Glob {
+    Star,
+    Any,
+    Char(char),
+    /// `[...]`: ranges (a single character is a range of one), negated by a leading `^`.
+    Class(bool, Vec<(char, char)>),
+}
+
+/// A label glob as Go's `filepath.Match` reads it (kubelet matches each host label with it): `*`, `?`,
+/// `[a-z]`, `[^a-z]` and `\` escapes. `None` for a malformed pattern, which Go reports as
+/// `ErrBadPattern` and kubelet as no match.
+fn glob_parse(pattern: &str) -> Option<Vec<Glob>> {
+    let mut out = Vec::new();
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(match c {
+            '*' => Glob::Star,
+            '?' => Glob::Any,
+            '\\' => Glob::Char(chars.next()?),
+            '[' => {
+                let negated = chars.next_if_eq(&'^').is_some();
+                let mut ranges = Vec::new();
+                loop {
+                    let lo = match chars.next()? {
+                        ']' if !ranges.is_empty() => break,
+                        '-' | ']' => return None,
+                        '\\' => chars.next()?,
+                        c => c,
+                    };
+                    let hi = match chars.next_if_eq(&'-') {
+                        Some(_) => match chars.next()? {
+                            '-' | ']' => return None,
+                            '\\' => chars.next()?,
+                            c => c,
+                        },
+                        None => lo,
+                    };
+                    ranges.push((lo, hi));
+                }
+                Glob::Class(negated, ranges)
+            }
+            c => Glob::Char(c),
+        });
+    }
+    Some(out)
+}
+
+/// `filepath.Match(pattern, text)` on one host label (no separators occur in a label). Iterative,
+/// remembering only the last `*`: at most `pattern × text` steps (a recursive matcher backtracks
+/// exponentially on `*a*a*a…`, and a workspace admin writes the pattern).
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     if pattern.len() > LABEL_MAX || text.len() > LABEL_MAX {
         return false;
     }
+    let (Ok(pattern), Ok(text)) = (std::str::from_utf8(pattern), std::str::from_utf8(text)) else {
+        return false;
+    };
+    let Some(pattern) = glob_parse(pattern) else {
+        return false;
+    };
+    let text: Vec<char> = text.chars().collect();
+    let one = |g: &Glob, c: char| match g {
+        Glob::Any => true,
+        Glob::Char(p) => *p == c,
+        Glob::Class(negated, ranges) => {
+            ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+        }
+        Glob::Star => false,
+    };
     let (mut p, mut t) = (0, 0);
     // Where the last `*` was, and the text position it now stands for the end of.
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
         match pattern.get(p) {
-            Some(b'*') => {
+            Some(Glob::Star) => {
                 star = Some((p, t));
                 p += 1;
             }
-            Some(&c) if c == b'?' || c == text[t] => {
+            Some(g) if one(g, text[t]) => {
                 p += 1;
                 t += 1;
             }
             _ => match star {
-                // Let the last `*` swallow one more byte and retry from after it.
+                // Let the last `*` swallow one more character and retry from after it.
                 Some((sp, st)) => {
                     star = Some((sp, st + 1));
                     p = sp + 1;
@@ -402,7 +540,24 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
             },
         }
     }
-    pattern[p..].iter().all(|&c| c == b'*')
+    pattern[p..].iter().all(|g| matches!(g, Glob::Star))
+}
+
+/// Kubelet's `URLsMatchStr(glob, target)` exactly, as it matches a credential provider's `matchImages`
+/// entry (and the keys of a provider's answer) against an image (`registry/repository`): the host split
+/// at dots with the same number of labels, each label a `filepath.Match` glob, equal ports (none on both
+/// counts as equal), and the glob's path a string prefix of the target's. Case-sensitive and without
+/// Docker Hub aliases, unlike a pull secret's key (`Keyring`), because kubelet compares these as written.
+pub fn urls_match(glob: &str, target: &str) -> bool {
+    match (Pattern::exact(glob), Pattern::exact(target)) {
+        (Some(g), Some(t)) => g.matches(&t),
+        _ => false,
+    }
+}
+
+/// Whether kubelet could read `pattern` as a `matchImages` entry (`ParseSchemelessURL` succeeds).
+pub fn is_url_pattern(pattern: &str) -> bool {
+    Pattern::exact(pattern).is_some()
 }
 
 #[cfg(test)]

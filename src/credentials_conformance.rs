@@ -33,6 +33,10 @@ const URLS_MATCH: &[(&str, &str, bool)] = &[
     ("*.kubernetes.io", "kubernetes.io", false),
     ("*.*.kubernetes.io", "prefix.kubernetes.io", false),
     ("*.*.kubernetes.io", "kubernetes.io", false),
+    // Added upstream in 1.29 (kubernetes PR #119947); the behaviour was the same before.
+    ("*kubernetes.io", "a.kubernetes.io", false),
+    ("*kubernetes.io", "kubernetes.io", true),
+    ("*.*.*.kubernetes.io", "a.b.c.kubernetes.io", true),
     ("kubernetes.io", "kubernetes.com", false),
     ("k*.io", "quay.io", false),
     (
@@ -46,6 +50,67 @@ const URLS_MATCH: &[(&str, &str, bool)] = &[
         false,
     ),
 ];
+
+/// The same table through `urls_match`, the matcher of credential providers' `matchImages` (kubelet's
+/// `isImageAllowed` calls `URLsMatchStr` itself).
+#[test]
+fn kubelet_urls_match_for_match_images() {
+    for (glob, target, want) in URLS_MATCH {
+        assert_eq!(urls_match(glob, target), *want, "{glob} vs {target}");
+    }
+}
+
+/// `matchImages` entries and the images kubelet's `Test_Provide` (pkg/credentialprovider/plugin) gives
+/// its plugin: each must be allowed.
+const PROVIDE: &[(&str, &str)] = &[
+    ("test.registry.io", "test.registry.io/foo/bar"),
+    ("test.registry.io/foo/bar", "test.registry.io/foo/bar"),
+    ("test.registry.io", "test.registry.io"),
+    ("*.registry.io:8080", "test.registry.io:8080/foo"),
+    ("*.*.registry.io", "foo.bar.registry.io/foo/bar"),
+    ("*.registry.io", "test.registry.io"),
+    ("*.registry.io", "test.registry.io/foo/bar"),
+];
+
+#[test]
+fn kubelet_provide_match_images() {
+    for (glob, image) in PROVIDE {
+        assert!(urls_match(glob, image), "{glob} vs {image}");
+    }
+}
+
+/// Where `URLsMatchStr` differs from a pull secret's key matching: it compares as written (case, no Docker
+/// Hub alias), its labels are `filepath.Match` globs with classes and escapes, and it refuses what
+/// `url.Parse` refuses (validation: `%invalid%` is kubelet's own test of a bad `matchImages` entry).
+#[test]
+fn match_images_are_compared_as_kubelet_parses_them() {
+    let table: &[(&str, &str, bool)] = &[
+        ("Registry.io", "registry.io/a", false),
+        ("index.docker.io", "docker.io/library/busybox", false),
+        ("r[0-9].io", "r1.io/a", true),
+        ("r[0-9].io", "rx.io/a", false),
+        ("r[^0-9].io", "rx.io/a", true),
+        ("r[!0-9].io", "r!.io/a", true),
+        ("r\\*.io", "r*.io/a", true),
+        ("r\\*.io", "rx.io/a", false),
+        ("r[.io", "r[.io/a", false),
+        ("r.io/a%2Fb", "r.io/a/b/c", true),
+        ("r.io/pong", "r.io/pongz", true),
+    ];
+    for (glob, target, want) in table {
+        assert_eq!(urls_match(glob, target), *want, "{glob} vs {target}");
+    }
+    for bad in ["%invalid%", "r.io/a%zz", "r.io:port", "r .io", "r%41.io"] {
+        assert!(!is_url_pattern(bad), "{bad}");
+    }
+    for good in [
+        "*.dkr.ecr.*.amazonaws.com",
+        "r.io:5000/runners",
+        "[::1]:5000",
+    ] {
+        assert!(is_url_pattern(good), "{good}");
+    }
+}
 
 #[test]
 fn kubelet_urls_match() {

@@ -18,6 +18,7 @@ pub const VERSION: &str = concat!(
 pub mod agent;
 pub mod config;
 pub mod contract;
+pub mod credential_providers;
 pub mod credentials;
 pub mod image_audit;
 pub mod model;
