@@ -233,7 +233,7 @@ async fn no_secret_means_a_clear_anonymous_failure() {
     assert_eq!(code, 1);
     assert!(err.contains("pull failed [auth]"), "{err}");
     assert!(
-        err.contains("no pull secret is configured, so it was pulled anonymously"),
+        err.contains("no pull secret is configured, and anonymously"),
         "{err}"
     );
 }

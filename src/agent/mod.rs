@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Overrides, Settings};
+use crate::credential_providers::CredentialProviders;
 use crate::image_audit::{self, Auditor};
 use crate::prewarm::Prewarmer;
 use crate::process_audit::scanner::Scanner;
@@ -222,7 +223,15 @@ impl Agent {
             settings.prewarm.failure_finding_after,
         );
         let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
-            .with_events(report.into_emit());
+            .with_events(report.into_emit())
+            .with_credential_providers(settings.credential_providers.as_ref().map(|p| {
+                info!(
+                    config = %p.config.display(),
+                    providers = %p.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                    "credential provider plugins: asked for each pull's credentials after the pull secrets'"
+                );
+                Arc::new(CredentialProviders::new(p))
+            }));
         if let Some(c) = &cluster {
             prewarmer = prewarmer.with_fleet_slots(c.pull_slots.clone());
         }

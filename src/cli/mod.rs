@@ -350,6 +350,22 @@ pub struct PullArgs {
     /// Attempts for failures a retry can fix (network, stalled); auth and not-found fail at once.
     #[arg(long, env = "RUNNER_WARDEN_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub attempts: u32,
+    /// The node's kubelet CredentialProviderConfig (what kubelet's --image-credential-provider-config
+    /// names): its plugins are asked for credentials after the pull secret's, as kubelet asks them.
+    /// Needs --credential-provider-bin-dir.
+    #[arg(
+        long,
+        env = "RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG",
+        requires = "credential_provider_bin_dir"
+    )]
+    pub credential_provider_config: Option<PathBuf>,
+    /// Where the plugins are (kubelet's --image-credential-provider-bin-dir).
+    #[arg(
+        long,
+        env = "RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR",
+        requires = "credential_provider_config"
+    )]
+    pub credential_provider_bin_dir: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
 }

@@ -2,6 +2,9 @@
 //! containerd unreachable.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use runner_warden::credential_providers::{self, CredentialProviders, ProvidersSettings};
 use std::process::ExitCode;
 
 use runner_warden::prewarm::oneshot::{self, GaveUp, Pulled};
@@ -26,6 +29,23 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
             return Ok(fail(&args.output, &message, doc(None)));
         }
     }
+    let providers = match (
+        &args.credential_provider_config,
+        &args.credential_provider_bin_dir,
+    ) {
+        (Some(config), Some(bin_dir)) => {
+            match credential_providers::config::read(config, bin_dir) {
+                Ok(providers) => Some(Arc::new(CredentialProviders::new(&ProvidersSettings {
+                    config: config.clone(),
+                    bin_dir: bin_dir.clone(),
+                    timeout: runner_warden::config::DEFAULT_PROVIDER_TIMEOUT,
+                    providers,
+                }))),
+                Err(problems) => return Ok(fail(&args.output, &problems.join("; "), doc(None))),
+            }
+        }
+        _ => None,
+    };
     let settings = PrewarmSettings {
         concurrency: 1,
         stall_timeout: args.stall_timeout,
@@ -41,7 +61,10 @@ pub async fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
         settings,
         args.force,
         args.attempts,
-        Some(progress_tx),
+        oneshot::PullHelp {
+            progress: Some(progress_tx),
+            providers,
+        },
     )
     .await;
     let _ = drawer.await; // the sender went with the pull: the bar is cleared

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::contract::Policy;
+use crate::credential_providers::ProvidersSettings;
 use crate::model::DesiredImage;
 use crate::prewarm::PrewarmSettings;
 use crate::process_audit::scanner::ScanSettings;
@@ -54,6 +55,8 @@ pub const DEFAULT_FLEET_HEARTBEAT: Duration = Duration::from_secs(600);
 /// 50 GB at a time from the registry (instead of 1 TB) and finishes in 20 rounds of one pull each;
 /// small clusters (up to 10 nodes) see no difference. docs/fleet.md, "The pull budget".
 pub const DEFAULT_MAX_NODES_PULLING: u32 = 10;
+/// One run of a credential provider plugin: kubelet's own (hard-coded) limit.
+pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -82,6 +85,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub kubernetes: KubernetesSettings,
     pub fleet: FleetSettings,
+    /// The node's kubelet credential provider plugins (`[credential_providers]`); `None`: none.
+    pub credential_providers: Option<ProvidersSettings>,
     pub images: Vec<DesiredImage>,
 }
 
@@ -258,6 +263,8 @@ impl Settings {
         let kubernetes = sections::kubernetes(raw.kubernetes, &mut problems);
         let audit = sections::audit(raw.audit, &mut problems);
         let fleet = sections::fleet(raw.fleet, &mut problems);
+        let credential_providers =
+            sections::credential_providers(raw.credential_providers, base, &mut problems);
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -272,6 +279,7 @@ impl Settings {
             shutdown,
             kubernetes,
             fleet,
+            credential_providers,
             images,
         })
     }
@@ -298,6 +306,10 @@ impl Settings {
         diff("shutdown", self.shutdown != next.shutdown);
         diff("kubernetes", self.kubernetes != next.kubernetes);
         diff("fleet", self.fleet != next.fleet);
+        diff(
+            "credential_providers",
+            self.credential_providers != next.credential_providers,
+        );
         diff("images", self.images != next.images);
         c
     }

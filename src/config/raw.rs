@@ -25,7 +25,19 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub(super) fleet: RawFleet,
     #[serde(default)]
+    pub(super) credential_providers: RawCredentialProviders,
+    #[serde(default)]
     pub(super) images: Vec<RawImage>,
+}
+
+/// The node's kubelet credential provider plugins: the same two paths kubelet is given
+/// (`--image-credential-provider-config`, `--image-credential-provider-bin-dir`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCredentialProviders {
+    pub(super) config: Option<PathBuf>,
+    pub(super) bin_dir: Option<PathBuf>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -10,10 +10,12 @@ use std::time::Duration;
 use super::raw::*;
 use super::{
     AuditSettings, FleetSettings, KubernetesSettings, Overrides, RuntimeAuditSettings,
-    ShutdownSettings, DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_SOCKET,
+    ShutdownSettings, DEFAULT_METRICS_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_PROVIDER_TIMEOUT,
+    DEFAULT_SOCKET,
 };
 use crate::contract::process::parse_uid_range;
 use crate::contract::{Policy, Severity, CHECKS};
+use crate::credential_providers::ProvidersSettings;
 use crate::model::{Caps, DesiredImage};
 use crate::prewarm::PrewarmSettings;
 use crate::reference::ImageRef;
@@ -401,5 +403,57 @@ pub(super) fn max_nodes_pulling(n: i64) -> Result<u32, String> {
         _ => Err(format!(
             "{n} is out of range; use 0 (no limit) to 1000 nodes"
         )),
+    }
+}
+
+/// `[credential_providers]`: both paths or neither (kubelet refuses one without the other); the
+/// provider config is read and validated now, so a broken one stops the agent at start with every
+/// problem named.
+pub(super) fn credential_providers(
+    raw: RawCredentialProviders,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<ProvidersSettings> {
+    let timeout = match raw.timeout {
+        None => DEFAULT_PROVIDER_TIMEOUT,
+        Some(s) => match humantime::parse_duration(&s) {
+            Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(600) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "credential_providers.timeout: {s:?} is out of range; use 1s to 10m (kubelet uses 1m)"
+                ));
+                DEFAULT_PROVIDER_TIMEOUT
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "credential_providers.timeout: {s:?} is not a duration ({e}); write e.g. \"1m\""
+                ));
+                DEFAULT_PROVIDER_TIMEOUT
+            }
+        },
+    };
+    let (config, bin_dir) = match (raw.config, raw.bin_dir) {
+        (None, None) => return None,
+        (Some(c), Some(b)) => (base.join(c), base.join(b)),
+        (Some(_), None) => {
+            problems.push("credential_providers.bin_dir is required with credential_providers.config (the directory kubelet's --image-credential-provider-bin-dir names)");
+            return None;
+        }
+        (None, Some(_)) => {
+            problems.push("credential_providers.config is required with credential_providers.bin_dir (the file kubelet's --image-credential-provider-config names)");
+            return None;
+        }
+    };
+    match crate::credential_providers::config::read(&config, &bin_dir) {
+        Ok(providers) => Some(ProvidersSettings {
+            config,
+            bin_dir,
+            timeout,
+            providers,
+        }),
+        Err(ps) => {
+            problems.0.extend(ps);
+            None
+        }
     }
 }

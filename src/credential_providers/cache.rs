@@ -90,7 +90,8 @@ impl Cache {
         self.entries.insert(key, (logins, now + ttl));
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 }

@@ -80,4 +80,45 @@ pub enum PrewarmEvent {
     PinsHonoured { honoured: bool },
     /// containerd has answered about every held image at least once.
     AllExamined,
+    /// A credential provider plugin was asked for `image`'s credentials (the node's kubelet config).
+    CredentialProvider {
+        image: ImageRef,
+        provider: String,
+        result: ProviderResult,
+    },
+}
+
+/// What asking one credential provider came to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProviderResult {
+    /// Answered from its cache.
+    Cached,
+    /// Its plugin ran and answered.
+    Answered,
+    /// Its plugin failed (`kind`: start, timeout, exit, answer); `problem` never holds its output.
+    Failed { kind: &'static str, problem: String },
+}
+
+impl ProviderResult {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderResult::Cached => "cached",
+            ProviderResult::Answered => "answered",
+            ProviderResult::Failed { .. } => "failed",
+        }
+    }
+}
+
+impl From<&crate::credential_providers::ProviderCall> for ProviderResult {
+    fn from(c: &crate::credential_providers::ProviderCall) -> Self {
+        use crate::credential_providers::ProviderCall;
+        match c {
+            ProviderCall::Cached => ProviderResult::Cached,
+            ProviderCall::Answered => ProviderResult::Answered,
+            ProviderCall::Failed(e) => ProviderResult::Failed {
+                kind: e.kind(),
+                problem: e.to_string(),
+            },
+        }
+    }
 }

@@ -131,19 +131,24 @@ impl Credentials {
             .unwrap_or_default()
     }
 
-    /// What was tried, for the auth failure's message.
+    /// What was tried, for the auth failure's message: the pull secrets' part (the providers' and the
+    /// anonymous attempt follow it).
     fn tried(&self, image: &ImageRef, creds: &[&Credential]) -> String {
         let names = self.secret_names.join(", ");
         match (&self.keyring, creds.len()) {
-            (None, _) => "no pull secret is configured, so it was pulled anonymously".to_string(),
+            (None, _) => "no pull secret is configured".to_string(),
             (Some(k), 0) => format!(
-                "pull secret {names} has no entry matching {} (its keys: {}), so it was pulled anonymously",
+                "pull secret {names} has no entry matching {} (its keys: {})",
                 image.registry(),
                 k.keys().join(", ")
             ),
             (Some(_), n) => format!(
-                "tried {n} credential(s) from pull secret {names} (keys: {}) and anonymously",
-                creds.iter().map(|c| c.key.as_str()).collect::<Vec<_>>().join(", ")
+                "tried {n} credential(s) from pull secret {names} (keys: {})",
+                creds
+                    .iter()
+                    .map(|c| c.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -190,6 +195,19 @@ impl<S: ImageStore> Prewarmer<S> {
         }
 
         let credentials = Credentials::load(d)?;
+        // The node's credential provider plugins (kubelet's order: the pull secrets' logins first).
+        let provided = match &self.credential_providers {
+            Some(p) => p.lookup(&image.name()).await,
+            None => Default::default(),
+        };
+        for (provider, call) in &provided.calls {
+            self.emit(PrewarmEvent::CredentialProvider {
+                image: image.clone(),
+                provider: provider.clone(),
+                result: call.into(),
+            });
+        }
+        let providers_note = providers_note(&provided);
         // Bytes are about to move for an image this node does not have: take a cluster-wide pull slot
         // (a re-check of a present tag takes none). Held until this attempt returns, success or failure.
         let _fleet_slot = match absent && self.fleet_slots.max() > 0 {
@@ -222,7 +240,9 @@ impl<S: ImageStore> Prewarmer<S> {
             }
             false => None,
         };
-        let creds = credentials.matching(image);
+        let mut creds = credentials.matching(image);
+        let from_secrets = creds.len();
+        creds.extend(provided.logins.iter());
         let secrets: Vec<&str> = creds
             .iter()
             .flat_map(|c| {
@@ -258,13 +278,17 @@ impl<S: ImageStore> Prewarmer<S> {
         let f = first_auth.expect("the anonymous attempt always runs");
         let refused = |c: &Credentials, creds: &[&Credential]| {
             format!(
-                "registry {} refused {image}: {}; {}",
+                "registry {} refused {image}: {}{}, and anonymously; {}",
                 image.registry(),
                 c.tried(image, creds),
+                providers_note.as_deref().unwrap_or_default(),
                 f.message
             )
         };
-        let mut failure = Failure::new(FailureClass::Auth, refused(&credentials, &creds));
+        let mut failure = Failure::new(
+            FailureClass::Auth,
+            refused(&credentials, &creds[..from_secrets]),
+        );
         failure.per_project = credentials
             .by_project
             .iter()
@@ -391,6 +415,29 @@ impl<S: ImageStore> Prewarmer<S> {
         }
         Ok(status)
     }
+}
+
+/// What the credential providers did for an image, for a refused pull's message: `None` when none
+/// matched it. Names and counts only, never a login.
+fn providers_note(l: &crate::credential_providers::Lookup) -> Option<String> {
+    use crate::credential_providers::ProviderCall;
+    if l.calls.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = l
+        .calls
+        .iter()
+        .map(|(name, call)| match call {
+            ProviderCall::Cached => format!("{name} (from its cache)"),
+            ProviderCall::Answered => format!("{name} (answered)"),
+            ProviderCall::Failed(e) => format!("{name} (failed: {e})"),
+        })
+        .collect();
+    Some(format!(
+        "; credential provider(s) {} gave {} login(s) matching it",
+        each.join(", "),
+        l.logins.len()
+    ))
 }
 
 /// The manifest digest CRI recorded for `image` (from its repo digests).

@@ -46,6 +46,7 @@ pub use rate::rate_text;
 use store::ImageStore;
 use worker::Note;
 
+use crate::credential_providers::CredentialProviders;
 use crate::model::ImageState as State;
 use crate::outcome::prewarm::PrewarmEvent;
 use crate::outcome::Emit;
@@ -83,6 +84,9 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     /// (every worker pins; see `pins.rs`).
     pins_honoured: AtomicBool,
     pin_warned: AtomicBool,
+    /// The node's kubelet credential provider plugins, asked before each pull (none standalone unless
+    /// `[credential_providers]` names them).
+    credential_providers: Option<Arc<CredentialProviders>>,
 }
 
 /// What the run loop owns: the workers, and what it knows of each image across its workers' restarts.
@@ -158,7 +162,17 @@ impl<S: ImageStore> Prewarmer<S> {
             pins_at_start: None,
             pins_honoured: AtomicBool::new(false),
             pin_warned: AtomicBool::new(false),
+            credential_providers: None,
         }
+    }
+
+    /// Ask the node's credential provider plugins for each pull's credentials (after the pull secrets').
+    pub fn with_credential_providers(
+        mut self,
+        providers: Option<Arc<CredentialProviders>>,
+    ) -> Self {
+        self.credential_providers = providers;
+        self
     }
 
     /// Emit every state change and outcome to `events` (`report::prewarm::PrewarmReport` reports them).

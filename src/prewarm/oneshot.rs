@@ -30,6 +30,13 @@ pub struct GaveUp {
     pub attempts: u32,
 }
 
+/// What `pull` may use besides the pull secret: where to draw progress, the node's credential providers.
+#[derive(Default)]
+pub struct PullHelp {
+    pub progress: Option<watch::Sender<Option<PullProgressView>>>,
+    pub providers: Option<std::sync::Arc<crate::credential_providers::CredentialProviders>>,
+}
+
 /// Pulls `image` (or finds it present), retrying `network`/`stalled` failures up to `attempts` times in
 /// all; `auth`, `not_found` and secret problems fail at once. Pins as `manual` when `settings.pin`.
 pub async fn pull<S: ImageStore>(
@@ -39,10 +46,11 @@ pub async fn pull<S: ImageStore>(
     settings: PrewarmSettings,
     force: bool,
     attempts: u32,
-    progress: Option<watch::Sender<Option<PullProgressView>>>,
+    help: PullHelp,
 ) -> Result<Pulled, GaveUp> {
-    let mut prewarmer = Prewarmer::one_shot(store, settings.clone());
-    if let Some(p) = progress {
+    let mut prewarmer =
+        Prewarmer::one_shot(store, settings.clone()).with_credential_providers(help.providers);
+    if let Some(p) = help.progress {
         prewarmer = prewarmer.with_progress(p);
     }
     let desired = DesiredImage::new(image.clone(), secret, None);

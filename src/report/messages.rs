@@ -98,6 +98,13 @@ pub fn waiting_for_slot(max: u32) -> String {
     format!("every pull slot is held (fleet.max_nodes_pulling = {max})")
 }
 
+/// A credential provider plugin that gave nothing: the pull goes on with the other credentials.
+pub fn provider_failed(provider: &str, image: &str, problem: &str) -> String {
+    format!(
+        "credential provider {provider} failed for {image}: {problem}; it gives no credentials this time and {image} is pulled with its pull secrets' credentials, then anonymously (check the plugin and the node's CredentialProviderConfig: docs/credential-providers.md)"
+    )
+}
+
 pub fn over_cap(s: ImageSubject, cap: OverCap) -> Finding {
     const GIB: f64 = (1u64 << 30) as f64;
     let why = match cap {

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub node_status_writes_total: IntCounterVec,
     pub pull_slot_held: IntGauge,
     pub pull_slot_wait_seconds: Histogram,
+    pub credential_provider_lookups_total: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -268,8 +269,17 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let credential_provider_lookups_total = IntCounterVec::new(
+            Opts::new(
+                name("credential_provider_lookups_total"),
+                "Credential provider plugins asked for an image's credentials, by provider (its name in the node's CredentialProviderConfig) and result (cached, answered, failed).",
+            ),
+            &["provider", "result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(prewarm_images.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(credential_provider_lookups_total.clone()),
             Box::new(api_requests_total.clone()),
             Box::new(node_status_writes_total.clone()),
             Box::new(prewarm_pulls_total.clone()),
@@ -372,6 +382,7 @@ impl Metrics {
             node_status_writes_total,
             pull_slot_held,
             pull_slot_wait_seconds,
+            credential_provider_lookups_total,
         }
     }
 

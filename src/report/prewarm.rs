@@ -19,7 +19,7 @@ use super::metrics::Metrics;
 use super::sink::FindingSink;
 use super::status::{Progress, StatusBoard};
 use crate::model::{Arrival, FailureClass, ImageState, OverCap, Projects};
-use crate::outcome::prewarm::{Novelty, PrewarmEvent};
+use crate::outcome::prewarm::{Novelty, PrewarmEvent, ProviderResult};
 use crate::outcome::Emit;
 use crate::reference::ImageRef;
 
@@ -226,6 +226,25 @@ impl PrewarmReport {
                 .health
                 .first_reconcile_done
                 .store(true, Ordering::Relaxed),
+            PrewarmEvent::CredentialProvider {
+                image,
+                provider,
+                result,
+            } => {
+                self.metrics
+                    .credential_provider_lookups_total
+                    .with_label_values(&[&provider, result.as_str()])
+                    .inc();
+                if let ProviderResult::Failed { kind, problem } = &result {
+                    warn!(
+                        image = %image,
+                        provider = %provider,
+                        kind = *kind,
+                        "{}",
+                        messages::provider_failed(&provider, image.as_str(), problem)
+                    );
+                }
+            }
         }
     }
 
