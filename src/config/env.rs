@@ -2,6 +2,7 @@
 //! win over what the file says.
 
 use super::{FleetSettings, KubernetesSettings};
+use crate::credential_providers::ProvidersSettings;
 use crate::reference::ImageRef;
 use crate::sources::desired::ClusterPolicy;
 
@@ -57,5 +58,53 @@ impl FleetSettings {
                 .map_err(|e| format!("RUNNER_WARDEN_MAX_NODES_PULLING: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// `RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG` and `RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR` win over
+/// `[credential_providers]` (a DaemonSet overlay mounts the node's files and names them, with no edit of
+/// the config file); the file's `timeout` still applies. Both or neither, as in the file.
+pub(super) fn credential_providers(
+    current: Option<ProvidersSettings>,
+    timeout: Option<std::time::Duration>,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<Option<ProvidersSettings>, Vec<String>> {
+    let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+    let (config, bin_dir) = (
+        get("RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG"),
+        get("RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR"),
+    );
+    if config.is_none() && bin_dir.is_none() {
+        return Ok(current);
+    }
+    let mut problems = super::sections::Problems::default();
+    let raw = super::raw::RawCredentialProviders {
+        config: config.map(Into::into),
+        bin_dir: bin_dir.map(Into::into),
+        timeout: None,
+    };
+    let found =
+        super::sections::credential_providers(raw, std::path::Path::new("/"), &mut problems).map(
+            |mut s| {
+                s.timeout = timeout.unwrap_or(s.timeout);
+                s
+            },
+        );
+    match problems.0.is_empty() {
+        true => Ok(found),
+        false => Err(problems
+            .0
+            .into_iter()
+            .map(|p| {
+                p.replace(
+                    "credential_providers.config",
+                    "RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG",
+                )
+                .replace(
+                    "credential_providers.bin_dir",
+                    "RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR",
+                )
+            })
+            .collect()),
     }
 }

@@ -238,6 +238,10 @@ impl Settings {
         let mut s = Self::parse(&text, base, overrides).map_err(invalid)?;
         s.kubernetes.apply_env(&env);
         s.fleet.apply_env(&env).map_err(|p| invalid(vec![p]))?;
+        let timeout = s.credential_providers.as_ref().map(|p| p.timeout);
+        s.credential_providers =
+            env::credential_providers(s.credential_providers.take(), timeout, &env)
+                .map_err(invalid)?;
         s.kubernetes.enabled |= overrides.kubernetes;
         s.kubernetes.kubeconfig = overrides.kubeconfig.clone();
         if s.kubernetes.enabled {

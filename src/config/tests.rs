@@ -371,3 +371,62 @@ fn the_pull_budget_defaults_to_ten_and_the_environment_wins() {
     }
     assert_eq!(s.max_nodes_pulling, 5);
 }
+
+#[test]
+fn credential_providers_are_read_at_start_both_paths_or_neither() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let plugin = bin.join("ecr-credential-provider");
+    std::fs::write(&plugin, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.path().join("providers.json"),
+        r#"{"apiVersion":"kubelet.config.k8s.io/v1","kind":"CredentialProviderConfig","providers":[{"name":"ecr-credential-provider","matchImages":["*.dkr.ecr.*.amazonaws.com"],"defaultCacheDuration":"12h","apiVersion":"credentialprovider.kubelet.k8s.io/v1"}]}"#,
+    )
+    .unwrap();
+    let f = |text: &str| Settings::parse(text, dir.path(), &Overrides::default());
+    assert_eq!(f("").unwrap().credential_providers, None, "none by default");
+    let s = f("[credential_providers]\nconfig = \"providers.json\"\nbin_dir = \"bin\"\ntimeout = \"5s\"\n")
+        .unwrap()
+        .credential_providers
+        .unwrap();
+    assert_eq!(
+        s.config,
+        dir.path().join("providers.json"),
+        "relative to the file"
+    );
+    assert_eq!(s.timeout, Duration::from_secs(5));
+    assert_eq!(s.providers[0].name, "ecr-credential-provider");
+    let e = f("[credential_providers]\nconfig = \"providers.json\"\n").unwrap_err();
+    assert!(
+        e[0].contains("credential_providers.bin_dir is required"),
+        "{e:?}"
+    );
+    let e = f("[credential_providers]\nbin_dir = \"bin\"\ntimeout = \"2h\"\n").unwrap_err();
+    assert_eq!(e.len(), 2, "{e:?}");
+    let e =
+        f("[credential_providers]\nconfig = \"missing.yaml\"\nbin_dir = \"bin\"\n").unwrap_err();
+    assert!(e[0].contains("missing.yaml: cannot read it"), "{e:?}");
+
+    // The DaemonSet's environment names the node's files over the file's.
+    let env = |k: &str| match k {
+        "RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG" => {
+            Some(dir.path().join("providers.json").display().to_string())
+        }
+        "RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR" => Some(bin.display().to_string()),
+        _ => None,
+    };
+    let s = Settings::load(None, &Overrides::default(), env).unwrap();
+    assert_eq!(s.credential_providers.unwrap().bin_dir, bin);
+    let half =
+        |k: &str| (k == "RUNNER_WARDEN_CREDENTIAL_PROVIDER_CONFIG").then(|| "/x".to_string());
+    let e = Settings::load(None, &Overrides::default(), half)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("RUNNER_WARDEN_CREDENTIAL_PROVIDER_BIN_DIR is required"),
+        "{e}"
+    );
+}
