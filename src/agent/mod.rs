@@ -225,6 +225,13 @@ impl Agent {
         let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
             .with_events(report.into_emit())
             .with_credential_providers(settings.credential_providers.as_ref().map(|p| {
+                for skipped in p.providers.iter().filter(|p| p.wants_pod_token) {
+                    warn!(
+                        provider = %skipped.name,
+                        "credential provider {} wants a pod's service account token (tokenAttributes, KEP-4412), which a node agent cannot get: it is not run, and the images it serves are prewarmed with their pull secrets or anonymously (docs/credential-providers.md)",
+                        skipped.name
+                    );
+                }
                 info!(
                     config = %p.config.display(),
                     providers = %p.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),

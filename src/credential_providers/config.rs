@@ -37,6 +37,9 @@ pub struct ProviderConfig {
     pub args: Vec<String>,
     /// Set in the plugin's environment on top of the agent's own (kubelet merges the same way).
     pub env: Vec<(String, String)>,
+    /// `tokenAttributes` is set: the plugin wants a pod's service account token (KEP-4412), which a node
+    /// agent has none of; such a provider is never run (`CredentialProviders::new` leaves it out).
+    pub wants_pod_token: bool,
 }
 
 /// Env values are often credentials or account ids: names only.
@@ -47,6 +50,7 @@ impl fmt::Debug for ProviderConfig {
             .field("match_images", &self.match_images)
             .field("default_cache_duration", &self.default_cache_duration)
             .field("api_version", &self.api_version)
+            .field("wants_pod_token", &self.wants_pod_token)
             .field("args", &self.args.len())
             .field(
                 "env",
@@ -79,7 +83,7 @@ struct RawProvider {
     args: Vec<String>,
     #[serde(default)]
     env: Vec<RawEnv>,
-    /// v1's service-account-token providers (KEP-4412): not supported (docs/credential-providers.md).
+    /// v1's service-account-token providers (KEP-4412): read, never run (docs/credential-providers.md).
     token_attributes: Option<serde::de::IgnoredAny>,
 }
 
@@ -222,9 +226,6 @@ pub fn parse(text: &str) -> Result<Vec<ProviderConfig>, Vec<String>> {
                 }
             },
         };
-        if p.token_attributes.is_some() {
-            problems.push(at("tokenAttributes (service account token providers) are not supported by runner-warden: a node agent has no pod's token to give (docs/credential-providers.md)".into()));
-        }
         if problems.len() == before {
             providers.push(ProviderConfig {
                 name: p.name,
@@ -233,6 +234,7 @@ pub fn parse(text: &str) -> Result<Vec<ProviderConfig>, Vec<String>> {
                 api_version: p.api_version,
                 args: p.args,
                 env: p.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                wants_pod_token: p.token_attributes.is_some(),
             });
         }
     }
@@ -394,7 +396,6 @@ providers:
             "providers[3] (\"my plugin\"): name cannot contain spaces",
             "providers[3] (\"my plugin\"): apiVersion is required",
             "providers[4] (\"..\"): name cannot be \"..\"",
-            "providers[4] (\"..\"): tokenAttributes",
         ] {
             assert!(all.contains(want), "{want:?} not in\n{all}");
         }
@@ -402,12 +403,19 @@ providers:
             all.contains("providers[0] (\"a/b\"): defaultCacheDuration is required"),
             "{all}"
         );
-        assert_eq!(e.len(), 16, "{all}");
+        assert_eq!(e.len(), 15, "{all}");
         assert!(parse(
             "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders: []\n"
         )
         .unwrap_err()[0]
             .contains("at least one provider"));
+    }
+
+    /// KEP-4412 providers load (a kubelet config may mix them with others) and are marked.
+    #[test]
+    fn a_service_account_token_provider_is_read_and_marked() {
+        let p = parse("apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n- name: sa\n  apiVersion: credentialprovider.kubelet.k8s.io/v1\n  matchImages: [r.io]\n  defaultCacheDuration: 0s\n  tokenAttributes: {serviceAccountTokenAudience: x, requireServiceAccount: true}\n- name: plain\n  apiVersion: credentialprovider.kubelet.k8s.io/v1\n  matchImages: [q.io]\n  defaultCacheDuration: 0s\n").unwrap();
+        assert!(p[0].wants_pod_token && !p[1].wants_pod_token);
     }
 
     #[test]

@@ -66,7 +66,14 @@ pub struct CredentialProviders {
 
 impl CredentialProviders {
     pub fn new(settings: &ProvidersSettings) -> Self {
-        let configs = settings.providers.clone();
+        // A provider that wants a pod's service account token cannot be served (docs/credential-providers.md;
+        // the agent says so at start).
+        let configs: Vec<ProviderConfig> = settings
+            .providers
+            .iter()
+            .filter(|p| !p.wants_pod_token)
+            .cloned()
+            .collect();
         let now = Instant::now().into_std();
         Self {
             bin_dir: settings.bin_dir.clone(),

@@ -382,6 +382,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wants_pod_token: false,
         }
     }
 

@@ -49,6 +49,7 @@ fn providers(dir: &Path, list: &[(&str, &[&str], Duration)]) -> CredentialProvid
                 api_version: V1.into(),
                 args: vec![],
                 env: vec![],
+                wants_pod_token: false,
             })
             .collect(),
     })
@@ -231,4 +232,23 @@ async fn answers_are_matched_again_and_merged_most_specific_first() {
         ["pw-narrow", "pw-broad"],
         "q.io's login does not apply"
     );
+}
+
+/// A KEP-4412 provider (it wants a pod's service account token) is never run.
+#[tokio::test]
+async fn a_provider_that_wants_a_pod_token_is_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    plugin(dir.path(), "sa", "r.io", "Registry", "1h");
+    let mut settings = ProvidersSettings {
+        config: dir.path().join("config.yaml"),
+        bin_dir: dir.path().to_path_buf(),
+        timeout: Duration::from_secs(10),
+        providers: vec![],
+    };
+    let p = providers(dir.path(), &[("sa", &["r.io"], HOUR)]);
+    settings.providers = p.providers.iter().map(|p| p.config.clone()).collect();
+    settings.providers[0].wants_pod_token = true;
+    let l = CredentialProviders::new(&settings).lookup("r.io/a").await;
+    assert!(l.calls.is_empty() && l.logins.is_empty());
+    assert!(calls(dir.path(), "sa").is_empty());
 }
