@@ -294,7 +294,7 @@ mod on_a_cluster {
                 &bed,
                 &[
                     ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
-                    ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
+                    ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
                 ],
                 &section(&config, &bin, ""),
             )

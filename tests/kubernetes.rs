@@ -60,7 +60,7 @@ mod on_a_cluster {
 
     const ENV: [(&str, &str); 2] = [
         ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
-        ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1"),
+        ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
     ];
 
     #[tokio::test]

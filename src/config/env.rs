@@ -11,7 +11,8 @@ impl KubernetesSettings {
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = get("RUNNER_WARDEN_KUBERNETES") {
-            self.enabled = ClusterPolicy::gate(Some(&v));
+            // runner-warden's own switch: `true` in any case, or `1` (the platform's gate is stricter).
+            self.enabled = v.trim().eq_ignore_ascii_case("true") || v.trim() == "1";
         }
         if let Some(v) = get("NODE_NAME") {
             self.node_name = v;

@@ -18,12 +18,16 @@ pub struct ClusterPolicy {
 }
 
 impl ClusterPolicy {
-    /// `true`/`1` (any case) turn the gate on, as upstream reads it.
+    /// Exactly `true` or `1` turn the gate on, as the platform reads it (ambient-code/platform PR #1584,
+    /// `components/ambient-control-plane/internal/config/config.go` and the operator's `config.go`:
+    /// `os.Getenv("CUSTOM_RUNNER_IMAGE_ENABLED") == "true" || … == "1"`): case-sensitive, untrimmed, so
+    /// `TRUE` or ` true` leave it off there, and here.
     pub fn gate(value: Option<&str>) -> bool {
-        value.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        matches!(value, Some("true" | "1"))
     }
 
-    /// Comma-separated hostnames, trimmed and lower-cased.
+    /// Upstream's `imageref.ParseAllowlist`: split at commas, each entry trimmed, empty ones dropped (kept
+    /// lower-cased here; the comparison ignores case anyway).
     pub fn allowlist(value: Option<&str>) -> Vec<String> {
         value
             .unwrap_or("")
@@ -33,15 +37,54 @@ impl ClusterPolicy {
             .collect()
     }
 
-    /// The host (without port) is what upstream compares; an entry with a port must match host and port.
-    fn allows(&self, image: &ImageRef) -> bool {
-        let host = image.registry_hostname();
+    /// Upstream's `imageref.ValidateRegistryAllowlist`: an empty list allows everything; otherwise the
+    /// registry upstream's parser finds in the reference as written — host *and* port — must equal an
+    /// entry, ignoring case. What is then pulled is containerd's reading of the reference (`ImageRef`); where
+    /// the two readings differ (`localhost/x`, `a/b/c`: upstream's registry `docker.io` and `a`, containerd's
+    /// `localhost` and `docker.io`), the platform's decision stands (docs/conformance.md).
+    fn allows(&self, reference: &str) -> bool {
         self.allowed_registries.is_empty()
-            || self
-                .allowed_registries
-                .iter()
-                .any(|h| *h == host || h.eq_ignore_ascii_case(image.registry()))
+            || upstream_registry(reference).is_some_and(|(registry, _, _)| {
+                self.allowed_registries
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(&registry))
+            })
     }
+}
+
+/// Upstream's `imageref.ParseImageReference` (ambient-code/platform PR #1584,
+/// `components/operator/internal/imageref/imageref.go`, the same in the control plane): `(registry,
+/// repository, tag or @digest)`, `None` where it returns an error (empty, or no repository). Its own rules,
+/// not Docker's: only `@sha256:` is a digest; a one-part name is `docker.io/library/…`; with two parts the
+/// first is the registry only when it holds a `.` or a `:`; with three or more the first always is.
+pub fn upstream_registry(reference: &str) -> Option<(String, String, String)> {
+    let mut r = reference.trim();
+    if r.is_empty() {
+        return None;
+    }
+    let mut tag_or_digest = "";
+    if let Some(i) = r.find("@sha256:") {
+        tag_or_digest = &r[i..];
+        r = &r[..i];
+    } else if let Some(i) = r.rfind(':') {
+        if !r[i + 1..].contains('/') {
+            tag_or_digest = &r[i + 1..];
+            r = &r[..i];
+        }
+    }
+    let parts: Vec<&str> = r.split('/').collect();
+    let (registry, repository) = match parts.as_slice() {
+        [one] => ("docker.io".to_string(), format!("library/{one}")),
+        [first, _] if !first.contains('.') && !first.contains(':') => {
+            ("docker.io".to_string(), r.to_string())
+        }
+        [first, rest @ ..] => (first.to_string(), rest.join("/")),
+        [] => return None,
+    };
+    if repository.is_empty() {
+        return None;
+    }
+    Some((registry, repository, tag_or_digest.to_string()))
 }
 
 /// One project's ProjectSettings, reduced to what is read.
@@ -131,12 +174,14 @@ pub fn plan(
                     continue;
                 }
             };
-            if !policy.allows(&image) {
+            if !policy.allows(raw) {
                 problems.push((
                     p.namespace.clone(),
                     Problem::RegistryNotAllowed {
                         image: image.as_str().to_string(),
-                        registry: image.registry().to_string(),
+                        registry: upstream_registry(raw)
+                            .map(|(r, _, _)| r)
+                            .unwrap_or_else(|| image.registry().to_string()),
                     },
                 ));
                 continue;
@@ -195,8 +240,16 @@ mod tests {
         );
         assert!(w[0].projects.is_empty());
         assert!(p.is_empty());
-        assert!(ClusterPolicy::gate(Some("TRUE")) && ClusterPolicy::gate(Some("1")));
-        assert!(!ClusterPolicy::gate(Some("yes")) && !ClusterPolicy::gate(None));
+        assert!(ClusterPolicy::gate(Some("true")) && ClusterPolicy::gate(Some("1")));
+        for off in [
+            "TRUE", "True", " true", "true ", "yes", "on", "0", "false", "",
+        ] {
+            assert!(
+                !ClusterPolicy::gate(Some(off)),
+                "{off:?}: upstream compares exactly"
+            );
+        }
+        assert!(!ClusterPolicy::gate(None));
     }
 
     #[test]
@@ -225,6 +278,154 @@ mod tests {
         assert!(w
             .iter()
             .any(|w| w.image.as_str() == "docker.io/library/busybox:1"));
+    }
+
+    /// Upstream's `TestParseImageReference` (PR #1584, `internal/imageref/imageref_test.go`), row by row:
+    /// (name, ref, registry, repository, tag or digest, error).
+    #[test]
+    fn upstream_parse_image_reference_table() {
+        let table: &[(&str, &str, &str, &str, &str, bool)] = &[
+            ("empty", "", "", "", "", true),
+            ("simple", "nginx", "docker.io", "library/nginx", "", false),
+            (
+                "with tag",
+                "nginx:latest",
+                "docker.io",
+                "library/nginx",
+                "latest",
+                false,
+            ),
+            (
+                "docker hub user",
+                "myuser/myimage:v1",
+                "docker.io",
+                "myuser/myimage",
+                "v1",
+                false,
+            ),
+            (
+                "full registry",
+                "quay.io/ambient_code/runner:v2",
+                "quay.io",
+                "ambient_code/runner",
+                "v2",
+                false,
+            ),
+            (
+                "digest",
+                "quay.io/ambient_code/runner@sha256:abc123",
+                "quay.io",
+                "ambient_code/runner",
+                "@sha256:abc123",
+                false,
+            ),
+            (
+                "registry with port",
+                "localhost:5000/myimage:dev",
+                "localhost:5000",
+                "myimage",
+                "dev",
+                false,
+            ),
+            (
+                "deep path",
+                "registry.example.com/org/team/image:latest",
+                "registry.example.com",
+                "org/team/image",
+                "latest",
+                false,
+            ),
+            (
+                "no tag",
+                "quay.io/ambient_code/runner",
+                "quay.io",
+                "ambient_code/runner",
+                "",
+                false,
+            ),
+        ];
+        for (name, r, reg, repo, tag, err) in table {
+            let got = upstream_registry(r);
+            match err {
+                true => assert_eq!(got, None, "{name}"),
+                false => assert_eq!(
+                    got,
+                    Some((reg.to_string(), repo.to_string(), tag.to_string())),
+                    "{name}"
+                ),
+            }
+        }
+        // Where upstream's parser and Docker's (containerd's) disagree: the platform decides what is
+        // allowed, containerd what is pulled.
+        assert_eq!(
+            upstream_registry("localhost/img:dev").unwrap().0,
+            "docker.io"
+        );
+        assert_eq!(upstream_registry("a/b/c").unwrap().0, "a");
+        assert_eq!(upstream_registry("quay.io/").map(|r| r.0), None);
+    }
+
+    /// Upstream's `TestValidateRegistryAllowlist` and `TestParseAllowlist` (same file), and the port rule:
+    /// an entry without the port does not allow the registry with one.
+    #[test]
+    fn upstream_allowlist_tables_and_the_port() {
+        let table: &[(&str, &str, &[&str], bool)] = &[
+            ("empty allowlist allows all", "quay.io/img:v1", &[], true),
+            (
+                "allowed registry",
+                "quay.io/img:v1",
+                &["quay.io", "docker.io"],
+                true,
+            ),
+            (
+                "denied registry",
+                "evil.io/img:v1",
+                &["quay.io", "docker.io"],
+                false,
+            ),
+            ("case insensitive", "Quay.IO/img:v1", &["quay.io"], true),
+            ("docker hub implicit", "nginx:latest", &["docker.io"], true),
+            (
+                "docker hub implicit denied",
+                "nginx:latest",
+                &["quay.io"],
+                false,
+            ),
+            (
+                "host without the port",
+                "registry.internal:5000/x:1",
+                &["registry.internal"],
+                false,
+            ),
+            (
+                "host and port",
+                "registry.internal:5000/x:1",
+                &["registry.internal:5000"],
+                true,
+            ),
+            (
+                "a path is never a registry",
+                "quay.io/org/x:1",
+                &["quay.io/org"],
+                false,
+            ),
+        ];
+        for (name, r, list, allowed) in table {
+            let pol = ClusterPolicy {
+                allowed_registries: ClusterPolicy::allowlist(Some(&list.join(","))),
+                ..Default::default()
+            };
+            assert_eq!(pol.allows(r), *allowed, "{name}");
+        }
+        for (csv, n) in [
+            ("", 0),
+            ("quay.io", 1),
+            ("quay.io,docker.io", 2),
+            ("quay.io, docker.io , gcr.io ", 3),
+            (",,,", 0),
+        ] {
+            assert_eq!(ClusterPolicy::allowlist(Some(csv)).len(), n, "{csv:?}");
+        }
     }
 
     #[test]
