@@ -505,8 +505,6 @@ async fn the_agent_audits_each_new_digest_once_and_reports_findings_and_metrics(
 /// An OCI archive (`ctr images import`) of one tiny layer whose config carries `pad` bytes in a label:
 /// built here from raw tar and JSON, no registry involved.
 fn oci_archive_with_a_big_config(name: &str, pad: usize) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let sha = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b));
     let mut layer = tar::Builder::new(Vec::new());
     let body = b"1001\n";
     let mut h = tar::Header::new_gnu();
@@ -515,17 +513,30 @@ fn oci_archive_with_a_big_config(name: &str, pad: usize) -> Vec<u8> {
     h.set_cksum();
     layer.append_data(&mut h, "uid", &body[..]).unwrap();
     let layer = layer.into_inner().unwrap();
+    oci_archive(
+        name,
+        &[layer],
+        serde_json::json!({"User": "1001", "Labels": {"pad": "x".repeat(pad)}}),
+    )
+}
+
+/// An OCI archive of uncompressed tar `layers` (in order) with `config` as the image config's `config`.
+fn oci_archive(name: &str, layers: &[Vec<u8>], config: serde_json::Value) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b));
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"User": "1001", "Labels": {"pad": "x".repeat(pad)}},
-        "rootfs": {"type": "layers", "diff_ids": [sha(&layer)]},
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha(l)).collect::<Vec<_>>()},
     }))
     .unwrap();
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(&layer), "size": layer.len()}],
+        "layers": layers.iter().map(|l| serde_json::json!(
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(l), "size": l.len()}
+        )).collect::<Vec<_>>(),
     }))
     .unwrap();
     let index = serde_json::to_vec(&serde_json::json!({
@@ -548,10 +559,102 @@ fn oci_archive_with_a_big_config(name: &str, pad: usize) -> Vec<u8> {
     };
     put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     put("index.json", &index);
-    for blob in [&layer, &config, &manifest] {
+    for blob in layers.iter().chain([&config, &manifest]) {
         put(&format!("blobs/sha256/{}", &sha(blob)[7..]), blob);
     }
     out.into_inner().unwrap()
+}
+
+/// One raw tar entry of a hostile layer.
+enum Entry<'a> {
+    Dir(&'a str),
+    File(&'a str, u32, &'a [u8]),
+    Symlink(&'a str, &'a str),
+    HardLink(&'a str, &'a str),
+}
+
+/// A layer as raw tar, entries in the order given (no tool reorders or cleans them).
+fn raw_layer(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_cksum();
+                b.append_data(&mut h, p, &[][..]).unwrap();
+            }
+            Entry::File(p, mode, body) => {
+                h.set_mode(*mode);
+                h.set_size(body.len() as u64);
+                h.set_cksum();
+                b.append_data(&mut h, p, *body).unwrap();
+            }
+            Entry::Symlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, p, target).unwrap();
+            }
+            Entry::HardLink(p, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_size(0);
+                b.append_link(&mut h, p, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Imports `archive` into the bed's containerd as `image` (unpacked, as a pull would leave it).
+fn import(bed: &Bed, image: &str, archive: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.tar");
+    std::fs::write(&path, archive).unwrap();
+    let out = Command::new(&bed.ctr)
+        .arg("--address")
+        .arg(&bed.socket)
+        .args(["-n", "k8s.io", "images", "import", "--base-name"])
+        .arg(image.rsplit_once(':').unwrap().0)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr import {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The ground truth: the uid containerd runs the image's `USER` as (`ctr run`, `busybox id -u`).
+fn uid_containerd_runs(bed: &Bed, image: &str, id: &str) -> String {
+    let out = Command::new(&bed.ctr)
+        .arg("--address")
+        .arg(&bed.socket)
+        .args([
+            "-n",
+            "k8s.io",
+            "run",
+            "--rm",
+            image,
+            id,
+            "/bin/busybox",
+            "id",
+            "-u",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr run {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// containerd takes a config of any size; the audit reads at most 4 MiB of JSON. Such an image is not
@@ -608,4 +711,82 @@ async fn an_image_whose_config_is_over_the_audit_bound_is_reported_not_audited()
     let text = f["message"].as_str().unwrap();
     assert!(text.contains("its config cannot be read"), "{f}");
     assert_eq!(f["regarding"]["namespace"], "team-x", "{f}");
+}
+
+/// Issue 24 items 2b, 2c and 4: images whose `/etc/passwd` containerd finds through a symlinked parent,
+/// a symlinked `/etc` or a hard link, each of which containerd runs as uid 0 while a reader of the tar
+/// paths as written (the blob path before) found uid 1001. Built from raw tar layers; the ground truth is
+/// `ctr run … id -u` beside each; both of the audit's paths must report `non-root-user` as a violation.
+#[tokio::test]
+async fn hostile_layers_are_judged_as_containerd_runs_them() {
+    let _g = serial().await;
+    let bed = Bed::get();
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/testbed-install)");
+    let base = raw_layer(&[
+        Entry::Dir("bin/"),
+        Entry::File("bin/busybox", 0o755, &busybox),
+        Entry::Dir("etc/"),
+        Entry::File("etc/passwd", 0o644, b"runner:x:1001:0::/:/bin/sh\n"),
+        Entry::Dir("srv/"),
+        Entry::File("srv/passwd", 0o644, b"runner:x:0:0::/:/bin/sh\n"),
+        Entry::Dir("opt/"),
+        Entry::Dir("opt/etc/"),
+        Entry::File("opt/etc/passwd", 0o644, b"runner:x:0:0::/:/bin/sh\n"),
+    ]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // Item 4: `e -> etc`, then `e/passwd` written through it, over /etc/passwd.
+        (
+            "symlinked-parent",
+            raw_layer(&[
+                Entry::Symlink("e", "etc"),
+                Entry::File("e/passwd", 0o644, b"runner:x:0:0::/:/bin/sh\n"),
+            ]),
+        ),
+        // Item 2b: /etc becomes a symlink to /opt/etc.
+        (
+            "symlinked-etc",
+            raw_layer(&[Entry::Symlink("etc", "/opt/etc")]),
+        ),
+        // Item 2c: /etc/passwd becomes a hard link to /srv/passwd.
+        (
+            "hardlinked-passwd",
+            raw_layer(&[Entry::HardLink("etc/passwd", "srv/passwd")]),
+        ),
+    ];
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for (name, top) in cases {
+        let image = bed.image(&format!("hostile/{name}-{nanos}:v1"));
+        import(
+            &bed,
+            &image,
+            &oci_archive(
+                &image,
+                &[base.clone(), top],
+                serde_json::json!({"User": "runner"}),
+            ),
+        );
+        assert_eq!(
+            uid_containerd_runs(&bed, &image, &format!("rw-hostile-{name}-{nanos}")),
+            "0",
+            "{name}: containerd runs it as root"
+        );
+        let paths: &[&str] = match bed.discard_unpacked_layers {
+            true => &["snapshot"],
+            false => &["snapshot", "blobs"],
+        };
+        for path in paths {
+            let (code, out, err) =
+                check_image(&bed, &image, &["--output", "json", "--read-from", path]);
+            assert_eq!(code, 1, "{name} from {path}: {err}{out}");
+            assert!(
+                failures(&out).contains(&("non-root-user".to_string(), "violation".to_string())),
+                "{name} from {path}: {out}"
+            );
+        }
+        bed.remove_repo(&image.rsplit_once(':').unwrap().0.to_string())
+            .await;
+    }
 }

@@ -51,7 +51,7 @@ impl Cache {
     /// The cached answer covering `image`, if one has not expired.
     pub fn get(&mut self, image: &str, now: Instant) -> Option<Arc<Logins>> {
         if now.saturating_duration_since(self.last_purge) >= PURGE_EVERY {
-            self.entries.retain(|_, (_, until)| *until > now);
+            self.entries.retain(|_, (_, until)| *until >= now);
             self.last_purge = now;
         }
         for key in [
@@ -60,7 +60,8 @@ impl Cache {
             Key::Global,
         ] {
             match self.entries.get(&key) {
-                Some((logins, until)) if *until > now => return Some(logins.clone()),
+                // Expired only once past its end (client-go's ExpirationStore: now.After(expiresAt)).
+                Some((logins, until)) if *until >= now => return Some(logins.clone()),
                 Some(_) => {
                     self.entries.remove(&key);
                 }
@@ -108,14 +109,15 @@ mod tests {
     fn an_answer_covers_what_its_key_type_says_until_it_expires() {
         let t0 = Instant::now();
         let mut c = Cache::new(t0);
-        let h = Duration::from_secs(3600);
-        c.put("r.io/a", KeyType::Image, logins("image"), h, t0);
+        // Minutes, so no sweep (every 15 minutes) hides what a lookup does with an expired entry.
+        let m = Duration::from_secs(60);
+        c.put("r.io/a", KeyType::Image, logins("image"), m, t0);
         assert_eq!(c.get("r.io/a", t0).unwrap().tag(), "image");
         assert!(
             c.get("r.io/b", t0).is_none(),
             "an Image answer covers that image only"
         );
-        c.put("r.io/a", KeyType::Registry, logins("registry"), 2 * h, t0);
+        c.put("r.io/a", KeyType::Registry, logins("registry"), 2 * m, t0);
         assert_eq!(
             c.get("r.io/a", t0).unwrap().tag(),
             "image",
@@ -126,13 +128,14 @@ mod tests {
             c.get("r.io:5000/b", t0).is_none(),
             "another port is another registry"
         );
-        c.put("q.io/x", KeyType::Global, logins("global"), 3 * h, t0);
+        c.put("q.io/x", KeyType::Global, logins("global"), 3 * m, t0);
         assert_eq!(c.get("elsewhere.io/x", t0).unwrap().tag(), "global");
-        // The image's entry expires first, then the registry's, then the global one.
-        let later = t0 + h + Duration::from_secs(1);
+        // Still good at its very end (expired only once past it), then the next key's answer.
+        assert_eq!(c.get("r.io/a", t0 + m).unwrap().tag(), "image");
+        let later = t0 + m + Duration::from_millis(1);
         assert_eq!(c.get("r.io/a", later).unwrap().tag(), "registry");
-        assert_eq!(c.get("r.io/a", t0 + 2 * h).unwrap().tag(), "global");
-        assert!(c.get("r.io/a", t0 + 3 * h).is_none());
+        assert_eq!(c.get("r.io/a", later + m).unwrap().tag(), "global");
+        assert!(c.get("r.io/a", later + 2 * m).is_none());
         assert_eq!(c.len(), 0, "expired entries met by a lookup are dropped");
     }
 
@@ -167,8 +170,10 @@ mod tests {
         );
         assert!(c.get("other.io/a", t0 + Duration::from_secs(120)).is_none());
         assert_eq!(c.len(), 101, "no sweep before 15 minutes");
+        // One more expiring exactly at the sweep: kept (not yet past its end).
+        c.put("edge.io/a", KeyType::Image, logins("edge"), PURGE_EVERY, t0);
         assert!(c.get("other.io/a", t0 + PURGE_EVERY).is_none());
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.len(), 2);
         assert_eq!(c.get("keep.io/a", t0 + PURGE_EVERY).unwrap().tag(), "keep");
     }
 

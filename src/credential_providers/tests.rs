@@ -152,6 +152,12 @@ async fn image_answers_are_per_image_and_a_zero_duration_is_never_kept() {
         p.lookup("q.io/a").await;
     }
     assert_eq!(calls(dir.path(), "img"), ["r.io/a", "r.io/b"]);
+    assert!(
+        p.providers
+            .iter()
+            .all(|p| p.flights.lock().unwrap().is_empty()),
+        "a lookup alone leaves no flight behind"
+    );
     assert_eq!(
         calls(dir.path(), "zero").len(),
         2,

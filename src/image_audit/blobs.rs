@@ -9,7 +9,7 @@ use tokio_util::io::SyncIoBridge;
 
 use super::bounds::{Bounded, IdlePriority, LayerBounds};
 use super::inspect::InspectError;
-use super::layers::{classify, clean, Change, FsBuilder, PASSWD_MAX};
+use super::layers::{Change, FsBuilder, PASSWD_MAX};
 use crate::contract::{Kind, PathMeta};
 use crate::runtime::Runtime;
 
@@ -144,19 +144,32 @@ pub fn walk_layer_bounded<R: Read>(
             gid: header.gid()?,
         };
         let path = entry.path()?.to_string_lossy().into_owned();
-        let change = classify(&path);
+        // Where containerd's applier puts it: the parent resolved through the symlinks so far.
+        let change = fs.classify_resolved(&path).map_err(std::io::Error::other)?;
         if header.entry_type() == tar::EntryType::Link {
             if let (Change::Add(p), Some(target)) = (&change, entry.link_name()?) {
-                fs.link(p.clone(), &clean(&target.to_string_lossy()), meta);
+                let target = fs
+                    .link_target(&target.to_string_lossy())
+                    .map_err(std::io::Error::other)?;
+                fs.link(p.clone(), &target, meta);
                 continue;
             }
         }
-        let wants = matches!(&change, Change::Add(p) if FsBuilder::wants_content(p, kind));
+        if kind == Kind::Symlink {
+            if let (Change::Add(p), Some(target)) = (&change, entry.link_name()?) {
+                fs.symlink(p.clone(), &target.to_string_lossy(), meta);
+                continue;
+            }
+        }
+        let wants = match &change {
+            Change::Add(p) if FsBuilder::wants_content(p, kind) => Some(p.clone()),
+            _ => None,
+        };
         fs.apply(change, meta);
-        if wants {
+        if let Some(p) = wants {
             let mut text = Vec::new();
             (&mut entry).take(PASSWD_MAX).read_to_end(&mut text)?;
-            fs.set_passwd(text);
+            fs.set_passwd(p, text);
         }
     }
     Ok(fs)

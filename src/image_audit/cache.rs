@@ -17,7 +17,9 @@ use crate::contract::ImageFacts;
 
 /// Layout version of the files: another one is ignored (and overwritten).
 /// 2: passwd kept as bytes (issue 24). 3: passwd read up to 10 MiB, and a replaced one never kept.
-const FORMAT: u32 = 3;
+/// 4: the blob path resolves parents through symlinks, `/etc/passwd` is found through symlinks and hard
+/// links, and a non-directory replaces everything below its path.
+const FORMAT: u32 = 4;
 /// Entries not used for this long are removed at start.
 const KEEP_UNUSED: Duration = Duration::from_secs(30 * 24 * 3600);
 

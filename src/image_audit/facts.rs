@@ -177,7 +177,10 @@ pub async fn read_facts_from(
             }
         }
     };
-    fs.finish(&mut facts);
+    fs.finish(&mut facts).map_err(|what| InspectError::Format {
+        image: name.to_string(),
+        what,
+    })?;
 
     let summary = ImageSummary {
         image: name.to_string(),

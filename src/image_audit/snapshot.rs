@@ -169,6 +169,11 @@ pub fn walk_dir_layer(
             fs.apply(Change::Whiteout(path), meta);
             continue;
         }
+        if kind == Kind::Symlink {
+            let target = std::fs::read_link(entry.path())?;
+            fs.symlink(path, &target.to_string_lossy(), meta);
+            continue;
+        }
         fs.apply(Change::Add(path.clone()), meta);
         if kind == Kind::Dir && opaque(entry.path()) {
             fs.apply(Change::Opaque(path.clone()), meta);
@@ -184,7 +189,7 @@ pub fn walk_dir_layer(
             std::fs::File::open(entry.path())?
                 .take(PASSWD_MAX)
                 .read_to_end(&mut text)?;
-            fs.set_passwd(text);
+            fs.set_passwd(path, text);
         }
     }
     for group in linked.values() {
@@ -456,7 +461,7 @@ mod tests {
             fs = walk_dir_layer(dir, fs, &LayerBounds::default()).unwrap();
         }
         let mut facts = ImageFacts::default();
-        fs.finish(&mut facts);
+        fs.finish(&mut facts).unwrap();
         facts
     }
 
