@@ -750,7 +750,12 @@ async fn hostile_layers_are_judged_as_containerd_runs_them() {
         // Item 2c: /etc/passwd becomes a hard link to /srv/passwd.
         (
             "hardlinked-passwd",
-            raw_layer(&[Entry::HardLink("etc/passwd", "srv/passwd")]),
+            // (Its target in the same layer: containerd's overlay applier links within a layer only.)
+            raw_layer(&[
+                Entry::Dir("srv/"),
+                Entry::File("srv/passwd", 0o644, b"runner:x:0:0::/:/bin/sh\n"),
+                Entry::HardLink("etc/passwd", "srv/passwd"),
+            ]),
         ),
     ];
     let nanos = std::time::SystemTime::now()
@@ -786,7 +791,6 @@ async fn hostile_layers_are_judged_as_containerd_runs_them() {
                 "{name} from {path}: {out}"
             );
         }
-        bed.remove_repo(&image.rsplit_once(':').unwrap().0.to_string())
-            .await;
+        bed.remove_repo(image.rsplit_once(':').unwrap().0).await;
     }
 }
