@@ -667,21 +667,11 @@ async fn an_image_whose_config_is_over_the_audit_bound_is_reported_not_audited()
     let bed = Bed::get();
     let image = bed.image("hostile/big-config:v1");
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("big-config.tar");
-    std::fs::write(&archive, oci_archive_with_a_big_config(&image, 4_500_000)).unwrap();
     // The ground truth: containerd imports (and unpacks) it, and CRI lists it.
-    let out = Command::new(&bed.ctr)
-        .arg("--address")
-        .arg(&bed.socket)
-        .args(["-n", "k8s.io", "images", "import", "--base-name"])
-        .arg(image.rsplit_once(':').unwrap().0)
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr import: {}",
-        String::from_utf8_lossy(&out.stderr)
+    import(
+        &bed,
+        &image,
+        &oci_archive_with_a_big_config(&image, 4_500_000),
     );
     let listed = Command::new(&bed.ctr)
         .arg("--address")
