@@ -13,7 +13,7 @@ use super::worker::Note;
 use super::{DesiredImage, Prewarmer};
 use crate::credentials::{read_secret, Credential, Keyring};
 use crate::model::{Failure, FailureClass, ImageState};
-use crate::outcome::prewarm::PrewarmEvent;
+use crate::outcome::prewarm::{PrewarmEvent, ProviderResult};
 use crate::reference::ImageRef;
 use crate::runtime::cri::Image;
 use crate::runtime::errors::{classify_pull, redact};
@@ -200,14 +200,19 @@ impl<S: ImageStore> Prewarmer<S> {
             Some(p) => p.lookup(&image.name()).await,
             None => Default::default(),
         };
-        for (provider, call) in &provided.calls {
+        let results: Vec<(String, ProviderResult)> = provided
+            .calls
+            .iter()
+            .map(|(provider, call)| (provider.clone(), call.into()))
+            .collect();
+        let providers_note = providers_note(&results, provided.logins.len());
+        for (provider, result) in results {
             self.emit(PrewarmEvent::CredentialProvider {
                 image: image.clone(),
-                provider: provider.clone(),
-                result: call.into(),
+                provider,
+                result,
             });
         }
-        let providers_note = providers_note(&provided);
         // Bytes are about to move for an image this node does not have: take a cluster-wide pull slot
         // (a re-check of a present tag takes none). Held until this attempt returns, success or failure.
         let _fleet_slot = match absent && self.fleet_slots.max() > 0 {
@@ -419,24 +424,21 @@ impl<S: ImageStore> Prewarmer<S> {
 
 /// What the credential providers did for an image, for a refused pull's message: `None` when none
 /// matched it. Names and counts only, never a login.
-fn providers_note(l: &crate::credential_providers::Lookup) -> Option<String> {
-    use crate::credential_providers::ProviderCall;
-    if l.calls.is_empty() {
+fn providers_note(results: &[(String, ProviderResult)], logins: usize) -> Option<String> {
+    if results.is_empty() {
         return None;
     }
-    let each: Vec<String> = l
-        .calls
+    let each: Vec<String> = results
         .iter()
-        .map(|(name, call)| match call {
-            ProviderCall::Cached => format!("{name} (from its cache)"),
-            ProviderCall::Answered => format!("{name} (answered)"),
-            ProviderCall::Failed(e) => format!("{name} (failed: {e})"),
+        .map(|(name, r)| match r {
+            ProviderResult::Cached => format!("{name} (from its cache)"),
+            ProviderResult::Answered => format!("{name} (answered)"),
+            ProviderResult::Failed { problem, .. } => format!("{name} (failed: {problem})"),
         })
         .collect();
     Some(format!(
-        "; credential provider(s) {} gave {} login(s) matching it",
-        each.join(", "),
-        l.logins.len()
+        "; credential provider(s) {} gave {logins} login(s) matching it",
+        each.join(", ")
     ))
 }
 
