@@ -60,7 +60,11 @@ mod on_a_cluster {
 
     const ENV: [(&str, &str); 2] = [
         ("CUSTOM_RUNNER_IMAGE_ENABLED", "true"),
-        ("RUNNER_IMAGE_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
+        // The platform compares host and port: the bed registry and the test proxies in front of it.
+        (
+            "RUNNER_IMAGE_ALLOWED_REGISTRIES",
+            "127.0.0.1:5000,127.0.0.1:5001,127.0.0.1:5002,127.0.0.1:5003,127.0.0.1:5004",
+        ),
     ];
 
     #[tokio::test]
