@@ -73,7 +73,11 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
             );
             println!(
                 "read from {}",
-                messages::read_from(summary.read_from, summary.snapshotter.as_deref())
+                messages::read_from(
+                    summary.read_from,
+                    summary.snapshotter.as_deref(),
+                    summary.snapshot_unreadable.as_deref()
+                )
             );
             println!();
             println!("{:<20} {:<10} DETAIL", "CHECK", "RESULT");

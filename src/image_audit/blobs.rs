@@ -10,6 +10,7 @@ use tokio_util::io::SyncIoBridge;
 use super::bounds::{Bounded, IdlePriority, LayerBounds};
 use super::inspect::InspectError;
 use super::layers::{Change, FsBuilder, PASSWD_MAX};
+use super::snapshot::NOT_FOLLOWED;
 use crate::contract::{Kind, PathMeta};
 use crate::runtime::Runtime;
 
@@ -129,7 +130,8 @@ pub fn walk_layer_bounded<R: Read>(
         }
         let mut entry = entry?;
         let header = entry.header();
-        let kind = match header.entry_type() {
+        let entry_type = header.entry_type();
+        let kind = match entry_type {
             tar::EntryType::Directory => Kind::Dir,
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Link => {
                 Kind::File
@@ -146,7 +148,10 @@ pub fn walk_layer_bounded<R: Read>(
         let path = entry.path()?.to_string_lossy().into_owned();
         // Where containerd's applier puts it: the parent resolved through the symlinks so far.
         let change = fs.classify_resolved(&path).map_err(std::io::Error::other)?;
-        if header.entry_type() == tar::EntryType::Link {
+        if let Change::Add(p) = &change {
+            overlay_records(&mut entry, p)?;
+        }
+        if entry_type == tar::EntryType::Link {
             if let (Change::Add(p), Some(target)) = (&change, entry.link_name()?) {
                 let target = fs
                     .link_target(&target.to_string_lossy())
@@ -173,6 +178,35 @@ pub fn walk_layer_bounded<R: Read>(
         }
     }
     Ok(fs)
+}
+
+/// Whether the entry's overlayfs xattrs (PAX `SCHILY.xattr.*` records, which containerd's applier writes
+/// as real xattrs) leave it judgeable. containerd never writes a `trusted.*` record (`setxattr` in its
+/// archive package: "admin attributes from archive not supported"), so a layer cannot make itself opaque
+/// or redirected for a rootful node's kernel; `user.overlay.*` counts only on an overlay mounted with
+/// `userxattr` (rootless), which the blob path cannot rule out: it reads `user.overlay.opaque` as a
+/// rootful node does (hides nothing: the stricter reading), and an attribute the audit does not follow
+/// (`snapshot::NOT_FOLLOWED`) is an error. The snapshot path reads the node's own mount options.
+fn overlay_records<R: Read>(entry: &mut tar::Entry<'_, R>, path: &str) -> std::io::Result<()> {
+    let Some(records) = entry.pax_extensions()? else {
+        return Ok(());
+    };
+    for r in records {
+        let r = r?;
+        let Some(name) = r.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
+            continue;
+        };
+        if let Some(attr) = name.strip_prefix("user.overlay.") {
+            if NOT_FOLLOWED.contains(&attr) {
+                return Err(std::io::Error::other(format!(
+                    "{path} carries the overlayfs attribute {name}, which makes the kernel show other \
+                     content than the layer's own on a rootless node; the audit does not follow it, so \
+                     the image is not audited"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -277,5 +311,100 @@ mod bounds_tests {
         let e =
             walk_layer_bounded(&frame(27)[..], Compression::Zstd, FsBuilder::new(), b).unwrap_err();
         assert!(e.to_string().contains("window over 32 MiB"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod overlay_record_tests {
+    use super::*;
+    use crate::contract::ImageFacts;
+
+    fn layer(setuid: bool, dir_records: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        // A PAX header applies to the entry after it.
+        if !dir_records.is_empty() {
+            b.append_pax_extensions(dir_records.iter().map(|(k, v)| (*k, *v)))
+                .unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_data(&mut h, "usr/", &[][..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_data(&mut h, "usr/bin/", &[][..]).unwrap();
+        if setuid {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mode(0o4755);
+            h.set_size(0);
+            h.set_cksum();
+            b.append_data(&mut h, "usr/bin/su", &[][..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn setuid_files(top: &[u8]) -> std::io::Result<Vec<String>> {
+        let mut fs = FsBuilder::new();
+        fs.begin_layer(0);
+        fs = walk_layer(&layer(true, &[])[..], Compression::None, fs)?;
+        fs.begin_layer(1);
+        fs = walk_layer(top, Compression::None, fs)?;
+        let mut facts = ImageFacts::default();
+        fs.finish(&mut facts).unwrap();
+        Ok(facts.setuid_files.into_iter().collect())
+    }
+
+    /// Issue 24 item 1 on the blob path: containerd drops `trusted.*` records (so
+    /// `trusted.overlay.opaque=y` hides nothing: the bed's containerd logs "ignored xattr"), a rootful
+    /// kernel ignores `user.overlay.opaque`; a `user.overlay` redirect or metacopy is not judged.
+    #[test]
+    fn overlay_xattr_records_are_read_as_containerd_and_the_kernel_read_them() {
+        let plain = setuid_files(&layer(false, &[])).unwrap();
+        assert_eq!(plain, ["/usr/bin/su"]);
+        for key in [
+            "SCHILY.xattr.trusted.overlay.opaque",
+            "SCHILY.xattr.user.overlay.opaque",
+            "SCHILY.xattr.trusted.overlay.redirect",
+        ] {
+            let l = layer(false, &[(key, b"y")]);
+            assert_eq!(
+                setuid_files(&l).unwrap(),
+                ["/usr/bin/su"],
+                "{key}: nothing hidden"
+            );
+        }
+        for key in [
+            "SCHILY.xattr.user.overlay.redirect",
+            "SCHILY.xattr.user.overlay.metacopy",
+        ] {
+            let e = setuid_files(&layer(false, &[(key, b"/srv")]))
+                .unwrap_err()
+                .to_string();
+            let attr = key.strip_prefix("SCHILY.xattr.").unwrap();
+            assert!(
+                e.contains(&format!("/usr carries the overlayfs attribute {attr}")),
+                "{e}"
+            );
+        }
+        // Other records (a security label, a plain user xattr) change nothing.
+        let harmless = layer(
+            false,
+            &[
+                ("SCHILY.xattr.security.selinux", b"x"),
+                ("SCHILY.xattr.user.note", b"y"),
+            ],
+        );
+        assert_eq!(setuid_files(&harmless).unwrap(), ["/usr/bin/su"]);
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! A marker file is written while an image is audited and removed when it ends (or is cancelled): one
 //! found at start means the agent died during that audit (an OOM kill, typically), and that image is not
-//! audited again automatically — the crash loop an image could otherwise cause on every node.
+//! audited again for `MARKER_KEEP` — the crash loop an image could otherwise cause on every node. Not for
+//! good: the agent may have died of something else (another tenant's image, a node's memory pressure),
+//! and one tenant's image must not leave another's unaudited on that node forever.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -20,6 +22,10 @@ use crate::contract::ImageFacts;
 /// 4: the blob path resolves parents through symlinks, `/etc/passwd` is found through symlinks and hard
 /// links, and a non-directory replaces everything below its path.
 const FORMAT: u32 = 4;
+/// How long content whose audit an agent died in is not audited again: at most one such restart per
+/// image per node in this time, instead of a crash loop; short enough that an innocent image (the
+/// agent died of another cause) is judged the same working day.
+pub const MARKER_KEEP: Duration = Duration::from_secs(6 * 3600);
 /// Entries not used for this long are removed at start.
 const KEEP_UNUSED: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -40,7 +46,8 @@ pub struct CacheError {
 /// The cache directory; markers of audits a dead agent left are read when it opens.
 pub struct DiskCache {
     dir: PathBuf,
-    interrupted: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Markers found at start: file stem → when that audit began.
+    interrupted: std::sync::Mutex<std::collections::BTreeMap<String, SystemTime>>,
 }
 
 /// File name for an image id: `sha256:ab…` → `sha256-ab…` (ids are digests; anything else is refused).
@@ -64,12 +71,13 @@ impl DiskCache {
         std::fs::create_dir_all(dir).map_err(err)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        let mut interrupted = std::collections::BTreeSet::new();
+        let mut interrupted = std::collections::BTreeMap::new();
         let now = SystemTime::now();
         for e in std::fs::read_dir(dir).map_err(err)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".auditing") {
-                interrupted.insert(id.to_string());
+                let began = e.metadata().and_then(|m| m.modified()).unwrap_or(now);
+                interrupted.insert(id.to_string(), began);
             } else if name.ends_with(".json") {
                 let unused = e
                     .metadata()
@@ -135,15 +143,28 @@ impl DiskCache {
         }
     }
 
-    /// Whether an earlier agent died while auditing `id` (its marker was there at start).
-    pub fn interrupted(&self, id: &str) -> bool {
-        stem(id).is_some_and(|s| self.interrupted.lock().expect("markers").contains(&s))
+    /// Until when `id` is not audited because an earlier agent died while auditing it (its marker was
+    /// there at start and is younger than `MARKER_KEEP`, counted from when that audit began); `None`
+    /// once it expired, and then the marker is gone.
+    pub fn interrupted(&self, id: &str) -> Option<SystemTime> {
+        let s = stem(id)?;
+        let mut markers = self.interrupted.lock().expect("markers");
+        let until = *markers.get(&s)? + MARKER_KEEP;
+        if SystemTime::now() < until {
+            return Some(until);
+        }
+        markers.remove(&s);
+        if let Some(p) = self.path(id, "auditing") {
+            let _ = std::fs::remove_file(p);
+        }
+        None
     }
 
-    /// The marker file of `id` (what an operator deletes to have it audited again).
+    /// The marker file's name (what an operator deletes from `audit.cache_dir` to have `id` audited
+    /// again at once; a name, not the node's path, so Event notes carry no host path).
     pub fn marker(&self, id: &str) -> String {
-        self.path(id, "auditing")
-            .map(|p| p.display().to_string())
+        stem(id)
+            .map(|s| format!("{s}.auditing"))
             .unwrap_or_default()
     }
 
@@ -183,6 +204,7 @@ mod tests {
             layers: 2,
             read_from: super::super::inspect::FsSource::Snapshot,
             snapshotter: Some("overlayfs".into()),
+            snapshot_unreadable: None,
         }
     }
 
@@ -212,10 +234,34 @@ mod tests {
         let dead = cache.begin(ID);
         std::mem::forget(dead); // the process died: nothing removed the marker
         let again = DiskCache::open(dir.path()).unwrap();
-        assert!(again.interrupted(ID));
-        assert!(!again.interrupted("sha256:aa"));
-        std::fs::remove_file(again.marker(ID)).unwrap();
-        assert!(!DiskCache::open(dir.path()).unwrap().interrupted(ID));
+        let until = again.interrupted(ID).expect("interrupted");
+        let left = until.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left > MARKER_KEEP - Duration::from_secs(60) && left <= MARKER_KEEP,
+            "{left:?}"
+        );
+        assert_eq!(again.interrupted("sha256:aa"), None);
+        assert_eq!(again.marker(ID), "sha256-0123abcd.auditing");
+        std::fs::remove_file(dir.path().join(again.marker(ID))).unwrap();
+        assert_eq!(DiskCache::open(dir.path()).unwrap().interrupted(ID), None);
+    }
+
+    /// Issue 24 item 7: a marker expires, so an image audited when the agent died of something else is
+    /// audited again within `MARKER_KEEP`; the expired marker is removed.
+    #[test]
+    fn a_marker_older_than_its_keep_no_longer_stops_the_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::forget(DiskCache::open(dir.path()).unwrap().begin(ID));
+        let marker = dir.path().join("sha256-0123abcd.auditing");
+        std::fs::File::options()
+            .append(true)
+            .open(&marker)
+            .unwrap()
+            .set_modified(SystemTime::now() - MARKER_KEEP - Duration::from_secs(1))
+            .unwrap();
+        let cache = DiskCache::open(dir.path()).unwrap();
+        assert_eq!(cache.interrupted(ID), None);
+        assert!(!marker.exists(), "the expired marker is removed");
     }
 
     #[test]

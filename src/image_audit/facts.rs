@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use containerd_client::services::v1::GetImageRequest;
 use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
-use tracing::debug;
+use tracing::warn;
 
 use super::blobs::from_blobs;
 use super::bounds::AUDIT_TIME_CAP;
@@ -154,6 +154,7 @@ pub async fn read_facts_from(
         FsChoice::Blobs => Ok(None),
         _ => from_snapshot(runtime, name, &config_digest, &diff_ids, deadline).await,
     };
+    let mut snapshot_unreadable = None;
     let (fs, read_from, snapshotter) = match snapshot {
         Ok(Some((fs, snapshotter))) => (fs, FsSource::Snapshot, Some(snapshotter)),
         Ok(None) if choice == FsChoice::Snapshot => {
@@ -169,10 +170,14 @@ pub async fn read_facts_from(
             None,
         ),
         Err(snapshot_err) => {
-            // The blobs may still be there (discard off): use them, and say why if they are not.
-            debug!(image = name, error = %snapshot_err, "the unpacked snapshot could not be read; reading layer blobs");
+            // The blobs may still be there (discard off): use them, and say that they were read and why
+            // (the findings carry it); if they are not there, the snapshot's error is the one to tell.
+            warn!(image = name, error = %snapshot_err, "the unpacked snapshot could not be read; reading layer blobs");
             match from_blobs(runtime, name, &manifest, deadline).await {
-                Ok(fs) => (fs, FsSource::Blobs, None),
+                Ok(fs) => {
+                    snapshot_unreadable = Some(snapshot_err.detail());
+                    (fs, FsSource::Blobs, None)
+                }
                 Err(_) => return Err(snapshot_err),
             }
         }
@@ -190,6 +195,7 @@ pub async fn read_facts_from(
         layers: manifest.layers().len(),
         read_from,
         snapshotter,
+        snapshot_unreadable,
     };
     Ok((summary, facts))
 }

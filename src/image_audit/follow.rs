@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::inspect::InspectError;
 use super::{Auditor, FactsSource};
 use crate::outcome::audit::{AuditEvent, AuditResult, Audited, ImageAudit};
 use crate::outcome::Emit;
@@ -59,17 +60,33 @@ pub async fn follow<F: FactsSource>(
                 let (a, e) = (auditor.clone(), emit.clone());
                 let slots = slots.clone();
                 tasks.spawn(async move {
-                    let _slot = tokio::select! {
-                        s = slots.acquire_owned() => s.expect("never closed"),
-                        _ = token.cancelled() => return,
-                    };
-                    if let Some(result) = audit(&a, &desired, &image_id, &token).await {
+                    loop {
+                        let slot = tokio::select! {
+                            s = slots.clone().acquire_owned() => s.expect("never closed"),
+                            _ = token.cancelled() => return,
+                        };
+                        let Some((result, again_at)) = audit(&a, &desired, &image_id, &token).await
+                        else {
+                            return;
+                        };
+                        drop(slot);
                         e(AuditEvent::Result(ImageAudit {
                             image: desired.as_str().to_string(),
-                            image_id,
-                            projects,
+                            image_id: image_id.clone(),
+                            projects: projects.clone(),
                             result,
                         }));
+                        // Content whose audit an agent died in: audited again once its marker expires
+                        // (at least a minute on: a clock set back must not make this spin).
+                        let Some(at) = again_at else { return };
+                        let wait = at
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default()
+                            .max(Duration::from_secs(60));
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = token.cancelled() => return,
+                        }
                     }
                 });
             }
@@ -89,14 +106,14 @@ pub async fn follow<F: FactsSource>(
     while tasks.join_next().await.is_some() {}
 }
 
-/// The audit of `d`'s content, retried while the image cannot be read; `None` when cancelled while it
-/// waited to retry.
+/// The audit of `d`'s content, retried while the image cannot be read, with when to audit it again if
+/// an earlier agent died auditing it; `None` when cancelled while it waited to retry.
 async fn audit<F: FactsSource>(
     auditor: &Auditor<F>,
     image_ref: &ImageRef,
     image_id: &str,
     cancel: &CancellationToken,
-) -> Option<AuditResult> {
+) -> Option<(AuditResult, Option<std::time::SystemTime>)> {
     let image = image_ref.as_str();
     let mut result = auditor.audit(image, image_id).await;
     let mut attempts = 1;
@@ -111,11 +128,16 @@ async fn audit<F: FactsSource>(
         result = auditor.audit(image, image_id).await;
         attempts += 1;
     }
-    Some(match result {
+    let again_at = match &result {
+        Err(InspectError::Interrupted { until, .. }) => Some(*until),
+        _ => None,
+    };
+    let result = match result {
         Ok((audit, read)) => AuditResult::Audited(Audited {
             read,
             read_from: audit.summary.read_from,
             snapshotter: audit.summary.snapshotter.clone(),
+            snapshot_unreadable: audit.summary.snapshot_unreadable.clone(),
             checks: audit.results.clone(),
         }),
         Err(e) => AuditResult::NotAudited {
@@ -123,5 +145,6 @@ async fn audit<F: FactsSource>(
             error: e.to_string(),
             attempts,
         },
-    })
+    };
+    Some((result, again_at))
 }

@@ -13,8 +13,12 @@ pub enum InspectError {
     Runtime(#[from] RuntimeError),
     #[error("image {image}: {what}")]
     Format { image: String, what: String },
-    #[error("image {image}: not audited: the agent stopped while it audited this content before (killed, perhaps out of memory), so it is not audited again automatically on this node; raise the agent's memory limit, then delete {marker} on the node to audit it again")]
-    Interrupted { image: String, marker: String },
+    #[error("image {image}: not audited: the agent stopped while it audited this content before (killed, perhaps out of memory), so it is not audited again on this node before {} (raise the agent's memory limit; to audit it now, delete {marker} from the node's audit cache directory, audit.cache_dir)", humantime::format_rfc3339_seconds(*until))]
+    Interrupted {
+        image: String,
+        marker: String,
+        until: std::time::SystemTime,
+    },
     #[error("image {image}: layer {index} ({digest}): {what}")]
     Layer {
         image: String,
@@ -40,9 +44,27 @@ pub struct ImageSummary {
     /// were all overlayfs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshotter: Option<String>,
+    /// Why the unpacked snapshot could not be read, when the blobs were read instead (a finding says so:
+    /// the two can differ, and a snapshot that cannot be read is worth an operator's look).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_unreadable: Option<String>,
 }
 
 impl InspectError {
+    /// What went wrong, without the image's name (for a sentence that names it already).
+    pub fn detail(&self) -> String {
+        match self {
+            InspectError::Format { what, .. } => what.clone(),
+            InspectError::Layer {
+                index,
+                digest,
+                what,
+                ..
+            } => format!("layer {index} ({digest}): {what}"),
+            other => other.to_string(),
+        }
+    }
+
     /// Why the image was not audited, as its audit's result says.
     pub fn reason(&self) -> NotAuditedReason {
         match self {

@@ -91,10 +91,11 @@ impl<F: FactsSource> Auditor<F> {
         if let Some(found) = disk.load(image_id) {
             return Ok(found);
         }
-        if disk.interrupted(image_id) {
+        if let Some(until) = disk.interrupted(image_id) {
             return Err(InspectError::Interrupted {
                 image: image.to_string(),
                 marker: disk.marker(image_id),
+                until,
             });
         }
         let _marker = disk.begin(image_id);

@@ -4,9 +4,15 @@
 //!
 //! Each layer directory holds what that layer changed, in overlayfs's own encoding, which the walk
 //! turns into the same `Change`s a tar entry gives: a whiteout is a character device 0/0 (tar:
-//! `.wh.<name>`), an opaque directory carries `trusted.overlay.opaque=y` (or `user.overlay.opaque` when
-//! the snapshotter runs with userxattr; tar: `.wh..wh..opq`). So both paths feed one `FsBuilder` and the
-//! checks see identical facts.
+//! `.wh.<name>`), an opaque directory carries `trusted.overlay.opaque=y` (tar: `.wh..wh..opq`). So both
+//! paths feed one `FsBuilder` and the checks see identical facts.
+//!
+//! The kernel reads `trusted.overlay.*` — or, only when the overlay is mounted with `userxattr`
+//! (rootless, user namespaces), `user.overlay.*` instead, never both — and so does the walk (`Xattrs`):
+//! containerd writes a layer's `SCHILY.xattr.*` PAX records as real xattrs (all but `trusted.*`, which it
+//! refuses), so a tenant can put `user.overlay.opaque=y` on a directory, which hides nothing on a rootful
+//! node. The other attributes that change what a merged view shows (`redirect`, `metacopy`, `whiteout`)
+//! are not followed here: a layer carrying one is not judged.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use containerd_client::types::Mount;
 use sha2::{Digest, Sha256};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::bounds::{IdlePriority, LayerBounds, AUDIT_TIME_CAP};
 use super::inspect::InspectError;
@@ -46,8 +52,9 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Layout {
     /// overlayfs layer directories, bottom layer first, each holding its layer's changes in overlayfs's
-    /// encoding (whiteouts, opaque markers): read one by one, no mount.
-    Layers(Vec<PathBuf>),
+    /// encoding (whiteouts, opaque markers, in the xattr namespace the mount names): read one by one, no
+    /// mount.
+    Layers(Vec<PathBuf>, Xattrs),
     /// One directory holding the whole filesystem: the `native` snapshotter's copy, or the one layer of a
     /// single-layer overlayfs image (a read-only bind). Read as is, no mount.
     Merged(PathBuf),
@@ -72,9 +79,14 @@ pub fn layout(mounts: &[Mount]) -> Result<Layout, String> {
                         m.options
                     )
                 })?;
+            let xattrs = match m.options.iter().any(|o| o == "userxattr") {
+                true => Xattrs::User,
+                false => Xattrs::Trusted,
+            };
             // overlayfs lists the top layer first. (A view has no upperdir: nothing to merge on top.)
             Ok(Layout::Layers(
                 lower.split(':').rev().map(PathBuf::from).collect(),
+                xattrs,
             ))
         }
         other => Ok(Layout::Mount(other.to_vec())),
@@ -107,10 +119,78 @@ pub fn own_capabilities() -> u64 {
         .map_or(0, |f| f.cap_eff)
 }
 
-fn opaque(dir: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|name| matches!(xattr::get(dir, name), Ok(Some(v)) if v == b"y"))
+/// Which overlayfs xattrs of a directory tree mean something to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Xattrs {
+    /// A whole filesystem (native snapshotter, one layer, a mounted view): nothing below to hide.
+    None,
+    /// `trusted.overlay.*`: overlayfs's default.
+    Trusted,
+    /// `user.overlay.*`: the overlay is mounted with `userxattr` (and then `trusted.overlay.*` means
+    /// nothing).
+    User,
+}
+
+impl Xattrs {
+    fn prefix(self) -> Option<&'static str> {
+        match self {
+            Xattrs::None => None,
+            Xattrs::Trusted => Some("trusted.overlay."),
+            Xattrs::User => Some("user.overlay."),
+        }
+    }
+}
+
+/// overlayfs attributes that change what a merged view shows and that the walk does not follow: a
+/// directory's `redirect` (its content comes from another lower path, followed by default), a file's
+/// `metacopy` (its data comes from a lower file) and the 6.7+ `whiteout`/`whiteouts` marks (a regular
+/// file that hides a lower one).
+pub(super) const NOT_FOLLOWED: [&str; 4] = ["redirect", "metacopy", "whiteout", "whiteouts"];
+
+/// What the kernel makes of `path`'s overlayfs xattrs: `Ok(true)` for an opaque directory, an error for
+/// an attribute the walk does not follow (the audit cannot say what containerd runs).
+fn overlay_xattrs(path: &Path, rel: &str, kind: Kind, xattrs: Xattrs) -> std::io::Result<bool> {
+    let Some(prefix) = xattrs.prefix() else {
+        return Ok(false);
+    };
+    let mut opaque = false;
+    for name in xattr::list(path).map_err(|e| in_image(rel, e))? {
+        let Some(attr) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        if attr == "opaque" {
+            // The kernel's test (ovl_is_opaquedir): a directory whose value is exactly "y".
+            let value = xattr::get(path, &name).map_err(|e| in_image(rel, e))?;
+            opaque = kind == Kind::Dir && value.as_deref() == Some(b"y");
+        } else if NOT_FOLLOWED.contains(&attr) {
+            return Err(std::io::Error::other(format!(
+                "{rel} carries the overlayfs attribute {prefix}{attr}, which makes the kernel show \
+                 other content than the layer's own; the audit does not follow it, so the image is \
+                 not audited"
+            )));
+        }
+    }
+    Ok(opaque)
+}
+
+/// An error reading `rel` (a path inside the layer) that names no host path.
+fn in_image(rel: &str, e: std::io::Error) -> std::io::Error {
+    std::io::Error::other(format!("{rel} cannot be read: {e}"))
+}
+
+/// A walk error as the image names it: the path inside the layer, never the node's (Event notes must
+/// not carry host paths).
+fn walk_error(root: &Path, e: walkdir::Error) -> std::io::Error {
+    let at = e
+        .path()
+        .and_then(|p| p.strip_prefix(root).ok())
+        .map(|r| format!("/{}", r.to_string_lossy()))
+        .unwrap_or_else(|| "/".into());
+    let why = e
+        .io_error()
+        .map(|io| io.to_string())
+        .unwrap_or_else(|| "a symlink loop".into());
+    std::io::Error::other(format!("{at} cannot be read: {why}"))
 }
 
 /// Reads one unpacked layer directory into the builder (the caller has called `begin_layer`).
@@ -118,6 +198,7 @@ pub fn walk_dir_layer(
     root: &Path,
     mut fs: FsBuilder,
     bounds: &LayerBounds,
+    xattrs: Xattrs,
 ) -> std::io::Result<FsBuilder> {
     // Paths of files with more than one link, by inode: a hard link shares its target's inode (so its
     // mode), but a credential is one by path, as tar's link entries say.
@@ -142,13 +223,13 @@ pub fn walk_dir_layer(
                 humantime::format_duration(AUDIT_TIME_CAP)
             )));
         }
-        let entry = entry.map_err(std::io::Error::other)?;
+        let entry = entry.map_err(|e| walk_error(root, e))?;
         let rel = entry
             .path()
             .strip_prefix(root)
             .map_err(std::io::Error::other)?;
         let path = format!("/{}", rel.to_string_lossy());
-        let md = entry.metadata().map_err(std::io::Error::other)?;
+        let md = entry.metadata().map_err(|e| walk_error(root, e))?;
         let ft = md.file_type();
         let kind = if ft.is_dir() {
             Kind::Dir
@@ -169,13 +250,14 @@ pub fn walk_dir_layer(
             fs.apply(Change::Whiteout(path), meta);
             continue;
         }
+        let opaque = overlay_xattrs(entry.path(), &path, kind, xattrs)?;
         if kind == Kind::Symlink {
-            let target = std::fs::read_link(entry.path())?;
+            let target = std::fs::read_link(entry.path()).map_err(|e| in_image(&path, e))?;
             fs.symlink(path, &target.to_string_lossy(), meta);
             continue;
         }
         fs.apply(Change::Add(path.clone()), meta);
-        if kind == Kind::Dir && opaque(entry.path()) {
+        if opaque {
             fs.apply(Change::Opaque(path.clone()), meta);
         }
         if kind == Kind::File && md.nlink() > 1 {
@@ -186,9 +268,9 @@ pub fn walk_dir_layer(
         }
         if FsBuilder::wants_content(&path, kind) {
             let mut text = Vec::new();
-            std::fs::File::open(entry.path())?
-                .take(PASSWD_MAX)
-                .read_to_end(&mut text)?;
+            std::fs::File::open(entry.path())
+                .and_then(|f| f.take(PASSWD_MAX).read_to_end(&mut text))
+                .map_err(|e| in_image(&path, e))?;
             fs.set_passwd(path, text);
         }
     }
@@ -282,10 +364,13 @@ pub(super) async fn from_snapshot(
         Ok(v) => v,
         // containerd stats the parent's directory: a half-removed snapshot fails here.
         Err(RuntimeError::Call { message, .. }) => {
+            // containerd's words name the node's paths and the snapshot key: the log gets them, the
+            // finding does not.
+            warn!(image = name, snapshotter = %snapshotter, snapshot = %top, error = %message, "containerd cannot open a view of the image's unpacked snapshot");
             return Err(layer_err(
                 top_layer,
-                format!("its unpacked {snapshotter} snapshot {top} cannot be opened: {message}"),
-            ))
+                format!("containerd cannot open a view of its unpacked {snapshotter} snapshot (the agent's log says why)"),
+            ));
         }
         Err(e) => return Err(e.into()),
     };
@@ -299,14 +384,14 @@ pub(super) async fn from_snapshot(
         let _idle = IdlePriority::enter();
         let mut fs = FsBuilder::new();
         fs.begin_layer(top_layer);
-        walk_dir_layer(dir, fs, &bounds)
+        walk_dir_layer(dir, fs, &bounds, Xattrs::None)
     };
     let read = match layout(&view.mounts) {
         Err(what) => Err(InspectError::Format {
             image: name.to_string(),
             what,
         }),
-        Ok(Layout::Layers(dirs)) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
+        Ok(Layout::Layers(dirs, _)) if dirs.len() != diff_ids.len() => Err(InspectError::Format {
             image: name.to_string(),
             what: format!(
                 "its snapshot has {} layer directories for {} layers",
@@ -314,7 +399,7 @@ pub(super) async fn from_snapshot(
                 diff_ids.len()
             ),
         }),
-        Ok(Layout::Layers(dirs)) => {
+        Ok(Layout::Layers(dirs, xattrs)) => {
             let ids = diff_ids.to_vec();
             let image = name.to_string();
             tokio::task::spawn_blocking(move || {
@@ -322,11 +407,14 @@ pub(super) async fn from_snapshot(
                 let mut fs = FsBuilder::new();
                 for (index, dir) in dirs.iter().enumerate() {
                     fs.begin_layer(index);
-                    fs = walk_dir_layer(dir, fs, &bounds).map_err(|e| InspectError::Layer {
-                        image: image.clone(),
-                        index,
-                        digest: ids[index].clone(),
-                        what: format!("its unpacked directory {}: {e}", dir.display()),
+                    fs = walk_dir_layer(dir, fs, &bounds, xattrs).map_err(|e| {
+                        debug!(image = %image, layer = index, dir = %dir.display(), error = %e, "layer directory not read");
+                        InspectError::Layer {
+                            image: image.clone(),
+                            index,
+                            digest: ids[index].clone(),
+                            what: format!("its unpacked layer directory: {e}"),
+                        }
                     })?;
                 }
                 Ok(fs)
@@ -343,12 +431,10 @@ pub(super) async fn from_snapshot(
             let d = dir.clone();
             match tokio::task::spawn_blocking(move || whole(&d)).await {
                 Ok(r) => r.map_err(|e| {
+                    debug!(image = name, dir = %dir.display(), error = %e, "snapshot directory not read");
                     layer_err(
                         top_layer,
-                        format!(
-                            "its unpacked {snapshotter} directory {}: {e}",
-                            dir.display()
-                        ),
+                        format!("its unpacked {snapshotter} directory: {e}"),
                     )
                 }),
                 Err(e) => Err(layer_err(
@@ -361,7 +447,7 @@ pub(super) async fn from_snapshot(
             let kinds: Vec<String> = mounts.iter().map(|m| m.r#type.clone()).collect();
             // mounted::read blocks on its own thread: wait for it off the async workers.
             match tokio::task::spawn_blocking(move || {
-                mounted::read(mounts, move |root| whole(root))
+                mounted::read(mounts, mounted::READ_LIMIT, move |root| whole(root))
             })
             .await
             {
@@ -427,7 +513,21 @@ mod tests {
             Layout::Layers(
                 ["/s/1/fs", "/s/2/fs", "/s/3/fs"]
                     .map(PathBuf::from)
-                    .to_vec()
+                    .to_vec(),
+                Xattrs::Trusted
+            )
+        );
+        // Rootless (or user-namespaced) overlays: the kernel reads user.overlay.* instead.
+        let m = mount(
+            "overlay",
+            "overlay",
+            &["userxattr", "lowerdir=/s/2/fs:/s/1/fs"],
+        );
+        assert_eq!(
+            layout(&[m]).unwrap(),
+            Layout::Layers(
+                ["/s/1/fs", "/s/2/fs"].map(PathBuf::from).to_vec(),
+                Xattrs::User
             )
         );
         let b = mount("bind", "/s/1/fs", &["ro", "rbind"]);
@@ -455,14 +555,18 @@ mod tests {
     }
 
     fn walk(layers: &[&Path]) -> ImageFacts {
+        walk_with(layers, Xattrs::Trusted).unwrap()
+    }
+
+    fn walk_with(layers: &[&Path], xattrs: Xattrs) -> std::io::Result<ImageFacts> {
         let mut fs = FsBuilder::new();
         for (i, dir) in layers.iter().enumerate() {
             fs.begin_layer(i);
-            fs = walk_dir_layer(dir, fs, &LayerBounds::default()).unwrap();
+            fs = walk_dir_layer(dir, fs, &LayerBounds::default(), xattrs)?;
         }
         let mut facts = ImageFacts::default();
         fs.finish(&mut facts).unwrap();
-        facts
+        Ok(facts)
     }
 
     /// Layer directories as the overlayfs snapshotter writes them: whiteouts are character devices,
@@ -568,6 +672,7 @@ mod tests {
             tmp.path(),
             FsBuilder::new(),
             &at(now - Duration::from_secs(1)),
+            Xattrs::Trusted,
         )
         .unwrap_err();
         assert!(e.to_string().contains("time cap"), "{e}");
@@ -575,6 +680,7 @@ mod tests {
             tmp.path(),
             FsBuilder::new(),
             &at(now + Duration::from_secs(600)),
+            Xattrs::Trusted,
         )
         .expect("well within the cap");
     }
@@ -601,15 +707,112 @@ mod tests {
         assert_eq!(missing_capabilities(1 << 2), ["CAP_SYS_ADMIN"]);
     }
 
+    /// Event notes carry no host path: a layer directory that cannot be read is named by the path in the
+    /// image (the agent's log has the node's).
     #[test]
-    fn a_missing_layer_directory_is_an_error_naming_it() {
+    fn a_missing_layer_directory_is_an_error_without_its_host_path() {
         let e = walk_dir_layer(
             Path::new("/nonexistent/snapshots/7/fs"),
             FsBuilder::new(),
             &LayerBounds::default(),
+            Xattrs::Trusted,
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/snapshots/7/fs"), "{e}");
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("/ cannot be read: "), "{e}");
+        assert!(!e.contains("snapshots"), "{e}");
+    }
+
+    /// Issue 24 item 1: `user.overlay.opaque` hides the lower layers only on an overlay mounted with
+    /// `userxattr`; on a rootful node the kernel ignores it and a setuid file below stays visible.
+    /// `trusted.overlay.opaque` is the reverse. Needs root (trusted.* xattrs).
+    #[test]
+    fn opaque_markers_count_only_in_the_namespace_the_kernel_reads() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (l0, l1) = (tmp.path().join("0"), tmp.path().join("1"));
+        std::fs::create_dir_all(l0.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(l1.join("usr/bin")).unwrap();
+        std::fs::write(l0.join("usr/bin/su"), "").unwrap();
+        std::fs::set_permissions(
+            l0.join("usr/bin/su"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        let setuid = |xattrs| {
+            walk_with(&[&l0, &l1], xattrs)
+                .unwrap()
+                .setuid_files
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        xattr::set(l1.join("usr/bin"), "user.overlay.opaque", b"y").unwrap();
+        assert_eq!(
+            setuid(Xattrs::Trusted),
+            ["/usr/bin/su"],
+            "rootful: not opaque"
+        );
+        assert!(setuid(Xattrs::User).is_empty(), "userxattr: opaque");
+        xattr::remove(l1.join("usr/bin"), "user.overlay.opaque").unwrap();
+        if xattr::set(l1.join("usr/bin"), "trusted.overlay.opaque", b"y").is_err() {
+            eprintln!("skipped: trusted.* xattrs need root");
+            return;
+        }
+        assert!(setuid(Xattrs::Trusted).is_empty(), "rootful: opaque");
+        assert_eq!(
+            setuid(Xattrs::User),
+            ["/usr/bin/su"],
+            "userxattr: not opaque"
+        );
+        // Only "y" makes a directory opaque (6.7's "x" marks one holding xwhiteouts: not followed).
+        xattr::set(l1.join("usr/bin"), "trusted.overlay.opaque", b"n").unwrap();
+        assert_eq!(setuid(Xattrs::Trusted), ["/usr/bin/su"]);
+        // A whole filesystem reads no overlay xattr at all.
+        xattr::set(l1.join("usr/bin"), "trusted.overlay.opaque", b"y").unwrap();
+        assert_eq!(setuid(Xattrs::None), ["/usr/bin/su"]);
+    }
+
+    /// An attribute that makes the kernel show other content (a directory's redirect, a metacopy file, a
+    /// 6.7 xwhiteout) is not followed: that layer is not judged, and the error names the path in the image.
+    #[test]
+    fn overlay_attributes_the_walk_does_not_follow_stop_the_audit() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (l0, l1) = (tmp.path().join("0"), tmp.path().join("1"));
+        std::fs::create_dir_all(l0.join("srv/etc")).unwrap();
+        std::fs::create_dir_all(l1.join("etc")).unwrap();
+        std::fs::write(l1.join("f"), "").unwrap();
+        for (path, name, kind) in [
+            ("etc", "redirect", Xattrs::Trusted),
+            ("f", "metacopy", Xattrs::Trusted),
+            ("f", "whiteout", Xattrs::Trusted),
+            ("etc", "redirect", Xattrs::User),
+        ] {
+            let ns = match kind {
+                Xattrs::User => "user",
+                _ => "trusted",
+            };
+            let attr = format!("{ns}.overlay.{name}");
+            if xattr::set(l1.join(path), &attr, b"/srv/etc").is_err() {
+                eprintln!("skipped: trusted.* xattrs need root");
+                return;
+            }
+            let e = walk_with(&[&l0, &l1], kind).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("/{path} carries the overlayfs attribute {attr}")),
+                "{e}"
+            );
+            assert!(
+                !e.contains(&tmp.path().display().to_string()),
+                "no host path: {e}"
+            );
+            // The namespace the kernel does not read is ignored.
+            let other = match kind {
+                Xattrs::User => Xattrs::Trusted,
+                _ => Xattrs::User,
+            };
+            walk_with(&[&l0, &l1], other).expect("ignored by the kernel: ignored here");
+            xattr::remove(l1.join(path), &attr).unwrap();
+        }
     }
 
     #[test]
@@ -622,7 +825,7 @@ mod tests {
             max_entries: 3,
             ..LayerBounds::default()
         };
-        let e = walk_dir_layer(tmp.path(), FsBuilder::new(), &bounds).unwrap_err();
+        let e = walk_dir_layer(tmp.path(), FsBuilder::new(), &bounds, Xattrs::Trusted).unwrap_err();
         assert!(e.to_string().contains("more than 3 entries"), "{e}");
     }
 }

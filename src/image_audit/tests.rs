@@ -81,6 +81,7 @@ impl FactsSource for Fake {
                 layers: 1,
                 read_from: Default::default(),
                 snapshotter: None,
+                snapshot_unreadable: None,
             },
             facts,
         ))
@@ -527,6 +528,65 @@ async fn an_image_whose_audit_killed_the_agent_is_not_audited_again_and_says_so(
         "{text}"
     );
     assert_eq!(board.images()[0].audit.as_ref().unwrap().result, "error");
+    stop.cancel();
+    job.await.unwrap();
+}
+
+/// Issue 24 item 7: the marker of an agent that died expires — the agent may have died of another
+/// tenant's image — and the content is then audited again without a restart or any new news.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_image_is_audited_again_once_its_marker_expires() {
+    let cache = tempfile::tempdir().unwrap();
+    let marker = cache.path().join("sha256-1.auditing");
+    std::fs::write(&marker, b"").unwrap();
+    // That audit began almost `MARKER_KEEP` ago: its marker expires in 300 ms (real time).
+    std::fs::File::options()
+        .append(true)
+        .open(&marker)
+        .unwrap()
+        .set_modified(
+            std::time::SystemTime::now() - super::cache::MARKER_KEEP + Duration::from_millis(300),
+        )
+        .unwrap();
+    let image = "r.io/team/runner:v1";
+    let fake = Fake::with(image, root_user(), 0);
+    let board = Arc::new(StatusBoard::default());
+    board.track(image, vec!["a".into()]);
+    let Job {
+        events,
+        m: _,
+        captured: _,
+        board: _,
+        tx,
+        stop,
+        job,
+    } = start_with(
+        Arc::new(cached_auditor(&fake, cache.path(), Policy::default())),
+        board,
+    );
+    tx.send(present(image, "a", &[])).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(fake.reads(), 0);
+    assert_eq!(
+        events.states(),
+        [Some(AuditState::Pending), Some(AuditState::NotAudited)]
+    );
+    // The marker expires (in real time); the waiting audit tries again a minute later at the earliest.
+    std::thread::sleep(Duration::from_millis(400));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.reads(), 1, "audited again");
+    assert_eq!(
+        events.states(),
+        [
+            Some(AuditState::Pending),
+            Some(AuditState::NotAudited),
+            Some(AuditState::Violations)
+        ]
+    );
+    assert!(
+        !marker.exists(),
+        "the expired marker went, and the audit's own was removed"
+    );
     stop.cancel();
     job.await.unwrap();
 }

@@ -86,6 +86,8 @@ pub struct Audited {
     pub read_from: FsSource,
     /// The snapshotter whose snapshot was read (`read_from` = snapshot).
     pub snapshotter: Option<String>,
+    /// Why the unpacked snapshot could not be read, when the blobs were read instead.
+    pub snapshot_unreadable: Option<String>,
     /// Every check's outcome, passes included.
     pub checks: Vec<CheckResult>,
 }

@@ -103,7 +103,11 @@ impl AuditReport {
             .image_audits_total
             .with_label_values(&[if done.read.is_some() { "ok" } else { "cached" }])
             .inc();
-        let read_from = messages::read_from(done.read_from, done.snapshotter.as_deref());
+        let read_from = messages::read_from(
+            done.read_from,
+            done.snapshotter.as_deref(),
+            done.snapshot_unreadable.as_deref(),
+        );
         info!(
             image,
             violations = done.count(Outcome::Violation),

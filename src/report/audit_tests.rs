@@ -25,6 +25,7 @@ fn audited(image: &str, read: Option<Duration>, checks: Vec<CheckResult>) -> Aud
             read,
             read_from: FsSource::Snapshot,
             snapshotter: None,
+            snapshot_unreadable: None,
             checks,
         }),
     })
@@ -137,6 +138,26 @@ fn each_failing_check_becomes_a_finding_for_every_project_with_the_contract_word
     assert_eq!(
         status.details,
         ["non-root-user: USER is 0", "stop-signal: STOPSIGNAL SIGINT"]
+    );
+}
+
+/// Issue 24 item 4: blobs read because the snapshot could not be is said in each finding, with why.
+#[test]
+fn a_finding_says_when_the_blobs_were_read_because_the_snapshot_could_not_be() {
+    let (r, _, board, captured) = report();
+    board.track("r.io/t/runner:v1", vec!["a".into()]);
+    let AuditEvent::Result(mut a) = audited("r.io/t/runner:v1", None, root()) else {
+        unreachable!()
+    };
+    let AuditResult::Audited(done) = &mut a.result else {
+        unreachable!()
+    };
+    done.read_from = FsSource::Blobs;
+    done.snapshot_unreadable = Some("layer 1 (sha256:l1): its unpacked layer directory: /etc cannot be read: Permission denied (os error 13)".into());
+    r.on(AuditEvent::Result(a));
+    assert_eq!(
+        captured.findings()[0]["message"],
+        "Runner image r.io/t/runner:v1 fails contract check non-root-user (violation): USER is 0 (filesystem read from the layer blobs, because its unpacked snapshot could not be read: layer 1 (sha256:l1): its unpacked layer directory: /etc cannot be read: Permission denied (os error 13))."
     );
 }
 

@@ -143,9 +143,18 @@ pub fn not_audited(s: ImageSubject, why: &str) -> Finding {
 }
 
 /// Where an audit read an image's filesystem from, for findings and `check-image`.
-pub fn read_from(source: FsSource, snapshotter: Option<&str>) -> String {
+pub fn read_from(
+    source: FsSource,
+    snapshotter: Option<&str>,
+    snapshot_unreadable: Option<&str>,
+) -> String {
     match source {
-        FsSource::Blobs => "the layer blobs".into(),
+        FsSource::Blobs => match snapshot_unreadable {
+            Some(why) => {
+                format!("the layer blobs, because its unpacked snapshot could not be read: {why}")
+            }
+            None => "the layer blobs".into(),
+        },
         FsSource::Snapshot => format!(
             "the unpacked {} snapshot",
             snapshotter.unwrap_or("overlayfs")
