@@ -20,8 +20,10 @@ use crate::contract::ImageFacts;
 /// Layout version of the files: another one is ignored (and overwritten).
 /// 2: passwd kept as bytes (issue 24). 3: passwd read up to 10 MiB, and a replaced one never kept.
 /// 4: the blob path resolves parents through symlinks, `/etc/passwd` is found through symlinks and hard
-/// links, and a non-directory replaces everything below its path.
-const FORMAT: u32 = 4;
+/// links, and a non-directory replaces everything below its path. 5: overlay xattrs read in the namespace
+/// the mount names (a `user.overlay.opaque` hid lower files on rootful nodes), setuid and credential
+/// paths bounded.
+const FORMAT: u32 = 5;
 /// How long content whose audit an agent died in is not audited again: at most one such restart per
 /// image per node in this time, instead of a crash loop; short enough that an innocent image (the
 /// agent died of another cause) is judged the same working day.

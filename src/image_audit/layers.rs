@@ -19,6 +19,10 @@ pub const PASSWD_MAX: u64 = 10 << 20;
 /// How many symlinks an image may have for the audit to follow them (a symlink is a path and a target:
 /// ~100 bytes each, so at most ~10 MB). Ordinary images have a few thousand.
 pub const SYMLINKS_MAX: usize = 100_000;
+/// setuid/setgid files, and credential files, tracked each (a path ~100 bytes: at most ~2 MB in all).
+/// An ordinary image has a few dozen; a tenant's layer can hold millions of entries, and the audit runs
+/// in the agent's 128 MiB: past it the image is not audited (and said so), never the agent killed.
+pub const TRACKED_MAX: usize = 10_000;
 /// Content kept of files named `passwd` (any of them may turn out to be what `/etc/passwd` resolves to),
 /// in all; past it, such files are only remembered as unread.
 pub const PASSWD_CANDIDATES_MAX: usize = 2 * PASSWD_MAX as usize;
@@ -45,6 +49,11 @@ pub struct FsBuilder {
     unread: BTreeMap<String, usize>,
     /// Why the filesystem cannot be judged (a bound passed); `finish` reports it.
     refused: Option<String>,
+}
+
+enum Tracked {
+    Setuid,
+    Credential,
 }
 
 /// What one tar entry means for the final filesystem.
@@ -231,10 +240,10 @@ impl FsBuilder {
         let content = self.passwds.get(target).map(|(_, c)| c.clone());
         self.add(path.clone(), meta);
         if setuid_target {
-            self.setuid.insert(path.clone(), self.layer);
+            self.track(Tracked::Setuid, path.clone());
         }
         if credential_target {
-            self.credentials.insert(path.clone(), self.layer);
+            self.track(Tracked::Credential, path.clone());
         }
         if is_passwd_name(&path) {
             match content {
@@ -244,6 +253,21 @@ impl FsBuilder {
                 }
             }
         }
+    }
+
+    /// Records `path` as setuid or a credential, within `TRACKED_MAX` (past it: refused, not audited).
+    fn track(&mut self, what: Tracked, path: String) {
+        let (map, name) = match what {
+            Tracked::Setuid => (&mut self.setuid, "setuid/setgid files"),
+            Tracked::Credential => (&mut self.credentials, "credential files"),
+        };
+        if map.len() >= TRACKED_MAX && !map.contains_key(&path) {
+            self.refused.get_or_insert_with(|| {
+                format!("it has more than {TRACKED_MAX} {name} (the audit's bound); not audited")
+            });
+            return;
+        }
+        map.insert(path, self.layer);
     }
 
     /// The content of the file named `passwd` at `path`, just added.
@@ -291,12 +315,12 @@ impl FsBuilder {
             }
         }
         if meta.kind == Kind::File && meta.mode & 0o6000 != 0 {
-            self.setuid.insert(path.clone(), layer);
+            self.track(Tracked::Setuid, path.clone());
         } else {
             self.setuid.remove(&path);
         }
         if meta.kind == Kind::File && is_credential_path(&path) {
-            self.credentials.insert(path, layer);
+            self.track(Tracked::Credential, path);
         } else {
             self.credentials.remove(&path);
         }
@@ -769,5 +793,41 @@ mod tests {
         b.set_passwd(PASSWD.into(), b"runner:x:1001:0::/:/bin/sh\n".to_vec());
         let e = b.finish(&mut ImageFacts::default()).unwrap_err();
         assert!(e.contains("did not keep"), "{e}");
+    }
+
+    /// Issue 24 item 7: setuid and credential paths are tracked up to `TRACKED_MAX` each; past it the
+    /// image is refused (not audited, said so), and what was tracked stops growing. A path already
+    /// tracked, or whited out and written again, does not count twice.
+    #[test]
+    fn setuid_and_credential_paths_are_bounded() {
+        let mut b = FsBuilder::new();
+        for i in 0..TRACKED_MAX {
+            b.apply(Change::Add(format!("/s/{i}")), file(0o4755));
+        }
+        b.apply(Change::Add("/s/0".into()), file(0o4755));
+        b.apply(Change::Whiteout("/s/1".into()), file(0));
+        b.apply(Change::Add("/s/1".into()), file(0o4755));
+        let mut facts = ImageFacts::default();
+        b.finish(&mut facts).expect("at the bound: judged");
+        assert_eq!(facts.setuid_files.len(), TRACKED_MAX);
+
+        let mut b = FsBuilder::new();
+        for i in 0..=TRACKED_MAX {
+            b.apply(Change::Add(format!("/s/{i}")), file(0o4755));
+        }
+        assert_eq!(b.setuid.len(), TRACKED_MAX, "no growth past the bound");
+        let e = b.finish(&mut ImageFacts::default()).unwrap_err();
+        assert!(e.contains("more than 10000 setuid/setgid files"), "{e}");
+
+        let mut b = FsBuilder::new();
+        for i in 0..=TRACKED_MAX {
+            b.apply(
+                Change::Add(format!("/h/{i}/.docker/config.json")),
+                file(0o600),
+            );
+        }
+        assert_eq!(b.credentials.len(), TRACKED_MAX);
+        let e = b.finish(&mut ImageFacts::default()).unwrap_err();
+        assert!(e.contains("more than 10000 credential files"), "{e}");
     }
 }

@@ -200,9 +200,11 @@ pub fn walk_dir_layer(
     bounds: &LayerBounds,
     xattrs: Xattrs,
 ) -> std::io::Result<FsBuilder> {
-    // Paths of files with more than one link, by inode: a hard link shares its target's inode (so its
-    // mode), but a credential is one by path, as tar's link entries say.
-    let mut linked: HashMap<(u64, u64), Vec<(String, PathMeta)>> = HashMap::new();
+    // A hard link shares its target's inode (so its mode), but a credential is one by path, as tar's
+    // link entries say: the inodes of hard-linked credentials, with a path each, so that their other
+    // names can be found by a second walk (only when there is one: rare). Nothing is kept per ordinary
+    // hard link — a layer of a million of them costs no memory.
+    let mut linked_credentials: HashMap<(u64, u64), String> = HashMap::new();
     let walk = walkdir::WalkDir::new(root)
         .min_depth(1)
         .follow_links(false)
@@ -260,11 +262,10 @@ pub fn walk_dir_layer(
         if opaque {
             fs.apply(Change::Opaque(path.clone()), meta);
         }
-        if kind == Kind::File && md.nlink() > 1 {
-            linked
+        if kind == Kind::File && md.nlink() > 1 && is_credential_path(&path) {
+            linked_credentials
                 .entry((md.dev(), md.ino()))
-                .or_default()
-                .push((path.clone(), meta));
+                .or_insert_with(|| path.clone());
         }
         if FsBuilder::wants_content(&path, kind) {
             let mut text = Vec::new();
@@ -274,14 +275,57 @@ pub fn walk_dir_layer(
             fs.set_passwd(path, text);
         }
     }
-    for group in linked.values() {
-        if let Some((target, _)) = group.iter().find(|(p, _)| is_credential_path(p)) {
-            for (p, m) in group.iter().filter(|(p, _)| p != target) {
-                fs.link(p.clone(), target, *m);
-            }
-        }
+    if !linked_credentials.is_empty() {
+        link_credentials(root, &mut fs, bounds, &linked_credentials)?;
     }
     Ok(fs)
+}
+
+/// The second walk: every other name of a hard-linked credential's inode is a credential too.
+fn link_credentials(
+    root: &Path,
+    fs: &mut FsBuilder,
+    bounds: &LayerBounds,
+    credentials: &HashMap<(u64, u64), String>,
+) -> std::io::Result<()> {
+    let walk = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by_file_name();
+    for entry in walk {
+        if bounds
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() > d)
+        {
+            return Err(std::io::Error::other(format!(
+                "the audit took longer than {} (the audit's time cap); not audited",
+                humantime::format_duration(AUDIT_TIME_CAP)
+            )));
+        }
+        let entry = entry.map_err(|e| walk_error(root, e))?;
+        let md = entry.metadata().map_err(|e| walk_error(root, e))?;
+        if !md.file_type().is_file() || md.nlink() < 2 {
+            continue;
+        }
+        let Some(target) = credentials.get(&(md.dev(), md.ino())) else {
+            continue;
+        };
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .map_err(std::io::Error::other)?;
+        let path = format!("/{}", rel.to_string_lossy());
+        if &path != target {
+            let meta = PathMeta {
+                kind: Kind::File,
+                mode: md.mode() & 0o7777,
+                uid: md.uid().into(),
+                gid: md.gid().into(),
+            };
+            fs.link(path, target, meta);
+        }
+    }
+    Ok(())
 }
 
 /// The agent's effective capabilities: they do not change while it runs, so read once.
