@@ -225,13 +225,26 @@ pub fn walk_dir_layer(
                 humantime::format_duration(AUDIT_TIME_CAP)
             )));
         }
-        let entry = entry.map_err(|e| walk_error(root, e))?;
+        // A name listed but gone when looked up is not there for a container either: overlayfs lists a
+        // whiteout of a lowest-layer directory (readdir passes through) that no lookup finds.
+        let vanished = |e: &walkdir::Error| {
+            e.depth() > 0 && e.io_error().map(|io| io.kind()) == Some(std::io::ErrorKind::NotFound)
+        };
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(walk_error(root, e)),
+        };
         let rel = entry
             .path()
             .strip_prefix(root)
             .map_err(std::io::Error::other)?;
         let path = format!("/{}", rel.to_string_lossy());
-        let md = entry.metadata().map_err(|e| walk_error(root, e))?;
+        let md = match entry.metadata() {
+            Ok(md) => md,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(walk_error(root, e)),
+        };
         let ft = md.file_type();
         let kind = if ft.is_dir() {
             Kind::Dir
