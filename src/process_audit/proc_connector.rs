@@ -5,11 +5,19 @@
 //!
 //! Wire layout (include/uapi/linux/connector.h, cn_proc.h): nlmsghdr (16 bytes), cn_msg (20 bytes), then
 //! proc_event { what u32, cpu u32, timestamp_ns u64, event_data }.
+//!
+//! The reader thread never blocks on the rescan loop: events go into a bounded queue (`Forward`,
+//! `Inbox`); when it is full, or the kernel overran our socket, one full rescan is requested instead,
+//! outside the queue, so no limit can lose it and a thousand drops ask for it once.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, Notify};
 
 const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
@@ -24,10 +32,12 @@ const PROC_EVENT_EXEC: u32 = 0x0000_0002;
 const PROC_EVENT_UID: u32 = 0x0000_0004;
 const PROC_EVENT_GID: u32 = 0x0000_0040;
 
-/// A process whose credentials may have changed (thread-group id = the process's pid).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A thread whose credentials may have changed: `tid` the thread (the kernel's `process_pid`), `tgid`
+/// its process (`process_tgid`). Credentials are per thread, so the thread's own status is what tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CredentialEvent {
     pub tgid: u32,
+    pub tid: u32,
 }
 
 pub struct ProcConnector {
@@ -194,10 +204,11 @@ pub fn parse(buf: &[u8]) -> Vec<CredentialEvent> {
         }
         let ev = off + NLMSG_HDRLEN + CN_MSG_LEN;
         if let Some(what) = u32_at(buf, ev) {
-            // event_data starts after what, cpu and timestamp_ns; process_tgid is its second u32.
+            // event_data starts after what, cpu and timestamp_ns: process_pid (the thread), then
+            // process_tgid, in exec_proc_event and id_proc_event alike.
             if matches!(what, PROC_EVENT_EXEC | PROC_EVENT_UID | PROC_EVENT_GID) {
-                if let Some(tgid) = u32_at(buf, ev + 16 + 4) {
-                    out.push(CredentialEvent { tgid });
+                if let (Some(tid), Some(tgid)) = (u32_at(buf, ev + 16), u32_at(buf, ev + 16 + 4)) {
+                    out.push(CredentialEvent { tgid, tid });
                 }
             }
         }
@@ -206,20 +217,92 @@ pub fn parse(buf: &[u8]) -> Vec<CredentialEvent> {
     out
 }
 
-/// What the reader thread tells the rescan loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectorEvent {
-    /// A process exec'd or changed UID or GID.
-    Credentials { tgid: u32 },
-    /// Events were lost: rescan everything.
-    Overrun,
+/// The reader thread's end of the queue to the rescan loop.
+pub struct Forward {
+    tx: mpsc::Sender<CredentialEvent>,
+    rescan: Arc<Notify>,
 }
 
-/// Runs the connector on its own thread until `stop`, sending each credential event's pid (and each
-/// overrun) to `tx`. `down` is called if the socket fails for good (the loop then polls only).
+/// The rescan loop's end: events in batches, and the full rescan asked for when events were lost.
+pub struct Inbox {
+    rx: mpsc::Receiver<CredentialEvent>,
+    rescan: Arc<Notify>,
+    batch: usize,
+}
+
+/// A queue of `capacity` events (a batch drains at most as many).
+pub fn channel(capacity: usize) -> (Forward, Inbox) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let rescan = Arc::new(Notify::new());
+    (
+        Forward {
+            tx,
+            rescan: rescan.clone(),
+        },
+        Inbox {
+            rx,
+            rescan,
+            batch: capacity,
+        },
+    )
+}
+
+impl Forward {
+    /// Queues the event, never blocking: with the queue full it is dropped and a full rescan requested.
+    pub fn event(&self, e: CredentialEvent) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(e) {
+            self.rescan.notify_one();
+        }
+    }
+
+    /// Events were lost before they reached us: only a full rescan knows what happened meanwhile.
+    pub fn lost(&self) {
+        self.rescan.notify_one();
+    }
+}
+
+/// What the rescan loop has to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Events were lost (the queue was full, or the kernel overran the socket): rescan everything. One
+    /// request however many were lost since the last (a `Notify` permit, not a queue slot).
+    RescanAll,
+    /// Distinct threads that exec'd or changed UID or GID, in arrival order (at most a queue's worth).
+    Events(Vec<CredentialEvent>),
+}
+
+impl Inbox {
+    /// The next thing to do: a pending full rescan first, else every queued event (up to a batch),
+    /// duplicates dropped. `None` once the reader is gone and the queue empty.
+    pub async fn next(&mut self) -> Option<Work> {
+        tokio::select! {
+            biased;
+            _ = self.rescan.notified() => Some(Work::RescanAll),
+            first = self.rx.recv() => {
+                let first = first?;
+                let mut seen = HashSet::from([first]);
+                let mut events = vec![first];
+                for _ in 1..self.batch {
+                    match self.rx.try_recv() {
+                        Ok(e) => {
+                            if seen.insert(e) {
+                                events.push(e);
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Some(Work::Events(events))
+            }
+        }
+    }
+}
+
+/// Runs the connector on its own thread until `stop`, forwarding each credential event (and each
+/// overrun) to `forward`. `down` is called if the socket fails for good (the loop then polls only).
 pub fn spawn(
     conn: ProcConnector,
-    tx: tokio::sync::mpsc::Sender<ConnectorEvent>,
+    forward: Forward,
     down: impl FnOnce() + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
@@ -232,13 +315,12 @@ pub fn spawn(
                 match conn.recv(&mut buf) {
                     Ok(Received::Events(events)) => {
                         for e in events {
-                            // A full queue means a rescan is pending anyway: drop, never block.
-                            let _ = tx.try_send(ConnectorEvent::Credentials { tgid: e.tgid });
+                            forward.event(e);
                         }
                     }
                     Ok(Received::Overrun) => {
                         tracing::debug!("proc connector overrun (events lost); a full rescan follows");
-                        let _ = tx.try_send(ConnectorEvent::Overrun);
+                        forward.lost();
                     }
                     Ok(Received::NotKernel { sender }) => {
                         if !spoofed_said {
@@ -283,7 +365,10 @@ mod tests {
         buf.extend(event(PROC_EVENT_EXEC, 31, 30));
         assert_eq!(
             parse(&buf),
-            [CredentialEvent { tgid: 10 }, CredentialEvent { tgid: 30 }]
+            [
+                CredentialEvent { tgid: 10, tid: 11 },
+                CredentialEvent { tgid: 30, tid: 31 }
+            ]
         );
         assert!(parse(&buf[..10]).is_empty());
     }
@@ -293,8 +378,105 @@ mod tests {
         let buf = event(PROC_EVENT_UID, 11, 10);
         assert_eq!(
             judge(0, &buf),
-            Received::Events(vec![CredentialEvent { tgid: 10 }])
+            Received::Events(vec![CredentialEvent { tgid: 10, tid: 11 }])
         );
         assert_eq!(judge(4242, &buf), Received::NotKernel { sender: 4242 });
+    }
+
+    fn ev(tgid: u32, tid: u32) -> CredentialEvent {
+        CredentialEvent { tgid, tid }
+    }
+
+    /// Whether the inbox has something to do right now (without waiting).
+    fn ready(inbox: &mut Inbox) -> Option<Work> {
+        use futures::FutureExt;
+        inbox.next().now_or_never().flatten()
+    }
+
+    #[tokio::test]
+    async fn events_dropped_by_a_full_queue_ask_for_exactly_one_full_rescan() {
+        let (forward, mut inbox) = channel(4);
+        for pid in 1..=10 {
+            forward.event(ev(pid, pid));
+        }
+        assert_eq!(
+            inbox.next().await,
+            Some(Work::RescanAll),
+            "first, before the events"
+        );
+        assert_eq!(
+            inbox.next().await,
+            Some(Work::Events((1..=4).map(|p| ev(p, p)).collect())),
+            "the queue's four"
+        );
+        assert_eq!(ready(&mut inbox), None, "six drops, one rescan");
+        // Room again: events flow, and nothing was lost this time.
+        forward.event(ev(20, 21));
+        assert_eq!(inbox.next().await, Some(Work::Events(vec![ev(20, 21)])));
+        assert_eq!(ready(&mut inbox), None);
+    }
+
+    #[tokio::test]
+    async fn overruns_ask_for_one_rescan_and_a_lost_reader_ends_the_inbox() {
+        let (forward, mut inbox) = channel(4);
+        forward.lost();
+        forward.lost();
+        assert_eq!(inbox.next().await, Some(Work::RescanAll));
+        assert_eq!(ready(&mut inbox), None);
+        // A rescan asked for while the loop waits wakes it.
+        let waiting = tokio::spawn(async move { (inbox.next().await, inbox) });
+        tokio::task::yield_now().await;
+        forward.lost();
+        let (work, mut inbox) = waiting.await.unwrap();
+        assert_eq!(work, Some(Work::RescanAll));
+        drop(forward);
+        assert_eq!(inbox.next().await, None);
+    }
+
+    /// The kernel's own event for a non-leader thread's UID change names that thread and its process
+    /// (needs root: the connector and the change).
+    #[test]
+    fn the_kernel_names_the_thread_that_changed_its_credentials() {
+        let conn = ProcConnector::open().expect("the proc connector (root, host namespaces)");
+        let me = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions; setresuid changes this thread's real UID only (-1:
+            // unchanged), and back: the effective UID stays 0 throughout.
+            let tid = unsafe { libc::gettid() } as u32;
+            let changed = unsafe { libc::syscall(libc::SYS_setresuid, 4242, -1, -1) } == 0
+                && unsafe { libc::syscall(libc::SYS_setresuid, 0, -1, -1) } == 0;
+            tx.send((tid, changed)).unwrap();
+        });
+        let (tid, changed) = rx.recv().unwrap();
+        t.join().unwrap();
+        assert!(changed, "setresuid as root");
+        assert_ne!(tid, me);
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Received::Events(events) = conn.recv(&mut buf).unwrap() {
+                if events.contains(&CredentialEvent { tgid: me, tid }) {
+                    break;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no event for thread {tid} of {me}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_one_batch_of_distinct_threads() {
+        let (forward, mut inbox) = channel(8);
+        for e in [ev(10, 10), ev(10, 11), ev(10, 10), ev(20, 20), ev(10, 11)] {
+            forward.event(e);
+        }
+        assert_eq!(
+            inbox.next().await,
+            Some(Work::Events(vec![ev(10, 10), ev(10, 11), ev(20, 20)]))
+        );
+        assert_eq!(ready(&mut inbox), None);
     }
 }

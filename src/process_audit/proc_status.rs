@@ -18,8 +18,23 @@ pub fn read(pid: u32) -> std::io::Result<Option<ProcFacts>> {
 /// kernel copies a process's name as it was set (`prctl(PR_SET_NAME, "\xff…")`), so the file need not be
 /// UTF-8 — and a runner must not escape the audit by renaming itself.
 pub fn read_with(pid: u32, buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
+    read_file(&format!("/proc/{pid}/status"), pid, buf)
+}
+
+/// One thread's status, `/proc/<tgid>/task/<tid>/status`, as `ProcFacts` of pid `tid`. Credentials,
+/// capabilities and `NoNewPrivs` belong to each thread: a thread that calls the raw `setresuid(2)` (not
+/// glibc's wrapper, which changes every thread) differs from its leader, and only its own file shows it.
+pub fn read_thread_with(
+    tgid: u32,
+    tid: u32,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<ProcFacts>> {
+    read_file(&format!("/proc/{tgid}/task/{tid}/status"), tid, buf)
+}
+
+fn read_file(path: &str, pid: u32, buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
     buf.clear();
-    let opened = std::fs::File::open(format!("/proc/{pid}/status"));
+    let opened = std::fs::File::open(path);
     let result = opened.and_then(|mut f| f.read_to_end(buf));
     match result {
         Ok(_) => {}
@@ -30,11 +45,11 @@ pub fn read_with(pid: u32, buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFact
         {
             return Ok(None)
         }
-        Err(e) => return Err(std::io::Error::other(format!("/proc/{pid}/status: {e}"))),
+        Err(e) => return Err(std::io::Error::other(format!("{path}: {e}"))),
     }
     parse_status(pid, buf)
         .map(Some)
-        .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/status: unexpected format")))
+        .ok_or_else(|| std::io::Error::other(format!("{path}: unexpected format")))
 }
 
 fn ids(v: &str) -> Option<[u32; 4]> {
@@ -123,12 +138,24 @@ pub fn cgroup_procs_file(pid: u32, container_id: &str) -> Option<std::path::Path
     })
 }
 
-/// Process ids listed in a `cgroup.procs` file.
-pub fn read_cgroup_procs(file: &std::path::Path) -> std::io::Result<Vec<u32>> {
-    Ok(std::fs::read_to_string(file)?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
+/// Hands each process id a `cgroup.procs` file lists to `each`, one line at a time: however many
+/// processes a tenant forks, reading the list costs one small buffer, not a string and a vector of them.
+pub fn read_cgroup_procs(file: &std::path::Path, each: &mut dyn FnMut(u32)) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(std::fs::File::open(file)?);
+    let mut line = Vec::with_capacity(16);
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        if let Some(pid) = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|l| l.trim().parse().ok())
+        {
+            each(pid);
+        }
+    }
 }
 
 /// The container id in a process's cgroup path (containerd puts it there), if it is one of `ids`.
@@ -184,6 +211,62 @@ mod tests {
         assert_eq!(p.uids[0], unsafe { libc::getuid() });
         done_tx.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    /// Credentials are per thread: a non-leader thread's own change shows in its task directory only.
+    #[test]
+    fn a_thread_s_own_credentials_are_read_from_its_task_directory() {
+        let me = std::process::id();
+        let leader_before = read(me).unwrap().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // Per-thread and unprivileged: this thread alone gets NoNewPrivs.
+            // SAFETY: prctl with integer arguments only.
+            assert_eq!(
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+                0
+            );
+            // As root, also this thread's real UID alone, through the raw syscall (glibc's setresuid
+            // would change every thread). The effective UID stays 0, so the process stays dumpable and
+            // this thread keeps its capabilities.
+            // SAFETY: setresuid with -1 (unchanged) for the effective and saved UIDs.
+            let uid_changed = unsafe { libc::geteuid() } == 0
+                && unsafe { libc::syscall(libc::SYS_setresuid, 4242, -1, -1) } == 0;
+            // SAFETY: gettid has no preconditions.
+            tx.send((unsafe { libc::gettid() } as u32, uid_changed))
+                .unwrap();
+            done_rx.recv().unwrap();
+        });
+        let (tid, uid_changed) = rx.recv().unwrap();
+        assert_ne!(tid, me, "a thread other than the leader");
+        let mut buf = Vec::new();
+        let thread = read_thread_with(me, tid, &mut buf).unwrap().unwrap();
+        let leader = read_with(me, &mut buf).unwrap().unwrap();
+        assert_eq!(thread.pid, tid, "the facts name the thread");
+        assert_eq!(thread.no_new_privs, Some(true));
+        if leader_before.no_new_privs == Some(false) {
+            assert_eq!(leader.no_new_privs, Some(false), "the leader is unchanged");
+        }
+        if uid_changed {
+            assert_eq!(thread.uids[0], 4242);
+            assert_ne!(leader.uids[0], 4242);
+        }
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        // No such thread (pid_max is at most 2^22): churn, not an error.
+        assert_eq!(read_thread_with(me, u32::MAX / 2, &mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn cgroup_procs_are_streamed_one_pid_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cgroup.procs");
+        std::fs::write(&file, "12\n7\n\nnot-a-pid\n99999").unwrap();
+        let mut pids = Vec::new();
+        read_cgroup_procs(&file, &mut |p| pids.push(p)).unwrap();
+        assert_eq!(pids, [12, 7, 99999]);
+        assert!(read_cgroup_procs(&dir.path().join("gone"), &mut |_| {}).is_err());
     }
 
     #[test]

@@ -3,15 +3,20 @@
 //! checks currently failing, so each finding is emitted once per container and check while it persists,
 //! and its end when the container complies again or goes away (`report::runtime` turns them into
 //! findings and `noncompliant_containers{check}`).
+//!
+//! Memory stays bounded whatever a tenant forks: a scan reads at most `MAX_PROCESSES_PER_CONTAINER`
+//! processes of a container (a window that moves on each scan: `pid_window`) and keeps one row per
+//! failing check — the first process failing it, and how many more did.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
+use super::pid_window::{Picked, PidWindow};
 use super::source::{ContainerLister, HostProc, ProcFs};
-use crate::contract::process::{self, evaluate_process, UidPolicy};
+use crate::contract::process::{self, evaluate_process, ProcFacts, UidPolicy};
 use crate::outcome::runtime::{RuntimeEvent, RuntimeFinding};
 use crate::outcome::Emit;
 use crate::runtime::containers::ContainerRef;
@@ -19,6 +24,15 @@ use crate::runtime::errors::RuntimeError;
 use crate::runtime::Runtime;
 
 pub const DEFAULT_RUNNER_CONTAINERS: [&str; 1] = ["ambient-code-runner"];
+
+/// Processes one scan reads per container. A runner's tree (a shell, a language server, a build's or a
+/// test suite's workers) is tens to a few hundred processes, and pods on Kubernetes nodes commonly get a
+/// `pids.max` of a few thousand; 16,384 is far above any legitimate runner, yet it bounds what one
+/// container costs a scan: at 30–70 µs of CPU a status read (BENCHMARKS.md) about 0.5–1 s, and 128 KiB
+/// to choose the window, where a tenant forking 150,000 sleepers would otherwise cost a row each. What
+/// is over is counted (`ScanResult::unread`), said once per container, and read by the next scans in
+/// turn; kernel events read the changed thread itself whatever the count.
+pub const MAX_PROCESSES_PER_CONTAINER: usize = 16_384;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScanSettings {
@@ -45,7 +59,9 @@ impl Default for ScanSettings {
     }
 }
 
-/// One failing check of one process, now.
+/// One failing check of a container, now: the first process failing it (the lowest pid read), and how
+/// many more of the container's processes fail it too. One row per check is all a finding needs, and
+/// keeps a scan's rows bounded by the number of checks, not by what a tenant forks.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Row {
     pub container: ContainerRef,
@@ -53,13 +69,55 @@ pub struct Row {
     pub command: String,
     pub check: &'static str,
     pub detail: String,
+    /// Other processes of the container failing the same check in this scan (not listed).
+    pub more: usize,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ScanResult {
     pub containers: usize,
     pub processes: usize,
+    /// Processes over the per-container bound, listed but not read this scan (the next scans read them).
+    pub unread: usize,
     pub rows: Vec<Row>,
+}
+
+/// One container's scan: its rows, the processes read and those over the bound.
+struct ContainerScan {
+    rows: Vec<Row>,
+    read: usize,
+    unread: usize,
+}
+
+/// Adds a violation to a scan's rows: a row of its own if its check has none yet, else one more.
+fn add_row(rows: &mut Vec<Row>, check: &'static str, row: impl FnOnce() -> Row) {
+    match rows.iter_mut().find(|r| r.check == check) {
+        Some(r) => r.more += 1,
+        None => rows.push(row()),
+    }
+}
+
+fn row(c: &ContainerRef, p: &ProcFacts, v: process::ProcessViolation) -> Row {
+    Row {
+        container: c.clone(),
+        pid: p.pid,
+        command: p.comm.clone(),
+        check: v.reason,
+        detail: v.detail,
+        more: 0,
+    }
+}
+
+fn unreadable_row(c: &ContainerRef, pid: u32, e: &std::io::Error) -> Row {
+    let v = process::unreadable(pid, e);
+    Row {
+        container: c.clone(),
+        pid,
+        command: "?".into(),
+        check: v.reason,
+        detail: v.detail,
+        more: 0,
+    }
 }
 
 struct Tracked {
@@ -69,6 +127,23 @@ struct Tracked {
     first_uids: Option<[u32; 4]>,
     /// check → the row first reported for it
     failing: BTreeMap<&'static str, Row>,
+    /// Over `max_processes`: where the next scan's window starts.
+    cursor: u32,
+    /// Whether being over `max_processes` was said (once per container).
+    over_said: bool,
+}
+
+impl Tracked {
+    fn new(container: &ContainerRef) -> Self {
+        Self {
+            container: container.clone(),
+            procs_file: None,
+            first_uids: None,
+            failing: BTreeMap::new(),
+            cursor: 0,
+            over_said: false,
+        }
+    }
 }
 
 pub struct Scanner<C: ContainerLister = Runtime, P: ProcFs = HostProc> {
@@ -78,6 +153,7 @@ pub struct Scanner<C: ContainerLister = Runtime, P: ProcFs = HostProc> {
     emit: Emit<RuntimeEvent>,
     state: Mutex<HashMap<String, Tracked>>,
     namespace_ranges: Option<Arc<NamespaceRanges>>,
+    max_processes: usize,
 }
 
 /// Per-namespace UID ranges (OpenShift's `openshift.io/sa.scc.uid-range`), kept by the Kubernetes source.
@@ -123,7 +199,14 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
             emit,
             state: Mutex::new(HashMap::new()),
             namespace_ranges: None,
+            max_processes: MAX_PROCESSES_PER_CONTAINER,
         }
+    }
+
+    /// Read at most `max` processes per container per scan (`MAX_PROCESSES_PER_CONTAINER` unless set).
+    pub fn with_max_processes(mut self, max: usize) -> Self {
+        self.max_processes = max.max(1);
+        self
     }
 
     /// Judge each pod's UIDs against its namespace's range where it has one (the exact UID still applies).
@@ -151,6 +234,14 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         self.proc.container_of(pid, &self.container_ids())
     }
 
+    /// `container_of` for many processes, listing the watched containers once.
+    pub fn containers_of(&self, pids: impl IntoIterator<Item = u32>) -> Vec<Option<String>> {
+        let ids = self.container_ids();
+        pids.into_iter()
+            .map(|pid| self.proc.container_of(pid, &ids))
+            .collect()
+    }
+
     /// A full scan: every runner container CRI reports running.
     pub async fn scan_all(&self) -> Result<ScanResult, RuntimeError> {
         let started = Instant::now();
@@ -167,9 +258,10 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         };
         for c in &containers {
             match self.scan_one(c).await {
-                Ok((rows, n)) => {
-                    result.processes += n;
-                    result.rows.extend(rows);
+                Ok(scan) => {
+                    result.processes += scan.read;
+                    result.unread += scan.unread;
+                    result.rows.extend(scan.rows);
                 }
                 Err(e) if e.is_unreachable() => return Err(e),
                 // One container going away mid-scan (its shim gone, its task stopping) must not cost the
@@ -215,17 +307,21 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         Ok(())
     }
 
-    /// The container's pids: from its cgroup when known (cheap), else from containerd.
-    async fn pids(&self, c: &ContainerRef) -> Result<Vec<u32>, RuntimeError> {
+    /// The window of the container's pids this scan reads: listed from its cgroup when known (cheap),
+    /// else by containerd.
+    async fn pids(&self, c: &ContainerRef, cursor: u32) -> Result<Picked, RuntimeError> {
         let known = {
             let state = self.state.lock().expect("scan state");
             state.get(&c.id).and_then(|t| t.procs_file.clone())
         };
         if let Some(file) = known {
-            match self.proc.read_cgroup_procs(&file) {
-                Ok(pids) if !pids.is_empty() => return Ok(pids),
-                _ => {} // gone or moved: ask containerd
-            }
+            let mut window = PidWindow::new(self.max_processes, cursor);
+            let listed = self
+                .proc
+                .read_cgroup_procs(&file, &mut |pid| window.offer(pid));
+            if listed.is_ok() && window.total() > 0 {
+                return Ok(window.finish());
+            } // else gone or moved: ask containerd
         }
         let pids = self.containers.container_pids(&c.id).await?;
         let file = pids
@@ -235,74 +331,76 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         if let Some(t) = self.state.lock().expect("scan state").get_mut(&c.id) {
             t.procs_file = file;
         }
-        Ok(pids)
+        let mut window = PidWindow::new(self.max_processes, cursor);
+        for pid in pids {
+            window.offer(pid);
+        }
+        Ok(window.finish())
     }
 
-    async fn scan_one(&self, c: &ContainerRef) -> Result<(Vec<Row>, usize), RuntimeError> {
-        self.state
-            .lock()
-            .expect("scan state")
-            .entry(c.id.clone())
-            .or_insert_with(|| Tracked {
-                container: c.clone(),
-                procs_file: None,
-                first_uids: None,
-                failing: BTreeMap::new(),
-            });
-        let pids = self.pids(c).await?;
-        let mut procs = Vec::with_capacity(pids.len());
-        let mut unreadable = Vec::new();
-        let mut buf = Vec::with_capacity(2048);
-        for pid in pids {
-            match self.proc.status(pid, &mut buf) {
-                Ok(Some(p)) => procs.push(p),
-                Ok(None) => {} // exited between list and read
-                Err(e) => unreadable.push((pid, e)),
-            }
-        }
-        let ids = [c.id.clone()];
-        let mut rows = Vec::new();
-        for (pid, e) in unreadable {
-            // Still this container's (not gone, not a reused pid): a process the audit cannot see.
-            if self.proc.container_of(pid, &ids).is_none() {
-                debug!(pid, error = %e, "unreadable /proc entry of a process that left; skipped");
-                continue;
-            }
-            let v = process::unreadable(pid, &e);
-            rows.push(Row {
-                container: c.clone(),
-                pid,
-                command: "?".into(),
-                check: v.reason,
-                detail: v.detail,
-            });
-        }
-        if procs.is_empty() {
-            self.update(c, &rows);
-            return Ok((rows, 0));
-        }
-        // The lowest pid is the container's first process: its UIDs at first sight are the baseline.
-        procs.sort_by_key(|p| p.pid);
-        let first = {
-            let mut state = self.state.lock().expect("scan state");
-            let Some(t) = state.get_mut(&c.id) else {
-                return Ok((Vec::new(), 0));
-            };
-            *t.first_uids.get_or_insert(procs[0].uids)
-        };
+    /// The UID policy for `c`'s pod: its namespace's range where it has one.
+    fn policy_for(&self, c: &ContainerRef) -> UidPolicy {
         let ns_range = self
             .namespace_ranges
             .as_ref()
             .and_then(|r| r.get(&c.namespace));
-        let policy = match ns_range {
+        match ns_range {
             Some(range) => UidPolicy {
                 range: Some(range),
                 ..self.settings.uid_policy.clone()
             },
             None => self.settings.uid_policy.clone(),
+        }
+    }
+
+    async fn scan_one(&self, c: &ContainerRef) -> Result<ContainerScan, RuntimeError> {
+        let (cursor, mut first) = {
+            let mut state = self.state.lock().expect("scan state");
+            let t = state.entry(c.id.clone()).or_insert_with(|| Tracked::new(c));
+            (t.cursor, t.first_uids)
         };
-        for p in &procs {
-            let violations = evaluate_process(p, &first, &policy);
+        let window = self.pids(c, cursor).await?;
+        let unread = window.unread();
+        {
+            let mut state = self.state.lock().expect("scan state");
+            if let Some(t) = state.get_mut(&c.id) {
+                t.cursor = window.cursor;
+                if unread > 0 && !t.over_said {
+                    t.over_said = true;
+                    warn!(
+                        namespace = %c.namespace, pod = %c.pod, container = %c.name, container_id = %c.id,
+                        processes = window.total, per_scan = self.max_processes,
+                        "runner container has more processes than the runtime audit reads per scan; each scan reads the next {} in turn, and kernel process events are still checked one by one (said once per container)",
+                        self.max_processes
+                    );
+                }
+            }
+        }
+        let policy = self.policy_for(c);
+        let ids = [c.id.clone()];
+        let mut rows = Vec::new();
+        let mut read = 0;
+        let mut buf = Vec::with_capacity(2048);
+        // Lowest pid first: at first sight the container's first process gives the UID baseline.
+        for pid in window.pids {
+            let p = match self.proc.status(pid, &mut buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue, // exited between list and read
+                Err(e) => {
+                    // Still this container's (not gone, not a reused pid): a process the audit cannot see.
+                    if self.proc.container_of(pid, &ids).is_none() {
+                        debug!(pid, error = %e, "unreadable /proc entry of a process that left; skipped");
+                    } else {
+                        add_row(&mut rows, process::PROCESS_UNREADABLE, || {
+                            unreadable_row(c, pid, &e)
+                        });
+                    }
+                    continue;
+                }
+            };
+            read += 1;
+            let baseline = *first.get_or_insert(p.uids);
+            let violations = evaluate_process(&p, &baseline, &policy);
             // A pid reused between listing and reading would blame another process: confirm it is
             // still in this container before reporting (only failing processes pay for the check).
             if !violations.is_empty() && self.proc.container_of(p.pid, &ids).is_none() {
@@ -310,39 +408,93 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
                 continue;
             }
             for v in violations {
-                rows.push(Row {
-                    container: c.clone(),
-                    pid: p.pid,
-                    command: p.comm.clone(),
-                    check: v.reason,
-                    detail: v.detail,
-                });
+                add_row(&mut rows, v.reason, || row(c, &p, v));
             }
         }
-        self.update(c, &rows);
-        Ok((rows, procs.len()))
+        if let Some(t) = self.state.lock().expect("scan state").get_mut(&c.id) {
+            t.first_uids = t.first_uids.or(first);
+        }
+        // A window of the container shows what fails, not that the rest complies.
+        self.update(c, &rows, unread == 0);
+        Ok(ContainerScan { rows, read, unread })
     }
 
-    /// New failures are emitted as findings, cleared ones as complying again.
-    fn update(&self, c: &ContainerRef, rows: &[Row]) {
+    /// A targeted check after kernel events: reads each named thread's own status
+    /// (`/proc/<tgid>/task/<tid>/status` — credentials are per thread) in the watched container `id`,
+    /// and reports the checks that start failing. It saw a few threads, not the container, so it never
+    /// clears a check. Returns whether a whole-container rescan is wanted: the container has no UID
+    /// baseline yet, or one of these threads complies with a check the container fails (it may be the
+    /// one that failed it).
+    pub fn check_threads(&self, id: &str, threads: &[(u32, u32)]) -> bool {
+        let (c, first, failing) = {
+            let state = self.state.lock().expect("scan state");
+            let Some(t) = state.get(id) else {
+                return false;
+            };
+            let failing: Vec<&'static str> = t.failing.keys().copied().collect();
+            (t.container.clone(), t.first_uids, failing)
+        };
+        let Some(first) = first else {
+            return true;
+        };
+        let policy = self.policy_for(&c);
+        let ids = [c.id.clone()];
+        let mut rows = Vec::new();
+        let mut rescan = false;
+        let mut buf = Vec::with_capacity(2048);
+        for &(tgid, tid) in threads {
+            let p = match self.proc.thread_status(tgid, tid, &mut buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => {
+                    if self.proc.container_of(tgid, &ids).is_some() {
+                        add_row(&mut rows, process::PROCESS_UNREADABLE, || {
+                            unreadable_row(&c, tid, &e)
+                        });
+                    }
+                    continue;
+                }
+            };
+            let violations = evaluate_process(&p, &first, &policy);
+            rescan |= failing
+                .iter()
+                .any(|f| !violations.iter().any(|v| v.reason == *f));
+            if !violations.is_empty() && self.proc.container_of(tgid, &ids).is_none() {
+                continue; // left the container (or a reused pid) since the event
+            }
+            for v in violations {
+                add_row(&mut rows, v.reason, || row(&c, &p, v));
+            }
+        }
+        if self.update(&c, &rows, false) {
+            (self.emit)(RuntimeEvent::Rescanned { container_id: c.id });
+        }
+        rescan
+    }
+
+    /// New failures are emitted as findings and, when `complete` (the rows of every process of the
+    /// container), cleared ones as complying again. Returns whether anything was emitted.
+    fn update(&self, c: &ContainerRef, rows: &[Row], complete: bool) -> bool {
         let mut events = Vec::new();
         {
             let mut state = self.state.lock().expect("scan state");
             let Some(t) = state.get_mut(&c.id) else {
-                return;
+                return false;
             };
             let now: BTreeMap<&'static str, &Row> =
                 rows.iter().map(|r| (r.check, r)).rev().collect();
-            t.failing.retain(|check, _| {
-                let still = now.contains_key(check);
-                if !still {
-                    events.push(RuntimeEvent::Complies {
-                        container: c.clone(),
-                        check,
-                    });
-                }
-                still
-            });
+            if complete {
+                t.failing.retain(|check, _| {
+                    let still = now.contains_key(check);
+                    if !still {
+                        events.push(RuntimeEvent::Complies {
+                            container: c.clone(),
+                            check,
+                        });
+                    }
+                    still
+                });
+            }
             for (check, row) in now {
                 if !t.failing.contains_key(check) {
                     t.failing.insert(check, row.clone());
@@ -356,9 +508,11 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
                 }
             }
         }
+        let changed = !events.is_empty();
         for e in events {
             (self.emit)(e);
         }
+        changed
     }
 }
 

@@ -1,5 +1,6 @@
 //! The scanner's bookkeeping against in-memory containers and processes: findings once per container
-//! and check, gauges that drop when a container complies or goes, and pids reused mid-scan.
+//! and check, gauges that drop when a container complies or goes, and pids reused mid-scan; the bounds
+//! on what one scan reads and keeps; targeted checks of the threads kernel events name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use crate::contract::process::{
 };
 use crate::outcome::runtime::RuntimeEvent;
 use crate::outcome::Emit;
+use crate::process_audit::{proc_connector, watch};
 use crate::report::metrics::Metrics;
 use crate::report::runtime::RuntimeReport;
 use crate::report::sink::{Captured, FindingSink};
@@ -29,6 +31,10 @@ struct Node {
     pids_fail: HashMap<String, tonic::Code>,
     /// pids whose status cannot be read (not valid, or EACCES).
     unreadable: Vec<u32>,
+    /// (tgid, tid) → a thread's own status, where it differs from its process's.
+    threads: HashMap<(u32, u32), ProcFacts>,
+    /// Status files read (processes and threads).
+    status_reads: usize,
 }
 
 #[derive(Clone, Default)]
@@ -60,6 +66,7 @@ impl ContainerLister for Fake {
 
 impl ProcFs for Fake {
     fn status(&self, pid: u32, _buf: &mut Vec<u8>) -> std::io::Result<Option<ProcFacts>> {
+        self.node().status_reads += 1;
         if self.node().unreadable.contains(&pid) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -68,12 +75,35 @@ impl ProcFs for Fake {
         }
         Ok(self.node().procs.get(&pid).cloned())
     }
+    fn thread_status(
+        &self,
+        tgid: u32,
+        tid: u32,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<Option<ProcFacts>> {
+        let own = self.node().threads.get(&(tgid, tid)).cloned();
+        match own {
+            Some(t) => {
+                self.node().status_reads += 1;
+                Ok(Some(t))
+            }
+            None if tid == tgid => self.status(tgid, buf),
+            None => {
+                self.node().status_reads += 1;
+                Ok(None)
+            }
+        }
+    }
     fn cgroup_procs_file(&self, _pid: u32, id: &str) -> Option<std::path::PathBuf> {
         self.node()
             .cgroup_files
             .then(|| std::path::PathBuf::from(format!("/cg/{id}/cgroup.procs")))
     }
-    fn read_cgroup_procs(&self, file: &std::path::Path) -> std::io::Result<Vec<u32>> {
+    fn read_cgroup_procs(
+        &self,
+        file: &std::path::Path,
+        each: &mut dyn FnMut(u32),
+    ) -> std::io::Result<()> {
         let id = file
             .parent()
             .unwrap()
@@ -81,7 +111,9 @@ impl ProcFs for Fake {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        Ok(self.node().pids.get(&id).cloned().unwrap_or_default())
+        let pids = self.node().pids.get(&id).cloned().unwrap_or_default();
+        pids.into_iter().for_each(each);
+        Ok(())
     }
     fn container_of(&self, pid: u32, ids: &[String]) -> Option<String> {
         let n = self.node();
@@ -444,4 +476,201 @@ async fn a_container_of_only_unreadable_processes_is_still_reported() {
     let res = r.scanner.scan_all().await.unwrap();
     assert_eq!(res.rows.len(), 1);
     assert_eq!(r.captured.reasons(), [PROCESS_UNREADABLE]);
+}
+
+#[tokio::test]
+async fn one_row_per_check_and_container_however_many_processes_fail_it() {
+    let r = rig();
+    r.add("c1", (10..1010).map(|pid| process(pid, 0, 0)).collect());
+    let res = r.scanner.scan_all().await.unwrap();
+    assert_eq!(res.processes, 1000);
+    assert_eq!(
+        res.rows.len(),
+        1,
+        "{:?}",
+        &res.rows[..res.rows.len().min(3)]
+    );
+    let row = &res.rows[0];
+    assert_eq!(
+        (row.check, row.pid, row.more),
+        (RUNNING_AS_ROOT, 10, 999),
+        "the lowest pid, and a count of the rest"
+    );
+    assert_eq!(r.captured.reasons(), [RUNNING_AS_ROOT]);
+}
+
+/// Log lines written while a test runs (the warning said once per container).
+#[derive(Clone, Default)]
+struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_container_over_the_process_bound_is_read_a_window_a_scan_and_said_once() {
+    let lines = LogLines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fake = Fake::default();
+    let metrics = Arc::new(Metrics::new());
+    let (sink, captured) = FindingSink::capture(metrics.clone());
+    let scanner = Scanner::with_sources(
+        fake.clone(),
+        fake.clone(),
+        ScanSettings::default(),
+        recorded(&metrics, Some(sink)).0,
+    )
+    .with_max_processes(4);
+    fake.node().cgroup_files = true;
+    {
+        let mut n = fake.node();
+        n.containers.push(container("c1"));
+        // Ten processes; the ninth (pid 90) runs as root.
+        let procs: Vec<ProcFacts> = (1..=10)
+            .map(|i| process(i * 10, if i == 9 { 0 } else { 1001 }, 0))
+            .collect();
+        n.pids
+            .insert("c1".into(), procs.iter().rev().map(|p| p.pid).collect());
+        n.procs.extend(procs.into_iter().map(|p| (p.pid, p)));
+    }
+    let mut found_at = None;
+    for scan in 1..=3 {
+        let before = fake.node().status_reads;
+        let res = scanner.scan_all().await.unwrap();
+        assert_eq!((res.processes, res.unread), (4, 6), "scan {scan}");
+        assert_eq!(fake.node().status_reads - before, 4, "scan {scan} reads 4");
+        if found_at.is_none() && !res.rows.is_empty() {
+            found_at = Some(scan);
+        }
+    }
+    // 10–40, then 50–80, then the wrap: 90, 100, 10, 20.
+    assert_eq!(found_at, Some(3));
+    assert_eq!(captured.reasons(), [RUNNING_AS_ROOT, UID_DRIFT]);
+    // A window proves what fails, not that the rest complies: the next window keeps the finding.
+    scanner.scan_all().await.unwrap();
+    assert_eq!(
+        metrics
+            .noncompliant_containers
+            .with_label_values(&[RUNNING_AS_ROOT])
+            .get(),
+        1
+    );
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let said: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("more processes than the runtime audit reads per scan"))
+        .collect();
+    assert_eq!(said.len(), 1, "{text}");
+    assert!(
+        said[0].contains("pod-c1") && said[0].contains("processes=10"),
+        "{}",
+        said[0]
+    );
+    // Back under the bound: a whole scan again, and compliance is believed.
+    fake.node().pids.insert("c1".into(), vec![10, 20]);
+    let res = scanner.scan_all().await.unwrap();
+    assert_eq!((res.processes, res.unread, res.rows.len()), (2, 0, 0));
+    assert_eq!(
+        metrics
+            .noncompliant_containers
+            .with_label_values(&[RUNNING_AS_ROOT])
+            .get(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_non_leader_thread_s_own_credentials_are_checked() {
+    let r = rig();
+    r.add("c1", vec![process(10, 1001, 0)]);
+    r.scanner.scan_all().await.unwrap();
+    // Thread 11 of process 10 calls the raw setresuid(0, 0, 0): its leader's status still says 1001.
+    r.fake.node().threads.insert((10, 11), process(11, 0, 0));
+    assert!(
+        r.scanner.scan_all().await.unwrap().rows.is_empty(),
+        "a full scan reads leaders"
+    );
+    r.scanner.check_threads("c1", &[(10, 11)]);
+    let f = r.captured.findings();
+    assert_eq!(r.captured.reasons(), [RUNNING_AS_ROOT, UID_DRIFT], "{f:?}");
+    assert_eq!(f[0]["pid"].as_u64(), Some(11), "the thread is named");
+    assert_eq!(r.gauge(RUNNING_AS_ROOT), 1, "published at once");
+}
+
+#[tokio::test]
+async fn a_burst_of_events_in_one_container_is_one_targeted_check_of_its_threads() {
+    let r = rig();
+    r.fake.node().cgroup_files = true;
+    r.add(
+        "noisy",
+        (100..200).map(|pid| process(pid, 1001, 0)).collect(),
+    );
+    r.add("quiet", vec![process(10, 1001, 0)]);
+    r.scanner.scan_all().await.unwrap();
+    let reads = r.fake.node().status_reads;
+    let listed = r.fake.node().list_pids_calls;
+    // 3,901 events in one burst: each of the noisy container's 100 processes 39 times over (thread 151
+    // of process 150 too), and the quiet container's process turning root.
+    r.fake.node().procs.get_mut(&10).unwrap().uids = [0; 4];
+    r.fake
+        .node()
+        .threads
+        .insert((150, 151), process(151, 1001, 0));
+    let mut events = Vec::new();
+    for round in 0..39 {
+        for pid in 100..200 {
+            events.push(proc_connector::CredentialEvent {
+                tgid: pid,
+                tid: if pid == 150 && round % 2 == 1 {
+                    151
+                } else {
+                    pid
+                },
+            });
+        }
+    }
+    events.push(proc_connector::CredentialEvent { tgid: 10, tid: 10 });
+    let (forward, mut inbox) = proc_connector::channel(4096);
+    for e in events {
+        forward.event(e);
+    }
+    let Some(proc_connector::Work::Events(batch)) = inbox.next().await else {
+        panic!("one batch")
+    };
+    assert_eq!(batch.len(), 102, "distinct threads only");
+    let mut recheck = watch::Recheck::default();
+    assert!(
+        !watch::check(&r.scanner, &batch, &mut recheck),
+        "no full scan"
+    );
+    assert_eq!(
+        r.fake.node().status_reads - reads,
+        102,
+        "one read per distinct thread, no container rescanned per event"
+    );
+    assert_eq!(r.fake.node().list_pids_calls, listed, "no listing either");
+    assert_eq!(r.captured.reasons(), [RUNNING_AS_ROOT, UID_DRIFT]);
+    assert_eq!(r.captured.findings()[0]["regarding"]["name"], "pod-quiet");
+    assert_eq!(recheck.wanted(), Vec::<String>::new(), "nothing to clear");
+    // The quiet process drops root again: the container fails checks this thread no longer does, so a
+    // whole rescan of that container (only) is wanted to clear them.
+    r.fake.node().procs.get_mut(&10).unwrap().uids = [1001; 4];
+    watch::check(
+        &r.scanner,
+        &[proc_connector::CredentialEvent { tgid: 10, tid: 10 }],
+        &mut recheck,
+    );
+    assert_eq!(recheck.wanted(), ["quiet"]);
 }

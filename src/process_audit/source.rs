@@ -36,9 +36,17 @@ impl ContainerLister for Runtime {
 pub trait ProcFs: Send + Sync + 'static {
     /// `/proc/<pid>/status`, `Ok(None)` when the process is gone (churn, never a finding).
     fn status(&self, pid: u32, buf: &mut Vec<u8>) -> io::Result<Option<ProcFacts>>;
+    /// `/proc/<tgid>/task/<tid>/status`: one thread's own credentials (pid `tid` in the facts).
+    fn thread_status(
+        &self,
+        tgid: u32,
+        tid: u32,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Option<ProcFacts>>;
     /// The `cgroup.procs` file listing `container_id`'s processes, found from one of them.
     fn cgroup_procs_file(&self, pid: u32, container_id: &str) -> Option<PathBuf>;
-    fn read_cgroup_procs(&self, file: &Path) -> io::Result<Vec<u32>>;
+    /// Hands each pid the file lists to `each` (streamed: no list as long as the tenant's is).
+    fn read_cgroup_procs(&self, file: &Path, each: &mut dyn FnMut(u32)) -> io::Result<()>;
     /// Which of `ids` the process's cgroup names, if any.
     fn container_of(&self, pid: u32, ids: &[String]) -> Option<String>;
 }
@@ -52,12 +60,21 @@ impl ProcFs for HostProc {
         proc_status::read_with(pid, buf)
     }
 
+    fn thread_status(
+        &self,
+        tgid: u32,
+        tid: u32,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Option<ProcFacts>> {
+        proc_status::read_thread_with(tgid, tid, buf)
+    }
+
     fn cgroup_procs_file(&self, pid: u32, container_id: &str) -> Option<PathBuf> {
         proc_status::cgroup_procs_file(pid, container_id)
     }
 
-    fn read_cgroup_procs(&self, file: &Path) -> io::Result<Vec<u32>> {
-        proc_status::read_cgroup_procs(file)
+    fn read_cgroup_procs(&self, file: &Path, each: &mut dyn FnMut(u32)) -> io::Result<()> {
+        proc_status::read_cgroup_procs(file, each)
     }
 
     fn container_of(&self, pid: u32, ids: &[String]) -> Option<String> {
