@@ -18,11 +18,20 @@ pub enum RuntimeEvent {
     },
     /// A container that failed checks is gone: it no longer counts.
     Gone { container: ContainerRef },
-    /// A full scan of every runner container ended.
+    /// A full scan of every runner container ended. `unread`: processes over the per-container bound,
+    /// left for the next scans.
     Scanned {
         containers: usize,
         processes: usize,
+        unread: usize,
         took: Duration,
+    },
+    /// A container holds more processes than one scan reads (`per_scan`): its scans read a window at a
+    /// time, so a violation may be seen up to `processes / per_scan` scans late. Told once per container.
+    OverProcessBound {
+        container: ContainerRef,
+        processes: usize,
+        per_scan: usize,
     },
     /// One known container was scanned again (after a process event).
     Rescanned { container_id: String },

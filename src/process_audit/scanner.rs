@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::pid_window::{Picked, PidWindow};
 use super::source::{ContainerLister, HostProc, ProcFs};
@@ -289,6 +289,7 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         (self.emit)(RuntimeEvent::Scanned {
             containers: result.containers,
             processes: result.processes,
+            unread: result.unread,
             took: started.elapsed(),
         });
         Ok(result)
@@ -361,20 +362,23 @@ impl<C: ContainerLister, P: ProcFs> Scanner<C, P> {
         };
         let window = self.pids(c, cursor).await?;
         let unread = window.unread();
+        let mut over = None;
         {
             let mut state = self.state.lock().expect("scan state");
             if let Some(t) = state.get_mut(&c.id) {
                 t.cursor = window.cursor;
                 if unread > 0 && !t.over_said {
                     t.over_said = true;
-                    warn!(
-                        namespace = %c.namespace, pod = %c.pod, container = %c.name, container_id = %c.id,
-                        processes = window.total, per_scan = self.max_processes,
-                        "runner container has more processes than the runtime audit reads per scan; each scan reads the next {} in turn, and kernel process events are still checked one by one (said once per container)",
-                        self.max_processes
-                    );
+                    over = Some(window.total);
                 }
             }
+        }
+        if let Some(processes) = over {
+            (self.emit)(RuntimeEvent::OverProcessBound {
+                container: c.clone(),
+                processes,
+                per_scan: self.max_processes,
+            });
         }
         let policy = self.policy_for(c);
         let ids = [c.id.clone()];

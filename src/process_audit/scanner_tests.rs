@@ -557,7 +557,16 @@ async fn a_container_over_the_process_bound_is_read_a_window_a_scan_and_said_onc
     }
     // 10–40, then 50–80, then the wrap: 90, 100, 10, 20.
     assert_eq!(found_at, Some(3));
-    assert_eq!(captured.reasons(), [RUNNING_AS_ROOT, UID_DRIFT]);
+    assert_eq!(
+        captured.reasons(),
+        [
+            crate::report::messages::PROCESSES_OVER_BOUND,
+            RUNNING_AS_ROOT,
+            UID_DRIFT
+        ],
+        "the bound told once, on the pod, before the window reached the root process"
+    );
+    assert_eq!(metrics.unread_processes.get(), 6);
     // A window proves what fails, not that the rest complies: the next window keeps the finding.
     scanner.scan_all().await.unwrap();
     assert_eq!(
@@ -582,6 +591,7 @@ async fn a_container_over_the_process_bound_is_read_a_window_a_scan_and_said_onc
     fake.node().pids.insert("c1".into(), vec![10, 20]);
     let res = scanner.scan_all().await.unwrap();
     assert_eq!((res.processes, res.unread, res.rows.len()), (2, 0, 0));
+    assert_eq!(metrics.unread_processes.get(), 0);
     assert_eq!(
         metrics
             .noncompliant_containers

@@ -201,6 +201,28 @@ pub fn process_violation(
     .process(&c.name, pid)
 }
 
+/// Event reason: a runner container holds more processes than one runtime scan reads.
+pub const PROCESSES_OVER_BOUND: &str = "RunnerProcessesOverAuditBound";
+
+/// The finding for a container over the runtime audit's per-scan bound (told once per container).
+pub fn processes_over_bound(c: &ContainerRef, processes: usize, per_scan: usize) -> Finding {
+    let scans = processes.div_ceil(per_scan.max(1));
+    Finding::new(
+        PROCESSES_OVER_BOUND,
+        Level::Warning,
+        Regarding::pod(&c.namespace, &c.pod).with_uid(&c.pod_uid),
+        truncate(
+            &format!(
+                "Container {} has {processes} processes; the runtime audit reads {per_scan} per scan, so \
+                 a violation among them may be seen up to {scans} scans late (kernel process events are \
+                 still checked one by one). A runner should not need this many: look for a fork loop.",
+                c.name
+            ),
+            MESSAGE_MAX,
+        ),
+    )
+}
+
 /// What the shutdown timer measured for one exit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MeasuredExit<'a> {

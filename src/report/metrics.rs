@@ -42,6 +42,7 @@ pub struct Metrics {
     pub process_violations_total: IntCounterVec,
     pub noncompliant_containers: IntGaugeVec,
     pub scanned_processes: IntGauge,
+    pub unread_processes: IntGauge,
     pub proc_connector_up: IntGauge,
     pub shutdown_duration_seconds: Histogram,
     pub shutdowns_total: IntCounterVec,
@@ -201,6 +202,11 @@ impl Metrics {
             "Processes read in the last full runtime audit scan.",
         )
         .expect("valid metric");
+        let unread_processes = IntGauge::new(
+            name("unread_processes"),
+            "Runner processes over the per-container bound, not read by the last full runtime scan (later scans read them in turn).",
+        )
+        .expect("valid metric");
         let proc_connector_up = IntGauge::new(
             name("proc_connector_up"),
             "1 when kernel process events drive rescans; 0 when only polling (connector refused or off).",
@@ -300,6 +306,7 @@ impl Metrics {
             Box::new(process_violations_total.clone()),
             Box::new(noncompliant_containers.clone()),
             Box::new(scanned_processes.clone()),
+            Box::new(unread_processes.clone()),
             Box::new(proc_connector_up.clone()),
             Box::new(shutdown_duration_seconds.clone()),
             Box::new(shutdowns_total.clone()),
@@ -373,6 +380,7 @@ impl Metrics {
             process_violations_total,
             noncompliant_containers,
             scanned_processes,
+            unread_processes,
             proc_connector_up,
             shutdown_duration_seconds,
             shutdowns_total,

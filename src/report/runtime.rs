@@ -1,5 +1,5 @@
 //! The runtime audit's reporter: turns each `RuntimeEvent` into `process_violations_total{check}`,
-//! `noncompliant_containers{check}`, `scanned_processes`, `scan_duration_seconds`,
+//! `noncompliant_containers{check}`, `scanned_processes`, `unread_processes`, `scan_duration_seconds`,
 //! `proc_connector_up`, the log, and a finding on the pod for each check that starts failing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -79,13 +79,31 @@ impl RuntimeReport {
                 info!(pod = %c.pod, container = %c.name, "non-compliant container is gone");
             }
             RuntimeEvent::Scanned {
-                processes, took, ..
+                processes,
+                unread,
+                took,
+                ..
             } => {
                 self.publish();
                 self.metrics.scanned_processes.set(processes as i64);
+                self.metrics.unread_processes.set(unread as i64);
                 self.metrics
                     .scan_duration_seconds
                     .observe(took.as_secs_f64());
+            }
+            RuntimeEvent::OverProcessBound {
+                container: c,
+                processes,
+                per_scan,
+            } => {
+                warn!(
+                    namespace = %c.namespace, pod = %c.pod, container = %c.name, container_id = %c.id,
+                    processes, per_scan,
+                    "runner container has more processes than the runtime audit reads per scan; each scan reads the next {per_scan} in turn, and kernel process events are still checked one by one (said once per container)"
+                );
+                if let Some(sink) = &self.findings {
+                    sink.publish(&messages::processes_over_bound(&c, processes, per_scan));
+                }
             }
             RuntimeEvent::Rescanned { .. } => self.publish(),
             RuntimeEvent::ProcConnector(up) => self.metrics.proc_connector_up.set(up as i64),
