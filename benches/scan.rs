@@ -315,6 +315,8 @@ async fn storm(bed: &Bed, runtime: &Runtime) {
             let mut episodes: Vec<(u32, Instant)> = Vec::new();
             let mut root_before: HashSet<u32> = HashSet::new();
             let mut buf = Vec::with_capacity(2048);
+            // A process already root at the first poll began before the clock: not an episode.
+            let mut first = true;
             while !done.load(Ordering::Relaxed) {
                 let mut pids = Vec::new();
                 let _ = proc_status::read_cgroup_procs(&procs_file, &mut |p| pids.push(p));
@@ -323,13 +325,14 @@ async fn storm(bed: &Bed, runtime: &Runtime) {
                     if let Ok(Some(p)) = proc_status::read_with(pid, &mut buf) {
                         if p.uids.contains(&0) {
                             root_now.insert(pid);
-                            if !root_before.contains(&pid) {
+                            if !first && !root_before.contains(&pid) {
                                 episodes.push((pid, Instant::now()));
                             }
                         }
                     }
                 }
                 root_before = root_now;
+                first = false;
                 std::thread::sleep(Duration::from_millis(2));
             }
             episodes
@@ -374,7 +377,28 @@ async fn storm(bed: &Bed, runtime: &Runtime) {
             .min()
         {
             Some(t) => delays.push(t.saturating_duration_since(*seen).as_secs_f64() * 1e3),
-            None => missed += 1,
+            None => {
+                missed += 1;
+                let near: Vec<String> = flagged
+                    .iter()
+                    .filter(|(t, _)| {
+                        t.saturating_duration_since(*seen) < Duration::from_secs(10)
+                            && seen.saturating_duration_since(*t) < Duration::from_secs(10)
+                    })
+                    .map(|(t, p)| {
+                        format!(
+                            "pid {p} at {:+.0} ms",
+                            (t.saturating_duration_since(*seen).as_secs_f64()
+                                - seen.saturating_duration_since(*t).as_secs_f64())
+                                * 1e3
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  not flagged: pid {pid} root from {:.1} s into the hold; findings within 10 s of it: {near:?}",
+                    seen.saturating_duration_since(start).as_secs_f64()
+                );
+            }
         }
     }
     let (med, max) = if delays.is_empty() {

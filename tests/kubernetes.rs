@@ -412,6 +412,122 @@ mod on_a_cluster {
         k.kubectl(&["delete", "namespace", "rw-registry", "--wait=false"]);
     }
 
+    /// Issue 25 item 1: a session pod pulls more than its runner image. A pod shaped as the control plane
+    /// makes it (runner + `ambient-mcp` sidecar, `imagePullPolicy: Always`, the project's pull Secret),
+    /// bound to a second Node with no kubelet, so it never runs anywhere: the reporter learns its images
+    /// from the cluster-wide watch, publishes them in the session-images ConfigMap, and this node pulls
+    /// them with the pod's own Secret (the bed's registry refuses anonymous pulls) and keeps them after
+    /// the pod is gone.
+    #[tokio::test]
+    async fn every_image_of_a_session_pod_on_any_node_is_prewarmed_here_with_the_pods_secret() {
+        let _g = serial().await;
+        let (bed, k) = (Bed::get(), Cluster::get());
+        let (runner, sidecar) = (
+            bed.image("k8s/session-runner:v1"),
+            bed.image("k8s/session-mcp:v1"),
+        );
+        retag(&bed, "runners/runtime:v1", "k8s/session-runner:v1");
+        retag(&bed, "runners/audit-twin:v1", "k8s/session-mcp:v1");
+        for i in [&runner, &sidecar] {
+            bed.remove_repo(i.rsplit_once(':').unwrap().0).await;
+        }
+        k.project(&bed, "rw-session").await;
+        let _ = k.try_kubectl(&[
+            "-n",
+            "runner-warden",
+            "delete",
+            "configmap",
+            "runner-warden-session-images",
+        ]);
+        k.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: rw-ghost-node\n");
+        k.apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: session-ghost-runner
+  namespace: rw-session
+  labels:
+    ambient-code.io/session-id: ghost
+    ambient-code.io/project-id: rw-session
+    ambient-code.io/managed: "true"
+    ambient-code.io/managed-by: ambient-control-plane
+spec:
+  nodeName: rw-ghost-node
+  terminationGracePeriodSeconds: 60
+  imagePullSecrets: [{{name: pull}}]
+  containers:
+  - name: ambient-code-runner
+    image: "{runner}"
+    imagePullPolicy: Always
+    securityContext: {COMPLIANT}
+  - name: ambient-mcp
+    image: "{sidecar}"
+    imagePullPolicy: Always
+"#
+        ));
+        // No ProjectSettings names either image: only the pod does.
+        let agent = k.agent(&bed, &ENV).await;
+        for image in [&runner, &sidecar] {
+            agent
+                .wait(S(120), "the session pod's image pulled here", || async {
+                    (bed.cri_status(image).await.0).then_some(())
+                })
+                .await;
+        }
+        let doc = k.kubectl(&[
+            "-n",
+            "runner-warden",
+            "get",
+            "configmap",
+            "runner-warden-session-images",
+            "-o",
+            "jsonpath={.data.session-images\\.json}",
+        ]);
+        let doc: serde_json::Value = serde_json::from_str(&doc).expect(&doc);
+        let mcp = doc["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["image"] == sidecar.as_str())
+            .unwrap_or_else(|| panic!("{doc}"));
+        assert_eq!(mcp["users"][0]["namespace"], "rw-session");
+        assert_eq!(mcp["users"][0]["pullSecrets"], serde_json::json!(["pull"]));
+        let states = image_states(&agent).await.unwrap();
+        assert_eq!(
+            states.get(&sidecar).map(String::as_str),
+            Some("ready"),
+            "{states:?}"
+        );
+        // The pod gone, its images stay (forgotten a week after their last pod).
+        k.kubectl(&[
+            "-n",
+            "rw-session",
+            "delete",
+            "pod",
+            "session-ghost-runner",
+            "--grace-period=0",
+            "--force",
+        ]);
+        tokio::time::sleep(S(35)).await;
+        let states = image_states(&agent).await.unwrap();
+        assert!(states.contains_key(&sidecar), "{states:?}");
+        for text in [agent.logs(), agent.findings_raw()] {
+            assert!(
+                !text.contains(&bed.password),
+                "the registry password leaked"
+            );
+        }
+        k.kubectl(&["delete", "node", "rw-ghost-node", "--wait=false"]);
+        k.kubectl(&["delete", "namespace", "rw-session", "--wait=false"]);
+        let _ = k.try_kubectl(&[
+            "-n",
+            "runner-warden",
+            "delete",
+            "configmap",
+            "runner-warden-session-images",
+        ]);
+    }
+
     /// The agent's desired images and their states, from `runner-warden status --output json`.
     async fn image_states(agent: &Agent) -> Option<std::collections::HashMap<String, String>> {
         let out = tokio::process::Command::new(BIN)

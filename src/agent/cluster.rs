@@ -27,6 +27,7 @@ use crate::runtime::errors::FailureClass;
 use crate::shutdown::stop_clock::PodStops;
 use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
+use crate::sources::kubernetes::session_images;
 use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
 use crate::sources::pull_slots::PullSlots;
 use crate::sources::{leader, merge_desired};
@@ -181,6 +182,26 @@ pub(super) async fn start(
         api_health.clone(),
         stop.clone(),
     ));
+    // What the platform's session pods pull: every node follows one ConfigMap, the reporter writes it.
+    let (session_tx, session_rx) = watch::channel(None);
+    if k.session_images {
+        tasks.spawn(session_images::follow(
+            client.clone(),
+            k.lease_namespace.clone(),
+            session_tx,
+            api_health.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(session_images::publish(
+            client.clone(),
+            k.lease_namespace.clone(),
+            is_leader.clone(),
+            session_rx.clone(),
+            k.session_images_forget,
+            api_health.clone(),
+            stop.clone(),
+        ));
+    }
     let source = KubeSource::new(
         client.clone(),
         KubeSettings {
@@ -200,6 +221,11 @@ pub(super) async fn start(
         api_health.clone(),
     )
     .with_pull_needs(pull_needs(board));
+    let source = if k.session_images {
+        source.with_session_images(session_rx)
+    } else {
+        source
+    };
     let store = source.store();
     let uid_of: UidLookup = Arc::new(move |r: &Regarding| {
         r.uid

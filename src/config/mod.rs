@@ -136,6 +136,11 @@ pub struct KubernetesSettings {
     pub secret_poll: bool,
     /// `--kubeconfig` / `KUBECONFIG`; `None`: in-cluster, then kube's own defaults.
     pub kubeconfig: Option<PathBuf>,
+    /// `kubernetes.session_images`: also prewarm every image the platform's session pods pull (sidecars,
+    /// init containers), learned by the reporter (docs/session-images.md).
+    pub session_images: bool,
+    /// `kubernetes.session_images_forget`: how long a learned image stays after the last pod using it.
+    pub session_images_forget: Duration,
 }
 
 /// Passive shutdown timing of runner containers (which containers are runners: `runtime_audit`'s list).

@@ -104,6 +104,8 @@ pub(super) struct RawKubernetes {
     pub(super) agent_registry: Option<String>,
     pub(super) lease_namespace: Option<String>,
     pub(super) secret_refresh: Option<String>,
+    pub(super) session_images: Option<bool>,
+    pub(super) session_images_forget: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

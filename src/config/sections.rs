@@ -282,7 +282,20 @@ pub(super) fn kubernetes(rk: RawKubernetes, problems: &mut Problems) -> Kubernet
         secret_refresh: super::DEFAULT_SECRET_REFRESH,
         secret_poll: false,
         kubeconfig: None,
+        session_images: rk.session_images.unwrap_or(true),
+        session_images_forget: crate::sources::session_images::DEFAULT_FORGET,
     };
+    if let Some(s) = rk.session_images_forget {
+        match humantime::parse_duration(&s) {
+            Ok(d) if d >= Duration::from_secs(3600) => k.session_images_forget = d,
+            Ok(_) => problems.push(format!(
+                "kubernetes.session_images_forget: {s:?} is under an hour (a session image would be unpinned between two sessions of a working day)"
+            )),
+            Err(e) => problems.push(format!(
+                "kubernetes.session_images_forget: {s:?} is not a duration ({e}); write e.g. \"7d\""
+            )),
+        }
+    }
     if let Some(s) = rk.secret_refresh {
         match humantime::parse_duration(&s) {
             Ok(d) if d >= Duration::from_secs(1) => {

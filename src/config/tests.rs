@@ -140,6 +140,27 @@ fn secret_refresh_defaults_to_five_minutes_and_is_at_least_a_second() {
 }
 
 #[test]
+fn session_images_are_on_by_default_and_forgotten_after_a_week_at_least_an_hour() {
+    let s = parse("").unwrap();
+    assert!(s.kubernetes.session_images);
+    assert_eq!(
+        s.kubernetes.session_images_forget,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    let s =
+        parse("[kubernetes]\nsession_images = false\nsession_images_forget = \"2d\"\n").unwrap();
+    assert!(!s.kubernetes.session_images);
+    assert_eq!(
+        s.kubernetes.session_images_forget,
+        Duration::from_secs(2 * 24 * 3600)
+    );
+    for bad in ["\"10m\"", "\"later\""] {
+        let e = parse(&format!("[kubernetes]\nsession_images_forget = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("kubernetes.session_images_forget"), "{e:?}");
+    }
+}
+
+#[test]
 fn shutdown_section_is_validated() {
     let s = parse("[shutdown]\nslow_fraction = 0.8\nstop_records = \"stops\"\n").unwrap();
     assert_eq!(s.shutdown.slow_fraction, 0.8);

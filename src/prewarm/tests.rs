@@ -1015,7 +1015,7 @@ async fn two_hundred_projects_over_twenty_images_are_twenty_pulls_each_with_the_
         custom_images_enabled: true,
         ..Default::default()
     };
-    let (wants, problems) = plan(&projects, &policy);
+    let (wants, problems, _) = plan(&projects, &policy, &[]);
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(wants.len(), 20);
     // Each namespace's Secret `pull-N` logs in to rN.io as userN (what the cluster source reads).

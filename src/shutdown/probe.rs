@@ -148,6 +148,7 @@ async fn run(
             key: "AGUI_PORT".into(),
             value: opts.port.to_string(),
         }],
+        mounts: vec![],
         // Labelled as kubelet labels its containers, so a running agent names this pod in its findings.
         labels: HashMap::from([
             (SANDBOX_LABEL.to_string(), "true".to_string()),

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::reference::ImageRef;
+use crate::sources::session_images::SessionImage;
 
 /// The platform's switches, as the control plane reads them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -118,11 +119,31 @@ pub fn valid_secret_name(name: &str) -> bool {
         })
 }
 
+impl ClusterPolicy {
+    /// Whether an image learned from the platform's own session pods (`session_images`) is prewarmed:
+    /// with no allowlist, yes (as upstream); otherwise its registry (host and port, as `allows`) must be
+    /// an entry or the registry of one of the defaults (the platform's own sidecars come from there). A
+    /// pod a tenant labels as a runner cannot make every node pull from a registry the platform would
+    /// refuse as a runner image.
+    pub fn allows_learned(&self, reference: &str) -> bool {
+        self.allows(reference)
+            || upstream_registry(reference).is_some_and(|(registry, _, _)| {
+                self.default_images.iter().any(|d| {
+                    upstream_registry(d).is_some_and(|(r, _, _)| r.eq_ignore_ascii_case(&registry))
+                })
+            })
+    }
+}
+
 /// The images to hold and the problems found, deduplicated by normalised reference; deterministic order.
+/// `learned`: the images the platform's session pods pulled (`session_images`), each with the
+/// namespaces that used it and the pull secrets their pods named; returned in the third part are those
+/// the allowlist keeps out.
 pub fn plan(
     projects: &[ProjectWant],
     policy: &ClusterPolicy,
-) -> (Vec<Want>, Vec<(String, Problem)>) {
+    learned: &[SessionImage],
+) -> (Vec<Want>, Vec<(String, Problem)>, Vec<String>) {
     let mut wants: BTreeMap<String, Want> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut add = |image: ImageRef, project: Option<&str>, secret: Option<(String, String)>| {
@@ -207,7 +228,27 @@ pub fn plan(
             add(image, Some(&p.namespace), secret);
         }
     }
-    (wants.into_values().collect(), problems)
+    let mut refused = Vec::new();
+    for l in learned {
+        let Ok(image) = ImageRef::parse(&l.image) else {
+            continue;
+        };
+        if !policy.allows_learned(&l.image) {
+            refused.push(l.image.clone());
+            continue;
+        }
+        for u in &l.users {
+            add(image.clone(), Some(&u.namespace), None);
+            for name in u.pull_secrets.iter().filter(|n| valid_secret_name(n)) {
+                add(
+                    image.clone(),
+                    Some(&u.namespace),
+                    Some((u.namespace.clone(), name.clone())),
+                );
+            }
+        }
+    }
+    (wants.into_values().collect(), problems, refused)
 }
 
 #[cfg(test)]
@@ -222,6 +263,87 @@ mod tests {
         }
     }
 
+    /// `plan` without learned images.
+    fn plan_(
+        projects: &[ProjectWant],
+        policy: &ClusterPolicy,
+    ) -> (Vec<Want>, Vec<(String, Problem)>) {
+        let (w, p, refused) = plan(projects, policy, &[]);
+        assert!(refused.is_empty());
+        (w, p)
+    }
+
+    fn learned(image: &str, users: &[(&str, &[&str])]) -> SessionImage {
+        SessionImage {
+            image: image.into(),
+            users: users
+                .iter()
+                .map(|(ns, secrets)| crate::sources::session_images::User {
+                    namespace: ns.to_string(),
+                    pull_secrets: secrets.iter().map(|s| s.to_string()).collect(),
+                    last_seen: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn images_learned_from_session_pods_are_held_with_each_namespaces_secrets() {
+        let pol = policy(false, "");
+        let (w, p, refused) = plan(
+            &[],
+            &pol,
+            &[
+                learned(
+                    "quay.io/ambient_code/mcp:1",
+                    &[("b", &["pull"]), ("a", &["x", "../bad"])],
+                ),
+                learned(
+                    "quay.io/ambient_code/vteam_claude_runner:latest",
+                    &[("a", &["x"])],
+                ),
+            ],
+        );
+        assert!(p.is_empty() && refused.is_empty());
+        assert_eq!(w.len(), 2);
+        let mcp = w.iter().find(|w| w.image.as_str().contains("mcp")).unwrap();
+        assert_eq!(mcp.projects, ["b", "a"]);
+        assert_eq!(
+            mcp.secrets,
+            [
+                ("b".to_string(), "pull".to_string()),
+                ("a".into(), "x".into())
+            ],
+            "an invalid secret name is never followed"
+        );
+        // A default learned again: one want, and the namespace's secret joins it (the gate is off, yet
+        // the platform's own pods pulled it).
+        let runner = w
+            .iter()
+            .find(|w| w.image.as_str().contains("runner"))
+            .unwrap();
+        assert_eq!(runner.secrets, [("a".to_string(), "x".to_string())]);
+    }
+
+    #[test]
+    fn with_an_allowlist_learned_images_come_from_it_or_from_the_defaults_registry() {
+        let pol = policy(true, "reg.io:5000");
+        let (w, _, refused) = plan(
+            &[],
+            &pol,
+            &[
+                learned("quay.io/ambient_code/mcp:1", &[("a", &[])]),
+                learned("reg.io:5000/team/sidecar:1", &[("a", &[])]),
+                learned("reg.io/team/sidecar:1", &[("a", &[])]),
+                learned("evil.example/x:1", &[("a", &[])]),
+            ],
+        );
+        let held: Vec<&str> = w.iter().map(|w| w.image.as_str()).collect();
+        assert!(held.contains(&"quay.io/ambient_code/mcp:1"));
+        assert!(held.contains(&"reg.io:5000/team/sidecar:1"));
+        assert_eq!(refused, ["reg.io/team/sidecar:1", "evil.example/x:1"]);
+    }
+
     fn policy(enabled: bool, allow: &str) -> ClusterPolicy {
         ClusterPolicy {
             custom_images_enabled: enabled,
@@ -232,7 +354,7 @@ mod tests {
 
     #[test]
     fn gate_off_ignores_project_images_but_keeps_defaults() {
-        let (w, p) = plan(&[want("a", Some("reg.io/x/r:1"), None)], &policy(false, ""));
+        let (w, p) = plan_(&[want("a", Some("reg.io/x/r:1"), None)], &policy(false, ""));
         assert_eq!(w.len(), 1);
         assert_eq!(
             w[0].image.as_str(),
@@ -254,7 +376,7 @@ mod tests {
 
     #[test]
     fn same_image_from_two_projects_is_one_want_with_both_secrets() {
-        let (w, p) = plan(
+        let (w, p) = plan_(
             &[
                 want("b", Some("reg.io/x/r:1"), Some("pull")),
                 want("a", Some("reg.io/x/r:1"), Some("creds")),
@@ -431,7 +553,7 @@ mod tests {
     #[test]
     fn allowlist_matches_the_host_exactly_and_case_insensitively() {
         let pol = policy(true, " Reg.IO , quay.io");
-        let (w, p) = plan(
+        let (w, p) = plan_(
             &[
                 want("a", Some("REG.io/x/r:1"), None),
                 want("b", Some("evil.reg.io/x/r:1"), None),
@@ -468,7 +590,7 @@ mod tests {
     #[test]
     fn cross_namespace_and_malformed_secret_names_are_rejected() {
         for bad in ["other/pull", "../pull", "Pull", "-x", "a..b"] {
-            let (w, p) = plan(
+            let (w, p) = plan_(
                 &[want("a", Some("reg.io/x/r:1"), Some(bad))],
                 &policy(true, ""),
             );
@@ -480,7 +602,7 @@ mod tests {
             );
         }
         assert!(valid_secret_name("regcred.v2-x"));
-        let (_, p) = plan(&[want("a", Some("not a ref"), None)], &policy(true, ""));
+        let (_, p) = plan_(&[want("a", Some("not a ref"), None)], &policy(true, ""));
         assert!(matches!(p[0].1, Problem::BadReference { .. }));
     }
 }

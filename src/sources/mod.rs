@@ -7,6 +7,7 @@ pub mod kubernetes;
 pub mod leader;
 pub mod pull_slots;
 pub mod retry;
+pub mod session_images;
 
 pub use retry::WATCH_BACKOFF_MAX;
 

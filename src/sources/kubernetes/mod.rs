@@ -5,7 +5,9 @@
 //! - `source`: the desired images planned from both, with the optional agent-registry ConfigMap, and the
 //!   projects' problems said once (`problems`);
 //! - `runner_pods`: the runner pods on this node (their deletion time is the shutdown timer's stop clock);
-//! - `namespaces`: every namespace's UID range for the runtime audit.
+//! - `namespaces`: every namespace's UID range for the runtime audit;
+//! - `session_images`: what the platform's session pods pull, learned by the reporter from the runner pods
+//!   of every node and followed by every node through one ConfigMap.
 //!
 //! Tested against a mock API server (kube's `Client` over `tower_test::mock`) in `tests`.
 
@@ -14,6 +16,7 @@ mod problems;
 mod project_settings;
 mod runner_pods;
 pub mod secrets;
+pub mod session_images;
 mod source;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,7 @@ use crate::report::health::{client_answered, ApiHealth};
 use crate::report::messages;
 use crate::report::sink::FindingSink;
 use crate::sources::desired::{plan, ClusterPolicy, ProjectWant};
+use crate::sources::session_images::Published;
 
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -66,6 +67,8 @@ pub fn agent_registry_images(json: &str) -> Result<Vec<String>, String> {
 pub(super) struct Memory {
     secrets: SecretCache,
     problems: ProblemMemory,
+    /// Learned session images the allowlist keeps out, as last said.
+    refused: Vec<String>,
 }
 
 /// Feeds the prewarmer and the shutdown timer from the cluster until `stop`.
@@ -78,6 +81,8 @@ pub struct KubeSource {
     store: Store<ProjectSettings>,
     writer: Option<reflector::store::Writer<ProjectSettings>>,
     pull_needs: Option<PullNeeds>,
+    /// What the platform's session pods pull (`session_images::follow`), if learned.
+    session_images: Option<watch::Receiver<Option<Published>>>,
 }
 
 impl KubeSource {
@@ -91,7 +96,14 @@ impl KubeSource {
             store,
             writer: Some(writer),
             pull_needs: None,
+            session_images: None,
         }
+    }
+
+    /// Also hold what the platform's session pods pull (`sources::session_images`).
+    pub fn with_session_images(mut self, images: watch::Receiver<Option<Published>>) -> Self {
+        self.session_images = Some(images);
+        self
     }
 
     /// Which images a pull still needs (a stale pull secret is read again only for those). Without it
@@ -116,6 +128,7 @@ impl KubeSource {
         Memory {
             secrets: SecretCache::new(self.settings.secrets, &self.settings.agent_namespace),
             problems: ProblemMemory::default(),
+            refused: Vec::new(),
         }
     }
 
@@ -145,11 +158,15 @@ impl KubeSource {
 
         let mut memory = self.memory();
         let mut tick = tokio::time::interval(RESYNC);
+        // Without session images, a receiver that never changes.
+        let (_keep, idle) = watch::channel(None);
+        let mut learned = self.session_images.clone().unwrap_or(idle);
         loop {
             self.reconcile(&desired, &sink, &mut memory).await;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
+                r = learned.changed() => if r.is_err() { break },
                 r = changed_rx.changed() => {
                     if r.is_err() { break }
                     // Let a burst of changes settle.
@@ -187,7 +204,18 @@ impl KubeSource {
                 .default_images
                 .extend(self.agent_registry(ns, name).await);
         }
-        let (wants, problems) = plan(&projects, &policy);
+        let learned = self
+            .session_images
+            .as_ref()
+            .and_then(|r| r.borrow().as_ref().map(|p| p.images.clone()))
+            .unwrap_or_default();
+        let (wants, problems, refused) = plan(&projects, &policy, &learned);
+        if memory.refused != refused {
+            if !refused.is_empty() {
+                info!(images = ?refused, "session pods pulled these images, but their registries are neither in RUNNER_IMAGE_ALLOWED_REGISTRIES nor a default image's: not prewarmed");
+            }
+            memory.refused = refused;
+        }
 
         let mut report = |ns: &str, reason: &'static str, message: String, image: Option<&str>| {
             if memory.problems.is_news(ns, reason, &message) {

@@ -1,0 +1,313 @@
+//! Session images across the cluster (`crate::sources::session_images` decides; this file talks to the
+//! API server). Two halves:
+//! - `follow`, on every node: one watch of one ConfigMap (`runner-warden-session-images` in the agent's
+//!   namespace, field selector on its name), parsed into what the node's plan adds;
+//! - `publish`, on the reporter only (the Lease holder): one cluster-wide watch of the platform's runner
+//!   pods (both label selectors), reduced to (namespace, images, pull secrets) per pod — never the pods
+//!   themselves — and written to that ConfigMap by server-side apply when what it says changes, at most
+//!   once per `MIN_WRITE_GAP`.
+//!
+//! API cost (docs/session-images.md): one pod watch per cluster, and per node one watch event per write;
+//! writes happen when an image or a namespace's use of it is new, once a day while in use, and when one is
+//! forgotten — not per session.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::runner_pods::RUNNER_POD_SELECTORS;
+use crate::report::health::{client_answered, ApiHealth};
+use crate::sources::retry::WatchRetry;
+use crate::sources::session_images::{pod_use, Learned, PodUse, Published, CONFIGMAP, KEY};
+
+/// The reporter writes the ConfigMap at most this often (every node receives each write).
+const MIN_WRITE_GAP: Duration = Duration::from_secs(30);
+/// How often a node that is not the reporter checks whether it has become it.
+const LEADER_POLL: Duration = Duration::from_secs(2);
+/// The field manager of the reporter's writes.
+const MANAGER: &str = "runner-warden-reporter";
+
+/// Follows the session-images ConfigMap: `Some` once listed (the empty document when there is none), the
+/// last good document when an edit breaks it.
+pub async fn follow(
+    client: Client,
+    namespace: String,
+    out: watch::Sender<Option<Published>>,
+    api_health: Arc<ApiHealth>,
+    stop: CancellationToken,
+) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let mut stream = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP}")),
+    )
+    .boxed();
+    let mut retry = WatchRetry::new("the session-images ConfigMap", api_health);
+    let mut listed: Option<Option<ConfigMap>> = None;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = stream.try_next() => ev,
+        };
+        let cm = match ev {
+            Ok(Some(watcher::Event::Init)) => {
+                listed = Some(None);
+                continue;
+            }
+            Ok(Some(watcher::Event::InitApply(cm))) => {
+                retry.answered();
+                listed = Some(Some(cm));
+                continue;
+            }
+            Ok(Some(watcher::Event::InitDone)) => {
+                retry.answered();
+                listed.take().flatten()
+            }
+            Ok(Some(watcher::Event::Apply(cm))) => {
+                retry.answered();
+                Some(cm)
+            }
+            Ok(Some(watcher::Event::Delete(_))) => {
+                retry.answered();
+                None
+            }
+            Ok(None) => return,
+            Err(e) => {
+                if !retry.pause(&e, &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let doc = match cm.as_ref().and_then(|c| c.data.as_ref()?.get(KEY).cloned()) {
+            None => Ok(Published::default_current()),
+            Some(json) => Published::parse(&json),
+        };
+        match doc {
+            Ok(doc) => {
+                out.send_if_modified(|cur| {
+                    let changed = cur.as_ref() != Some(&doc);
+                    if changed {
+                        debug!(
+                            images = doc.images.len(),
+                            "session images (what the platform's session pods pull) changed"
+                        );
+                        *cur = Some(doc);
+                    }
+                    changed
+                });
+            }
+            Err(e) => {
+                warn!(configmap = %format!("{namespace}/{CONFIGMAP}"), error = %e, "the session-images ConfigMap is unusable; keeping what it said before (the reporter rewrites it within a minute)");
+                out.send_if_modified(|cur| {
+                    if cur.is_none() {
+                        *cur = Some(Published::default_current());
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// While this node holds the reporter Lease: learns the images of the platform's runner pods on every
+/// node and publishes them (`current`: what the ConfigMap says now, from `follow`).
+pub async fn publish(
+    client: Client,
+    namespace: String,
+    is_leader: Arc<AtomicBool>,
+    current: watch::Receiver<Option<Published>>,
+    forget: Duration,
+    api_health: Arc<ApiHealth>,
+    stop: CancellationToken,
+) {
+    loop {
+        while !is_leader.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(LEADER_POLL) => {}
+            }
+        }
+        info!("reporter: learning the images of the platform's session pods on every node");
+        if !learn_while_leader(
+            &client,
+            &namespace,
+            &is_leader,
+            current.clone(),
+            forget,
+            &api_health,
+            &stop,
+        )
+        .await
+        {
+            return;
+        }
+        info!("no longer the reporter: stopped watching runner pods cluster-wide");
+    }
+}
+
+/// One term as reporter; false when the agent stops.
+async fn learn_while_leader(
+    client: &Client,
+    namespace: &str,
+    is_leader: &AtomicBool,
+    current: watch::Receiver<Option<Published>>,
+    forget: Duration,
+    api_health: &Arc<ApiHealth>,
+    stop: &CancellationToken,
+) -> bool {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let streams = RUNNER_POD_SELECTORS.iter().enumerate().map(|(i, sel)| {
+        watcher(pods.clone(), watcher::Config::default().labels(sel))
+            .map(move |ev| ev.map(|ev| (i, ev)))
+            .boxed()
+    });
+    let mut merged = futures::stream::select_all(streams);
+    let mut retry = WatchRetry::new("runner pods of every node", api_health.clone());
+    let mut uses = Uses::default();
+    let mut learned: Option<Learned> = None;
+    let mut tick = tokio::time::interval(MIN_WRITE_GAP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tick.tick() => {
+                if !is_leader.load(Ordering::Relaxed) {
+                    return true;
+                }
+                if !uses.synced() {
+                    continue;
+                }
+                let Some(now_doc) = current.borrow().clone() else { continue };
+                let l = learned.get_or_insert_with(|| Learned::from_published(&now_doc));
+                l.update(uses.iter(), unix_now(), forget);
+                let doc = l.published();
+                if doc != now_doc {
+                    write(client, namespace, &doc, api_health).await;
+                }
+            }
+            ev = merged.try_next() => match ev {
+                Ok(Some((stream, ev))) => {
+                    if !matches!(ev, watcher::Event::Init) {
+                        retry.answered();
+                    }
+                    match ev {
+                        watcher::Event::Init => uses.relist(stream),
+                        watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => uses.apply(stream, &pod),
+                        watcher::Event::Delete(pod) => uses.delete(stream, &pod),
+                        watcher::Event::InitDone => uses.relisted(stream),
+                    }
+                }
+                Ok(None) => return false,
+                Err(e) => {
+                    if !retry.pause(&e, stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write(client: &Client, namespace: &str, doc: &Published, api_health: &ApiHealth) {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": CONFIGMAP,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "runner-warden"},
+        },
+        "data": { KEY: doc.to_json() },
+    });
+    match api
+        .patch(
+            CONFIGMAP,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
+        .await
+    {
+        Ok(_) => {
+            let users: usize = doc.images.iter().map(|i| i.users.len()).sum();
+            info!(
+                images = doc.images.len(),
+                users,
+                left_out = doc.left_out,
+                "published the session images (what the platform's session pods pull)"
+            );
+            if doc.left_out > 0 {
+                warn!(left_out = doc.left_out, "session images: the least recently seen namespaces' uses were left out to keep the ConfigMap under its size bound");
+            }
+        }
+        Err(e) if client_answered(&e) => {
+            warn!(configmap = %format!("{namespace}/{CONFIGMAP}"), error = %e, "cannot write the session images; tried again in 30 s (check the Role runner-warden-session-images)")
+        }
+        Err(e) => api_health.unreachable("writing the session images", &e),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+/// What each runner pod uses, per watch (a relist of one watch replaces only what it had listed).
+#[derive(Default)]
+struct Uses {
+    by_pod: [BTreeMap<String, PodUse>; 2],
+    listing: [Option<BTreeMap<String, PodUse>>; 2],
+    synced: [bool; 2],
+}
+
+impl Uses {
+    fn relist(&mut self, stream: usize) {
+        self.listing[stream] = Some(BTreeMap::new());
+    }
+
+    fn apply(&mut self, stream: usize, pod: &Pod) {
+        let (Some(uid), Some(u)) = (pod.uid(), pod_use(pod)) else {
+            return;
+        };
+        match &mut self.listing[stream] {
+            Some(listing) => listing.insert(uid, u),
+            None => self.by_pod[stream].insert(uid, u),
+        };
+    }
+
+    fn delete(&mut self, stream: usize, pod: &Pod) {
+        if let Some(uid) = pod.uid() {
+            self.by_pod[stream].remove(&uid);
+        }
+    }
+
+    fn relisted(&mut self, stream: usize) {
+        if let Some(listing) = self.listing[stream].take() {
+            self.by_pod[stream] = listing;
+        }
+        self.synced[stream] = true;
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &PodUse> {
+        self.by_pod.iter().flat_map(|m| m.values())
+    }
+}
