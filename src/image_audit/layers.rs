@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, REQUIRED_PATHS};
+use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, RECORDED_PATHS};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -295,7 +295,7 @@ impl FsBuilder {
             self.passwd_bytes -= old.len();
         }
         self.unread.remove(&path);
-        for req in REQUIRED_PATHS {
+        for req in RECORDED_PATHS {
             if path == req {
                 self.required.insert(path.clone(), (layer, meta));
             } else if under(&path, req) && !self.required.contains_key(req) {

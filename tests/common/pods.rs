@@ -145,6 +145,7 @@ impl Pod {
                     value: value.clone(),
                 })
                 .collect(),
+            mounts: vec![],
             labels,
             annotations: HashMap::new(),
             log_path: "container.log".into(),
