@@ -117,7 +117,8 @@ async fn start_run(
     let (mounts, logs) = volumes(opts, run)?;
     let spec = RunSpec {
         image: opts.image.clone(),
-        pod_name: format!("{POD_NAME}-{run}"),
+        // This process's id in the name: what it leaves behind, if anything, is traceable to it.
+        pod_name: format!("{POD_NAME}-{}-{run}", std::process::id()),
         env: marker_env(opts.port, runner_type),
         mounts,
         log_dir: logs.clone(),
