@@ -215,8 +215,8 @@ Checks, one line each (pass, warn, fail, or skipped when an earlier one failed):
                          no answer fail
   bridge/<type>          for each --runner-type: healthy with that RUNNER_TYPE and /capabilities answers
                          (the first type is the main run; each further type gets a run of its own)
-  graceful-shutdown      stopped as kubelet stops it (CRI StopContainer with --grace): an exit before the
-                         grace period ends passes, a late one (after half of it) warns, SIGKILL fails
+  graceful-shutdown      stopped as kubelet stops it (CRI StopContainer with --grace): an exit within half
+                         the grace period passes, a later one within it warns, SIGKILL or OOM fails
 
 Exit status: 0 nothing failed (warnings allowed), 1 a check failed, 2 could not run (image not
 pullable or unreadable, containerd unreachable, the port busy, interrupted). Every sandbox and container
