@@ -219,28 +219,33 @@ async fn main_checks(
         .with_seconds(secs),
     );
 
-    let Some(pid1) = runtime.container_init_pid(&container).await else {
-        for name in &AFTER_START[..4] {
-            out.push(Check::fail(
-                *name,
-                "containerd does not say which host pid the container runs as",
+    // The checks that look through /proc need the container's host pid; the HTTP ones do not.
+    let (comm, wrapped) = match runtime.container_init_pid(&container).await {
+        Some(pid1) => {
+            let (comm, _) = crate::process_audit::proc_status::pid1_shape(pid1).unwrap_or_default();
+            let children = std::fs::read_to_string(format!("/proc/{pid1}/task/{pid1}/children"))
+                .unwrap_or_default();
+            let runner = runner_pid(pid1, &comm, &children);
+            out.push(process_identity(runtime, &container, pid1).await);
+            out.push(required_paths(opts, pid1));
+            out.push(vertex_mount(opts, pid1).await);
+            let environ = std::fs::read(format!("/proc/{runner}/environ")).unwrap_or_default();
+            out.push(env_check(
+                runner,
+                &compare_environ(&marker_env(opts.port, runner_type), &environ),
             ));
+            (comm, runner != pid1)
         }
-        return Ok(out);
+        None => {
+            for name in &AFTER_START[..4] {
+                out.push(Check::fail(
+                    *name,
+                    "containerd does not say which host pid the container runs as, so /proc cannot be read",
+                ));
+            }
+            (String::new(), false)
+        }
     };
-    let (comm, _) = crate::process_audit::proc_status::pid1_shape(pid1).unwrap_or_default();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid1}/task/{pid1}/children")).unwrap_or_default();
-    let runner = runner_pid(pid1, &comm, &children);
-
-    out.push(process_identity(runtime, &container, pid1).await);
-    out.push(required_paths(opts, pid1));
-    out.push(vertex_mount(opts, pid1).await);
-    let environ = std::fs::read(format!("/proc/{runner}/environ")).unwrap_or_default();
-    out.push(env_check(
-        runner,
-        &compare_environ(&marker_env(opts.port, runner_type), &environ),
-    ));
 
     let token = [(TOKEN_HEADER, "rw-conformance-token")];
     let caps = http_request(opts.port, "GET", "/capabilities", &token, None).await;
@@ -261,7 +266,7 @@ async fn main_checks(
     }
     // Say why a stop may be slow while the container still runs.
     let mut hints: Vec<String> = stop_signal_hint(&opts.stop_signal).into_iter().collect();
-    hints.extend(shell_pid1_hint(&comm, runner != pid1));
+    hints.extend(shell_pid1_hint(&comm, wrapped));
     let shutdown = match stop_and_time(runtime, &container, opts.grace, 0.5, None).await {
         Err(e) => Check::fail("graceful-shutdown", e),
         Ok(s) => {

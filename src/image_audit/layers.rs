@@ -462,6 +462,18 @@ mod tests {
     }
 
     #[test]
+    fn the_platforms_mount_points_are_recorded_and_whiteouts_remove_them() {
+        let f = build(&[
+            &[("workspace/", dir()), ("app/vertex/key.json", file(0o644))],
+            &[],
+        ]);
+        // A file below implies its directory (conformance reports these; the static checks ignore them).
+        assert!(f.paths.contains_key("/workspace") && f.paths.contains_key("/app/vertex"));
+        let f = build(&[&[("workspace/", dir())], &[(".wh.workspace", file(0))]]);
+        assert!(!f.paths.contains_key("/workspace"), "{:?}", f.paths);
+    }
+
+    #[test]
     fn opaque_dir_hides_lower_layers_only() {
         let f = build(&[
             &[
