@@ -17,6 +17,7 @@ pub const VERSION: &str = concat!(
 
 pub mod agent;
 pub mod config;
+pub mod conformance;
 pub mod contract;
 pub mod credential_providers;
 pub mod credentials;

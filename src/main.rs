@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             Command::CheckImage(args) => cli::check_image::run(args).await,
             Command::Scan(args) => cli::scan::run(args).await,
             Command::VerifyShutdown(args) => cli::verify_shutdown::run(args).await,
+            Command::Conformance(args) => cli::conformance::run(args).await,
             Command::Status(args) => cli::status::run(args).await,
             Command::Fleet(args) => cli::fleet::run(args).await,
             Command::Completions(args) => cli::docs::completions(args),

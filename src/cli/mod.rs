@@ -2,6 +2,7 @@
 //! adapter over the library: it calls one job and prints what it returns.
 
 pub mod check_image;
+pub mod conformance;
 pub mod docs;
 pub mod fleet;
 pub mod logging;
@@ -68,6 +69,12 @@ pub enum Command {
     /// it as kubelet does and time stop → exit. Exit status: 0 graceful, 1 slow or SIGKILLed, 2 could not
     /// run. Sandbox and container are always removed, Ctrl-C included.
     VerifyShutdown(VerifyShutdownArgs),
+    /// The runner contract's conformance suite for CI: the static audit, then the image run as the
+    /// platform runs it, one pass/warn/fail line per check. Exit status: 0 nothing failed (warnings
+    /// allowed), 1 a check failed, 2 could not run (image not pullable, containerd unreachable, port
+    /// busy). See --help for each check.
+    #[command(long_about = CONFORMANCE_HELP)]
+    Conformance(ConformanceArgs),
     /// Ask the agent running on this node what it holds: each desired image (state, progress, pin,
     /// audit result, last failure), containerd's and the API server's health, and the findings of the
     /// last hour. In a cluster: kubectl exec ds/runner-warden -- runner-warden status. Exit status: 0
@@ -179,6 +186,87 @@ pub struct VerifyShutdownArgs {
     pub containerd: ContainerdArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+const CONFORMANCE_HELP: &str = "\
+The runner contract's conformance suite: a pass/fail for an image author's CI. Needs only containerd
+(its CRI socket); the image is pulled when absent (--secret) and run in a host-network CRI sandbox as
+the platform runs it: the image's own USER, all capabilities dropped, no_new_privs, /workspace an empty
+writable volume (mode 0777, like an emptyDir), /app/vertex an empty read-only volume, and the variables
+the platform injects set to marker values (SESSION_ID, PROJECT_NAME, WORKSPACE_PATH=/workspace,
+AGUI_PORT=--port, RUNNER_TYPE, BACKEND_API_URL=http://127.0.0.1:9, the gRPC and token URLs, INITIAL_PROMPT,
+IS_RESUME=true, CREDENTIAL_IDS, AGUI_TOKEN). Every address given to the image is loopback.
+
+Checks, one line each (pass, warn, fail, or skipped when an earlier one failed):
+  image/<check>          the static audit, as check-image reports it (contract-label, non-root-user,
+                         baked-platform-env, stop-signal, required-paths, setuid-files, credentials-baked);
+                         a violation fails, a warning warns (--warn lowers a check to a warning)
+  starts                 GET /health answers 200 within --start-timeout (the seconds are reported)
+  process-identity       every process of the container: no UID 0, empty capability sets (bounding too),
+                         NoNewPrivs 1
+  required-paths         /workspace, /app, /app/ambient-runner, /tmp are in the image; /workspace, /app
+                         (HOME) and /tmp are writable by the running uid/gid/groups (mode bits; ACLs are
+                         not read)
+  vertex-mount           /app/vertex is the read-only mount and the runner is still healthy
+  injected-env           the runner process (PID 1, or a shell wrapper's child) sees every injected
+                         variable unchanged: the entrypoint must not overwrite or unset them
+  endpoint/capabilities  GET /capabilities answers 200 with a JSON object (framework = RUNNER_TYPE when set)
+  endpoint/run           POST / with {} is answered by a route: 2xx, 400, 401, 422 pass; 404, 405, 5xx or
+                         no answer fail
+  bridge/<type>          for each --runner-type: healthy with that RUNNER_TYPE and /capabilities answers
+                         (the first type is the main run; each further type gets a run of its own)
+  graceful-shutdown      stopped as kubelet stops it (CRI StopContainer with --grace): an exit within half
+                         the grace period passes, a later one within it warns, SIGKILL or OOM fails
+
+Exit status: 0 nothing failed (warnings allowed), 1 a check failed, 2 could not run (image not
+pullable or unreadable, containerd unreachable, the port busy, interrupted). Every sandbox and container
+is removed on every path, Ctrl-C included.";
+
+/// `conformance --output`: JUnit XML as well, for CI test reports.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConformanceOutput {
+    Table,
+    Json,
+    Junit,
+}
+
+#[derive(clap::Args)]
+pub struct ConformanceArgs {
+    /// Image reference, e.g. quay.io/org/runner:v1.
+    pub image: String,
+    /// Pull secret used when the image must be pulled first.
+    #[arg(long, env = "RUNNER_WARDEN_PULL_SECRET")]
+    pub secret: Option<PathBuf>,
+    /// Output: table (one line per check), json, or junit (XML, test suite runner-contract).
+    #[arg(long = "output", env = "RUNNER_WARDEN_OUTPUT", value_enum, default_value_t = ConformanceOutput::Table)]
+    pub output: ConformanceOutput,
+    /// Runner types to start the image with (comma-separated or repeated); each is its own line.
+    #[arg(
+        long = "runner-type",
+        env = "RUNNER_WARDEN_RUNNER_TYPES",
+        value_delimiter = ',',
+        default_values_t = runner_warden::conformance::RUNNER_TYPES.map(String::from)
+    )]
+    pub runner_types: Vec<String>,
+    /// How long the runner may take until GET /health answers 200.
+    #[arg(long, env = "RUNNER_WARDEN_START_TIMEOUT", default_value = "60s", value_parser = duration_arg)]
+    pub start_timeout: Duration,
+    /// Grace period of the stop (the platform's terminationGracePeriodSeconds is 60).
+    #[arg(long, env = "RUNNER_WARDEN_GRACE", default_value = "60", value_parser = grace_arg)]
+    pub grace: Duration,
+    /// AGUI_PORT: the port the runner is told to listen on (host network, asked on 127.0.0.1). The
+    /// platform injects 8001, and upstream's image listens there whatever AGUI_PORT says.
+    #[arg(long, env = "RUNNER_WARDEN_PORT", default_value_t = 8001)]
+    pub port: u16,
+    /// Report this static check as a warning instead of a failure (repeatable or comma-separated), e.g.
+    /// baked-platform-env for images built on the upstream base image.
+    #[arg(long = "warn", env = "RUNNER_WARDEN_WARN", value_delimiter = ',', value_name = "CHECK", value_parser = clap::builder::PossibleValuesParser::new(runner_warden::contract::CHECKS))]
+    pub warn: Vec<String>,
+    /// Contract major version expected in the image's label.
+    #[arg(long, env = "RUNNER_WARDEN_EXPECTED_MAJOR", default_value_t = runner_warden::contract::EXPECTED_MAJOR)]
+    pub expected_major: u64,
+    #[command(flatten)]
+    pub containerd: ContainerdArgs,
 }
 
 #[derive(clap::Args)]

@@ -37,6 +37,16 @@ pub const INJECTED_ENV: [&str; 13] = [
 
 /// Paths every runner image must have.
 pub const REQUIRED_PATHS: [&str; 3] = ["/app", "/app/ambient-runner", "/tmp"];
+/// Paths the image's facts record: the required ones plus the platform's mount points, which the
+/// static checks leave alone (a volume covers them) but the conformance suite reports, because a
+/// mount hides whether the image itself kept them.
+pub const RECORDED_PATHS: [&str; 5] = [
+    "/app",
+    "/app/ambient-runner",
+    "/tmp",
+    "/workspace",
+    "/app/vertex",
+];
 
 /// Stable check ids (used in findings, metrics and configuration).
 pub const CHECKS: [&str; 7] = [

@@ -63,9 +63,12 @@ pub fn stop_signal_hint(stop_signal: &str) -> Option<String> {
     })
 }
 
+/// Command names of the shells an entrypoint wraps the runner in.
+pub const SHELLS: [&str; 4] = ["sh", "bash", "dash", "ash"];
+
 /// PID 1 is a shell with a child doing the work: the stop signal reaches the shell, not the runner.
 pub fn shell_pid1_hint(pid1_comm: &str, pid1_has_children: bool) -> Option<String> {
-    (["sh", "bash", "dash", "ash"].contains(&pid1_comm) && pid1_has_children).then(|| {
+    (SHELLS.contains(&pid1_comm) && pid1_has_children).then(|| {
         format!(
             "PID 1 is `{pid1_comm}` running the runner as a child: the stop signal reaches the shell, not the runner; `exec` the runner in the entrypoint"
         )

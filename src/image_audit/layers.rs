@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, REQUIRED_PATHS};
+use crate::contract::{is_credential_path, ImageFacts, Kind, PathMeta, RECORDED_PATHS};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -295,7 +295,7 @@ impl FsBuilder {
             self.passwd_bytes -= old.len();
         }
         self.unread.remove(&path);
-        for req in REQUIRED_PATHS {
+        for req in RECORDED_PATHS {
             if path == req {
                 self.required.insert(path.clone(), (layer, meta));
             } else if under(&path, req) && !self.required.contains_key(req) {
@@ -459,6 +459,18 @@ mod tests {
         assert!(f.setuid_files.is_empty(), "{:?}", f.setuid_files);
         assert!(f.paths.contains_key("/app"));
         assert!(!f.paths.contains_key("/app/ambient-runner"));
+    }
+
+    #[test]
+    fn the_platforms_mount_points_are_recorded_and_whiteouts_remove_them() {
+        let f = build(&[
+            &[("workspace/", dir()), ("app/vertex/key.json", file(0o644))],
+            &[],
+        ]);
+        // A file below implies its directory (conformance reports these; the static checks ignore them).
+        assert!(f.paths.contains_key("/workspace") && f.paths.contains_key("/app/vertex"));
+        let f = build(&[&[("workspace/", dir())], &[(".wh.workspace", file(0))]]);
+        assert!(!f.paths.contains_key("/workspace"), "{:?}", f.paths);
     }
 
     #[test]
