@@ -755,7 +755,8 @@ spec:
             .wait(S(30), "the ProjectSettings cache synced", || async {
                 let logs = agent.logs();
                 (logs.contains("ProjectSettings cache synced")
-                    && logs.contains("NodeRunnerImages written"))
+                    && logs.contains("NodeRunnerImages written")
+                    && logs.contains("runner pods of every node listed"))
                 .then_some(())
             })
             .await;

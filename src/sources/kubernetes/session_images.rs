@@ -207,7 +207,12 @@ async fn learn_while_leader(
                         watcher::Event::Init => uses.relist(stream),
                         watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => uses.apply(stream, &pod),
                         watcher::Event::Delete(pod) => uses.delete(stream, &pod),
-                        watcher::Event::InitDone => uses.relisted(stream),
+                        watcher::Event::InitDone => {
+                            uses.relisted(stream);
+                            if uses.synced() {
+                                debug!(pods = uses.len(), "runner pods of every node listed");
+                            }
+                        }
                     }
                 }
                 Ok(None) => return false,
@@ -301,6 +306,11 @@ impl Uses {
             self.by_pod[stream] = listing;
         }
         self.synced[stream] = true;
+    }
+
+    /// Pods known (a pod both selectors match counts twice).
+    fn len(&self) -> usize {
+        self.by_pod.iter().map(BTreeMap::len).sum()
     }
 
     fn synced(&self) -> bool {
