@@ -528,6 +528,38 @@ spec:
         ]);
     }
 
+    /// Issue 25 item 3: the test cluster holds the platform's own ProjectSettings schema (PR #1584), not a
+    /// looser one of ours: `spec.groupAccess` is required, the singular is upstream's, unknown fields are
+    /// pruned — so every ProjectSettings these tests create is one the platform would accept.
+    #[tokio::test]
+    async fn the_test_cluster_holds_the_platforms_own_projectsettings_schema() {
+        let _g = serial().await;
+        let k = Cluster::get();
+        let singular = k.kubectl(&[
+            "get",
+            "crd",
+            "projectsettings.vteam.ambient-code",
+            "-o",
+            "jsonpath={.spec.names.singular}",
+        ]);
+        assert_eq!(singular.trim(), "projectsetting");
+        let _ = k.try_kubectl(&["create", "namespace", "rw-schema"]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ps.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: rw-schema\nspec:\n  runnerImage: \"127.0.0.1:5000/x:1\"\n",
+        )
+        .unwrap();
+        let out = k.try_kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("groupAccess"),
+            "a ProjectSettings without groupAccess must be refused: {err}"
+        );
+        k.kubectl(&["delete", "namespace", "rw-schema", "--wait=false"]);
+    }
+
     /// The agent's desired images and their states, from `runner-warden status --output json`.
     async fn image_states(agent: &Agent) -> Option<std::collections::HashMap<String, String>> {
         let out = tokio::process::Command::new(BIN)
@@ -696,7 +728,7 @@ spec:
             yaml += &format!(
                 "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: rw-many-{run}-{p}\n  labels: {{rw-drill: many}}\n\
                  ---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: pull\n  namespace: rw-many-{run}-{p}\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {}\n\
-                 ---\napiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: rw-many-{run}-{p}\nspec:\n  runnerImage: \"127.0.0.1:5003/{}:v1\"\n  runnerImagePullSecret: pull\n",
+                 ---\napiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: rw-many-{run}-{p}\nspec:\n  groupAccess: []\n  runnerImage: \"127.0.0.1:5003/{}:v1\"\n  runnerImagePullSecret: pull\n",
                 b64(&config),
                 repo(j)
             );

@@ -184,7 +184,7 @@ impl Cluster {
             .map(|s| format!("\n  runnerImagePullSecret: \"{s}\""))
             .unwrap_or_default();
         self.apply(&format!(
-            "apiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: {ns}\nspec:\n  runnerImage: \"{image}\"{secret}\n"
+            "apiVersion: vteam.ambient-code/v1alpha1\nkind: ProjectSettings\nmetadata:\n  name: projectsettings\n  namespace: {ns}\nspec:\n  groupAccess: []\n  runnerImage: \"{image}\"{secret}\n"
         ));
     }
 
