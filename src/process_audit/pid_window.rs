@@ -106,6 +106,18 @@ mod tests {
     }
 
     #[test]
+    fn a_wrap_fills_the_window_exactly_from_the_lowest_pids() {
+        // One pid above the cursor: three more from the bottom make the window of four, no more.
+        let p = pick(4, 60, &[70, 10, 20, 30, 40, 50, 60]);
+        assert_eq!(p.pids, [10, 20, 30, 70]);
+        assert_eq!((p.total, p.unread(), p.cursor), (7, 3, 30));
+        // Three above: one from the bottom.
+        let p = pick(4, 40, &[50, 60, 70, 10, 20, 30, 40]);
+        assert_eq!(p.pids, [10, 50, 60, 70]);
+        assert_eq!(p.cursor, 10);
+    }
+
+    #[test]
     fn within_the_cap_everything_is_read_in_pid_order() {
         let p = pick(4, 0, &[30, 10, 20]);
         assert_eq!((p.pids, p.total, p.cursor), (vec![10, 20, 30], 3, 0));

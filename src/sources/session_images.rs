@@ -289,11 +289,13 @@ mod tests {
     fn users_are_kept_a_week_after_their_last_pod_and_written_once_a_day_while_in_use() {
         let forget = DEFAULT_FORGET;
         let mut l = Learned::default();
+        assert!(l.is_empty());
         let t0 = 100 * DAY + 3600;
         let a = pod("a", &["r.io/mcp:1", "r.io/run:1"], &["pull"]);
         let b = pod("b", &["r.io/mcp:1"], &[]);
         assert!(l.update([&a, &b], t0, forget), "new users");
         assert_eq!(l.len(), 3);
+        assert!(!l.is_empty());
         assert!(!l.update([&a, &b], t0 + 60, forget), "nothing new");
         assert!(
             !l.update([&a, &b], t0 + DAY - 3600 - 1, forget),
@@ -336,6 +338,10 @@ mod tests {
             .unwrap_err()
             .contains("version 2"));
         assert!(Published::parse("[").is_err());
+        // What a node holds before any ConfigMap exists reads back as the current format.
+        let empty = Published::default_current();
+        assert!(empty.images.is_empty());
+        assert_eq!(Published::parse(&empty.to_json()), Ok(empty));
     }
 
     #[test]
