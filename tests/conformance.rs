@@ -34,6 +34,11 @@ fn conformance(bed: &Bed, fixture: &str, port: u16, extra: &[&str]) -> (i32, Str
         .expect("run conformance");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Every run pulls with the registry's real password: it never reaches the output, whatever fails.
+    assert!(
+        !stdout.contains(&bed.password) && !stderr.contains(&bed.password),
+        "the registry password leaked into conformance's output"
+    );
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 

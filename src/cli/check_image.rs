@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use runner_warden::contract::{Outcome as CheckOutcome, Policy, Severity};
+use runner_warden::contract::Outcome as CheckOutcome;
 use runner_warden::image_audit::facts::{read_facts_from, FsChoice};
 use runner_warden::report::messages;
 
@@ -38,13 +38,7 @@ pub async fn run(args: CheckImageArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
-    let mut policy = Policy {
-        expected_major: args.expected_major,
-        ..Policy::default()
-    };
-    for c in &args.warn {
-        policy.severities.insert(c.clone(), Severity::Warning);
-    }
+    let policy = super::audit_policy(args.expected_major, &args.warn);
     let results = runner_warden::contract::audit(&facts, &policy);
     let violations = results
         .iter()

@@ -3,12 +3,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use runner_warden::conformance::run::{runtime_checks, Options};
 use runner_warden::conformance::{counts, junit, static_checks, verdict, Check, Verdict};
-use runner_warden::contract::{Policy, Severity};
 use runner_warden::image_audit::facts::{read_facts_from, FsChoice};
 
 use super::{ensure_present, fail, ConformanceArgs, ConformanceOutput, OutputArgs, OutputFormat};
@@ -51,16 +49,10 @@ pub async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
-    let mut policy = Policy {
-        expected_major: args.expected_major,
-        ..Policy::default()
-    };
-    for c in &args.warn {
-        policy.severities.insert(c.clone(), Severity::Warning);
-    }
+    let policy = super::audit_policy(args.expected_major, &args.warn);
     let mut checks = static_checks(&runner_warden::contract::audit(&facts, &policy));
 
-    let scratch = scratch_dir()?;
+    let scratch = super::private_dir("conformance")?;
     let opts = Options {
         image: image.to_string(),
         port: args.port,
@@ -146,18 +138,4 @@ fn print_table(image: &str, checks: &[Check]) {
             Verdict::Fail => "FAIL",
         }
     );
-}
-
-/// A private scratch directory for the runs' volumes and logs (removed afterwards).
-fn scratch_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "runner-warden-conformance-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }

@@ -553,6 +553,36 @@ pub fn env_error(cmd: &clap::Command, err: &clap::Error, argv: &[String]) -> Opt
     Some(reworded)
 }
 
+/// A private directory under the system temp dir, named `runner-warden-<what>-<pid>-<ns>` (the caller
+/// removes it): the one-shot runs' container logs and volumes.
+pub fn private_dir(what: &str) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let dir = std::env::temp_dir().join(format!(
+        "runner-warden-{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The static audit's policy from `--expected-major` and `--warn` (check-image and conformance alike).
+pub fn audit_policy(expected_major: u64, warn: &[String]) -> runner_warden::contract::Policy {
+    let mut policy = runner_warden::contract::Policy {
+        expected_major,
+        ..Default::default()
+    };
+    for c in warn {
+        policy
+            .severities
+            .insert(c.clone(), runner_warden::contract::Severity::Warning);
+    }
+    policy
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;

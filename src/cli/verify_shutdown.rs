@@ -1,10 +1,8 @@
 //! `runner-warden verify-shutdown`: the active shutdown probe of one image. Exit status 0 graceful,
 //! 1 slow or SIGKILLed, 2 could not run.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use runner_warden::contract::shutdown::ShutdownOutcome;
@@ -43,7 +41,7 @@ pub async fn run(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
                 ))
             }
         };
-    let log_dir = tempfile_dir()?;
+    let log_dir = super::private_dir("probe")?;
     let opts = ProbeOptions {
         image: image.to_string(),
         grace: args.grace,
@@ -116,18 +114,4 @@ pub async fn run(args: VerifyShutdownArgs) -> anyhow::Result<ExitCode> {
         (false, Some(ShutdownOutcome::Graceful)) => ExitCode::SUCCESS,
         (false, Some(_)) => ExitCode::from(1),
     })
-}
-
-/// A private directory for the probe's container log (CRI writes it; removed afterwards).
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "runner-warden-probe-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }

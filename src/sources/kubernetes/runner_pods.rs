@@ -87,51 +87,96 @@ pub async fn watch_runner_pods(
     }
 }
 
-/// The images each runner pod on this node waits for, per watch (a relist of one watch replaces only
-/// what that watch had listed).
-#[derive(Default)]
-struct Waits {
-    by_pod: [BTreeMap<String, BTreeSet<String>>; 2],
+/// Something kept per runner pod (by uid), per watch of `RUNNER_POD_SELECTORS`: a relist of one watch
+/// replaces only what that watch had listed. Shared by this node's waits and the reporter's session images.
+pub(super) struct PerWatch<T> {
+    by_pod: [BTreeMap<String, T>; 2],
     /// Pods listed since a relist began, swapped in when it ends.
-    listing: [Option<BTreeMap<String, BTreeSet<String>>>; 2],
+    listing: [Option<BTreeMap<String, T>>; 2],
+    synced: [bool; 2],
 }
+
+impl<T> Default for PerWatch<T> {
+    fn default() -> Self {
+        Self {
+            by_pod: [BTreeMap::new(), BTreeMap::new()],
+            listing: [None, None],
+            synced: [false; 2],
+        }
+    }
+}
+
+impl<T> PerWatch<T> {
+    pub(super) fn relist(&mut self, stream: usize) {
+        self.listing[stream] = Some(BTreeMap::new());
+    }
+
+    /// Keeps `value` for the pod, or forgets the pod when there is none.
+    pub(super) fn put(&mut self, stream: usize, uid: String, value: Option<T>) {
+        let into = match &mut self.listing[stream] {
+            Some(listing) => listing,
+            None => &mut self.by_pod[stream],
+        };
+        match value {
+            Some(v) => into.insert(uid, v),
+            None => into.remove(&uid),
+        };
+    }
+
+    pub(super) fn delete(&mut self, stream: usize, uid: &str) {
+        self.by_pod[stream].remove(uid);
+    }
+
+    pub(super) fn relisted(&mut self, stream: usize) {
+        if let Some(listing) = self.listing[stream].take() {
+            self.by_pod[stream] = listing;
+        }
+        self.synced[stream] = true;
+    }
+
+    /// Both watches have listed once.
+    pub(super) fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    /// Pods known (a pod both selectors match counts twice).
+    pub(super) fn len(&self) -> usize {
+        self.by_pod.iter().map(BTreeMap::len).sum()
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &T> {
+        self.by_pod.iter().flat_map(|m| m.values())
+    }
+}
+
+/// The images each runner pod on this node waits for.
+#[derive(Default)]
+struct Waits(PerWatch<BTreeSet<String>>);
 
 impl Waits {
     fn relist(&mut self, stream: usize) {
-        self.listing[stream] = Some(BTreeMap::new());
+        self.0.relist(stream);
     }
 
     fn apply(&mut self, stream: usize, pod: &Pod) {
         let Some(uid) = pod.uid() else { return };
         let images = waiting_images(pod);
-        let into = match &mut self.listing[stream] {
-            Some(listing) => listing,
-            None => &mut self.by_pod[stream],
-        };
-        if images.is_empty() {
-            into.remove(&uid);
-        } else {
-            into.insert(uid, images);
-        }
+        self.0
+            .put(stream, uid, (!images.is_empty()).then_some(images));
     }
 
     fn delete(&mut self, stream: usize, pod: &Pod) {
         if let Some(uid) = pod.uid() {
-            self.by_pod[stream].remove(&uid);
+            self.0.delete(stream, &uid);
         }
     }
 
     fn relisted(&mut self, stream: usize) {
-        if let Some(listing) = self.listing[stream].take() {
-            self.by_pod[stream] = listing;
-        }
+        self.0.relisted(stream);
     }
 
     fn images(&self) -> BTreeSet<String> {
-        self.by_pod
-            .iter()
-            .flat_map(|m| m.values().flatten().cloned())
-            .collect()
+        self.0.values().flatten().cloned().collect()
     }
 }
 

@@ -11,7 +11,6 @@
 //! writes happen when an image or a namespace's use of it is new, once a day while in use, and when one is
 //! forgotten — not per session.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::runner_pods::RUNNER_POD_SELECTORS;
+use super::runner_pods::{PerWatch, RUNNER_POD_SELECTORS};
 use crate::report::health::{client_answered, ApiHealth};
 use crate::sources::retry::WatchRetry;
 use crate::sources::session_images::{pod_use, Learned, PodUse, Published, CONFIGMAP, KEY};
@@ -272,52 +271,40 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// What each runner pod uses, per watch (a relist of one watch replaces only what it had listed).
+/// What each runner pod of every node uses.
 #[derive(Default)]
-struct Uses {
-    by_pod: [BTreeMap<String, PodUse>; 2],
-    listing: [Option<BTreeMap<String, PodUse>>; 2],
-    synced: [bool; 2],
-}
+struct Uses(PerWatch<PodUse>);
 
 impl Uses {
     fn relist(&mut self, stream: usize) {
-        self.listing[stream] = Some(BTreeMap::new());
+        self.0.relist(stream);
     }
 
     fn apply(&mut self, stream: usize, pod: &Pod) {
-        let (Some(uid), Some(u)) = (pod.uid(), pod_use(pod)) else {
-            return;
-        };
-        match &mut self.listing[stream] {
-            Some(listing) => listing.insert(uid, u),
-            None => self.by_pod[stream].insert(uid, u),
-        };
+        if let Some(uid) = pod.uid() {
+            self.0.put(stream, uid, pod_use(pod));
+        }
     }
 
     fn delete(&mut self, stream: usize, pod: &Pod) {
         if let Some(uid) = pod.uid() {
-            self.by_pod[stream].remove(&uid);
+            self.0.delete(stream, &uid);
         }
     }
 
     fn relisted(&mut self, stream: usize) {
-        if let Some(listing) = self.listing[stream].take() {
-            self.by_pod[stream] = listing;
-        }
-        self.synced[stream] = true;
+        self.0.relisted(stream);
     }
 
-    /// Pods known (a pod both selectors match counts twice).
     fn len(&self) -> usize {
-        self.by_pod.iter().map(BTreeMap::len).sum()
+        self.0.len()
     }
 
     fn synced(&self) -> bool {
-        self.synced.iter().all(|s| *s)
+        self.0.synced()
     }
 
     fn iter(&self) -> impl Iterator<Item = &PodUse> {
-        self.by_pod.iter().flat_map(|m| m.values())
+        self.0.values()
     }
 }
