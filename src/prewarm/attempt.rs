@@ -17,6 +17,7 @@ use crate::outcome::prewarm::{PrewarmEvent, ProviderResult};
 use crate::reference::ImageRef;
 use crate::runtime::cri::Image;
 use crate::runtime::errors::{classify_pull, redact};
+use crate::sources::resolved_tags::ResolvedTags;
 
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
 /// The agent's log line for a running pull: steady, and rare enough that a multi-GB pull stays a few
@@ -187,12 +188,36 @@ impl<S: ImageStore> Prewarmer<S> {
         if let Some(notes) = examined {
             let _ = notes.send(Note::Examined(image.clone()));
         }
-        let absent = status.is_none();
-        if let Some(found) = status {
-            if !force {
-                return Ok(PullOutcome::Present { status: found });
+        // The digest the cluster resolved the tag to (the reporter's document), if it answers for it.
+        let central = self.central_digest(image, status.is_none()).await;
+        if let Some(found) = &status {
+            match &central {
+                // The tag already names the cluster's digest here: nothing to ask anyone.
+                Some(by_digest) if holds(found, by_digest) => {
+                    return Ok(PullOutcome::Present {
+                        status: found.clone(),
+                    })
+                }
+                None if !force => {
+                    return Ok(PullOutcome::Present {
+                        status: found.clone(),
+                    })
+                }
+                _ => {}
             }
         }
+        // What to pull: the cluster's digest (then the tag is pointed at it here), or the tag itself.
+        let (pull_ref, absent) = match &central {
+            Some(by_digest) => {
+                if let Ok(Some(_)) = self.image_status(by_digest).await {
+                    // The content is here already (an earlier pull, another tag): only the tag moves.
+                    let status = self.tag_to(image, by_digest).await?;
+                    return Ok(PullOutcome::Present { status });
+                }
+                (by_digest.clone(), true)
+            }
+            None => (image.clone(), status.is_none()),
+        };
 
         let credentials = Credentials::load(d)?;
         // The node's credential provider plugins (kubelet's order: the pull secrets' logins first).
@@ -263,8 +288,12 @@ impl<S: ImageStore> Prewarmer<S> {
         // The first refusal (with the secret's credentials) is the informative one.
         let mut first_auth: Option<Failure> = None;
         for cred in creds.iter().map(|c| Some(*c)).chain(std::iter::once(None)) {
-            match self.pull_watched(image, cred, &secrets, slot).await {
+            match self.pull_watched(&pull_ref, cred, &secrets, slot).await {
                 Ok(status) => {
+                    let status = match &central {
+                        Some(by_digest) => self.tag_to(image, by_digest).await?,
+                        None => status,
+                    };
                     if cred.is_none() && !creds.is_empty() {
                         info!(image = %image, "pulled anonymously after the pull secret's credentials were refused");
                     }
@@ -300,6 +329,74 @@ impl<S: ImageStore> Prewarmer<S> {
             .map(|(p, c)| (p.clone(), refused(c, &c.matching(image))))
             .collect();
         Err(failure)
+    }
+
+    /// The digest reference the reporter published for `image` (a tag), when its document is fresh and
+    /// lists it. `wait`: the tag is absent here — give the reporter `CENTRAL_GRACE` to publish it (or the
+    /// document to be listed at all) before this node resolves the tag itself.
+    async fn central_digest(&self, image: &ImageRef, wait: bool) -> Option<ImageRef> {
+        let resolved = self.resolved.as_ref()?;
+        if image.is_pinned_by_digest() {
+            return None;
+        }
+        let mut rx = resolved.tags.clone();
+        let lookup = |doc: &Option<ResolvedTags>| -> (Option<ImageRef>, bool) {
+            match doc {
+                // Not listed yet: worth waiting for.
+                None => (None, true),
+                Some(d) => {
+                    let now = unix_now();
+                    // Only a live reporter is worth waiting for.
+                    (d.digest_ref(image, now), d.is_fresh(now))
+                }
+            }
+        };
+        let (found, live) = lookup(&rx.borrow_and_update());
+        if found.is_some() || !wait || !live {
+            return found;
+        }
+        let waited = tokio::time::timeout(super::CENTRAL_GRACE, async {
+            while rx.changed().await.is_ok() {
+                if let (Some(r), _) = lookup(&rx.borrow_and_update()) {
+                    return Some(r);
+                }
+            }
+            None
+        })
+        .await;
+        let found = waited.ok().flatten();
+        if found.is_none() {
+            debug!(image = %image, "the reporter published no digest for this tag in time; resolving it here");
+        }
+        found
+    }
+
+    /// Points `image` (a tag) at the content of `by_digest` in containerd: the tag kubelet asks for, with
+    /// no request to the registry. The image's status after it.
+    async fn tag_to(&self, image: &ImageRef, by_digest: &ImageRef) -> Result<Image, Failure> {
+        self.store
+            .tag(image.as_str(), by_digest.as_str())
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    FailureClass::Other,
+                    format!("cannot point {image} at {by_digest} in containerd: {e}"),
+                )
+            })?;
+        match self.image_status(image).await {
+            Ok(Some(s)) => {
+                debug!(image = %image, digest = %by_digest, "tag pointed at the digest the cluster resolved");
+                Ok(s)
+            }
+            Ok(None) => Err(Failure::new(
+                FailureClass::Other,
+                format!("containerd does not list {image} after it was pointed at {by_digest}; retrying"),
+            )),
+            Err(e) => Err(Failure::new(
+                FailureClass::Other,
+                format!("cannot ask containerd about {image}: {e}"),
+            )),
+        }
     }
 
     /// CRI's status of `image`; keeps `runtime_up` and readiness in step with what containerd answers.
@@ -420,6 +517,25 @@ impl<S: ImageStore> Prewarmer<S> {
         }
         Ok(status)
     }
+}
+
+/// The image's record holds the content `by_digest` names.
+fn holds(found: &Image, by_digest: &ImageRef) -> bool {
+    found.repo_digests.iter().any(|d| d == by_digest.as_str())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+/// The credentials a pull of `d` would try, most specific first, from its pull secrets (the file is read
+/// now): for the reporter, which resolves the tag with the project's credentials.
+pub fn credentials_for(d: &DesiredImage) -> Result<Vec<Credential>, Failure> {
+    let c = Credentials::load(d)?;
+    Ok(c.matching(&d.image).into_iter().cloned().collect())
 }
 
 /// What the credential providers did for an image, for a refused pull's message: `None` when none

@@ -29,6 +29,8 @@ pub enum Call {
     Pin(String, String),
     Unpin(String),
     ListPins,
+    /// tag, source
+    Tag(String, String),
 }
 
 #[derive(Default)]
@@ -102,8 +104,15 @@ impl FakeStore {
     }
 }
 
-/// CRI's record of `image` (a tag) holding content `id` from manifest `digest`.
+/// CRI's record of `image` (a tag, or `name@digest`) holding content `id` from manifest `digest`.
 fn record(image: &str, id: &str, digest: &str) -> Image {
+    if let Some((name, _)) = image.split_once('@') {
+        return Image {
+            id: id.into(),
+            repo_digests: vec![format!("{name}@{digest}")],
+            ..Default::default()
+        };
+    }
     let name = image.rsplit_once(':').map(|(n, _)| n).unwrap_or(image);
     Image {
         id: id.into(),
@@ -192,6 +201,24 @@ impl ImageStore for FakeStore {
         let mut s = self.state();
         s.calls.push(Call::Unpin(name.into()));
         s.pins.remove(name);
+        Ok(())
+    }
+
+    async fn tag(&self, name: &str, source: &str) -> Result<(), RuntimeError> {
+        let mut s = self.state();
+        s.calls.push(Call::Tag(name.into(), source.into()));
+        let Some(src) = s.images.get(source).cloned() else {
+            return Err(RuntimeError::Data {
+                call: "images.Get",
+                message: format!("{source}: not found"),
+            });
+        };
+        let mut tagged = src.clone();
+        tagged.repo_tags = vec![name.into()];
+        s.images.insert(name.into(), tagged);
+        let mut src = src;
+        src.repo_tags = vec![name.into()];
+        s.images.insert(source.into(), src);
         Ok(())
     }
 

@@ -37,7 +37,7 @@ use tracing::{debug, info};
 
 pub use crate::model::Failure;
 pub use crate::model::{Caps, ClusterSecret, DesiredImage, OverCap, Projects};
-pub use attempt::{progress_text, PullOutcome, PullProgressView};
+pub use attempt::{credentials_for, progress_text, PullOutcome, PullProgressView};
 pub use backoff::backoff_delay;
 pub use caps::{allot, rank, Allotment};
 pub use desired::PrewarmSettings;
@@ -53,6 +53,7 @@ use crate::outcome::Emit;
 use crate::reference::ImageRef;
 use crate::runtime::Runtime;
 use crate::sources::pull_slots::PullSlots;
+use crate::sources::resolved_tags::ResolvedTags;
 
 /// What the prewarmer tells whoever follows the node's images (the image audit).
 #[derive(Clone, Debug, PartialEq)]
@@ -87,7 +88,25 @@ pub struct Prewarmer<S: ImageStore = Runtime> {
     /// The node's kubelet credential provider plugins, asked before each pull (none standalone unless
     /// `[credential_providers]` names them).
     credential_providers: Option<Arc<CredentialProviders>>,
+    /// The tags the cluster's reporter resolved (`with_resolved_tags`); `None` standalone (every tag is
+    /// re-resolved here every `resolve_interval`, as one node alone should).
+    resolved: Option<Resolved>,
 }
+
+/// Tags resolved once per cluster, as this node follows them.
+#[derive(Clone)]
+pub struct Resolved {
+    /// The reporter's document (`None` until it was listed).
+    pub tags: watch::Receiver<Option<ResolvedTags>>,
+    /// How often a node re-resolves a tag itself when the document does not answer for it (the
+    /// reporter is gone, or cannot resolve that tag): slowly — the fallback must not put the whole
+    /// fleet back on the registry the moment the reporter stops.
+    pub fallback_interval: std::time::Duration,
+}
+
+/// How long a pull of an absent tag waits for the reporter to publish its digest before the node
+/// resolves it itself (a new image reaches the reporter's watch and the nodes' at the same moment).
+pub(crate) const CENTRAL_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the run loop owns: the workers, and what it knows of each image across its workers' restarts.
 #[derive(Default)]
@@ -163,7 +182,14 @@ impl<S: ImageStore> Prewarmer<S> {
             pins_honoured: AtomicBool::new(false),
             pin_warned: AtomicBool::new(false),
             credential_providers: None,
+            resolved: None,
         }
+    }
+
+    /// Pull the digests the cluster's reporter resolved instead of resolving tags here.
+    pub fn with_resolved_tags(mut self, resolved: Resolved) -> Self {
+        self.resolved = Some(resolved);
+        self
     }
 
     /// Ask the node's credential provider plugins for each pull's credentials (after the pull secrets').

@@ -37,6 +37,13 @@ pub trait ImageStore: Clone + Send + Sync + 'static {
 
     fn unpin(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
+    /// Points the tag record `name` at the content of the record `source` (a digest reference).
+    fn tag(
+        &self,
+        name: &str,
+        source: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
     /// Starts watching a pull of `host`/`repository` for progress.
     fn watch_progress(
         &self,
@@ -80,6 +87,10 @@ impl ImageStore for Runtime {
 
     async fn unpin(&self, name: &str) -> Result<(), RuntimeError> {
         Runtime::unpin(self, name).await
+    }
+
+    async fn tag(&self, name: &str, source: &str) -> Result<(), RuntimeError> {
+        Runtime::tag(self, name, source).await
     }
 
     async fn watch_progress(

@@ -16,6 +16,7 @@ use crate::report::prewarm::PrewarmReport;
 use crate::report::sink::{Captured, FindingSink};
 use crate::report::status::StatusBoard;
 use crate::runtime::errors::FailureClass;
+use crate::sources::resolved_tags::ResolvedTags;
 
 const IMG: &str = "r.io/team/runner:v1";
 
@@ -1167,4 +1168,151 @@ async fn a_failing_pull_carries_its_class_typed_and_counts_attempts_in_a_row() {
     );
     stop.cancel();
     task.await.unwrap();
+}
+
+/// The reporter's document naming `IMG` → `digest`, confirmed now.
+fn published(digest: &str) -> Option<ResolvedTags> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    Some(ResolvedTags {
+        version: 1,
+        checked: now,
+        resolve_seconds: 60,
+        tags: [(IMG.to_string(), digest.to_string())].into(),
+        left_out: 0,
+    })
+}
+
+const DA: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const DB: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+fn by_digest(d: &str) -> String {
+    format!("r.io/team/runner@{d}")
+}
+
+/// A rig whose prewarmer follows `tags` (fallback: resolve here every hour).
+fn central_rig(tags: watch::Receiver<Option<ResolvedTags>>) -> Rig {
+    let mut s = settings();
+    s.resolve_interval = Duration::from_secs(60);
+    let mut r = rig(s);
+    r.prewarmer = r.prewarmer.take().map(|p| {
+        p.with_resolved_tags(Resolved {
+            tags,
+            fallback_interval: Duration::from_secs(3600),
+        })
+    });
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_reporter_the_node_pulls_the_published_digest_and_never_the_tag() {
+    let (tags_tx, tags_rx) = watch::channel(published(DA));
+    let mut r = central_rig(tags_rx);
+    r.store.script(&by_digest(DA), [content("sha256:id-a", DA)]);
+    r.store.script(&by_digest(DB), [content("sha256:id-b", DB)]);
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    let calls = r.store.calls();
+    assert!(
+        calls.contains(&Call::Tag(IMG.into(), by_digest(DA))),
+        "{calls:?}"
+    );
+    assert_eq!(r.store.pulls(), [Call::Pull(by_digest(DA), None)]);
+    // Ten resolve intervals: only local checks, no pull of anything.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(r.store.pulls().len(), 1, "{:?}", r.store.calls());
+    // The reporter publishes a moved tag: pulled at once (not at the next interval), the tag moved,
+    // the old digest unpinned once the new one is pinned.
+    let before = tokio::time::Instant::now();
+    tags_tx.send_replace(published(DB));
+    r.wait(|r| r.store.state().pins.contains_key(&by_digest(DB)))
+        .await;
+    assert!(
+        before.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        before.elapsed()
+    );
+    assert_eq!(
+        r.store.pulls(),
+        [
+            Call::Pull(by_digest(DA), None),
+            Call::Pull(by_digest(DB), None)
+        ]
+    );
+    assert!(r
+        .store
+        .calls()
+        .contains(&Call::Tag(IMG.into(), by_digest(DB))));
+    assert!(!r.store.state().pins.contains_key(&by_digest(DA)));
+    assert_eq!(r.store.state().images[IMG].repo_digests, [by_digest(DB)]);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_live_reporter_the_node_resolves_itself_but_only_every_fallback_interval() {
+    // A document last confirmed three hours ago: the reporter is gone.
+    let mut stale = published(DA);
+    stale.as_mut().unwrap().checked -= 3 * 3600;
+    let (_tags_tx, tags_rx) = watch::channel(stale);
+    let mut r = central_rig(tags_rx);
+    r.store.script(IMG, [content("sha256:id-a", DA)]);
+    let (_tx, stop, task) = r
+        .run_until(vec![desired(IMG)], |r| r.images_in("ready") == 1)
+        .await;
+    // The absent tag is pulled by tag at once (no waiting for a reporter that is gone).
+    assert_eq!(r.store.pulls(), [Call::Pull(IMG.into(), None)]);
+    // Fifty minutes of 60-second resolve intervals: no re-resolution from here.
+    tokio::time::sleep(Duration::from_secs(3000)).await;
+    assert_eq!(r.store.pulls().len(), 1, "{:?}", r.store.calls());
+    // After the fallback interval (an hour): one.
+    tokio::time::sleep(Duration::from_secs(700)).await;
+    assert_eq!(r.store.pulls().len(), 2, "{:?}", r.store.calls());
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_tag_waits_briefly_for_the_reporter_then_pulls_its_digest() {
+    // A live reporter whose document does not list the tag yet.
+    let mut doc = published(DA);
+    doc.as_mut().unwrap().tags.clear();
+    let (tags_tx, tags_rx) = watch::channel(doc);
+    let mut r = central_rig(tags_rx);
+    r.store.script(&by_digest(DA), [content("sha256:id-a", DA)]);
+    let p = r.prewarmer.take().unwrap();
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tags_tx.send_replace(published(DA));
+        tags_tx
+    });
+    let outcome = p.attempt(&desired(IMG), false).await.unwrap();
+    assert!(matches!(outcome, PullOutcome::Pulled { .. }), "{outcome:?}");
+    assert_eq!(r.store.pulls(), [Call::Pull(by_digest(DA), None)]);
+    // Content already here under the digest: only the tag is pointed at it, nothing pulled.
+    let _tags_tx = publisher.await.unwrap();
+    r.store.state().images.remove(IMG);
+    let outcome = p.attempt(&desired(IMG), false).await.unwrap();
+    assert!(
+        matches!(outcome, PullOutcome::Present { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(r.store.pulls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reporter_that_never_publishes_the_tag_costs_a_new_pull_only_the_grace() {
+    let mut doc = published(DA);
+    doc.as_mut().unwrap().tags.clear();
+    let (_tags_tx, tags_rx) = watch::channel(doc);
+    let mut r = central_rig(tags_rx);
+    r.store.script(IMG, [content("sha256:id-a", DA)]);
+    let p = r.prewarmer.take().unwrap();
+    let started = tokio::time::Instant::now();
+    p.attempt(&desired(IMG), false).await.unwrap();
+    assert_eq!(started.elapsed().as_secs(), CENTRAL_GRACE.as_secs());
+    assert_eq!(r.store.pulls(), [Call::Pull(IMG.into(), None)]);
 }

@@ -56,6 +56,9 @@ pub(super) struct Worker<S: ImageStore> {
     sighted: bool,
     /// The last attempt's failure, for its report.
     failure: Option<Failure>,
+    /// When this node last re-resolved the tag itself (with a reporter: the slow fallback's clock,
+    /// started with the worker).
+    resolved_here: Option<tokio::time::Instant>,
 }
 
 impl<S: ImageStore> Worker<S> {
@@ -73,6 +76,7 @@ impl<S: ImageStore> Worker<S> {
             last_id: recall.announced,
             sighted: recall.sighted,
             failure: None,
+            resolved_here: Some(tokio::time::Instant::now()),
         }
     }
 
@@ -93,6 +97,7 @@ impl<S: ImageStore> Worker<S> {
                     continue;
                 }
                 Some(Action::Attempt { force }) => {
+                    let force = force && self.may_resolve_here();
                     let result = tokio::select! {
                         r = self.p.attempt_in_slot(&self.desired, force, &mut slot, Some(&self.notes)) => r,
                         _ = cancel.cancelled() => return,
@@ -132,8 +137,11 @@ impl<S: ImageStore> Worker<S> {
                     }
                 }
                 Some(Action::Wait(wait)) => {
+                    // A ready tag follows the reporter's document: a new digest for it ends the wait.
+                    let follow = self.life.state == crate::model::ImageState::Ready;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => Input::WaitOver,
+                        _ = self.digest_moved(), if follow => Input::WaitOver,
                         _ = cancel.cancelled() => return,
                     }
                 }
@@ -152,6 +160,45 @@ impl<S: ImageStore> Worker<S> {
             self.life = life;
             actions = next.into();
         }
+    }
+
+    /// Whether a due re-resolution may ask the registry from this node. Standalone: always (every
+    /// `resolve_interval`). In a cluster the reporter resolves tags and a node only checks locally that
+    /// its tag names the published digest; when the document does not answer for the tag (reporter gone
+    /// or failing on it) the node asks the registry itself, but only every `fallback_interval`.
+    fn may_resolve_here(&mut self) -> bool {
+        let Some(r) = &self.p.resolved else {
+            return true;
+        };
+        let due = self
+            .resolved_here
+            .is_none_or(|at| at.elapsed() >= r.fallback_interval);
+        if due {
+            self.resolved_here = Some(tokio::time::Instant::now());
+        }
+        due
+    }
+
+    /// Completes when the reporter publishes a digest for this image other than the one it published
+    /// when the wait began (never without a reporter's document).
+    async fn digest_moved(&self) {
+        let Some(r) = &self.p.resolved else {
+            return std::future::pending().await;
+        };
+        let image = self.desired.image.as_str();
+        let mut rx = r.tags.clone();
+        let digest = |d: &Option<crate::sources::resolved_tags::ResolvedTags>| {
+            d.as_ref().and_then(|d| d.tags.get(image).cloned())
+        };
+        let at_start = digest(&rx.borrow_and_update());
+        while rx.changed().await.is_ok() {
+            let now = digest(&rx.borrow_and_update());
+            if now.is_some() && now != at_start {
+                debug!(image = %image, digest = now.as_deref().unwrap_or_default(), "the reporter published a new digest for this tag");
+                return;
+            }
+        }
+        std::future::pending().await
     }
 
     /// Asks the run loop whether the image, `size` bytes, is over a cap.

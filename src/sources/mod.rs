@@ -6,6 +6,7 @@ pub mod desired;
 pub mod kubernetes;
 pub mod leader;
 pub mod pull_slots;
+pub mod resolved_tags;
 pub mod retry;
 pub mod session_images;
 
