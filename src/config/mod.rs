@@ -100,7 +100,17 @@ pub struct FleetSettings {
     pub heartbeat: Duration,
     /// At most this many nodes pull a new image at once, cluster-wide (pull-slot Leases); 0: no limit.
     pub max_nodes_pulling: u32,
+    /// Tags resolved once per cluster: the reporter asks the registry and publishes the digests; nodes
+    /// pull those and stop re-resolving tags themselves.
+    pub central_tags: bool,
+    /// How often a node re-resolves a tag itself when no live reporter answers for it.
+    pub fallback_resolve_interval: Duration,
 }
+
+/// A node falls back to resolving a tag itself this often when the reporter's document does not
+/// answer for it: six times the usual 10 minutes, so a fleet without a reporter costs the registry a
+/// sixth of what every node resolving on its own did.
+pub const DEFAULT_FALLBACK_RESOLVE_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Default for FleetSettings {
     fn default() -> Self {
@@ -108,6 +118,8 @@ impl Default for FleetSettings {
             node_status: true,
             heartbeat: DEFAULT_FLEET_HEARTBEAT,
             max_nodes_pulling: DEFAULT_MAX_NODES_PULLING,
+            central_tags: true,
+            fallback_resolve_interval: DEFAULT_FALLBACK_RESOLVE_INTERVAL,
         }
     }
 }

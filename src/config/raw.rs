@@ -219,4 +219,6 @@ pub(super) struct RawFleet {
     pub(super) node_status: Option<bool>,
     pub(super) heartbeat: Option<String>,
     pub(super) max_nodes_pulling: Option<i64>,
+    pub(super) central_tags: Option<bool>,
+    pub(super) fallback_resolve_interval: Option<String>,
 }

@@ -405,6 +405,21 @@ pub(super) fn fleet(raw: RawFleet, problems: &mut Problems) -> FleetSettings {
             Err(e) => problems.push(format!("fleet.max_nodes_pulling: {e}")),
         }
     }
+    if let Some(b) = raw.central_tags {
+        f.central_tags = b;
+    }
+    if let Some(s) = raw.fallback_resolve_interval {
+        match humantime::parse_duration(&s) {
+            // The fallback exists to be slow: under a minute it would be the old habit again.
+            Ok(d) if d >= Duration::from_secs(60) => f.fallback_resolve_interval = d,
+            Ok(_) => problems.push(format!(
+                "fleet.fallback_resolve_interval: {s:?} is under a minute; write e.g. \"1h\""
+            )),
+            Err(e) => problems.push(format!(
+                "fleet.fallback_resolve_interval: {s:?} is not a duration ({e}); write e.g. \"1h\""
+            )),
+        }
+    }
     f
 }
 

@@ -367,6 +367,22 @@ fn fleet_section_defaults_and_bounds() {
 }
 
 #[test]
+fn tags_are_resolved_centrally_by_default_with_an_hourly_fallback() {
+    let s = parse("").unwrap().fleet;
+    assert!(s.central_tags);
+    assert_eq!(s.fallback_resolve_interval, Duration::from_secs(3600));
+    let s = parse("[fleet]\ncentral_tags = false\nfallback_resolve_interval = \"2h\"\n")
+        .unwrap()
+        .fleet;
+    assert!(!s.central_tags);
+    assert_eq!(s.fallback_resolve_interval, Duration::from_secs(7200));
+    for bad in ["\"30s\"", "\"later\""] {
+        let e = parse(&format!("[fleet]\nfallback_resolve_interval = {bad}\n")).unwrap_err();
+        assert!(e[0].contains("fleet.fallback_resolve_interval"), "{e:?}");
+    }
+}
+
+#[test]
 fn the_pull_budget_defaults_to_ten_and_the_environment_wins() {
     assert_eq!(parse("").unwrap().fleet.max_nodes_pulling, 10);
     let f = |text: &str| parse(text).map(|s| s.fleet.max_nodes_pulling);

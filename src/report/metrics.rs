@@ -53,6 +53,7 @@ pub struct Metrics {
     pub pull_slot_held: IntGauge,
     pub pull_slot_wait_seconds: Histogram,
     pub credential_provider_lookups_total: IntCounterVec,
+    pub tag_resolutions_total: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -283,8 +284,20 @@ impl Metrics {
             &["provider", "result"],
         )
         .expect("valid metric");
+        let tag_resolutions_total = IntCounterVec::new(
+            Opts::new(
+                name("tag_resolutions_total"),
+                "Tags this agent asked the registry about as the cluster's reporter (tags resolved once per cluster), by result (resolved, failed). Only the reporter's count moves.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["resolved", "failed"] {
+            tag_resolutions_total.with_label_values(&[r]);
+        }
         for c in [
             Box::new(prewarm_images.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tag_resolutions_total.clone()),
             Box::new(credential_provider_lookups_total.clone()),
             Box::new(api_requests_total.clone()),
             Box::new(node_status_writes_total.clone()),
@@ -391,6 +404,7 @@ impl Metrics {
             pull_slot_held,
             pull_slot_wait_seconds,
             credential_provider_lookups_total,
+            tag_resolutions_total,
         }
     }
 

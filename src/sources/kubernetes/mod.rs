@@ -7,13 +7,17 @@
 //! - `runner_pods`: the runner pods on this node (their deletion time is the shutdown timer's stop clock);
 //! - `namespaces`: every namespace's UID range for the runtime audit;
 //! - `session_images`: what the platform's session pods pull, learned by the reporter from the runner pods
-//!   of every node and followed by every node through one ConfigMap.
+//!   of every node and followed by every node through one ConfigMap;
+//! - `resolved_tags`: every desired tag resolved once per cluster by the reporter, published in one
+//!   ConfigMap every node follows (`published`: how both documents are written and followed).
 //!
 //! Tested against a mock API server (kube's `Client` over `tower_test::mock`) in `tests`.
 
 mod namespaces;
 mod problems;
 mod project_settings;
+pub mod published;
+pub mod resolved_tags;
 mod runner_pods;
 pub mod secrets;
 pub mod session_images;

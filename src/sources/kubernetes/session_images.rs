@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::published::{self, Document};
 use super::runner_pods::{PerWatch, RUNNER_POD_SELECTORS};
 use crate::report::health::{client_answered, ApiHealth};
 use crate::sources::retry::WatchRetry;
@@ -33,11 +34,24 @@ use crate::sources::session_images::{pod_use, Learned, PodUse, Published, CONFIG
 const MIN_WRITE_GAP: Duration = Duration::from_secs(30);
 /// How often a node that is not the reporter checks whether it has become it.
 const LEADER_POLL: Duration = Duration::from_secs(2);
-/// The field manager of the reporter's writes.
-const MANAGER: &str = "runner-warden-reporter";
 
-/// Follows the session-images ConfigMap: `Some` once listed (the empty document when there is none), the
-/// last good document when an edit breaks it.
+impl Document for Published {
+    const CONFIGMAP: &'static str = CONFIGMAP;
+    const KEY: &'static str = KEY;
+    const WHAT: &'static str = "session images (what the platform's session pods pull)";
+    const WATCHED: &'static str = "the session-images ConfigMap";
+    fn parse(json: &str) -> Result<Self, String> {
+        Published::parse(json)
+    }
+    fn empty() -> Self {
+        Published::default_current()
+    }
+    fn to_json(&self) -> String {
+        Published::to_json(self)
+    }
+}
+
+/// Follows the session-images ConfigMap (every node).
 pub async fn follow(
     client: Client,
     namespace: String,
@@ -45,80 +59,7 @@ pub async fn follow(
     api_health: Arc<ApiHealth>,
     stop: CancellationToken,
 ) {
-    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let mut stream = watcher(
-        api,
-        watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP}")),
-    )
-    .boxed();
-    let mut retry = WatchRetry::new("the session-images ConfigMap", api_health);
-    let mut listed: Option<Option<ConfigMap>> = None;
-    loop {
-        let ev = tokio::select! {
-            _ = stop.cancelled() => return,
-            ev = stream.try_next() => ev,
-        };
-        let cm = match ev {
-            Ok(Some(watcher::Event::Init)) => {
-                listed = Some(None);
-                continue;
-            }
-            Ok(Some(watcher::Event::InitApply(cm))) => {
-                retry.answered();
-                listed = Some(Some(cm));
-                continue;
-            }
-            Ok(Some(watcher::Event::InitDone)) => {
-                retry.answered();
-                listed.take().flatten()
-            }
-            Ok(Some(watcher::Event::Apply(cm))) => {
-                retry.answered();
-                Some(cm)
-            }
-            Ok(Some(watcher::Event::Delete(_))) => {
-                retry.answered();
-                None
-            }
-            Ok(None) => return,
-            Err(e) => {
-                if !retry.pause(&e, &stop).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let doc = match cm.as_ref().and_then(|c| c.data.as_ref()?.get(KEY).cloned()) {
-            None => Ok(Published::default_current()),
-            Some(json) => Published::parse(&json),
-        };
-        match doc {
-            Ok(doc) => {
-                out.send_if_modified(|cur| {
-                    let changed = cur.as_ref() != Some(&doc);
-                    if changed {
-                        debug!(
-                            images = doc.images.len(),
-                            "session images (what the platform's session pods pull) changed"
-                        );
-                        *cur = Some(doc);
-                    }
-                    changed
-                });
-            }
-            Err(e) => {
-                warn!(configmap = %format!("{namespace}/{CONFIGMAP}"), error = %e, "the session-images ConfigMap is unusable; keeping what it said before (the reporter rewrites it within a minute)");
-                out.send_if_modified(|cur| {
-                    if cur.is_none() {
-                        *cur = Some(Published::default_current());
-                        true
-                    } else {
-                        false
-                    }
-                });
-            }
-        }
-    }
+    published::follow(client, namespace, out, api_health, stop).await
 }
 
 /// While this node holds the reporter Lease: learns the images of the platform's runner pods on every
@@ -226,26 +167,8 @@ async fn learn_while_leader(
 }
 
 async fn write(client: &Client, namespace: &str, doc: &Published, api_health: &ApiHealth) {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let cm = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": CONFIGMAP,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "runner-warden"},
-        },
-        "data": { KEY: doc.to_json() },
-    });
-    match api
-        .patch(
-            CONFIGMAP,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&cm),
-        )
-        .await
-    {
-        Ok(_) => {
+    match published::write(client, namespace, doc).await {
+        Ok(()) => {
             let users: usize = doc.images.iter().map(|i| i.users.len()).sum();
             info!(
                 images = doc.images.len(),
