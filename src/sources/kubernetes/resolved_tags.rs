@@ -289,8 +289,11 @@ mod tests {
         }
     }
 
-    /// A mock API server that accepts every write and records (method path, body).
-    fn mock_api() -> (Client, Arc<Mutex<Vec<(String, String)>>>) {
+    /// (method path, body) of every request.
+    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+    /// A mock API server that accepts every write and records each request.
+    fn mock_api() -> (Client, Seen) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let me = seen.clone();
