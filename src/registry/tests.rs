@@ -1,0 +1,1 @@
+//! Loopback tests: a tiny registry and token server played in-process.
