@@ -543,7 +543,7 @@ impl Resolver {
                     .parse::<Uri>()
                     .map_err(|_| target.protocol("cannot make a token URL from the challenge"))?;
                 let mut req = Request::builder().method(Method::GET).uri(uri);
-                if let Some(v) = identity.and_then(|c| basic_value(&target, c)) {
+                if let Some(v) = identity.and_then(|c| basic_value(target, c)) {
                     req = req.header(header::AUTHORIZATION, v?);
                 }
                 req.body(Body::default())
