@@ -27,6 +27,7 @@ pub mod outcome;
 pub mod prewarm;
 pub mod process_audit;
 pub mod reference;
+pub mod registry;
 pub mod report;
 pub mod runtime;
 pub mod shutdown;
