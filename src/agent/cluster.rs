@@ -16,6 +16,7 @@ use super::StartError;
 use crate::config::Settings;
 use crate::model::DesiredImage;
 use crate::process_audit::scanner::NamespaceRanges;
+use crate::registry::Resolver;
 use crate::report::events::{self, UidLookup};
 use crate::report::findings::{Kind, Regarding};
 use crate::report::health::ApiHealth;
@@ -27,9 +28,11 @@ use crate::runtime::errors::FailureClass;
 use crate::shutdown::stop_clock::PodStops;
 use crate::sources::api_count::CountLayer;
 use crate::sources::desired::ClusterPolicy;
+use crate::sources::kubernetes::resolved_tags::{self, Publisher};
 use crate::sources::kubernetes::session_images;
 use crate::sources::kubernetes::{self, KubeSettings, KubeSource, Need, PullNeeds, SecretPolicy};
 use crate::sources::pull_slots::PullSlots;
+use crate::sources::resolved_tags::ResolvedTags;
 use crate::sources::{leader, merge_desired};
 
 pub(super) struct Cluster {
@@ -43,6 +46,10 @@ pub(super) struct Cluster {
     pub pod_stops: Arc<PodStops>,
     /// The cluster-wide pull budget (`fleet.max_nodes_pulling`).
     pub pull_slots: PullSlots,
+    /// The reporter's resolved tags, as this node follows them (`fleet.central_tags`).
+    pub resolved_tags: Option<watch::Receiver<Option<ResolvedTags>>>,
+    /// The reporter's side of them, to be started with the node's credential providers.
+    pub tag_publisher: Option<Publisher<Resolver>>,
 }
 
 impl Cluster {
@@ -202,6 +209,26 @@ pub(super) async fn start(
             stop.clone(),
         ));
     }
+    // Tags resolved once per cluster: every node follows one ConfigMap, the reporter writes it.
+    let (tags_tx, tags_rx) = watch::channel(None);
+    let tag_publisher = match settings.fleet.central_tags {
+        true => {
+            tasks.spawn(resolved_tags::follow(
+                client.clone(),
+                k.lease_namespace.clone(),
+                tags_tx,
+                api_health.clone(),
+                stop.clone(),
+            ));
+            let resolver = Resolver::new().map_err(|e| {
+                StartError::Kube(format!(
+                    "cannot build the registry client for tag resolution: {e}"
+                ))
+            })?;
+            Some((tags_rx.clone(), resolver))
+        }
+        false => None,
+    };
     let source = KubeSource::new(
         client.clone(),
         KubeSettings {
@@ -235,10 +262,11 @@ pub(super) async fn start(
                 _ => None,
             })
     });
+    let metrics_tags = metrics.tag_resolutions_total.clone();
     let (queue, events_task) = events::spawn(
         client.clone(),
         &k.node_name,
-        is_leader,
+        is_leader.clone(),
         uid_of,
         metrics,
         api_health.clone(),
@@ -261,6 +289,24 @@ pub(super) async fn start(
     ));
     let (merged_tx, merged_rx) = watch::channel(Vec::new());
     tasks.spawn(merge_desired(file, cluster_rx, merged_tx, stop.clone()));
+    let (resolved_tags, tag_publisher) = match tag_publisher {
+        Some((current, resolver)) => (
+            Some(current.clone()),
+            Some(Publisher {
+                client: client.clone(),
+                namespace: k.lease_namespace.clone(),
+                is_leader,
+                current,
+                desired: merged_rx.clone(),
+                resolver: Arc::new(resolver),
+                providers: None,
+                interval: settings.prewarm.resolve_interval,
+                resolutions: metrics_tags,
+                api_health: api_health.clone(),
+            }),
+        ),
+        None => (None, None),
+    };
     Ok(Cluster {
         client,
         api_health,
@@ -268,6 +314,8 @@ pub(super) async fn start(
         findings,
         pod_stops,
         pull_slots,
+        resolved_tags,
+        tag_publisher,
     })
 }
 

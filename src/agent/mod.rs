@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{Overrides, Settings};
 use crate::credential_providers::CredentialProviders;
 use crate::image_audit::{self, Auditor};
-use crate::prewarm::Prewarmer;
+use crate::prewarm::{Prewarmer, Resolved};
 use crate::process_audit::scanner::Scanner;
 use crate::process_audit::watch as process_watch;
 use crate::report::audit::AuditReport;
@@ -113,7 +113,7 @@ impl Agent {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let (file_tx, file_rx) = watch::channel(settings.images.clone());
-        let cluster = match settings.kubernetes.enabled {
+        let mut cluster = match settings.kubernetes.enabled {
             true => Some(
                 cluster::start(
                     &settings,
@@ -222,25 +222,41 @@ impl Agent {
             Some(findings.clone()),
             settings.prewarm.failure_finding_after,
         );
+        let providers = settings.credential_providers.as_ref().map(|p| {
+            for skipped in p.providers.iter().filter(|p| p.wants_pod_token) {
+                warn!(
+                    provider = %skipped.name,
+                    "credential provider {} wants a pod's service account token (tokenAttributes, KEP-4412), which a node agent cannot get: it is not run, and the images it serves are prewarmed with their pull secrets or anonymously (docs/credential-providers.md)",
+                    skipped.name
+                );
+            }
+            info!(
+                config = %p.config.display(),
+                providers = %p.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                "credential provider plugins: asked for each pull's credentials after the pull secrets'"
+            );
+            Arc::new(CredentialProviders::new(p))
+        });
         let mut prewarmer = Prewarmer::new(runtime.clone(), settings.prewarm.clone())
             .with_events(report.into_emit())
-            .with_credential_providers(settings.credential_providers.as_ref().map(|p| {
-                for skipped in p.providers.iter().filter(|p| p.wants_pod_token) {
-                    warn!(
-                        provider = %skipped.name,
-                        "credential provider {} wants a pod's service account token (tokenAttributes, KEP-4412), which a node agent cannot get: it is not run, and the images it serves are prewarmed with their pull secrets or anonymously (docs/credential-providers.md)",
-                        skipped.name
-                    );
-                }
-                info!(
-                    config = %p.config.display(),
-                    providers = %p.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
-                    "credential provider plugins: asked for each pull's credentials after the pull secrets'"
-                );
-                Arc::new(CredentialProviders::new(p))
-            }));
-        if let Some(c) = &cluster {
+            .with_credential_providers(providers.clone());
+        if let Some(c) = &mut cluster {
             prewarmer = prewarmer.with_fleet_slots(c.pull_slots.clone());
+            if let Some(tags) = c.resolved_tags.clone() {
+                // Never faster than the node's own interval: the fallback exists to be slower.
+                let fallback_interval = settings
+                    .fleet
+                    .fallback_resolve_interval
+                    .max(settings.prewarm.resolve_interval);
+                prewarmer = prewarmer.with_resolved_tags(Resolved {
+                    tags,
+                    fallback_interval,
+                });
+            }
+            if let Some(mut publisher) = c.tag_publisher.take() {
+                publisher.providers = providers;
+                tasks.spawn(publisher.run(stop.clone()));
+            }
         }
         if settings.audit.enabled {
             // The audit follows what the prewarmer makes present.

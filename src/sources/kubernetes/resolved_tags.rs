@@ -61,6 +61,18 @@ pub trait TagResolver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, String>> + Send;
 }
 
+impl TagResolver for crate::registry::Resolver {
+    async fn resolve(
+        &self,
+        image: &ImageRef,
+        credentials: &[&Credential],
+    ) -> Result<String, String> {
+        crate::registry::Resolver::resolve(self, image, credentials)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Every node: follows the reporter's document.
 pub async fn follow(
     client: Client,
@@ -158,7 +170,7 @@ impl<R: TagResolver> Publisher<R> {
                         written = Some(doc);
                     }
                     Err(e) if client_answered(&e) => {
-                        warn!(configmap = %format!("{}/{CONFIGMAP}", self.namespace), error = %e, "cannot write the resolved tags; tried again at the next round (check the Role runner-warden-session-images, which also covers this ConfigMap)")
+                        warn!(configmap = %format!("{}/{CONFIGMAP}", self.namespace), error = %e, "cannot write the resolved tags; tried again at the next round (check the Role runner-warden-resolved-tags)")
                     }
                     Err(e) => self.api_health.unreachable("writing the resolved tags", &e),
                 }
