@@ -355,13 +355,20 @@ impl<S: ImageStore> Prewarmer<S> {
         if found.is_some() || !wait || !live {
             return found;
         }
-        let waited = tokio::time::timeout(super::CENTRAL_GRACE, async {
+        let published = async {
             while rx.changed().await.is_ok() {
                 if let (Some(r), _) = lookup(&rx.borrow_and_update()) {
                     return Some(r);
                 }
             }
             None
+        };
+        // A session pod here waiting for the image waits for nobody: resolve here at once.
+        let waited = tokio::time::timeout(super::CENTRAL_GRACE, async {
+            tokio::select! {
+                r = published => r,
+                _ = self.fleet_slots.urgent_for(image.as_str()) => None,
+            }
         })
         .await;
         let found = waited.ok().flatten();

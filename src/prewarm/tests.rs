@@ -1316,3 +1316,23 @@ async fn a_reporter_that_never_publishes_the_tag_costs_a_new_pull_only_the_grace
     assert_eq!(started.elapsed().as_secs(), CENTRAL_GRACE.as_secs());
     assert_eq!(r.store.pulls(), [Call::Pull(IMG.into(), None)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_session_pod_waiting_for_a_new_tag_does_not_wait_for_the_reporter() {
+    let mut doc = published(DA);
+    doc.as_mut().unwrap().tags.clear();
+    let (_tags_tx, tags_rx) = watch::channel(doc);
+    let mut r = central_rig(tags_rx);
+    r.store.script(IMG, [content("sha256:id-a", DA)]);
+    let slots = crate::sources::pull_slots::PullSlots::unlimited();
+    slots.urgent().set([IMG.to_string()].into());
+    let p = r.prewarmer.take().unwrap().with_fleet_slots(slots);
+    let started = tokio::time::Instant::now();
+    p.attempt(&desired(IMG), false).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.store.pulls(), [Call::Pull(IMG.into(), None)]);
+}

@@ -609,6 +609,19 @@ impl PullSlots {
         r
     }
 
+    /// Completes when a session pod on this node waits for `image` (at once if one does now).
+    pub async fn urgent_for(&self, image: &str) {
+        let mut rx = self.urgent.subscribe();
+        loop {
+            if rx.borrow_and_update().contains(image) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Where the runner-pod watch says which images session pods on this node wait for.
     pub fn urgent(&self) -> Urgent {
         self.urgent.clone()
