@@ -10,7 +10,7 @@ mod on_a_fleet {
     use std::time::Duration;
 
     use crate::common::cluster::{runner_pod, Cluster};
-    use crate::common::fleet::{agent, fleet_cli, Fleet};
+    use crate::common::fleet::{agent, agent_with, fleet_cli, Fleet};
     use crate::common::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -429,5 +429,174 @@ spec:
         ]);
         delete_slots(&k);
         drop(a);
+    }
+
+    /// Lines of the bed registry's log from byte `from` on (it logs each request it challenges: every
+    /// resolution starts unauthenticated, containerd's and the reporter's alike).
+    fn registry_log(bed: &Bed, from: u64) -> String {
+        let text = std::fs::read(bed.dir.join("registry.log")).unwrap_or_default();
+        String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned()
+    }
+
+    fn registry_log_len(bed: &Bed) -> u64 {
+        std::fs::metadata(bed.dir.join("registry.log"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// The digest the reporter published for `image`.
+    fn published(k: &Cluster, image: &str) -> Option<String> {
+        let out = k.try_kubectl(&[
+            "-n",
+            "runner-warden",
+            "get",
+            "configmap",
+            "runner-warden-resolved-tags",
+            "-o",
+            "jsonpath={.data.resolved-tags\\.json}",
+        ]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        doc["tags"][image].as_str().map(String::from)
+    }
+
+    /// `ctr images ls` of node `i`: (record name, pinned).
+    fn records(bed: &Bed, f: &Fleet, i: usize) -> Vec<(String, bool)> {
+        let out = std::process::Command::new(&bed.ctr)
+            .arg("--address")
+            .arg(&f.node(i).socket)
+            .args(["-n", "k8s.io", "images", "ls"])
+            .output()
+            .expect("ctr images ls");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let name = l.split_whitespace().next()?.to_string();
+                Some((name, l.contains("io.cri-containerd.pinned=pinned")))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_moved_tag_is_resolved_by_the_reporter_alone_and_re_pulled_once_per_node_under_the_budget(
+    ) {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        assert!(f.nodes >= 5, "needs 5 fleet nodes");
+        let repo_tag = bed.push_fresh("fleet/moved", &["20"]);
+        let _proxy = Proxy::start(5002, bed.registry_port(), 10_000_000, 0).await;
+        let image = format!("127.0.0.1:5002/{repo_tag}");
+        let name = image.rsplit_once(':').unwrap().0.to_string();
+        let repo = repo_tag.split(':').next().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        delete_slots(&k);
+        // The reporter re-resolves every 10 s; a node would itself only every hour.
+        let prewarm = "resolve_interval = \"10s\"\n";
+        let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
+        let mut agents = Vec::new();
+        for i in 1..=5 {
+            agents.push(agent_with(&k, &bed, &f.node(i), prewarm, &images, extra).await);
+        }
+        wait_for(S(180), "ready on 5 nodes", || async {
+            let (code, doc) = fleet_cli(&k, &["--image", &image]);
+            (code == 0 && doc["images"][0]["ready"] == 5).then_some(())
+        })
+        .await;
+        let old = wait_for(S(30), "the tag's digest published", || async {
+            published(&k, &image)
+        })
+        .await;
+        let old_ids: Vec<String> = (1..=5)
+            .map(|i| {
+                entry(&k, &f.node(i).name, &image).unwrap()["digest"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let successes = |m: &str| {
+            metric(m, "runner_warden_prewarm_pulls_total{result=\"success\"}").unwrap_or(0.0)
+        };
+        let mut before = Vec::new();
+        for a in &agents {
+            before.push(successes(&a.metrics().await));
+        }
+
+        // The tag moves: new content pushed under it.
+        let log_from = registry_log_len(&bed);
+        let pushed =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"))
+                .args(["push-random", &repo_tag, "20"])
+                .status()
+                .unwrap()
+                .success();
+        assert!(pushed);
+        let deadline = std::time::Instant::now() + S(180);
+        let mut most = 0;
+        loop {
+            let pulling = nodes_pulling(&bed, &f, 5);
+            assert!(
+                pulling.len() <= 2,
+                "{} nodes pulling at once: {pulling:?}",
+                pulling.len()
+            );
+            most = most.max(pulling.len());
+            let moved = (1..=5).all(|i| {
+                entry(&k, &f.node(i).name, &image).is_some_and(|e| {
+                    e["state"] == "Ready" && e["digest"].as_str() != Some(old_ids[i - 1].as_str())
+                })
+            });
+            if moved {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the moved tag did not reach 5 nodes in 180 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            most >= 1,
+            "no pull of the new digest was ever seen in flight"
+        );
+        let new = published(&k, &image).unwrap();
+        assert_ne!(new, old);
+        // Every node pulled the new content exactly once.
+        for (i, a) in agents.iter().enumerate() {
+            let m = a.metrics().await;
+            assert_eq!(successes(&m) - before[i], 1.0, "fleet-{}: {m}", i + 1);
+        }
+        // Only the reporter asked the registry about the tag; nodes asked for the digest.
+        let log = registry_log(&bed, log_from);
+        let tag_uri = format!("http.request.uri=/v2/{repo}/manifests/v1 ");
+        let by_containerd = log
+            .lines()
+            .filter(|l| l.contains(&tag_uri) && l.contains("useragent=\"containerd"))
+            .count();
+        assert_eq!(by_containerd, 0, "a node resolved the tag itself:\n{log}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&tag_uri) && l.contains("useragent=\"runner-warden/")),
+            "the reporter's resolution is not in the registry's log:\n{log}"
+        );
+        // On each node: the tag and the new digest pinned, the old digest's pin gone.
+        for i in 1..=5 {
+            let recs = wait_for(S(30), "the old digest unpinned", || async {
+                let r = records(&bed, &f, i);
+                let pinned = |rec: &str| r.iter().any(|(n, p)| n == rec && *p);
+                (pinned(&image)
+                    && pinned(&format!("{name}@{new}"))
+                    && !pinned(&format!("{name}@{old}")))
+                .then_some(r)
+            })
+            .await;
+            assert!(
+                recs.iter().any(|(n, _)| n == &format!("{name}@{new}")),
+                "fleet-{i}: {recs:?}"
+            );
+        }
+        drop(agents);
+        delete_slots(&k);
     }
 }

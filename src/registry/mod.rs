@@ -53,6 +53,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Shorter than the request timeout so an unreachable registry says "connect" rather than "timed out".
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REDIRECTS: usize = 5;
+/// Registries' logs tell the reporter's requests from containerd's.
+const USER_AGENT: &str = concat!("runner-warden/", env!("CARGO_PKG_VERSION"));
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_TOKEN_BYTES: usize = 64 << 10;
 const TOKEN_CACHE_ENTRIES: usize = 1_000;
@@ -419,6 +421,7 @@ impl Resolver {
             let mut req = Request::builder()
                 .method(method.clone())
                 .uri(uri.clone())
+                .header(header::USER_AGENT, USER_AGENT)
                 .header(header::ACCEPT, ACCEPT_MANIFESTS);
             if let Some(a) = auth {
                 if uri.authority() == origin.as_ref() && uri.scheme() == target.manifest.scheme() {
@@ -531,6 +534,7 @@ impl Resolver {
                 Request::builder()
                     .method(Method::POST)
                     .uri(realm_uri.clone())
+                    .header(header::USER_AGENT, USER_AGENT)
                     .header(
                         header::CONTENT_TYPE,
                         "application/x-www-form-urlencoded; charset=utf-8",
@@ -542,7 +546,10 @@ impl Resolver {
                 let uri = format!("{realm}{sep}{}", encode_form(&params))
                     .parse::<Uri>()
                     .map_err(|_| target.protocol("cannot make a token URL from the challenge"))?;
-                let mut req = Request::builder().method(Method::GET).uri(uri);
+                let mut req = Request::builder()
+                    .method(Method::GET)
+                    .uri(uri)
+                    .header(header::USER_AGENT, USER_AGENT);
                 if let Some(v) = identity.and_then(|c| basic_value(target, c)) {
                     req = req.header(header::AUTHORIZATION, v?);
                 }

@@ -64,11 +64,23 @@ impl Fleet {
 /// `runner-warden run --kubernetes` for `node` as the runner-warden ServiceAccount: its own containerd,
 /// NODE_NAME and metrics port; `images` is TOML of [[images]] tables, `extra` more TOML.
 pub async fn agent(k: &Cluster, bed: &Bed, node: &FleetNode, images: &str, extra: &str) -> Agent {
+    agent_with(k, bed, node, "", images, extra).await
+}
+
+/// `agent` with more `[prewarm]` keys (`prewarm`, TOML lines).
+pub async fn agent_with(
+    k: &Cluster,
+    bed: &Bed,
+    node: &FleetNode,
+    prewarm: &str,
+    images: &str,
+    extra: &str,
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = k.agent_kubeconfig(dir.path()).await;
     let port = free_port();
     let config = dir.path().join("config.toml");
-    let text = Agent::config_text(bed, port, dir.path(), "", images).replace(
+    let text = Agent::config_text(bed, port, dir.path(), prewarm, images).replace(
         &format!("socket = \"{}\"", bed.socket.display()),
         &format!("socket = \"{}\"", node.socket.display()),
     );
