@@ -7,10 +7,14 @@ mod common;
 
 /// Named so `scripts/test` runs these with the fleet bed up (`--skip on_a_fleet::` elsewhere).
 mod on_a_fleet {
-    use std::time::Duration;
+    use std::collections::{BTreeSet, HashMap};
+    use std::time::{Duration, Instant};
+
+    use containerd_client::services::v1::content_client::ContentClient;
+    use containerd_client::services::v1::ListStatusesRequest;
 
     use crate::common::cluster::{runner_pod, Cluster};
-    use crate::common::fleet::{agent, agent_with, fleet_cli, Fleet};
+    use crate::common::fleet::{agent, agent_with, fleet_cli, restart, Fleet};
     use crate::common::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -260,49 +264,96 @@ mod on_a_fleet {
             .collect()
     }
 
-    #[tokio::test]
-    async fn at_most_the_budget_of_nodes_pull_a_new_image_at_once() {
-        let _g = serial().await;
-        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
-        assert!(f.nodes >= 5, "needs 5 fleet nodes");
-        // 40 MiB at 10 MB/s per connection: a pull of seconds on every node.
-        let repo_tag = bed.push_fresh("fleet/budget", &["20", "20"]);
-        let _proxy = Proxy::start(5002, bed.registry_port(), 10_000_000, 0).await;
-        let image = format!("127.0.0.1:5002/{repo_tag}");
-        let dir = tempfile::tempdir().unwrap();
-        let images = images_toml(&bed, dir.path(), &image);
-        // Slots other tests' agents made (the default budget is 10) would only be ignored; start clean
-        // so the count below is this budget's.
-        delete_slots(&k);
-        let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
-        let mut agents = Vec::new();
-        for i in 1..=5 {
-            agents.push(agent(&k, &bed, &f.node(i), &images, extra).await);
-        }
-        // Sampled every 200 ms from each node's containerd until the image is ready everywhere.
-        let deadline = std::time::Instant::now() + S(180);
-        let mut most = 0;
-        loop {
-            let pulling = nodes_pulling(&bed, &f, 5);
-            assert!(
-                pulling.len() <= 2,
-                "{} nodes pulling at once: {pulling:?}",
-                pulling.len()
-            );
-            most = most.max(pulling.len());
-            let (code, doc) = fleet_cli(&k, &["--image", &image]);
-            if code == 0 && doc["images"][0]["ready"] == 5 {
-                break;
+    /// Which nodes move bytes into their containerd right now: those with an ingest (`content active`)
+    /// that is new or grew since the previous sample. Merely listed is not enough: an ingest whose pull
+    /// was cancelled (its agent SIGKILLed) stays listed, for a later pull to resume, without moving.
+    #[derive(Default)]
+    struct Ingests(HashMap<(usize, String), i64>);
+
+    impl Ingests {
+        async fn moving(&mut self, f: &Fleet, n: usize) -> Vec<usize> {
+            let (mut now, mut moving) = (HashMap::new(), BTreeSet::new());
+            for i in 1..=n {
+                let Ok(channel) = containerd_client::connect(&f.node(i).socket).await else {
+                    continue;
+                };
+                let Ok(answer) = ContentClient::new(channel)
+                    .list_statuses(ns(ListStatusesRequest { filters: vec![] }))
+                    .await
+                else {
+                    continue;
+                };
+                for st in answer.into_inner().statuses {
+                    let key = (i, st.r#ref);
+                    if self.0.get(&key) != Some(&st.offset) {
+                        moving.insert(i);
+                    }
+                    now.insert(key, st.offset);
+                }
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not ready on 5 nodes in 180 s: {doc}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.0 = now;
+            moving.into_iter().collect()
         }
-        assert!(most >= 1, "no pull was ever seen in flight");
-        // Every slot is given back once the pulls ended (holder cleared), and no more than 2 exist.
-        let leases = k.kubectl(&[
+    }
+
+    /// The budget as both ends see it, sampled: nodes moving bytes by their containerd, and nodes with
+    /// a blob download in flight by the registry's fronts. Samples over the budget are kept, not
+    /// asserted at once, so a failure shows the whole over-budget window.
+    struct BudgetWatch {
+        budget: usize,
+        ingests: Ingests,
+        start: Instant,
+        most: usize,
+        over: Vec<String>,
+    }
+
+    impl BudgetWatch {
+        async fn new(f: &Fleet, budget: usize) -> BudgetWatch {
+            let mut ingests = Ingests::default();
+            // What earlier tests left listed is not this rollout's.
+            ingests.moving(f, 5).await;
+            BudgetWatch {
+                budget,
+                ingests,
+                start: Instant::now(),
+                most: 0,
+                over: Vec::new(),
+            }
+        }
+
+        async fn sample(&mut self, f: &Fleet, fronts: &BlobFronts) {
+            let pulling = self.ingests.moving(f, 5).await;
+            let downloading = fronts.state().downloading();
+            self.most = self.most.max(pulling.len()).max(downloading.len());
+            if pulling.len() > self.budget || downloading.len() > self.budget {
+                self.over.push(format!(
+                    "{:.1} s: containerd moving bytes on {pulling:?}, registry sending to {downloading:?}",
+                    self.start.elapsed().as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    /// The digests of the image's config and layers (its manifest, as the registry serves it).
+    fn blobs_of(bed: &Bed, repo_tag: &str) -> Vec<String> {
+        let out = std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", "--creds"])
+            .arg(format!("{}:{}", bed.user, bed.password))
+            .arg(format!("docker://{}", bed.image(repo_tag)))
+            .output()
+            .expect("skopeo inspect");
+        assert!(out.status.success(), "skopeo inspect {repo_tag}");
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest");
+        let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+        for l in m["layers"].as_array().unwrap() {
+            blobs.push(l["digest"].as_str().unwrap().to_string());
+        }
+        blobs
+    }
+
+    /// The slot Leases: (name, holder identity, empty when released).
+    fn slot_holders(k: &Cluster) -> Vec<(String, String)> {
+        k.kubectl(&[
             "-n",
             "runner-warden",
             "get",
@@ -311,21 +362,200 @@ mod on_a_fleet {
             "runner-warden.ambient-code.io/pull-slot=true",
             "-o",
             "jsonpath={range .items[*]}{.metadata.name}={.spec.holderIdentity};{end}",
-        ]);
-        let slots: Vec<&str> = leases.split(';').filter(|s| !s.is_empty()).collect();
-        assert!(!slots.is_empty() && slots.len() <= 2, "{leases}");
+        ])
+        .split(';')
+        .filter_map(|s| s.split_once('='))
+        .map(|(n, h)| (n.to_string(), h.to_string()))
+        .collect()
+    }
+
+    /// Five nodes, budget 2, a new 40 MiB image that takes seconds to pull: never more than 2 nodes
+    /// pull at once (by their containerd and by the registry), and the budget costs no bandwidth —
+    /// the registry serves each of the image's blobs to each node exactly once.
+    #[tokio::test]
+    async fn at_most_the_budget_of_nodes_pull_a_new_image_at_once_each_blob_once_per_node() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        assert!(f.nodes >= 5, "needs 5 fleet nodes");
+        let repo_tag = bed.push_fresh("fleet/budget", &["20", "20"]);
+        let image = bed.image(&repo_tag);
+        let blobs = blobs_of(&bed, &repo_tag);
+        // 10 MB/s per blob download (layers of ~15 MB gzipped): a pull of seconds on every node. Each
+        // node its own front, so the registry's side is counted per node.
+        let fronts = BlobFronts::start(5, bed.registry_port(), 10_000_000).await;
+        let _views = f.registry_via(&fronts.ports);
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        // Slots other tests' agents made (the default budget is 10) would only be ignored; start clean
+        // so the count below is this budget's.
+        delete_slots(&k);
+        let mut watch = BudgetWatch::new(&f, 2).await;
+        let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
+        let mut agents = Vec::new();
+        for i in 1..=5 {
+            agents.push(agent(&k, &bed, &f.node(i), &images, extra).await);
+        }
+        // Sampled every 200 ms until the image is ready everywhere.
+        let deadline = Instant::now() + S(180);
+        loop {
+            watch.sample(&f, &fronts).await;
+            let (code, doc) = fleet_cli(&k, &["--image", &image]);
+            if code == 0 && doc["images"][0]["ready"] == 5 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready on 5 nodes in 180 s: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            watch.over.is_empty(),
+            "over the budget of 2: {:#?}",
+            watch.over
+        );
+        assert!(watch.most >= 1, "no pull was ever seen in flight");
+        let st = fronts.state();
+        assert!(
+            (1..=2).contains(&st.peak_nodes),
+            "the registry sent blobs to {} nodes at once",
+            st.peak_nodes
+        );
+        // Every blob once per node: none fetched twice (a pull restarted or a slot taken twice), none
+        // skipped, nothing else fetched.
+        for i in 1..=5 {
+            for b in &blobs {
+                assert_eq!(
+                    st.gets.get(&(i, b.clone())).copied().unwrap_or(0),
+                    1,
+                    "fleet-{i}'s GETs of {b}; all: {:?}",
+                    st.gets
+                );
+            }
+        }
+        assert_eq!(st.gets.len(), 5 * blobs.len(), "{:?}", st.gets);
+        // Every slot is given back once the pulls ended (holder cleared), and no more than 2 exist.
+        let slots = slot_holders(&k);
+        assert!(!slots.is_empty() && slots.len() <= 2, "{slots:?}");
         wait_for(S(30), "every slot released", || async {
-            let l = k.kubectl(&[
+            slot_holders(&k)
+                .iter()
+                .all(|(_, h)| h.is_empty())
+                .then_some(())
+        })
+        .await;
+        drop(agents);
+    }
+
+    /// Five nodes, budget 2, a slow new image: the agent of a node holding a slot while its bytes flow
+    /// is SIGKILLed. Its slot goes to another node once that node saw the Lease unchanged for the lease
+    /// duration (30 s, plus its 0–3 s jitter: within 35 s of the kill, and not before the last renewal
+    /// could have expired); the killed node's agent, started again, finishes the rollout; and at no
+    /// sampled moment did more than 2 nodes pull — the killed node's containerd included, which stops
+    /// pulling when its agent's CRI call goes away.
+    #[tokio::test]
+    async fn a_sigkilled_slot_holder_s_slot_goes_to_another_node_within_the_lease() {
+        let _g = serial().await;
+        let (bed, k, f) = (Bed::get(), Cluster::get(), Fleet::get());
+        assert!(f.nodes >= 5, "needs 5 fleet nodes");
+        let repo_tag = bed.push_fresh("fleet/killed", &["20", "20"]);
+        let image = bed.image(&repo_tag);
+        // 1 MB/s per blob download: about 16 s a pull (two ~15 MB gzipped layers side by side), so
+        // nodes still wait when the dead holder's slot expires (3 nodes behind the other slot).
+        let fronts = BlobFronts::start(5, bed.registry_port(), 1_000_000).await;
+        let _views = f.registry_via(&fronts.ports);
+        let dir = tempfile::tempdir().unwrap();
+        let images = images_toml(&bed, dir.path(), &image);
+        delete_slots(&k);
+        let mut watch = BudgetWatch::new(&f, 2).await;
+        let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
+        let mut agents = Vec::new();
+        for i in 1..=5 {
+            agents.push(agent(&k, &bed, &f.node(i), &images, extra).await);
+        }
+        // A holder mid-pull: its Lease names it and the registry is sending it blobs (4 MiB already).
+        let deadline = Instant::now() + S(60);
+        let (slot, victim) = loop {
+            watch.sample(&f, &fronts).await;
+            let st = fronts.state();
+            let found = slot_holders(&k).into_iter().find_map(|(slot, h)| {
+                let i: usize = h.strip_prefix("runner-warden-fleet-")?.parse().ok()?;
+                (st.in_flight[i] > 0 && st.bytes[i] > 4 << 20).then_some((slot, i))
+            });
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(Instant::now() < deadline, "no holder mid-pull in 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let dead = format!("runner-warden-fleet-{victim}");
+        // std's Child::kill is SIGKILL: no release, no goodbye.
+        agents[victim - 1].child.kill().unwrap();
+        agents[victim - 1].child.wait().unwrap();
+        let killed = Instant::now();
+        let mut downloads_stopped = None;
+        let (taken_after, taker) = loop {
+            watch.sample(&f, &fronts).await;
+            if downloads_stopped.is_none() && fronts.state().in_flight[victim] == 0 {
+                downloads_stopped = Some(killed.elapsed());
+            }
+            let holder = k.kubectl(&[
                 "-n",
                 "runner-warden",
                 "get",
-                "leases",
-                "-l",
-                "runner-warden.ambient-code.io/pull-slot=true",
+                "lease",
+                &slot,
                 "-o",
-                "jsonpath={range .items[*]}{.spec.holderIdentity};{end}",
+                "jsonpath={.spec.holderIdentity}",
             ]);
-            l.split(';').all(|h| h.is_empty()).then_some(())
+            if !holder.is_empty() && holder != dead {
+                break (killed.elapsed(), holder);
+            }
+            assert!(
+                killed.elapsed() < S(35),
+                "{slot} still held by {holder:?} 35 s after its holder {dead} was SIGKILLed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // The others last saw it renewed at most 10 s before the kill: taking it sooner than 20 s after
+        // would take a live holder's slot.
+        assert!(
+            taken_after >= S(19),
+            "{slot} taken by {taker} only {taken_after:?} after the kill"
+        );
+        let downloads_stopped =
+            downloads_stopped.expect("the killed node's downloads never stopped");
+        restart(&mut agents[victim - 1], &f.node(victim));
+        let deadline = Instant::now() + S(120);
+        loop {
+            watch.sample(&f, &fronts).await;
+            let (code, doc) = fleet_cli(&k, &["--image", &image]);
+            if code == 0 && doc["images"][0]["ready"] == 5 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready on 5 nodes 120 s after the restart: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "fleet-{victim} SIGKILLed holding {slot}; its downloads stopped {downloads_stopped:?} after, \
+             {taker} took the slot {taken_after:?} after; ready everywhere {:?} after the agents started; \
+             blob GETs by (node, digest): {:?}",
+            watch.start.elapsed(),
+            fronts.state().gets
+        );
+        assert!(
+            watch.over.is_empty(),
+            "over the budget of 2: {:#?}",
+            watch.over
+        );
+        wait_for(S(30), "every slot released", || async {
+            slot_holders(&k)
+                .iter()
+                .all(|(_, h)| h.is_empty())
+                .then_some(())
         })
         .await;
         drop(agents);
@@ -386,7 +616,10 @@ spec:
         );
         // It keeps waiting: nothing moves while the slot is held.
         tokio::time::sleep(S(5)).await;
-        assert!(nodes_pulling(&bed, &f, 1).is_empty());
+        let mut ingests = Ingests::default();
+        ingests.moving(&f, 1).await;
+        tokio::time::sleep(S(1)).await;
+        assert!(ingests.moving(&f, 1).await.is_empty());
         assert_eq!(entry(&k, "fleet-1", &image).unwrap()["state"], "Waiting");
 
         // A session pod on fleet-1 waits for the image (Pending, its container not started): the agent

@@ -59,6 +59,33 @@ impl Fleet {
             .success();
         assert!(ok, "scripts/fleet registry {i}");
     }
+
+    /// Node `i` sees the bed's registry through 127.0.0.1:`ports[i - 1]` until the guard drops (then
+    /// directly again, even when the test failed: later tests expect every node's view live).
+    pub fn registry_via(&self, ports: &[u16]) -> RegistryViews {
+        for (i, port) in ports.iter().enumerate() {
+            let ok = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fleet"))
+                .args(["registry", &(i + 1).to_string(), "via", &port.to_string()])
+                .status()
+                .expect("scripts/fleet registry via")
+                .success();
+            assert!(ok, "scripts/fleet registry {} via {port}", i + 1);
+        }
+        RegistryViews(ports.len())
+    }
+}
+
+/// Nodes 1..=n see the registry through a test's fronts; dropped, they see it directly again.
+pub struct RegistryViews(usize);
+
+impl Drop for RegistryViews {
+    fn drop(&mut self) {
+        for i in 1..=self.0 {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fleet"))
+                .args(["registry", &i.to_string(), "live"])
+                .status();
+        }
+    }
 }
 
 /// `runner-warden run --kubernetes` for `node` as the runner-warden ServiceAccount: its own containerd,
@@ -85,7 +112,23 @@ pub async fn agent_with(
         &format!("socket = \"{}\"", node.socket.display()),
     );
     std::fs::write(&config, format!("{text}{extra}")).unwrap();
-    let child = Command::new(BIN)
+    let child = spawn(&config, &kubeconfig, node, dir.path());
+    Agent {
+        child,
+        dir,
+        config,
+        port,
+    }
+}
+
+fn spawn(config: &Path, kubeconfig: &Path, node: &FleetNode, dir: &Path) -> std::process::Child {
+    // Appended: a restarted agent's log follows its previous run's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    Command::new(BIN)
         .args([
             "--log-level",
             "runner_warden=debug,info",
@@ -93,20 +136,28 @@ pub async fn agent_with(
             "--kubernetes",
             "--config",
         ])
-        .arg(&config)
-        .env("KUBECONFIG", &kubeconfig)
+        .arg(config)
+        .env("KUBECONFIG", kubeconfig)
         .env("NODE_NAME", &node.name)
         .env("POD_NAMESPACE", "runner-warden")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .stderr(log)
         .spawn()
-        .expect("start agent");
-    Agent {
-        child,
-        dir,
-        config,
-        port,
-    }
+        .expect("start agent")
+}
+
+/// Starts `node`'s agent again after it died: the same config file, kubeconfig, state and metrics port.
+pub fn restart(a: &mut Agent, node: &FleetNode) {
+    assert!(
+        a.child.try_wait().unwrap().is_some(),
+        "the agent still runs"
+    );
+    a.child = spawn(
+        &a.config,
+        &a.dir.path().join("agent.kubeconfig"),
+        node,
+        a.dir.path(),
+    );
 }
 
 /// `runner-warden fleet ARGS --output json` as the cluster admin: (exit code, document).

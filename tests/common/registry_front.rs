@@ -327,3 +327,167 @@ impl Drop for CredentialFront {
         self.task.abort();
     }
 }
+
+/// One front per fleet node, each that node's own view of the bed's registry (`scripts/fleet registry I
+/// via PORT`), throttled per connection so a pull takes seconds, and counting blob downloads by node and
+/// digest: the registry side of the pull budget, which containerd's ingests alone cannot show (a
+/// download fetched twice looks like one ingest).
+pub struct BlobFronts {
+    /// Node `i`'s front listens on `ports[i - 1]`.
+    pub ports: Vec<u16>,
+    state: Arc<Mutex<BlobState>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct BlobState {
+    /// `GET /v2/…/blobs/<digest>` requests by (node, digest), node 1-based.
+    pub gets: HashMap<(usize, String), u32>,
+    /// Blob responses being sent right now, by node (index 0 unused).
+    pub in_flight: Vec<u32>,
+    /// Blob body bytes sent so far, by node (index 0 unused).
+    pub bytes: Vec<u64>,
+    /// The most nodes with a blob download in flight at one moment, and the most blob downloads.
+    pub peak_nodes: usize,
+    pub peak_blobs: u32,
+}
+
+impl BlobState {
+    /// Nodes (1-based) with a blob download in flight now.
+    pub fn downloading(&self) -> Vec<usize> {
+        (1..self.in_flight.len())
+            .filter(|&i| self.in_flight[i] > 0)
+            .collect()
+    }
+}
+
+/// Decrements the node's in-flight count however the download ends (finished, client gone, aborted).
+struct InFlight(Arc<Mutex<BlobState>>, usize);
+
+impl InFlight {
+    fn start(state: &Arc<Mutex<BlobState>>, node: usize, digest: &str) -> InFlight {
+        let mut s = state.lock().unwrap();
+        *s.gets.entry((node, digest.to_string())).or_default() += 1;
+        s.in_flight[node] += 1;
+        let nodes = s.downloading().len();
+        let blobs = s.in_flight.iter().sum();
+        s.peak_nodes = s.peak_nodes.max(nodes);
+        s.peak_blobs = s.peak_blobs.max(blobs);
+        InFlight(state.clone(), node)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().in_flight[self.1] -= 1;
+    }
+}
+
+impl BlobFronts {
+    /// `nodes` fronts on free loopback ports before the registry on `upstream`; `rate` bytes per second
+    /// per blob download (0 = unlimited).
+    pub async fn start(nodes: usize, upstream: u16, rate: u64) -> BlobFronts {
+        let state = Arc::new(Mutex::new(BlobState {
+            in_flight: vec![0; nodes + 1],
+            bytes: vec![0; nodes + 1],
+            ..BlobState::default()
+        }));
+        let (mut ports, mut tasks) = (Vec::new(), Vec::new());
+        for node in 1..=nodes {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let state = state.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(count_and_forward(
+                        client,
+                        upstream,
+                        rate,
+                        node,
+                        state.clone(),
+                    ));
+                }
+            }));
+        }
+        BlobFronts {
+            ports,
+            state,
+            tasks,
+        }
+    }
+
+    pub fn state(&self) -> BlobState {
+        self.state.lock().unwrap().clone()
+    }
+}
+
+impl Drop for BlobFronts {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One request per connection (forwarded with `Connection: close`, so containerd opens a new one for
+/// the next: every request is seen), its answer copied back — throttled if it is a blob.
+async fn count_and_forward(
+    mut client: TcpStream,
+    upstream: u16,
+    rate: u64,
+    node: usize,
+    state: Arc<Mutex<BlobState>>,
+) {
+    let Some(req) = Request::read(&mut client).await else {
+        return;
+    };
+    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return answer(&mut client, "502 Bad Gateway", &[], "").await;
+    };
+    // The credentials containerd sends go through as they are: the registry itself checks them.
+    let mut out = format!(
+        "{} {} HTTP/1.1\r\nHost: 127.0.0.1:{upstream}\r\nConnection: close\r\n",
+        req.method, req.path
+    );
+    for (k, v) in &req.headers {
+        if !["host", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    out.push_str("\r\n");
+    if up.write_all(out.as_bytes()).await.is_err() {
+        return;
+    }
+    let digest = req
+        .repo_and_reference()
+        .filter(|_| req.method == "GET" && req.path.contains("/blobs/"))
+        .map(|(_, d)| d.to_string());
+    let Some(digest) = digest else {
+        let _ = tokio::io::copy(&mut up, &mut client).await;
+        let _ = client.shutdown().await;
+        return;
+    };
+    let _in_flight = InFlight::start(&state, node, &digest);
+    let (mut sent, start) = (0u64, std::time::Instant::now());
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match up.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if client.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        sent += n as u64;
+        state.lock().unwrap().bytes[node] += n as u64;
+        if rate > 0 {
+            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    let _ = client.shutdown().await;
+}
