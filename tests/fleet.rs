@@ -11,7 +11,7 @@ mod on_a_fleet {
     use std::time::{Duration, Instant};
 
     use containerd_client::services::v1::content_client::ContentClient;
-    use containerd_client::services::v1::ListStatusesRequest;
+    use containerd_client::services::v1::{InfoRequest, ListStatusesRequest};
 
     use crate::common::cluster::{runner_pod, Cluster};
     use crate::common::fleet::{agent, agent_with, fleet_cli, restart, Fleet};
@@ -351,6 +351,47 @@ mod on_a_fleet {
         blobs
     }
 
+    /// Of `blobs`, those node `i`'s containerd does not hold yet: what a pull must fetch (the bed's
+    /// images share their base layer, which an earlier test may have brought to some nodes).
+    async fn missing(f: &Fleet, i: usize, blobs: &[String]) -> BTreeSet<String> {
+        let channel = containerd_client::connect(&f.node(i).socket)
+            .await
+            .expect("connect containerd");
+        let mut content = ContentClient::new(channel);
+        let mut missing = BTreeSet::new();
+        for b in blobs {
+            let info = content.info(ns(InfoRequest { digest: b.clone() })).await;
+            match info {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    missing.insert(b.clone());
+                }
+                Err(e) => panic!("content info {b} on fleet-{i}: {e}"),
+            }
+        }
+        missing
+    }
+
+    /// Each node fetched each blob it lacked exactly once, and none it had (`skip`: a node not judged).
+    fn each_missing_blob_once(
+        gets: &HashMap<(usize, String), u32>,
+        lacked: &[BTreeSet<String>],
+        blobs: &[String],
+        skip: Option<usize>,
+    ) {
+        for i in (1..=5).filter(|&i| Some(i) != skip) {
+            for b in blobs {
+                let want = u32::from(lacked[i - 1].contains(b));
+                assert_eq!(
+                    gets.get(&(i, b.clone())).copied().unwrap_or(0),
+                    want,
+                    "fleet-{i}'s GETs of {b} (lacked: {}); all: {gets:?}",
+                    want == 1
+                );
+            }
+        }
+    }
+
     /// The slot Leases: (name, holder identity, empty when released).
     fn slot_holders(k: &Cluster) -> Vec<(String, String)> {
         k.kubectl(&[
@@ -388,6 +429,16 @@ mod on_a_fleet {
         let images = images_toml(&bed, dir.path(), &image);
         // Slots other tests' agents made (the default budget is 10) would only be ignored; start clean
         // so the count below is this budget's.
+        let mut lacked = Vec::new();
+        for i in 1..=5 {
+            let m = missing(&f, i, &blobs).await;
+            // The config and the two random layers are new everywhere: a real pull on every node.
+            assert!(
+                m.len() >= 3,
+                "fleet-{i} already holds most of {repo_tag}: {m:?}"
+            );
+            lacked.push(m);
+        }
         delete_slots(&k);
         let mut watch = BudgetWatch::new(&f, 2).await;
         let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
@@ -409,31 +460,30 @@ mod on_a_fleet {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let st = fronts.state();
+        eprintln!(
+            "ready on 5 nodes {:?} after the agents started; most nodes pulling at once: {} by \
+             containerd, {} by the registry",
+            watch.start.elapsed(),
+            watch.most,
+            st.peak_nodes
+        );
         assert!(
             watch.over.is_empty(),
             "over the budget of 2: {:#?}",
             watch.over
         );
         assert!(watch.most >= 1, "no pull was ever seen in flight");
-        let st = fronts.state();
         assert!(
             (1..=2).contains(&st.peak_nodes),
             "the registry sent blobs to {} nodes at once",
             st.peak_nodes
         );
-        // Every blob once per node: none fetched twice (a pull restarted or a slot taken twice), none
-        // skipped, nothing else fetched.
-        for i in 1..=5 {
-            for b in &blobs {
-                assert_eq!(
-                    st.gets.get(&(i, b.clone())).copied().unwrap_or(0),
-                    1,
-                    "fleet-{i}'s GETs of {b}; all: {:?}",
-                    st.gets
-                );
-            }
-        }
-        assert_eq!(st.gets.len(), 5 * blobs.len(), "{:?}", st.gets);
+        // Every blob a node lacked once: none fetched twice (a pull restarted or a slot taken twice),
+        // none skipped, nothing else fetched.
+        each_missing_blob_once(&st.gets, &lacked, &blobs, None);
+        let expected: usize = lacked.iter().map(BTreeSet::len).sum();
+        assert_eq!(st.gets.len(), expected, "{:?}", st.gets);
         // Every slot is given back once the pulls ended (holder cleared), and no more than 2 exist.
         let slots = slot_holders(&k);
         assert!(!slots.is_empty() && slots.len() <= 2, "{slots:?}");
@@ -460,12 +510,23 @@ mod on_a_fleet {
         assert!(f.nodes >= 5, "needs 5 fleet nodes");
         let repo_tag = bed.push_fresh("fleet/killed", &["20", "20"]);
         let image = bed.image(&repo_tag);
+        let blobs = blobs_of(&bed, &repo_tag);
         // 1 MB/s per blob download: about 16 s a pull (two ~15 MB gzipped layers side by side), so
         // nodes still wait when the dead holder's slot expires (3 nodes behind the other slot).
         let fronts = BlobFronts::start(5, bed.registry_port(), 1_000_000).await;
         let _views = f.registry_via(&fronts.ports);
         let dir = tempfile::tempdir().unwrap();
         let images = images_toml(&bed, dir.path(), &image);
+        let mut lacked = Vec::new();
+        for i in 1..=5 {
+            let m = missing(&f, i, &blobs).await;
+            // The config and the two random layers are new everywhere: a real pull on every node.
+            assert!(
+                m.len() >= 3,
+                "fleet-{i} already holds most of {repo_tag}: {m:?}"
+            );
+            lacked.push(m);
+        }
         delete_slots(&k);
         let mut watch = BudgetWatch::new(&f, 2).await;
         let extra = "[fleet]\nmax_nodes_pulling = 2\nheartbeat = \"10s\"\n";
@@ -539,13 +600,29 @@ mod on_a_fleet {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let st = fronts.state();
+        let other = if victim == 1 { 2 } else { 1 };
+        let gets = |i: usize| -> u32 {
+            st.gets
+                .iter()
+                .filter(|((n, _), _)| *n == i)
+                .map(|(_, c)| c)
+                .sum()
+        };
         eprintln!(
             "fleet-{victim} SIGKILLed holding {slot}; its downloads stopped {downloads_stopped:?} after, \
              {taker} took the slot {taken_after:?} after; ready everywhere {:?} after the agents started; \
-             blob GETs by (node, digest): {:?}",
+             fleet-{victim} received {} blob bytes in {} GETs ({} of them ranged), fleet-{other} {} in {}",
             watch.start.elapsed(),
-            fronts.state().gets
+            st.bytes[victim],
+            gets(victim),
+            st.ranged[victim],
+            st.bytes[other],
+            gets(other),
         );
+        // The pull the kill cut short is fetched again, by the restarted agent; every other node
+        // fetched each blob it lacked once.
+        each_missing_blob_once(&st.gets, &lacked, &blobs, Some(victim));
         assert!(
             watch.over.is_empty(),
             "over the budget of 2: {:#?}",

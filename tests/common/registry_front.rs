@@ -347,6 +347,8 @@ pub struct BlobState {
     pub in_flight: Vec<u32>,
     /// Blob body bytes sent so far, by node (index 0 unused).
     pub bytes: Vec<u64>,
+    /// Blob GETs with a `Range` header (a download resumed where an earlier one stopped), by node.
+    pub ranged: Vec<u32>,
     /// The most nodes with a blob download in flight at one moment, and the most blob downloads.
     pub peak_nodes: usize,
     pub peak_blobs: u32,
@@ -365,9 +367,10 @@ impl BlobState {
 struct InFlight(Arc<Mutex<BlobState>>, usize);
 
 impl InFlight {
-    fn start(state: &Arc<Mutex<BlobState>>, node: usize, digest: &str) -> InFlight {
+    fn start(state: &Arc<Mutex<BlobState>>, node: usize, digest: &str, ranged: bool) -> InFlight {
         let mut s = state.lock().unwrap();
         *s.gets.entry((node, digest.to_string())).or_default() += 1;
+        s.ranged[node] += u32::from(ranged);
         s.in_flight[node] += 1;
         let nodes = s.downloading().len();
         let blobs = s.in_flight.iter().sum();
@@ -390,6 +393,7 @@ impl BlobFronts {
         let state = Arc::new(Mutex::new(BlobState {
             in_flight: vec![0; nodes + 1],
             bytes: vec![0; nodes + 1],
+            ranged: vec![0; nodes + 1],
             ..BlobState::default()
         }));
         let (mut ports, mut tasks) = (Vec::new(), Vec::new());
@@ -469,7 +473,7 @@ async fn count_and_forward(
         let _ = client.shutdown().await;
         return;
     };
-    let _in_flight = InFlight::start(&state, node, &digest);
+    let _in_flight = InFlight::start(&state, node, &digest, req.header("Range").is_some());
     let (mut sent, start) = (0u64, std::time::Instant::now());
     let mut buf = vec![0u8; 16 * 1024];
     loop {
