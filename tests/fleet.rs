@@ -15,6 +15,7 @@ mod on_a_fleet {
 
     use crate::common::cluster::{runner_pod, Cluster};
     use crate::common::fleet::{agent, agent_with, fleet_cli, restart, Fleet};
+    use crate::common::registry_front::BlobFronts;
     use crate::common::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
