@@ -288,7 +288,10 @@ impl<S: ImageStore> Prewarmer<S> {
         // The first refusal (with the secret's credentials) is the informative one.
         let mut first_auth: Option<Failure> = None;
         for cred in creds.iter().map(|c| Some(*c)).chain(std::iter::once(None)) {
-            match self.pull_watched(&pull_ref, cred, &secrets, slot).await {
+            match self
+                .pull_watched(image, &pull_ref, cred, &secrets, slot)
+                .await
+            {
                 Ok(status) => {
                     let status = match &central {
                         Some(by_digest) => self.tag_to(image, by_digest).await?,
@@ -416,10 +419,13 @@ impl<S: ImageStore> Prewarmer<S> {
         status
     }
 
-    /// One CRI pull, watched for progress and stalls; the image's status once it is in.
+    /// One CRI pull of `pull` (the desired image, or the digest the cluster resolved its tag to), watched
+    /// for progress and stalls, reported as `image` (what the operator configured); `pull`'s status once
+    /// it is in.
     async fn pull_watched(
         &self,
         image: &ImageRef,
+        pull: &ImageRef,
         cred: Option<&Credential>,
         secrets: &[&str],
         slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
@@ -436,9 +442,10 @@ impl<S: ImageStore> Prewarmer<S> {
                 None
             }
         };
-        debug!(image = %image, key = cred.map(|c| c.key.as_str()).unwrap_or("(anonymous)"), "CRI PullImage");
+        debug!(image = %image, pull = %pull, key = cred.map(|c| c.key.as_str()).unwrap_or("(anonymous)"), "CRI PullImage");
+        let pulled = pull;
         let pull_started = Instant::now();
-        let pull = self.store.pull_image(image.as_str(), cred);
+        let pull = self.store.pull_image(pull.as_str(), cred);
         tokio::pin!(pull);
         let mut tick = tokio::time::interval(PROGRESS_SAMPLE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -499,7 +506,7 @@ impl<S: ImageStore> Prewarmer<S> {
         drop(slot.take());
         // One status after the pull: its id, and the repo digests that name the manifest (for exact byte
         // accounting — pulls quicker than one sample were never seen running) and the records to pin.
-        let status = match self.image_status(image).await {
+        let status = match self.image_status(pulled).await {
             Ok(Some(s)) => s,
             Ok(None) => {
                 return Err(Failure::new(

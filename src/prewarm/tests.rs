@@ -1221,6 +1221,10 @@ async fn with_a_reporter_the_node_pulls_the_published_digest_and_never_the_tag()
         "{calls:?}"
     );
     assert_eq!(r.store.pulls(), [Call::Pull(by_digest(DA), None)]);
+    // Reported under the configured tag only (regression: progress named the digest reference, and the
+    // node's status showed a second, forever waiting image).
+    let shown: Vec<String> = r.board.images().into_iter().map(|i| i.image).collect();
+    assert_eq!(shown, [IMG]);
     // Ten resolve intervals: only local checks, no pull of anything.
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(r.store.pulls().len(), 1, "{:?}", r.store.calls());
