@@ -327,6 +327,31 @@ mod tests {
     }
 
     #[test]
+    fn the_heartbeat_is_half_an_hour_and_left_out_is_written_only_when_some_are() {
+        // docs/fleet.md's cost figures assume it.
+        assert_eq!(HEARTBEAT, Duration::from_secs(1800));
+        let mut doc = ResolvedTags {
+            version: VERSION,
+            ..Default::default()
+        };
+        assert!(!doc.to_json().contains("leftOut"), "{}", doc.to_json());
+        doc.left_out = 2;
+        assert!(doc.to_json().contains("\"leftOut\":2"), "{}", doc.to_json());
+    }
+
+    #[test]
+    fn a_document_never_confirmed_is_not_fresh() {
+        let doc = ResolvedTags {
+            version: VERSION,
+            checked: 0,
+            resolve_seconds: 600,
+            ..Default::default()
+        };
+        assert!(!doc.is_fresh(100));
+        assert!(ResolvedTags { checked: 1, ..doc }.is_fresh(100));
+    }
+
+    #[test]
     fn digests_are_recognised() {
         assert!(is_digest(D1));
         assert!(!is_digest("sha256:abc"));
