@@ -609,8 +609,11 @@ spec:
                 &bed,
                 &ENV,
                 "resolve_interval = \"3s\"\n",
+                // The node resolves its tags itself (as without a reporter), so its re-resolutions
+                // during the outage show which credentials it uses; with central tags the reporter
+                // would resolve, and it stops publishing once its Lease lapses with the API server.
                 &format!(
-                    "[kubernetes]\nsecret_refresh = \"2s\"\nagent_registry = \"{ns}/ambient-agent-registry\"\n"
+                    "[kubernetes]\nsecret_refresh = \"2s\"\nagent_registry = \"{ns}/ambient-agent-registry\"\n[fleet]\ncentral_tags = false\n"
                 ),
             )
             .await;
