@@ -7,7 +7,8 @@
 //! tried in turn, most specific first, then anonymously — what kubelet and containerd do. Bearer tokens are
 //! cached per (registry, scope, credential) until they expire, so a resync of 1,000 tags on one registry
 //! costs one token request per repository and credential, and a cached token skips the unauthenticated
-//! probe altogether.
+//! probe altogether. A registry that asked for Basic is remembered too, so its next tags are asked with
+//! the credential at once: one request a tag instead of two.
 //!
 //! Secrets never leave this module in words: errors carry credential keys, statuses and URLs without their
 //! query (a redirect may be a signed URL), never a body the registry or token server sent (either may echo
@@ -17,7 +18,7 @@
 //! Everything read is bounded: headers by hyper, a manifest body (only read when the registry gives no
 //! `Docker-Content-Digest`) to 4 MiB, a token answer to 64 KiB; every request, body included, to 30 s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,6 +138,8 @@ type Body = Full<Bytes>;
 pub struct Resolver {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     tokens: Mutex<TokenCache>,
+    /// Registries whose last challenge was Basic (bounded by `MAX_BASIC_REGISTRIES`).
+    basic: Mutex<HashSet<String>>,
     requests: AtomicU64,
     /// Salts the credential fingerprints in the token cache's keys: a fingerprint is a hash of secrets,
     /// and an unsalted one of a weak password could be brute-forced from a heap dump.
@@ -172,6 +175,27 @@ impl Target<'_> {
             problem: problem.into(),
         }
     }
+}
+
+/// Registries remembered as asking for Basic.
+const MAX_BASIC_REGISTRIES: usize = 256;
+
+/// How one pass over the identities ended, when it found no digest.
+enum Attempt {
+    Failed(ResolveError),
+    /// The registry remembered as asking for Basic now asks for something else: start over.
+    ChallengeChanged,
+}
+
+impl From<ResolveError> for Attempt {
+    fn from(e: ResolveError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+/// A 401 under a remembered Basic challenge that asks for something other than Basic.
+fn changed(challenge: Option<&Challenge>) -> bool {
+    matches!(challenge, Some(c) if *c != Challenge::Basic)
 }
 
 /// What the registry said to one manifest request.
@@ -210,6 +234,7 @@ impl Resolver {
         Ok(Resolver {
             client,
             tokens: Mutex::new(TokenCache::default()),
+            basic: Mutex::new(HashSet::new()),
             requests: AtomicU64::new(0),
             salt: rand::random(),
         })
@@ -236,8 +261,38 @@ impl Resolver {
             return Ok(d.to_string());
         }
         let target = self.target(image)?;
+        if self.asked_basic(image.registry()) {
+            match self
+                .resolve_as(&target, creds, Some(Challenge::Basic))
+                .await
+            {
+                Err(Attempt::ChallengeChanged) => self.remember_basic(image.registry(), false),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(d) => return Ok(d),
+            }
+        }
+        match self.resolve_as(&target, creds, None).await {
+            Ok(d) => Ok(d),
+            Err(Attempt::Failed(e)) => Err(e),
+            // Only a remembered challenge can turn out stale.
+            Err(Attempt::ChallengeChanged) => {
+                Err(target.protocol("the registry changed its challenge"))
+            }
+        }
+    }
+
+    /// One pass over the identities. `known`: the challenge this registry sent before (skips the
+    /// unauthenticated probe; `ChallengeChanged` when the registry now asks for something else).
+    async fn resolve_as(
+        &self,
+        target: &Target<'_>,
+        creds: &[&Credential],
+        known: Option<Challenge>,
+    ) -> Result<String, Attempt> {
+        let image = target.image;
+        let remembered = known.is_some();
         let tried: Vec<String> = creds.iter().map(|c| c.key.clone()).collect();
-        let mut challenge: Option<Challenge> = None;
+        let mut challenge: Option<Challenge> = known;
         let mut anonymous_refused = false;
         let mut last_status = StatusCode::UNAUTHORIZED;
 
@@ -248,10 +303,7 @@ impl Resolver {
             // A token from an earlier resolution skips the probe and the token request.
             let scope = challenge_scope(challenge.as_ref(), &target.default_scope);
             if let Some(token) = self.cached_token(image.registry(), &scope, &fingerprint) {
-                match self
-                    .manifest(&target, Some(bearer(&target, &token)?))
-                    .await?
-                {
+                match self.manifest(target, Some(bearer(target, &token)?)).await? {
                     Answer::Digest(d) => return Ok(d),
                     Answer::Unauthorized(ch) => {
                         // Revoked or narrower than needed: ask for a fresh one below.
@@ -270,13 +322,15 @@ impl Resolver {
             }
 
             if challenge.is_none() {
-                match self.manifest(&target, None).await? {
+                match self.manifest(target, None).await? {
                     // Anonymous access suffices; a credential would name the same digest.
                     Answer::Digest(d) => return Ok(d),
                     Answer::Unauthorized(ch) => {
                         anonymous_refused = true;
                         // A 401 without a challenge we understand: Basic is the only thing left to try.
-                        challenge = Some(ch.unwrap_or(Challenge::Basic));
+                        let ch = ch.unwrap_or(Challenge::Basic);
+                        self.remember_basic(image.registry(), ch == Challenge::Basic);
+                        challenge = Some(ch);
                     }
                     Answer::Forbidden => {
                         anonymous_refused = true;
@@ -290,13 +344,16 @@ impl Resolver {
             };
 
             let auth = match &current {
-                Challenge::Basic => match identity.and_then(|c| basic_value(&target, c)) {
+                Challenge::Basic => match identity.and_then(|c| basic_value(target, c)) {
                     Some(v) => v?,
                     // Anonymous under Basic is the unauthenticated request itself.
                     None if identity.is_none() && !anonymous_refused => {
                         anonymous_refused = true;
-                        match self.manifest(&target, None).await? {
+                        match self.manifest(target, None).await? {
                             Answer::Digest(d) => return Ok(d),
+                            Answer::Unauthorized(ch) if remembered && changed(ch.as_ref()) => {
+                                return Err(Attempt::ChallengeChanged)
+                            }
                             Answer::Unauthorized(_) => last_status = StatusCode::UNAUTHORIZED,
                             Answer::Forbidden => last_status = StatusCode::FORBIDDEN,
                         }
@@ -314,7 +371,7 @@ impl Resolver {
                         .unwrap_or_else(|| target.default_scope.clone());
                     match self
                         .token(
-                            &target,
+                            target,
                             realm,
                             service.as_deref(),
                             &scope,
@@ -323,7 +380,7 @@ impl Resolver {
                         )
                         .await?
                     {
-                        Some(token) => bearer(&target, &token)?,
+                        Some(token) => bearer(target, &token)?,
                         None => {
                             last_status = StatusCode::UNAUTHORIZED;
                             continue;
@@ -331,8 +388,11 @@ impl Resolver {
                     }
                 }
             };
-            match self.manifest(&target, Some(auth)).await? {
+            match self.manifest(target, Some(auth)).await? {
                 Answer::Digest(d) => return Ok(d),
+                Answer::Unauthorized(ch) if remembered && changed(ch.as_ref()) => {
+                    return Err(Attempt::ChallengeChanged)
+                }
                 Answer::Unauthorized(_) => {
                     last_status = StatusCode::UNAUTHORIZED;
                     if let Challenge::Bearer { scope, .. } = &current {
@@ -346,11 +406,31 @@ impl Resolver {
                 tracing::debug!(image = %image, key = %c.key, "registry refused a credential");
             }
         }
-        Err(ResolveError::Auth {
+        Err(Attempt::Failed(ResolveError::Auth {
             image: target.name(),
             tried,
             status: last_status.as_u16(),
-        })
+        }))
+    }
+
+    fn asked_basic(&self, registry: &str) -> bool {
+        self.basic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(registry)
+    }
+
+    fn remember_basic(&self, registry: &str, basic: bool) {
+        let mut known = self.basic.lock().unwrap_or_else(|p| p.into_inner());
+        if !basic {
+            known.remove(registry);
+            return;
+        }
+        // A cluster pulls from a handful of registries; past the bound, start over (costs one probe each).
+        if known.len() >= MAX_BASIC_REGISTRIES && !known.contains(registry) {
+            known.clear();
+        }
+        known.insert(registry.to_string());
     }
 
     fn target<'a>(&self, image: &'a ImageRef) -> Result<Target<'a>, ResolveError> {

@@ -259,6 +259,96 @@ async fn anonymous_is_tried_after_every_credential_and_named_when_all_fail() {
     );
 }
 
+#[tokio::test]
+async fn a_basic_registry_is_asked_with_the_credential_at_once_after_its_first_challenge() {
+    let addr = basic_registry().await;
+    let right = cred("127.0.0.1", "alice", "right");
+    let wrong = cred("127.0.0.1", "alice", "wrong");
+    let r = Resolver::new().unwrap();
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(r.requests(), 2, "the probe, then the authenticated HEAD");
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(r.requests(), 3, "no probe: one request a tag");
+    // A refused password under the remembered challenge is an auth failure, not a changed challenge.
+    let err = r.resolve(&image(addr), &[&wrong]).await.unwrap_err();
+    assert_eq!(err.class(), FailureClass::Auth, "{err}");
+    assert_eq!(r.requests(), 5, "the wrong password, then anonymously");
+    assert!(r.asked_basic(&format!("127.0.0.1:{}", addr.port())));
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(r.requests(), 6);
+}
+
+#[tokio::test]
+async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
+    use std::sync::atomic::AtomicBool;
+    let bearer_now = Arc::new(AtomicBool::new(false));
+    let switch = bearer_now.clone();
+    let addr_cell: Arc<std::sync::OnceLock<SocketAddr>> = Arc::new(std::sync::OnceLock::new());
+    let cell = addr_cell.clone();
+    let addr = serve(move |s| {
+        if !switch.load(Ordering::SeqCst) {
+            return if s.auth() == basic("alice", "right") {
+                found()
+            } else {
+                answer(
+                    StatusCode::UNAUTHORIZED,
+                    &[("WWW-Authenticate", r#"Basic realm="fake""#)],
+                    "",
+                )
+            };
+        }
+        if s.path == "/token" {
+            return if s.auth() == basic("alice", "right") {
+                answer(StatusCode::OK, &[], r#"{"token":"tok-2","expires_in":300}"#)
+            } else {
+                answer(StatusCode::UNAUTHORIZED, &[], "")
+            };
+        }
+        if s.auth() == "Bearer tok-2" {
+            return found();
+        }
+        let realm = format!(
+            r#"Bearer realm="http://{}/token",service="fake""#,
+            cell.get().unwrap()
+        );
+        answer(
+            StatusCode::UNAUTHORIZED,
+            &[("WWW-Authenticate", realm.as_str())],
+            "",
+        )
+    })
+    .await;
+    addr_cell.set(addr).unwrap();
+    let right = cred("127.0.0.1", "alice", "right");
+    let r = Resolver::new().unwrap();
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(r.requests(), 2);
+    bearer_now.store(true, Ordering::SeqCst);
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(
+        r.requests(),
+        6,
+        "Basic refused with a Bearer challenge, then the probe, the token, the HEAD"
+    );
+    assert!(!r.asked_basic(&format!("127.0.0.1:{}", addr.port())));
+    assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
+    assert_eq!(r.requests(), 7, "the cached token from now on");
+}
+
+#[test]
+fn the_basic_registries_are_bounded() {
+    let r = Resolver::new().unwrap();
+    for i in 0..MAX_BASIC_REGISTRIES {
+        r.remember_basic(&format!("reg-{i}.example"), true);
+    }
+    assert!(r.asked_basic("reg-0.example"));
+    r.remember_basic("reg-0.example", true);
+    assert!(r.asked_basic("reg-1.example"), "a known one adds nothing");
+    r.remember_basic("one-more.example", true);
+    assert!(r.asked_basic("one-more.example") && !r.asked_basic("reg-0.example"));
+    assert_eq!(r.basic.lock().unwrap().len(), 1);
+}
+
 /// A registry with a bearer token server on the same address; returns its address and the token
 /// requests counter. The token server gives `tok-1` to `alice:right` and `anon-tok` to anyone else
 /// without credentials; the registry accepts `tok-1` only.
