@@ -28,9 +28,12 @@ use crate::reference::ImageRef;
 use crate::report::health::{client_answered, ApiHealth};
 use crate::sources::resolved_tags::{ResolvedTags, Rounds, CONFIGMAP, KEEP_FAILING_ROUNDS, KEY};
 
-/// How often a node that is not the reporter checks whether it has become it, and how long a change
-/// of the desired set settles before new tags are resolved.
+/// How often a node that is not the reporter checks whether it has become it (and the reporter
+/// whether it still is).
 const POLL: Duration = Duration::from_secs(2);
+/// How long a change of the desired set settles before its new tags are resolved: every node waits
+/// for the digest of a new tag, so it is asked at once, but one edit's images together.
+const SETTLE: Duration = Duration::from_millis(200);
 /// Tags resolved at once (a round of 100 tags is 25 registry round trips deep).
 const CONCURRENCY: usize = 4;
 
@@ -176,11 +179,15 @@ impl<R: TagResolver> Publisher<R> {
                 }
             }
             let asked_for = keys;
-            // Until the next full round, or a desired tag this round did not know (settled over POLL).
+            // Until the next full round, or a desired tag this round did not know (settled over SETTLE).
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return false,
                     _ = tokio::time::sleep(POLL) => {}
+                    changed = self.desired.changed() => {
+                        // A closed channel (the agent stopping) would answer at once forever.
+                        tokio::time::sleep(if changed.is_ok() { SETTLE } else { POLL }).await;
+                    }
                 }
                 if !self.is_leader.load(Ordering::Relaxed) || Instant::now() >= full_due {
                     break;
@@ -391,9 +398,9 @@ mod tests {
         // Nothing new for five minutes: nothing asked, nothing written.
         tokio::time::sleep(Duration::from_secs(300)).await;
         assert_eq!(resolver.asked().len(), 1);
-        // A new desired tag is resolved within seconds, alone.
+        // A new desired tag is resolved at once (nodes wait for its digest), alone.
         desired_tx.send_replace(desired(&[TAG, NEW]));
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(resolver.asked(), [TAG, NEW]);
         assert_eq!(written(&seen).len(), 2);
         // The full round at 10 minutes asks both again; unchanged: no write.
