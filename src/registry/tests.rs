@@ -278,10 +278,10 @@ async fn a_basic_registry_is_asked_with_the_credential_at_once_after_its_first_c
     assert_eq!(r.requests(), 6);
 }
 
-#[tokio::test]
-async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
-    use std::sync::atomic::AtomicBool;
-    let bearer_now = Arc::new(AtomicBool::new(false));
+/// Basic `alice:right` until the switch is set; then Bearer, whose token server gives `tok-2` to
+/// `alice:right` and `anon-tok` to a request without credentials (the registry takes both).
+async fn basic_then_bearer() -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let bearer_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let switch = bearer_now.clone();
     let addr_cell: Arc<std::sync::OnceLock<SocketAddr>> = Arc::new(std::sync::OnceLock::new());
     let cell = addr_cell.clone();
@@ -300,11 +300,17 @@ async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
         if s.path == "/token" {
             return if s.auth() == basic("alice", "right") {
                 answer(StatusCode::OK, &[], r#"{"token":"tok-2","expires_in":300}"#)
+            } else if s.auth().is_empty() {
+                answer(
+                    StatusCode::OK,
+                    &[],
+                    r#"{"token":"anon-tok","expires_in":300}"#,
+                )
             } else {
                 answer(StatusCode::UNAUTHORIZED, &[], "")
             };
         }
-        if s.auth() == "Bearer tok-2" {
+        if s.auth() == "Bearer tok-2" || s.auth() == "Bearer anon-tok" {
             return found();
         }
         let realm = format!(
@@ -319,6 +325,12 @@ async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
     })
     .await;
     addr_cell.set(addr).unwrap();
+    (addr, bearer_now)
+}
+
+#[tokio::test]
+async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
+    let (addr, bearer_now) = basic_then_bearer().await;
     let right = cred("127.0.0.1", "alice", "right");
     let r = Resolver::new().unwrap();
     assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
@@ -333,6 +345,25 @@ async fn a_registry_that_moves_from_basic_to_bearer_is_probed_again() {
     assert!(!r.asked_basic(&format!("127.0.0.1:{}", addr.port())));
     assert_eq!(r.resolve(&image(addr), &[&right]).await.unwrap(), DIGEST);
     assert_eq!(r.requests(), 7, "the cached token from now on");
+}
+
+#[tokio::test]
+async fn anonymous_access_follows_a_registry_from_basic_to_bearer_too() {
+    let (addr, bearer_now) = basic_then_bearer().await;
+    let r = Resolver::new().unwrap();
+    let err = r.resolve(&image(addr), &[]).await.unwrap_err();
+    assert_eq!(err.class(), FailureClass::Auth);
+    assert_eq!(r.requests(), 1, "anonymous is asked once");
+    assert!(r.asked_basic(&format!("127.0.0.1:{}", addr.port())));
+    r.resolve(&image(addr), &[]).await.unwrap_err();
+    assert_eq!(r.requests(), 2, "still once, the challenge known");
+    bearer_now.store(true, Ordering::SeqCst);
+    assert_eq!(r.resolve(&image(addr), &[]).await.unwrap(), DIGEST);
+    assert_eq!(
+        r.requests(),
+        6,
+        "anonymous refused with a Bearer challenge, then the probe, the anonymous token, the HEAD"
+    );
 }
 
 #[test]
