@@ -687,7 +687,7 @@ spec:
 
     /// Fault drill at scale: 200 ProjectSettings over 20 images and 5 credentials (an image's projects
     /// share one; a front before the registry accepts each credential for its own images only) → exactly
-    /// 20 pulls, each resolved with its image's credential, no credential refused.
+    /// 20 resolutions, each with its image's credential, no credential refused, every image pinned.
     #[tokio::test]
     async fn two_hundred_projects_over_twenty_images_pull_each_once_with_its_own_secret() {
         use crate::common::registry_front::CredentialFront;
@@ -760,7 +760,10 @@ spec:
             resolved, expected,
             "one resolution per image, each with its own credential"
         );
-        assert!(pulled(&agent.metrics().await) >= 20.0);
+        // The 20 tags name one digest (retagged from one image): with tags resolved once per cluster a
+        // node that holds the content under another name only points the tag at it, so at least one
+        // pull, and each image present and pinned under its own name below.
+        assert!(pulled(&agent.metrics().await) >= 1.0);
         for i in &ours {
             assert_eq!(
                 bed.cri_status(i).await,
