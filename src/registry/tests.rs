@@ -186,6 +186,25 @@ async fn an_invalid_digest_header_is_refused() {
     );
 }
 
+/// 401 with a Basic challenge.
+fn basic_refused() -> Response<Full<Bytes>> {
+    answer(
+        StatusCode::UNAUTHORIZED,
+        &[("WWW-Authenticate", r#"Basic realm="fake""#)],
+        "",
+    )
+}
+
+/// 401 with a Bearer challenge whose token server is `addr`'s `/token`; `more`: further parameters.
+fn bearer_refused(addr: SocketAddr, more: &str) -> Response<Full<Bytes>> {
+    let realm = format!(r#"Bearer realm="http://{addr}/token",service="fake"{more}"#);
+    answer(
+        StatusCode::UNAUTHORIZED,
+        &[("WWW-Authenticate", realm.as_str())],
+        "",
+    )
+}
+
 /// A registry that wants Basic `alice:right`.
 async fn basic_registry() -> SocketAddr {
     let want = basic("alice", "right");
@@ -193,11 +212,7 @@ async fn basic_registry() -> SocketAddr {
         if s.auth() == want {
             found()
         } else {
-            answer(
-                StatusCode::UNAUTHORIZED,
-                &[("WWW-Authenticate", r#"Basic realm="fake""#)],
-                "",
-            )
+            basic_refused()
         }
     })
     .await
@@ -290,11 +305,7 @@ async fn basic_then_bearer() -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>)
             return if s.auth() == basic("alice", "right") {
                 found()
             } else {
-                answer(
-                    StatusCode::UNAUTHORIZED,
-                    &[("WWW-Authenticate", r#"Basic realm="fake""#)],
-                    "",
-                )
+                basic_refused()
             };
         }
         if s.path == "/token" {
@@ -313,15 +324,7 @@ async fn basic_then_bearer() -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>)
         if s.auth() == "Bearer tok-2" || s.auth() == "Bearer anon-tok" {
             return found();
         }
-        let realm = format!(
-            r#"Bearer realm="http://{}/token",service="fake""#,
-            cell.get().unwrap()
-        );
-        answer(
-            StatusCode::UNAUTHORIZED,
-            &[("WWW-Authenticate", realm.as_str())],
-            "",
-        )
+        bearer_refused(*cell.get().unwrap(), "")
     })
     .await;
     addr_cell.set(addr).unwrap();
@@ -408,15 +411,7 @@ async fn bearer_registry() -> (SocketAddr, Arc<AtomicUsize>) {
         if s.auth() == "Bearer tok-1" {
             return found();
         }
-        let realm = format!(
-            r#"Bearer realm="http://{}/token",service="fake",scope="repository:team/app:pull""#,
-            cell.get().unwrap()
-        );
-        answer(
-            StatusCode::UNAUTHORIZED,
-            &[("WWW-Authenticate", realm.as_str())],
-            "",
-        )
+        bearer_refused(*cell.get().unwrap(), r#",scope="repository:team/app:pull""#)
     })
     .await;
     addr_cell.set(addr).unwrap();
