@@ -891,8 +891,18 @@ spec:
             tokio::time::sleep(rest).await;
         }
         away.restart();
-        let ev = k
-            .wait_event(ns, "RunnerImagePrewarmed", "projectsettings", S(120))
+        // Waited through the agent, so a timeout shows its log tail (once flaky on a long-used bed).
+        let ev = agent
+            .wait(
+                S(120),
+                "Event RunnerImagePrewarmed on the ProjectSettings",
+                || async {
+                    k.events(ns, "RunnerImagePrewarmed", "projectsettings")
+                        .await
+                        .into_iter()
+                        .next()
+                },
+            )
             .await;
         assert!(ev.note.unwrap_or_default().contains(image));
         let m = agent.metrics().await;
