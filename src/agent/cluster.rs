@@ -220,11 +220,7 @@ pub(super) async fn start(
                 api_health.clone(),
                 stop.clone(),
             ));
-            let resolver = Resolver::new().map_err(|e| {
-                StartError::Kube(format!(
-                    "cannot build the registry client for tag resolution: {e}"
-                ))
-            })?;
+            let resolver = Resolver::new().map_err(|e| StartError::Registry(e.to_string()))?;
             Some((tags_rx.clone(), resolver))
         }
         false => None,

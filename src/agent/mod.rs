@@ -54,6 +54,8 @@ pub enum StartError {
     },
     #[error("cannot configure the Kubernetes client: run in a pod with a service account, or pass --kubeconfig (KUBECONFIG): {0}")]
     Kube(String),
+    #[error("cannot build the registry client that resolves tags for the cluster (set fleet.central_tags = false to resolve on each node): {0}")]
+    Registry(String),
     #[error("cannot install the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
     #[error(transparent)]

@@ -68,7 +68,7 @@ const MAX_RETRY_AFTER_CHARS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("cannot load the system's TLS root certificates: {0}")]
+    #[error("cannot set up TLS for registries: {0}")]
     Tls(String),
     #[error("{image}: the registry has no such manifest (404 from {url})")]
     NotFound { image: String, url: String },
@@ -216,15 +216,63 @@ enum Challenge {
     },
 }
 
+/// Where the resolver's trust comes from, and how many roots.
+#[derive(Debug, PartialEq, Eq)]
+enum Trust {
+    System(usize),
+    Bundled(usize),
+}
+
+/// The system's roots (as containerd on the node trusts them; `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured), or
+/// Mozilla's, built in, when the system has none usable: the agent's own image ships no CA bundle, and a
+/// resolver that trusts nothing would fail every HTTPS registry.
+fn trust_roots(
+    system: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> (rustls::RootCertStore, Trust) {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(system);
+    if added > 0 {
+        return (roots, Trust::System(added));
+    }
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let n = roots.len();
+    (roots, Trust::Bundled(n))
+}
+
 impl Resolver {
     pub fn new() -> Result<Resolver, ResolveError> {
+        let native = rustls_native_certs::load_native_certs();
+        Self::trusting(native.certs, native.errors.len())
+    }
+
+    /// `new` with the system's roots given (`unreadable`: files that failed to load, for the log).
+    fn trusting(
+        system: Vec<rustls::pki_types::CertificateDer<'static>>,
+        unreadable: usize,
+    ) -> Result<Resolver, ResolveError> {
         let mut http = HttpConnector::new();
         // The https connector wraps this one and needs it to accept https URIs.
         http.enforce_http(false);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let (roots, trust) = trust_roots(system);
+        match trust {
+            Trust::System(n) => {
+                tracing::info!(roots = n, unreadable, "tag resolver: trusting the system's root certificates")
+            }
+            Trust::Bundled(n) => tracing::info!(
+                roots = n,
+                "tag resolver: no system root certificates here (the agent's image has none), so it trusts Mozilla's roots built into it; for a registry with a private CA, mount the CA bundle and set SSL_CERT_FILE"
+            ),
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ResolveError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| ResolveError::Tls(e.to_string()))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);

@@ -764,3 +764,31 @@ fn loopback_hosts() {
         assert!(!is_loopback(h), "{h}");
     }
 }
+
+#[test]
+fn the_system_s_roots_are_trusted_and_mozilla_s_built_in_ones_only_where_it_has_none() {
+    use rustls::pki_types::CertificateDer;
+    // A self-signed CA (tests/fixtures/tls/test-ca.der) stands for a system bundle of one.
+    let ca = CertificateDer::from(include_bytes!("../../tests/fixtures/tls/test-ca.der").to_vec());
+    let (roots, trust) = trust_roots(vec![ca.clone()]);
+    assert_eq!(trust, Trust::System(1));
+    assert_eq!(roots.len(), 1, "the system's roots alone, none added");
+    // No system roots (the agent's own image): the built-in ones, the whole bundle.
+    let (roots, trust) = trust_roots(Vec::new());
+    assert_eq!(trust, Trust::Bundled(webpki_roots::TLS_SERVER_ROOTS.len()));
+    assert!(roots.len() > 100, "{}", roots.len());
+    // Only unparsable files there: as good as none.
+    let (_, trust) = trust_roots(vec![CertificateDer::from(b"not a certificate".to_vec())]);
+    assert!(matches!(trust, Trust::Bundled(_)), "{trust:?}");
+    // A broken file beside a good one does not discard the good one.
+    let (_, trust) = trust_roots(vec![CertificateDer::from(b"junk".to_vec()), ca]);
+    assert_eq!(trust, Trust::System(1));
+}
+
+/// The agent's own image has no CA bundle: building the resolver must not fail there (it did, and the
+/// DaemonSet's pod crash-looped at start-up).
+#[test]
+fn the_resolver_builds_without_any_system_roots() {
+    assert!(Resolver::trusting(Vec::new(), 0).is_ok());
+    assert!(Resolver::new().is_ok(), "with whatever this machine has");
+}
