@@ -118,15 +118,27 @@ impl EventApi for KubeEvents {
         self.api.observe("writing an Event", &result);
         match result {
             Ok(()) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
-                Err(PublishError::Rejected {
-                    code: s.code,
-                    message: s.message,
-                })
-            }
+            Err(kube::Error::Api(s)) => Err(classify(s.code, s.message, self.api.warming())),
             Err(e) => Err(PublishError::Transient(e.to_string())),
         }
     }
+}
+
+/// What an error status means for a write: 5xx and 429 pass; other 4xx are final, but a 401 or 403 from a
+/// server just back from an outage (`warming`) is its caches filling and passes too — unless it says the
+/// namespace is being deleted, which no retry changes.
+pub fn classify(code: u16, message: String, warming: bool) -> PublishError {
+    let refused = code == 401 || (code == 403 && !namespace_terminating(&message));
+    if code >= 500 || code == 429 || (warming && refused) {
+        PublishError::Transient(format!("{code}: {message}"))
+    } else {
+        PublishError::Rejected { code, message }
+    }
+}
+
+/// A namespace being deleted takes no new Events (its objects are going too).
+fn namespace_terminating(message: &str) -> bool {
+    message.contains("because it is being terminated")
 }
 
 /// A queue of findings and the task that writes them as Events through kube-rs's `Recorder`.
@@ -322,7 +334,7 @@ impl<A: EventApi> Writer<A> {
                 }
                 // A namespace being deleted takes no new Events: its objects are going too.
                 Err(PublishError::Rejected { code: 403, message })
-                    if message.contains("because it is being terminated") =>
+                    if namespace_terminating(&message) =>
                 {
                     self.count("no_object");
                     debug!(reason = f.reason, object = %key.0, "namespace is being deleted; event not written");

@@ -392,3 +392,29 @@ async fn pull_failures_alike_on_every_node_are_the_lease_holders_and_per_node_on
     r.stop.cancel();
     task.await.unwrap();
 }
+
+#[test]
+fn a_refusal_from_an_api_server_just_back_is_retried_and_a_final_one_is_not() {
+    let transient = |e: PublishError| matches!(e, PublishError::Transient(_));
+    let msg = || "events.events.k8s.io is forbidden".to_string();
+    // Overloaded or away: always retried.
+    assert!(transient(classify(503, msg(), false)));
+    assert!(transient(classify(500, msg(), false)));
+    assert!(transient(classify(429, msg(), false)));
+    // Refused by a warm server: final (a missing Role does not heal by retrying).
+    assert!(!transient(classify(403, msg(), false)));
+    assert!(!transient(classify(401, msg(), false)));
+    // Refused right after an outage: the server's RBAC and token caches may still be filling.
+    assert!(transient(classify(403, msg(), true)));
+    assert!(transient(classify(401, msg(), true)));
+    // Other refusals stay final even then.
+    assert!(!transient(classify(404, msg(), true)));
+    assert!(!transient(classify(422, msg(), true)));
+    assert!(!transient(classify(409, msg(), true)));
+    // A namespace being deleted stays final (the writer counts it as no object).
+    let terminating = "unable to create new content in namespace rw because it is being terminated";
+    match classify(403, terminating.into(), true) {
+        PublishError::Rejected { code: 403, message } => assert_eq!(message, terminating),
+        other => panic!("{other:?}"),
+    }
+}

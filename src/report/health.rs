@@ -19,6 +19,11 @@ pub const REMINDER_MAX: Duration = Duration::from_secs(300);
 /// answers HTTP but its jobs are stuck (a wedged runtime), and a restart is the cure.
 pub const STUCK_AFTER: Duration = Duration::from_secs(60);
 
+/// For this long after an outage the API server's refusals (401, 403) may be its caches still filling:
+/// a restarted kube-apiserver serves before its RBAC and token informers have synced and refuses what
+/// it allows a moment later (kubernetes#121635; 1.22+ adds the reason "informers not synced").
+pub const WARMING: Duration = Duration::from_secs(120);
+
 #[derive(Default)]
 pub struct Health {
     pub runtime_ok: AtomicBool,
@@ -143,6 +148,8 @@ struct ApiState {
     outage: Outage,
     contacted: bool,
     last_error: Option<String>,
+    /// When the last outage ended.
+    back_at: Option<Instant>,
 }
 
 /// Every Kubernetes call of the agent (watches, the lease, Events) tells this how it went, so the
@@ -176,8 +183,16 @@ impl ApiHealth {
         s.last_error = None;
         if let Some(Report::Back(down)) = s.outage.succeeded(Instant::now()) {
             info!(api_server = %self.address(), down_for = %whole_seconds(down), "API server reachable again");
+            s.back_at = Some(Instant::now());
         }
         self.set_up(1);
+    }
+
+    /// Whether the API server came back from an outage less than `WARMING` ago (a refusal now may be
+    /// its caches filling, not a real one).
+    pub fn warming(&self) -> bool {
+        let s = self.state.lock().expect("api health lock");
+        !s.outage.is_down() && s.back_at.is_some_and(|at| at.elapsed() < WARMING)
     }
 
     /// A call to the server failed without an answer (connect, TLS, timeout). `during` names the call.
@@ -330,5 +345,24 @@ mod tests {
         assert_eq!(gauge.get(), 1);
         assert!(h.ready());
         assert_eq!(h.api.snapshot().unwrap().last_error, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_api_server_is_warming_for_a_while_after_an_outage_and_not_during_it() {
+        let api = ApiHealth::default();
+        assert!(!api.warming(), "no outage yet");
+        api.answered();
+        assert!(
+            !api.warming(),
+            "answering without an outage is not coming back"
+        );
+        api.unreachable("writing an Event", &"connection refused");
+        assert!(!api.warming(), "away is not warming");
+        api.answered();
+        assert!(api.warming(), "just back");
+        tokio::time::advance(WARMING - Duration::from_secs(1)).await;
+        assert!(api.warming());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!api.warming(), "warm after WARMING");
     }
 }
