@@ -68,7 +68,7 @@ async fn run() {
     let log = dir.path().join("agent.jsonl");
     let bin =
         std::env::var("RW_BENCH_BIN").unwrap_or_else(|_| "target/release/runner-warden".into());
-    let mut agent = std::process::Command::new(&bin)
+    let agent = std::process::Command::new(&bin)
         .args([
             "--log-format",
             "json",
@@ -81,6 +81,8 @@ async fn run() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start the release agent");
+    // Killed however the bench ends (a panic once left it holding the script's output pipe).
+    let mut agent = KillOnDrop(agent);
     common::wait_for(Duration::from_secs(15), "agent subscribed", || async {
         let m = common::http_get(port, "/metrics").await?.1;
         common::metric(&m, "runner_warden_task_events_up").filter(|v| *v == 1.0)
@@ -183,11 +185,11 @@ async fn run() {
             missing += 1;
             continue;
         };
-        let (_, st) = runtime
-            .container_status(&s.pod.container_id)
-            .await
-            .unwrap()
-            .unwrap();
+        let Ok(Some((_, st))) = runtime.container_status(&s.pod.container_id).await else {
+            // Removed behind the bench's back: kubelet removes containers it did not create.
+            missing += 1;
+            continue;
+        };
         let finished = UNIX_EPOCH + Duration::from_nanos(st.finished_at as u64);
         err_cri.push((agent_s - secs(finished, s.requested)).abs());
         if let Some(p) = s.polled_exit {
@@ -226,8 +228,8 @@ async fn run() {
         mean(&err_poll),
         worst(&err_log.iter().chain(&err_cri).cloned().collect::<Vec<_>>()) / worst(&err_poll).max(1e-9)
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
     for s in done {
         s.pod.remove().await;
     }
@@ -238,4 +240,13 @@ fn last_line_time(path: &std::path::Path, needle: &str) -> Option<SystemTime> {
     let text = std::fs::read_to_string(path).ok()?;
     let line = text.lines().rev().find(|l| l.contains(needle))?;
     humantime::parse_rfc3339(line.split(' ').next()?).ok()
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
