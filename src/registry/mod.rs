@@ -261,6 +261,7 @@ impl Resolver {
             }
             Trust::Bundled(n) => tracing::info!(
                 roots = n,
+                unreadable,
                 "tag resolver: no system root certificates here (the agent's image has none), so it trusts Mozilla's roots built into it; for a registry with a private CA, mount the CA bundle and set SSL_CERT_FILE"
             ),
         }
