@@ -891,17 +891,14 @@ spec:
             tokio::time::sleep(rest).await;
         }
         away.restart();
-        // Waited through the agent, so a timeout shows its log tail (once flaky on a long-used bed).
-        let ev = agent
-            .wait(
+        // A timeout shows the agent's log tail (it timed out once on a long-used bed).
+        let ev = k
+            .wait_event_explained(
+                ns,
+                "RunnerImagePrewarmed",
+                "projectsettings",
                 S(120),
-                "Event RunnerImagePrewarmed on the ProjectSettings",
-                || async {
-                    k.events(ns, "RunnerImagePrewarmed", "projectsettings")
-                        .await
-                        .into_iter()
-                        .next()
-                },
+                || agent.log_tail(),
             )
             .await;
         assert!(ev.note.unwrap_or_default().contains(image));

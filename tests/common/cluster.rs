@@ -11,7 +11,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::Client;
 
-use super::{wait_for, Agent, Bed, BIN};
+use super::{wait_explained, wait_for, Agent, Bed, BIN};
 
 /// A runner pod pinned to the node, in the platform's shape (labels, container name, the `pull` Secret).
 pub fn runner_pod(ns: &str, name: &str, image: &str, extra_spec: &str, security: &str) -> String {
@@ -309,9 +309,25 @@ impl Cluster {
     }
 
     pub async fn wait_event(&self, ns: &str, reason: &str, name: &str, limit: Duration) -> Event {
-        wait_for(limit, &format!("Event {reason} on {ns}/{name}"), || async {
-            self.events(ns, reason, name).await.into_iter().next()
-        })
+        self.wait_event_explained(ns, reason, name, limit, String::new)
+            .await
+    }
+
+    /// `wait_event`, a timeout adding `context()` (an agent's log tail) to its message.
+    pub async fn wait_event_explained(
+        &self,
+        ns: &str,
+        reason: &str,
+        name: &str,
+        limit: Duration,
+        context: impl Fn() -> String,
+    ) -> Event {
+        wait_explained(
+            limit,
+            &format!("Event {reason} on {ns}/{name}"),
+            || async { self.events(ns, reason, name).await.into_iter().next() },
+            context,
+        )
         .await
     }
 }

@@ -423,13 +423,15 @@ impl Agent {
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        wait_explained(limit, what, f, || {
-            let logs = self.logs();
-            let lines: Vec<&str> = logs.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
-            format!("; agent log tail:\n{}", tail.join("\n"))
-        })
-        .await
+        wait_explained(limit, what, f, || self.log_tail()).await
+    }
+
+    /// The end of the agent's log, as a timeout's explanation.
+    pub fn log_tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        format!("; agent log tail:\n{}", tail.join("\n"))
     }
 
     /// Asserts that `check` stays true for all of `window` (polled every 100 ms): the bounded observation a
